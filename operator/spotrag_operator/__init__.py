@@ -1,0 +1,1 @@
+"""spotrag's Kubernetes operator (kopf): RAGDeployment → engines, gateway, index."""
