@@ -1,0 +1,42 @@
+"""`spotrag operator`: run the kopf operator against the current cluster."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="spotrag operator", description="Run the spotrag operator (kopf) against a cluster.")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch RAGDeployments in every namespace (the default)")
+    scope.add_argument("-n", "--namespace", action="append", default=[], help="watch only this namespace (repeatable)")
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else $KUBECONFIG or ~/.kube/config)")
+    parser.add_argument("--standalone", action="store_true", help="no peering: run as the only operator (no leader election)")
+    parser.add_argument("--peering", default="spotrag", help="kopf peering name shared by the replicas for HA (default: spotrag)")
+    parser.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL, or '' to disable")
+    parser.add_argument("--reconcile-interval", type=float, default=None, help="seconds between periodic reconciles of each RAGDeployment (default 10)")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    if args.reconcile_interval is not None:
+        if args.reconcile_interval <= 0:
+            parser.error("--reconcile-interval must be positive")
+        os.environ["SPOTRAG_RECONCILE_INTERVAL"] = str(args.reconcile_interval)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import kopf  # after the environment is set: handlers read it at import
+
+    from . import handlers  # noqa: F401  (registers the handlers)
+
+    kopf.run(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        standalone=args.standalone,
+        peering_name=None if args.standalone else args.peering,
+        liveness_endpoint=args.liveness or None,
+    )
+    return 0

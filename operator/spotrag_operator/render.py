@@ -1,0 +1,519 @@
+"""Pure functions from a RAGDeployment (defaulted spec) to the objects it owns.
+
+Nothing here talks to the API: the operator, the tests and the simulator all
+call these and get the same manifests. Every object carries the owner
+reference, so deleting the RAGDeployment garbage-collects everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from .kube import owner_reference
+
+ENGINE_PORT = 8000
+GATEWAY_PORT = 8080
+GATEWAY_CONFIG_PATH = "/etc/spotrag/gateway.json"
+API_KEYS_DIR = "/etc/spotrag/api-keys"
+INDEX_MOUNT = "/var/lib/spotrag/index"
+MODEL_CACHE_MOUNT = "/root/.cache/huggingface"
+PVC_MODEL_MOUNT = "/models"
+
+LABEL_DEPLOYMENT = "spotrag.io/deployment"
+LABEL_COMPONENT = "spotrag.io/component"
+LABEL_CAPACITY = "spotrag.io/capacity"
+LABEL_SERVING = "spotrag.io/serving"
+LABEL_SPEC_HASH = "spotrag.io/spec-hash"
+
+SPOT = "spot"
+ON_DEMAND = "on-demand"
+CAPACITY_TYPES = (ON_DEMAND, SPOT)
+
+# How each cloud labels a node's capacity type. A pod's node affinity ORs one
+# term per convention, so the same RAGDeployment places correctly on
+# Karpenter, EKS managed node groups, GKE, AKS, or nodes labelled by hand
+# (and by the simulated cluster) with spotrag.io/capacity.
+CAPACITY_NODE_TERMS: dict[str, list[list[dict]]] = {
+    SPOT: [
+        [{"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["spot"]}],
+        [{"key": "eks.amazonaws.com/capacityType", "operator": "In", "values": ["SPOT"]}],
+        [{"key": "cloud.google.com/gke-spot", "operator": "In", "values": ["true"]}],
+        [{"key": "cloud.google.com/gke-preemptible", "operator": "In", "values": ["true"]}],
+        [{"key": "kubernetes.azure.com/scalesetpriority", "operator": "In", "values": ["spot"]}],
+        [{"key": LABEL_CAPACITY, "operator": "In", "values": [SPOT]}],
+    ],
+    ON_DEMAND: [
+        [{"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand", "reserved"]}],
+        [{"key": "eks.amazonaws.com/capacityType", "operator": "In", "values": ["ON_DEMAND"]}],
+        # GKE and AKS mark only spot nodes, so "on-demand" there is "a node of
+        # that cloud without the spot label".
+        [
+            {"key": "cloud.google.com/gke-nodepool", "operator": "Exists"},
+            {"key": "cloud.google.com/gke-spot", "operator": "DoesNotExist"},
+            {"key": "cloud.google.com/gke-preemptible", "operator": "DoesNotExist"},
+        ],
+        [
+            {"key": "kubernetes.azure.com/agentpool", "operator": "Exists"},
+            {"key": "kubernetes.azure.com/scalesetpriority", "operator": "DoesNotExist"},
+        ],
+        [{"key": LABEL_CAPACITY, "operator": "In", "values": [ON_DEMAND]}],
+    ],
+}
+
+# Taints spot node pools carry on their own (GKE Autopilot, AKS), tolerated by
+# spot engines only.
+SPOT_TOLERATIONS = [
+    {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"},
+    {"key": "kubernetes.azure.com/scalesetpriority", "operator": "Equal", "value": "spot", "effect": "NoSchedule"},
+]
+
+# Seconds added to the grace period beyond preStop + vLLM's shutdown timeout,
+# so the kubelet never kills an engine that is still finishing on time.
+GRACE_MARGIN_SECONDS = 15
+
+
+def resource_name(body: dict, suffix: str = "") -> str:
+    return body["metadata"]["name"] + (f"-{suffix}" if suffix else "")
+
+
+def served_model_name(body: dict, spec: dict) -> str:
+    return spec["model"].get("servedModelName") or body["metadata"]["name"]
+
+
+def common_labels(body: dict, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": f"spotrag-{component}",
+        "app.kubernetes.io/instance": body["metadata"]["name"],
+        "app.kubernetes.io/managed-by": "spotrag-operator",
+        "app.kubernetes.io/part-of": "spotrag",
+        LABEL_DEPLOYMENT: body["metadata"]["name"],
+        LABEL_COMPONENT: component,
+    }
+
+
+def engine_selector(body: dict) -> dict[str, str]:
+    return {LABEL_DEPLOYMENT: body["metadata"]["name"], LABEL_COMPONENT: "engine"}
+
+
+def _metadata(body: dict, name: str, component: str, **extra: Any) -> dict:
+    meta = {
+        "name": name,
+        "namespace": body["metadata"]["namespace"],
+        "labels": common_labels(body, component),
+        "ownerReferences": [owner_reference(body)],
+    }
+    meta.update(extra)
+    return meta
+
+
+def _hash(value: Any, length: int = 10) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
+
+
+def engine_spec_hash(spec: dict) -> str:
+    """What, when changed, needs new engine pods (a rollout): the model, the
+    GPUs and the drain timing. Scaling changes need none."""
+    return _hash({"model": spec["model"], "gpu": spec["gpu"], "preStop": spec["interruption"]["preStopSeconds"]})
+
+
+def gpu_count(spec: dict) -> int:
+    return spec["gpu"].get("count") or spec["model"]["tensorParallelSize"]
+
+
+# Engines -----------------------------------------------------------------
+
+
+def engine_args(body: dict, spec: dict) -> list[str]:
+    """`vllm serve` arguments from the spec: upstream flags only."""
+    model = spec["model"]
+    name = model["name"]
+    args: list[str] = []
+    if name.startswith("hf://"):
+        args.append(name.removeprefix("hf://"))
+    elif name.startswith("pvc://"):
+        _, _, path = name.removeprefix("pvc://").partition("/")
+        args.append(f"{PVC_MODEL_MOUNT}/{path}".rstrip("/"))
+    else:
+        args.append(name)
+        if name.startswith(("s3://", "gs://")):
+            # vLLM streams weights from object storage with the Run:ai streamer.
+            args += ["--load-format", "runai_streamer"]
+    args += [
+        "--host", "0.0.0.0",
+        "--port", str(ENGINE_PORT),
+        "--served-model-name", served_model_name(body, spec),
+        "--tensor-parallel-size", str(model["tensorParallelSize"]),
+        "--gpu-memory-utilization", str(model["gpuMemoryUtilization"]),
+        "--max-model-len", str(model["maxModelLen"]),
+        "--dtype", model["dtype"],
+        "--shutdown-timeout", str(model["shutdownTimeoutSeconds"]),
+        "--enable-prefix-caching" if model["enablePrefixCaching"] else "--no-enable-prefix-caching",
+    ]
+    if model.get("quantization"):
+        args += ["--quantization", model["quantization"]]
+    if speculative := model.get("speculative"):
+        config = (
+            {"method": "ngram", "num_speculative_tokens": speculative["numSpeculativeTokens"], "prompt_lookup_max": 4}
+            if speculative["model"] == "ngram"
+            else {"model": speculative["model"], "num_speculative_tokens": speculative["numSpeculativeTokens"]}
+        )
+        args += ["--speculative-config", json.dumps(config, sort_keys=True)]
+    if adapters := model.get("loraAdapters"):
+        args += ["--enable-lora", "--lora-modules", *(f"{a['name']}={a['source']}" for a in adapters)]
+    args += model.get("extraArgs") or []
+    return args
+
+
+def _engine_affinity(spec: dict, capacity: str) -> dict:
+    gpu = spec["gpu"]
+    narrowing: list[dict] = []
+    if gpu.get("products"):
+        narrowing.append({"key": "nvidia.com/gpu.product", "operator": "In", "values": list(gpu["products"])})
+    if gpu.get("instanceTypes"):
+        narrowing.append({"key": "node.kubernetes.io/instance-type", "operator": "In", "values": list(gpu["instanceTypes"])})
+    terms = [{"matchExpressions": term + narrowing} for term in CAPACITY_NODE_TERMS[capacity]]
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
+
+
+def _engine_spread(body: dict, spec: dict) -> list[dict]:
+    selector = {"matchLabels": engine_selector(body)}
+    spread = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": selector}]
+    if spec["gpu"]["spreadOverZones"]:
+        spread.append({"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": selector})
+    return spread
+
+
+def engine_grace_seconds(spec: dict) -> int:
+    return spec["interruption"]["preStopSeconds"] + spec["model"]["shutdownTimeoutSeconds"] + GRACE_MARGIN_SECONDS
+
+
+def engine_pod(body: dict, spec: dict, capacity: str) -> dict:
+    """One engine: the upstream vLLM OpenAI server on `gpu_count` GPUs of one node."""
+    if capacity not in CAPACITY_TYPES:
+        raise ValueError(f"unknown capacity type {capacity!r}")
+    model = spec["model"]
+    gpu = spec["gpu"]
+    gpus = gpu_count(spec)
+    spec_hash = engine_spec_hash(spec)
+    labels = common_labels(body, "engine") | {
+        LABEL_CAPACITY: capacity,
+        LABEL_SERVING: "true",
+        LABEL_SPEC_HASH: spec_hash,
+    }
+    env = [{"name": "HF_HOME", "value": MODEL_CACHE_MOUNT}]
+    if token := model.get("hfTokenSecret"):
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token["name"], "key": token["key"]}}})
+    volumes: list[dict] = [
+        # vLLM's tensor-parallel workers exchange data through shared memory.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{max(2, 4 * gpus)}Gi"}},
+        {"name": "model-cache", "emptyDir": {"sizeLimit": model["cacheSize"]}},
+    ]
+    mounts = [
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT},
+    ]
+    if model["name"].startswith("pvc://"):
+        claim = model["name"].removeprefix("pvc://").split("/", 1)[0]
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": "model", "mountPath": PVC_MODEL_MOUNT, "readOnly": True})
+    resources = {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {}}
+    user_resources = model.get("resources") or {}
+    resources["requests"].update(user_resources.get("requests") or {})
+    resources["limits"].update(user_resources.get("limits") or {})
+    resources["requests"][gpu["resourceName"]] = str(gpus)
+    resources["limits"][gpu["resourceName"]] = str(gpus)
+    tolerations = [{"key": gpu["resourceName"], "operator": "Exists", "effect": "NoSchedule"}]
+    if capacity == SPOT:
+        tolerations += SPOT_TOLERATIONS
+    tolerations += gpu.get("tolerations") or []
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Always",
+        "terminationGracePeriodSeconds": engine_grace_seconds(spec),
+        "enableServiceLinks": False,
+        "affinity": _engine_affinity(spec, capacity),
+        "tolerations": tolerations,
+        "topologySpreadConstraints": _engine_spread(body, spec),
+        "containers": [
+            {
+                "name": "vllm",
+                "image": model["image"],
+                "command": ["vllm", "serve"],
+                "args": engine_args(body, spec),
+                "env": env,
+                "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
+                "resources": resources,
+                "volumeMounts": mounts,
+                # Loading weights can take many minutes; only then do the other probes start.
+                "startupProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 180},
+                "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3},
+                "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6},
+                # Keep serving while every endpoint list in the cluster catches up with the
+                # pod's removal; vLLM's --shutdown-timeout then finishes running requests.
+                "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(spec["interruption"]["preStopSeconds"])]}}},
+            }
+        ],
+        "volumes": volumes,
+    }
+    if gpu.get("nodeSelector"):
+        pod_spec["nodeSelector"] = dict(gpu["nodeSelector"])
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": resource_name(body, "engine-"),
+            "namespace": body["metadata"]["namespace"],
+            "labels": labels,
+            "annotations": {"spotrag.io/gpus": str(gpus)},
+            "ownerReferences": [owner_reference(body)],
+        },
+        "spec": pod_spec,
+    }
+
+
+def engines_service(body: dict) -> dict:
+    """Headless Service of the engines that serve: the gateways' endpoint list.
+
+    It selects `spotrag.io/serving=true`, so flipping that label takes an
+    engine out of every gateway's list before the pod is deleted.
+    """
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(body, resource_name(body, "engines"), "engine"),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": False,
+            "selector": engine_selector(body) | {LABEL_SERVING: "true"},
+            "ports": [{"name": "http", "port": ENGINE_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+# Gateway -----------------------------------------------------------------
+
+
+def gateway_config(body: dict, spec: dict) -> dict:
+    """What the gateway reads from /etc/spotrag/gateway.json (docs/gateway.md)."""
+    retrieval = spec["retrieval"]
+    gateway = spec["gateway"]
+    return {
+        "deployment": body["metadata"]["name"],
+        "namespace": body["metadata"]["namespace"],
+        "servedModelName": served_model_name(body, spec),
+        "engineModel": spec["model"]["name"],
+        "maxModelLen": spec["model"]["maxModelLen"],
+        "retrieval": {
+            "enabled": retrieval["enabled"],
+            "embeddingModel": retrieval["embeddingModel"],
+            "queryPrefix": retrieval["queryPrefix"],
+            "passagePrefix": retrieval["passagePrefix"],
+            "indexPath": INDEX_MOUNT,
+            "topK": retrieval["topK"],
+            "scoreThreshold": retrieval["scoreThreshold"],
+            "device": "auto",
+        },
+        "prompt": {
+            "system": spec["prompt"]["system"],
+            "template": spec["prompt"]["template"],
+            "contextTokenBudget": retrieval["contextTokenBudget"],
+        },
+        "engines": {
+            "discovery": "endpointslices",
+            "service": resource_name(body, "engines"),
+            "namespace": body["metadata"]["namespace"],
+            "port": ENGINE_PORT,
+        },
+        "admission": {
+            "maxInflightTokensPerEngine": gateway["maxInflightTokensPerEngine"],
+            "maxQueuedRequests": gateway["maxQueuedRequests"],
+            "queueTimeoutSeconds": gateway["queueTimeoutSeconds"],
+            "prefixAffinity": spec["model"]["enablePrefixCaching"],
+        },
+        "auth": {"apiKeysDir": API_KEYS_DIR if gateway.get("apiKeySecret") else None},
+    }
+
+
+def gateway_configmap(body: dict, spec: dict) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(body, resource_name(body, "gateway"), "gateway"),
+        "data": {"gateway.json": json.dumps(gateway_config(body, spec), indent=2, sort_keys=True)},
+    }
+
+
+def gateway_service_account(body: dict) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(body, resource_name(body, "gateway"), "gateway"),
+        "automountServiceAccountToken": True,
+    }
+
+
+def gateway_role(body: dict) -> dict:
+    """The gateway may only read the EndpointSlices of its namespace."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(body, resource_name(body, "gateway"), "gateway"),
+        "rules": [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}],
+    }
+
+
+def gateway_role_binding(body: dict) -> dict:
+    name = resource_name(body, "gateway")
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(body, name, "gateway"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": body["metadata"]["namespace"]}],
+    }
+
+
+def gateway_selector(body: dict) -> dict[str, str]:
+    return {LABEL_DEPLOYMENT: body["metadata"]["name"], LABEL_COMPONENT: "gateway"}
+
+
+def gateway_deployment(body: dict, spec: dict) -> dict:
+    gateway = spec["gateway"]
+    name = resource_name(body, "gateway")
+    config_hash = _hash(gateway_config(body, spec))
+    resources = gateway.get("resources") or {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
+    volumes = [
+        {"name": "config", "configMap": {"name": name}},
+        {"name": "index", "persistentVolumeClaim": {"claimName": index_claim_name(body, spec), "readOnly": True}},
+        {"name": "cache", "emptyDir": {"sizeLimit": "4Gi"}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+    ]
+    mounts = [
+        {"name": "config", "mountPath": "/etc/spotrag/gateway.json", "subPath": "gateway.json", "readOnly": True},
+        {"name": "index", "mountPath": INDEX_MOUNT, "readOnly": True},
+        {"name": "cache", "mountPath": "/var/cache/spotrag"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if secret := gateway.get("apiKeySecret"):
+        # Mounted as files (not env) so a rotated Secret reaches running pods.
+        volumes.append({"name": "api-keys", "secret": {"secretName": secret}})
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
+    labels = common_labels(body, "gateway")
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(body, name, "gateway"),
+        "spec": {
+            "replicas": gateway["replicas"],
+            "selector": {"matchLabels": gateway_selector(body)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    # A new config rolls the gateways (a subPath mount never updates in place).
+                    "annotations": {"spotrag.io/config-hash": config_hash, "prometheus.io/scrape": "true", "prometheus.io/port": str(GATEWAY_PORT)},
+                },
+                "spec": {
+                    "serviceAccountName": name,
+                    "enableServiceLinks": False,
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "topologySpreadConstraints": [
+                        {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": gateway_selector(body)}}
+                    ],
+                    "containers": [
+                        {
+                            "name": "gateway",
+                            "image": gateway["image"],
+                            "command": ["spotrag", "gateway", "--config", GATEWAY_CONFIG_PATH, "--host", "0.0.0.0", "--port", str(GATEWAY_PORT)],
+                            "env": [
+                                {"name": "HF_HOME", "value": "/var/cache/spotrag"},
+                                {"name": "OMP_NUM_THREADS", "value": "1"},
+                            ],
+                            "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
+                            "resources": resources,
+                            "volumeMounts": mounts,
+                            "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 60},
+                            "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
+                            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
+                            "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
+                        }
+                    ],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+def gateway_service(body: dict, spec: dict) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(body, resource_name(body), "gateway"),
+        "spec": {
+            "type": spec["gateway"]["serviceType"],
+            "selector": gateway_selector(body),
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def gateway_pdb(body: dict) -> dict:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(body, resource_name(body, "gateway"), "gateway"),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": gateway_selector(body)}},
+    }
+
+
+# Index -------------------------------------------------------------------
+
+
+def index_claim_name(body: dict, spec: dict) -> str:
+    return spec["retrieval"]["index"].get("persistentVolumeClaim") or resource_name(body, "index")
+
+
+def index_claim(body: dict, spec: dict) -> dict | None:
+    """The claim the index lives on, unless the user brought their own."""
+    index = spec["retrieval"]["index"]
+    if index.get("persistentVolumeClaim"):
+        return None
+    claim_spec: dict[str, Any] = {
+        # Written by the index Job, read by every gateway at once.
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": index["size"]}},
+    }
+    if index.get("storageClassName"):
+        claim_spec["storageClassName"] = index["storageClassName"]
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(body, resource_name(body, "index"), "index"),
+        "spec": claim_spec,
+    }
+
+
+def endpoint_url(body: dict) -> str:
+    return f"http://{resource_name(body)}.{body['metadata']['namespace']}.svc/v1"
+
+
+def static_children(body: dict, spec: dict) -> list[dict]:
+    """Everything the RAGDeployment owns except engine pods and index Jobs,
+    which the operator creates and deletes one by one."""
+    children = [
+        engines_service(body),
+        gateway_configmap(body, spec),
+        gateway_service_account(body),
+        gateway_role(body),
+        gateway_role_binding(body),
+        gateway_deployment(body, spec),
+        gateway_service(body, spec),
+        gateway_pdb(body),
+    ]
+    if claim := index_claim(body, spec):
+        children.insert(0, claim)
+    return children
+
+
