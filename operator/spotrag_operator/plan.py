@@ -138,12 +138,24 @@ def plan_engines(
     current = [e for e in serving if e.spec_hash == spec_hash]
     outdated = [e for e in serving if e.spec_hash != spec_hash]
 
+    excess: list[tuple[Engine, str]] = []
     for capacity, want in target.items():
         have = sorted((e for e in current if e.capacity == capacity), key=_victim_order)
         if len(have) < want:
             plan.create += [capacity] * (want - len(have))
-        for victim in have[: max(0, len(have) - want)]:
-            plan.drain.append(Drain(victim.name, f"scale-in: {capacity} engines above {want}"))
+        excess += [(victim, f"scale-in: {capacity} engines above {want}") for victim in have[: max(0, len(have) - want)]]
+
+    # A ready engine leaves only while enough other ready engines remain, so
+    # moving engines between capacity types never opens a gap.
+    ready_left = sum(1 for e in current if e.ready)
+    for victim, reason in sorted(excess, key=lambda pair: _victim_order(pair[0])):
+        if not victim.ready:
+            plan.drain.append(Drain(victim.name, reason))
+        elif ready_left - 1 >= desired:
+            plan.drain.append(Drain(victim.name, reason))
+            ready_left -= 1
+        else:
+            plan.notes.append(f"keeping {victim.name} until its replacement is ready")
 
     # Rollout: old engines leave only when the new ones can carry the load.
     ready_current = sum(1 for e in current if e.ready)

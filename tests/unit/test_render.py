@@ -1,0 +1,222 @@
+"""What the operator renders from a RAGDeployment, field by field."""
+
+from __future__ import annotations
+
+import json
+
+import kubernetes_validate
+import pytest
+
+from spotrag_operator import render
+from spotrag_operator.crd import defaulted_spec
+
+from .operator_fixtures import ragdeployment
+
+
+def rendered(spec_overrides: dict | None = None) -> tuple[dict, dict]:
+    body = ragdeployment(spec_overrides)
+    return body, defaulted_spec(body)
+
+
+def container(pod: dict) -> dict:
+    return pod["spec"]["containers"][0]
+
+
+def test_engine_pod_runs_upstream_vllm_with_flags_from_the_spec():
+    body, spec = rendered(
+        {
+            "model": {
+                "tensorParallelSize": 2,
+                "quantization": "awq",
+                "enablePrefixCaching": False,
+                "speculative": {"model": "Qwen/Qwen2.5-0.5B-Instruct", "numSpeculativeTokens": 4},
+                "loraAdapters": [{"name": "sql", "source": "org/sql-lora"}],
+                "extraArgs": ["--max-num-seqs=64"],
+                "shutdownTimeoutSeconds": 45,
+            }
+        }
+    )
+    pod = render.engine_pod(body, spec, render.SPOT)
+    vllm = container(pod)
+    assert vllm["image"].startswith("vllm/vllm-openai:")
+    assert vllm["command"] == ["vllm", "serve"]
+    args = vllm["args"]
+    assert args[0] == "Qwen/Qwen2.5-7B-Instruct"
+
+    def flag(name: str) -> str:
+        return args[args.index(name) + 1]
+
+    assert flag("--served-model-name") == "qwen2.5-7b"
+    assert flag("--tensor-parallel-size") == "2"
+    assert flag("--gpu-memory-utilization") == "0.9"
+    assert flag("--max-model-len") == "8192"
+    assert flag("--quantization") == "awq"
+    assert flag("--shutdown-timeout") == "45"
+    assert "--no-enable-prefix-caching" in args
+    assert json.loads(flag("--speculative-config")) == {"model": "Qwen/Qwen2.5-0.5B-Instruct", "num_speculative_tokens": 4}
+    assert flag("--lora-modules") == "sql=org/sql-lora" and "--enable-lora" in args
+    assert args[-1] == "--max-num-seqs=64"
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+def test_engine_pod_lifecycle_grace_covers_prestop_and_vllm_shutdown():
+    body, spec = rendered({"model": {"shutdownTimeoutSeconds": 100}, "interruption": {"preStopSeconds": 7}})
+    pod = render.engine_pod(body, spec, render.ON_DEMAND)
+    vllm = container(pod)
+    assert vllm["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "7"]
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= 7 + 100
+    assert vllm["startupProbe"]["httpGet"]["path"] == "/health"
+    assert vllm["startupProbe"]["periodSeconds"] * vllm["startupProbe"]["failureThreshold"] >= 600  # minutes of model loading
+    assert vllm["readinessProbe"]["httpGet"]["path"] == "/health"
+    shm = next(v for v in pod["spec"]["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+
+
+def test_engine_pod_labels_and_owner():
+    body, spec = rendered()
+    pod = render.engine_pod(body, spec, render.SPOT)
+    labels = pod["metadata"]["labels"]
+    assert labels[render.LABEL_DEPLOYMENT] == "handbook"
+    assert labels[render.LABEL_CAPACITY] == "spot"
+    assert labels[render.LABEL_SERVING] == "true"
+    assert labels[render.LABEL_SPEC_HASH] == render.engine_spec_hash(spec)
+    owner = pod["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == ("RAGDeployment", "handbook", "8f0e-uid", True)
+
+
+@pytest.mark.parametrize("capacity", [render.SPOT, render.ON_DEMAND])
+def test_engine_affinity_matches_each_clouds_capacity_labels(capacity):
+    body, spec = rendered({"gpu": {"products": ["NVIDIA-L4"], "instanceTypes": ["g6.xlarge"]}})
+    pod = render.engine_pod(body, spec, capacity)
+    terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    keys = {expr["key"] for term in terms for expr in term["matchExpressions"]}
+    for label in ("karpenter.sh/capacity-type", "eks.amazonaws.com/capacityType", "cloud.google.com/gke-spot", "kubernetes.azure.com/scalesetpriority", render.LABEL_CAPACITY):
+        assert label in keys
+    for term in terms:  # the GPU narrowing applies whichever convention matches
+        exprs = term["matchExpressions"]
+        assert {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-L4"]} in exprs
+        assert {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["g6.xlarge"]} in exprs
+    spot_tolerated = any(t.get("key") == "cloud.google.com/gke-spot" for t in pod["spec"]["tolerations"])
+    assert spot_tolerated == (capacity == render.SPOT)
+
+
+def test_on_demand_terms_never_match_a_spot_node():
+    """A node matching any on-demand term must not carry a spot label of the same cloud."""
+    spot_nodes = [
+        {"karpenter.sh/capacity-type": "spot"},
+        {"eks.amazonaws.com/capacityType": "SPOT"},
+        {"cloud.google.com/gke-nodepool": "l4-spot", "cloud.google.com/gke-spot": "true"},
+        {"kubernetes.azure.com/agentpool": "gpuspot", "kubernetes.azure.com/scalesetpriority": "spot"},
+        {render.LABEL_CAPACITY: "spot"},
+    ]
+    for labels in spot_nodes:
+        assert not any(_term_matches(term, labels) for term in render.CAPACITY_NODE_TERMS[render.ON_DEMAND]), labels
+        assert any(_term_matches(term, labels) for term in render.CAPACITY_NODE_TERMS[render.SPOT]), labels
+    gke_on_demand = {"cloud.google.com/gke-nodepool": "l4"}
+    assert any(_term_matches(term, gke_on_demand) for term in render.CAPACITY_NODE_TERMS[render.ON_DEMAND])
+
+
+def _term_matches(term: list[dict], labels: dict) -> bool:
+    for expr in term:
+        value = labels.get(expr["key"])
+        op = expr["operator"]
+        if op == "In" and value not in expr["values"]:
+            return False
+        if op == "Exists" and value is None:
+            return False
+        if op == "DoesNotExist" and value is not None:
+            return False
+    return True
+
+
+def test_model_sources_map_to_vllm_arguments():
+    body, spec = rendered({"model": {"name": "pvc://models/qwen/7b"}})
+    pod = render.engine_pod(body, spec, render.SPOT)
+    assert container(pod)["args"][0] == "/models/qwen/7b"
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["spec"]["volumes"]
+    body, spec = rendered({"model": {"name": "s3://bucket/qwen"}})
+    args = container(render.engine_pod(body, spec, render.SPOT))["args"]
+    assert args[0] == "s3://bucket/qwen" and args[args.index("--load-format") + 1] == "runai_streamer"
+
+
+def test_engines_service_selects_only_serving_engines():
+    body, _ = rendered()
+    service = render.engines_service(body)
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {render.LABEL_DEPLOYMENT: "handbook", render.LABEL_COMPONENT: "engine", render.LABEL_SERVING: "true"}
+
+
+def test_gateway_config_carries_retrieval_prompt_and_discovery():
+    body, spec = rendered({"retrieval": {"queryPrefix": "query: ", "passagePrefix": "passage: ", "topK": 6}, "gateway": {"apiKeySecret": "keys"}})
+    config = json.loads(render.gateway_configmap(body, spec)["data"]["gateway.json"])
+    assert config["servedModelName"] == "qwen2.5-7b"
+    assert config["retrieval"]["queryPrefix"] == "query: " and config["retrieval"]["passagePrefix"] == "passage: "
+    assert config["retrieval"]["topK"] == 6
+    assert "{contexts}" in config["prompt"]["template"] and "{question}" in config["prompt"]["template"]
+    assert config["engines"] == {"discovery": "endpointslices", "service": "handbook-engines", "namespace": "default", "port": 8000}
+    assert config["auth"]["apiKeysDir"] == render.API_KEYS_DIR
+
+
+def test_gateway_config_is_accepted_by_the_gateway():
+    from spotrag_runtime.gateway.config import GatewayConfig
+
+    body, spec = rendered({"gateway": {"apiKeySecret": "keys"}})
+    config = GatewayConfig.from_mapping(render.gateway_config(body, spec))
+    assert config.served_model_name == "qwen2.5-7b"
+
+
+def test_gateway_deployment_rolls_on_config_change_and_mounts_keys():
+    body, spec = rendered({"gateway": {"apiKeySecret": "keys", "replicas": 3}})
+    deployment = render.gateway_deployment(body, spec)
+    template = deployment["spec"]["template"]
+    assert deployment["spec"]["replicas"] == 3
+    assert {"name": "api-keys", "secret": {"secretName": "keys"}} in template["spec"]["volumes"]
+    other_body, other_spec = rendered({"gateway": {"apiKeySecret": "keys", "replicas": 3}, "retrieval": {"topK": 9}})
+    other = render.gateway_deployment(other_body, other_spec)["spec"]["template"]["metadata"]["annotations"]
+    assert other["spotrag.io/config-hash"] != template["metadata"]["annotations"]["spotrag.io/config-hash"]
+    gateway = template["spec"]["containers"][0]
+    assert gateway["securityContext"]["readOnlyRootFilesystem"] is True
+    assert template["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_spec_hash_changes_with_the_engine_spec_only():
+    body, spec = rendered()
+    scaled = defaulted_spec(ragdeployment({"scaling": {"minReplicas": 3}}))
+    new_model = defaulted_spec(ragdeployment({"model": {"maxModelLen": 4096}}))
+    assert render.engine_spec_hash(spec) == render.engine_spec_hash(scaled)
+    assert render.engine_spec_hash(spec) != render.engine_spec_hash(new_model)
+
+
+def test_every_child_has_an_owner_reference():
+    body, spec = rendered()
+    for child in render.static_children(body, spec) + [render.engine_pod(body, spec, render.SPOT)]:
+        assert child["metadata"]["ownerReferences"][0]["uid"] == "8f0e-uid", child["kind"]
+
+
+def test_existing_index_claim_is_used_not_created():
+    body, spec = rendered({"retrieval": {"index": {"persistentVolumeClaim": "shared-index"}}})
+    kinds = [c["kind"] for c in render.static_children(body, spec)]
+    assert "PersistentVolumeClaim" not in kinds
+    volumes = render.gateway_deployment(body, spec)["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "index", "persistentVolumeClaim": {"claimName": "shared-index", "readOnly": True}} in volumes
+
+
+KUBERNETES_VERSIONS = [f"1.{minor}.0" for minor in range(29, 38)]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_generated_objects_validate_strictly(version):
+    full = {
+        "model": {"hfTokenSecret": {"name": "hf"}, "speculative": {"model": "ngram"}, "loraAdapters": [{"name": "a", "source": "b"}], "resources": {"requests": {"memory": "32Gi"}}},
+        "gpu": {"products": ["NVIDIA-L4"], "nodeSelector": {"pool": "gpu"}, "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}]},
+        "gateway": {"apiKeySecret": "keys", "serviceType": "LoadBalancer"},
+        "retrieval": {"index": {"storageClassName": "efs"}},
+    }
+    for overrides in ({}, full):
+        body, spec = rendered(overrides)
+        objects = render.static_children(body, spec) + [render.engine_pod(body, spec, c) for c in render.CAPACITY_TYPES]
+        for obj in objects:
+            # kubernetes-validate wants a name; the API server fills generateName's.
+            obj = json.loads(json.dumps(obj))
+            obj["metadata"].setdefault("name", obj["metadata"].get("generateName", "x") + "abcde")
+            kubernetes_validate.validate(obj, version, strict=True)
