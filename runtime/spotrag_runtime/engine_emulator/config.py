@@ -1,0 +1,142 @@
+"""Settings of one emulated engine, and the command line that sets them.
+
+Flags are named like ``vllm serve``'s where vLLM has the setting
+(``--served-model-name``, ``--max-model-len``, ``--max-num-seqs``,
+``--block-size``, ``--num-gpu-blocks-override``, ``--shutdown-timeout``,
+``--seed``); the rest describe the emulated hardware.
+This module imports only the standard library: ``start_engine_emulator``
+uses it to check options without loading the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+DEFAULT_MODEL_NAME = "emulated-model"
+# What GET /version reports: the vLLM release whose API this emulates.
+EMULATED_VLLM_VERSION = "0.11.0+spotrag.emulator"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmulatorConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # An already bound socket to serve on, inherited from a parent process.
+    fd: int | None = None
+    served_model_name: str = DEFAULT_MODEL_NAME
+    max_model_len: int = 8192
+    seed: int = 0
+    max_num_seqs: int = 64
+    block_size: int = 16
+    # KV cache capacity in blocks; tokens = num_gpu_blocks * block_size.
+    num_gpu_blocks: int = 8192
+    # Fixed cost before the first token of a request (scheduling, first pass).
+    ttft_ms: float = 20.0
+    # Time of one decode step with a single running sequence.
+    itl_ms: float = 5.0
+    # Each further running sequence makes a decode step this fraction slower.
+    itl_growth_per_seq: float = 0.01
+    # Prompt processing speed; prefill is serial and stalls decode steps.
+    prefill_tokens_per_s: float = 50_000.0
+    # Natural answer length in words (where EOS would come), chosen per answer.
+    answer_words_min: int = 64
+    answer_words_max: int = 192
+    # Seconds running requests may finish after SIGTERM; 0 aborts them at once.
+    shutdown_timeout: float = 0.0
+    # Seconds before the engine is "loaded" (/health is 503 until then).
+    startup_delay: float = 0.0
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("max_model_len", "max_num_seqs", "block_size", "num_gpu_blocks"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in ("ttft_ms", "itl_ms", "itl_growth_per_seq", "shutdown_timeout", "startup_delay"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        if self.prefill_tokens_per_s <= 0:
+            problems.append("prefill_tokens_per_s must be positive")
+        if not 1 <= self.answer_words_min <= self.answer_words_max:
+            problems.append("answer words must satisfy 1 <= min <= max")
+        if not 0 <= self.port <= 65535:
+            problems.append("port must be in 0..65535")
+        if not self.served_model_name:
+            problems.append("served_model_name must not be empty")
+        if self.kv_capacity_tokens < self.max_model_len:
+            # vLLM refuses to start in this case too: one long request could never fit.
+            problems.append(
+                f"KV cache holds {self.kv_capacity_tokens} tokens (num_gpu_blocks * block_size), "
+                f"less than max_model_len {self.max_model_len}"
+            )
+        if problems:
+            raise ValueError("invalid engine emulator settings: " + "; ".join(problems))
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.num_gpu_blocks * self.block_size
+
+
+
+def _answer_words(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition(":")
+    try:
+        return (int(low), int(high)) if sep else (int(low), int(low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX words, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = EmulatorConfig()
+    parser = argparse.ArgumentParser(
+        prog="spotrag engine-emulator",
+        description=(
+            "Stand-in for the vLLM OpenAI server (`vllm serve`) on machines without a GPU: "
+            "the same endpoints, chunk format, errors and metric names, deterministic text "
+            "and a capacity model (batch slots, KV blocks, prefill and decode rates)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--host", default=defaults.host)
+    add("--port", type=int, default=defaults.port, help="0 picks a free port (logged at start)")
+    add("--fd", type=int, default=None, help="serve on this inherited, bound socket instead")
+    add("--served-model-name", default=defaults.served_model_name)
+    add("--max-model-len", type=int, default=defaults.max_model_len)
+    add("--seed", type=int, default=defaults.seed, help="the text is a pure function of seed and conversation")
+    add("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="batch slots; more requests wait")
+    add("--block-size", type=int, default=defaults.block_size)
+    add("--num-gpu-blocks-override", "--num-gpu-blocks", dest="num_gpu_blocks", type=int,
+        default=defaults.num_gpu_blocks, help="KV cache blocks; admission and growth need free blocks")
+    add("--ttft-ms", type=float, default=defaults.ttft_ms, help="fixed time to first token, before prefill")
+    add("--itl-ms", type=float, default=defaults.itl_ms, help="decode step time with one running sequence")
+    add("--itl-growth-per-seq", type=float, default=defaults.itl_growth_per_seq,
+        help="fraction a decode step slows per extra running sequence")
+    add("--prefill-tokens-per-s", type=float, default=defaults.prefill_tokens_per_s)
+    add("--answer-words", type=_answer_words, default=(defaults.answer_words_min, defaults.answer_words_max),
+        metavar="MIN:MAX", help="natural answer length in words (EOS point)")
+    add("--shutdown-timeout", type=float, default=defaults.shutdown_timeout,
+        help="on SIGTERM, seconds running requests may finish; 0 aborts them")
+    add("--startup-delay", type=float, default=defaults.startup_delay, help="seconds /health stays 503")
+    add("--log-level", default=defaults.log_level, choices=["critical", "error", "warning", "info", "debug"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
+    values = {name: value for name, value in vars(args).items() if name != "answer_words"}
+    values["answer_words_min"], values["answer_words_max"] = args.answer_words
+    return EmulatorConfig(**values)
+
+
+def config_arguments(config: EmulatorConfig) -> list[str]:
+    """The command line that recreates ``config`` (less where to listen)."""
+    argv: list[str] = []
+    for field in dataclasses.fields(config):
+        if field.name in ("host", "port", "fd", "answer_words_min", "answer_words_max"):
+            continue
+        flag = "--num-gpu-blocks" if field.name == "num_gpu_blocks" else "--" + field.name.replace("_", "-")
+        argv += [flag, str(getattr(config, field.name))]
+    argv += ["--answer-words", f"{config.answer_words_min}:{config.answer_words_max}"]
+    return argv

@@ -1,0 +1,377 @@
+"""The HTTP server: vLLM's OpenAI endpoints over the emulated engine.
+
+Starlette under uvicorn: routing and JSON from Starlette, and a small ASGI
+response of our own for generation, which streams and watches for the
+client going away at the same time (so a disconnect frees the batch slot
+even while the request is still queued).
+
+Lifecycle, as vLLM with ``--shutdown-timeout``: ``starting`` (health 503
+until the emulated load ends), ``serving``, then on SIGTERM ``draining``:
+new requests get 503, health is 503, admitted requests may finish for up to
+the timeout, the rest are aborted (streams are cut off, as when the process
+goes) and the process exits 0. A second SIGTERM stops the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+from types import FrameType
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from . import text
+from .config import EMULATED_VLLM_VERSION, EmulatorConfig
+from .engine import Engine, Sequence
+from .metrics import EngineMetrics
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    StreamFormatter,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    chat_completion_body,
+    completion_body,
+    new_request_id,
+    parse_json_body,
+    parse_request,
+)
+
+# Time uvicorn gives responses to flush after the drain ended; by then every
+# request is finished or aborted, so this is only for the last bytes.
+FLUSH_TIMEOUT_S = 3
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+
+
+class EmulatedEngineServer:
+    """Everything the routes share: settings, the engine, metrics, the phase."""
+
+    def __init__(self, config: EmulatorConfig) -> None:
+        self.config = config
+        self.metrics = EngineMetrics(config)
+        self.engine = Engine(config, self.metrics)
+        self.metrics.bind(self.engine)
+        self.phase = Phase.STARTING
+
+    def require_serving(self) -> None:
+        if self.phase is Phase.STARTING:
+            raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, "The engine is still loading the model.")
+        if self.phase is Phase.DRAINING:
+            raise APIError(HTTPStatus.SERVICE_UNAVAILABLE,
+                           "The engine is shutting down and accepts no new requests.")
+
+    def require_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.served_model_name:
+            raise APIError(HTTPStatus.NOT_FOUND, f"The model `{model}` does not exist.",
+                           err_type="NotFoundError", param="model")
+
+    def output_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """vLLM's length checks, with its messages; returns the max new tokens."""
+        max_model_len = self.config.max_model_len
+        if prompt_tokens >= max_model_len:
+            raise APIError(
+                HTTPStatus.BAD_REQUEST,
+                f"This model's maximum context length is {max_model_len} tokens. However, your "
+                f"request has {prompt_tokens} input tokens. Please reduce the length of the input "
+                "messages.", param="input_tokens")
+        if max_tokens is None:
+            return max_model_len - prompt_tokens
+        if prompt_tokens + max_tokens > max_model_len:
+            raise APIError(
+                HTTPStatus.BAD_REQUEST,
+                f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+                f"maximum context length is {max_model_len} tokens and your request has "
+                f"{prompt_tokens} input tokens ({max_tokens} > {max_model_len} - {prompt_tokens}).",
+                param="max_tokens")
+        return max_tokens
+
+
+class GenerationResponse:
+    """Runs one request through the engine and answers it, streamed or whole.
+
+    A watcher reads the ASGI receive channel for the client's disconnect and
+    aborts the request at once, whether it is queued, prefilling or decoding.
+    """
+
+    def __init__(self, server: EmulatedEngineServer, seq: Sequence, *, chat: bool, request_id: str,
+                 include_usage: bool, continuous_usage: bool) -> None:
+        self.server = server
+        self.seq = seq
+        self.chat = chat
+        self.request_id = request_id
+        self.include_usage = include_usage
+        self.formatter = StreamFormatter(
+            chat=chat, request_id=request_id, model=server.config.served_model_name,
+            prompt_tokens=seq.prompt_tokens, continuous_usage=continuous_usage)
+        self.client_gone = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        engine = self.server.engine
+        engine.add(self.seq)
+        watcher = asyncio.ensure_future(self._watch_disconnect(receive))
+        try:
+            if self.seq.streaming:
+                await self._stream(send)
+            else:
+                await self._respond(scope, receive, send)
+        finally:
+            watcher.cancel()
+            engine.abort(self.seq)  # no-op once finished; frees the slot if we were cancelled
+
+    async def _watch_disconnect(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.client_gone = True
+                self.server.engine.abort(self.seq)
+                return
+
+    async def _stream(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
+                                (b"cache-control", b"no-cache")]})
+        formatter, seq = self.formatter, self.seq
+        role_sent = not self.chat
+        while True:
+            delta, finish_reason = await seq.next_output()
+            if finish_reason == "abort":
+                # Client gone: nothing to say. Shutdown: leave the stream
+                # unterminated; the server then closes the connection, which
+                # is what a client of a terminated vLLM sees.
+                return
+            events = []
+            if not role_sent:
+                events.append(formatter.role())
+                role_sent = True
+            events.append(formatter.delta(delta, finish_reason, seq.generated))
+            if finish_reason is not None:
+                if self.include_usage:
+                    events.append(formatter.final_usage(seq.generated))
+                events.append(StreamFormatter.DONE)
+            await send({"type": "http.response.body", "body": b"".join(events),
+                        "more_body": finish_reason is None})
+            if finish_reason is not None:
+                return
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
+        generated, finish_reason = await self.seq.result()
+        if finish_reason == "abort":
+            if self.client_gone:
+                return
+            error = APIError(HTTPStatus.SERVICE_UNAVAILABLE,
+                             "The engine shut down before the request finished; it was aborted.")
+            await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+            return
+        build = chat_completion_body if self.chat else completion_body
+        body = build(request_id=self.request_id, model=self.server.config.served_model_name,
+                     text=generated, finish_reason=finish_reason, prompt_tokens=self.seq.prompt_tokens,
+                     completion_tokens=self.seq.generated)
+        await JSONResponse(body)(scope, receive, send)
+
+
+def _server(request: Request) -> EmulatedEngineServer:
+    return request.app.state.emulator
+
+
+async def chat_completions(request: Request) -> GenerationResponse:
+    server = _server(request)
+    server.require_serving()
+    body: ChatCompletionRequest = parse_request(ChatCompletionRequest, parse_json_body(await request.body()))
+    server.require_model(body.model)
+    messages = [message.to_message() for message in body.messages]
+    prompt = text.render_chat(messages, add_generation_prompt=body.add_generation_prompt,
+                              continue_final_message=body.continue_final_message)
+    prompt_tokens = text.count_tokens(prompt)
+    max_new_tokens = server.output_budget(prompt_tokens, body.requested_max_tokens)
+    config = server.config
+    continuation = text.chat_answer(
+        messages, seed=config.seed, answer_words=(config.answer_words_min, config.answer_words_max),
+        continue_final_message=body.continue_final_message)
+    return _generation(server, body, prompt_tokens, max_new_tokens, continuation, chat=True,
+                       request_id=new_request_id("chatcmpl", body.request_id or request.headers.get("x-request-id")))
+
+
+async def completions(request: Request) -> GenerationResponse:
+    server = _server(request)
+    server.require_serving()
+    body: CompletionRequest = parse_request(CompletionRequest, parse_json_body(await request.body()))
+    server.require_model(body.model)
+    prompt = body.prompt_text
+    prompt_tokens = text.count_tokens(prompt)
+    max_new_tokens = server.output_budget(prompt_tokens, body.requested_max_tokens)
+    config = server.config
+    continuation = text.answer(
+        seed=config.seed, key=prompt, prompt_text=prompt,
+        answer_words=(config.answer_words_min, config.answer_words_max))
+    return _generation(server, body, prompt_tokens, max_new_tokens, continuation, chat=False,
+                       request_id=new_request_id("cmpl", body.request_id or request.headers.get("x-request-id")))
+
+
+def _generation(server: EmulatedEngineServer, body: ChatCompletionRequest | CompletionRequest,
+                prompt_tokens: int, max_new_tokens: int, continuation: text.Continuation, *,
+                chat: bool, request_id: str) -> GenerationResponse:
+    seq = Sequence(prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
+                   deltas=continuation.deltas, natural_remaining=continuation.natural_remaining,
+                   ignore_eos=body.ignore_eos, min_tokens=body.min_tokens, streaming=body.stream)
+    return GenerationResponse(server, seq, chat=chat, request_id=request_id,
+                              include_usage=body.include_usage, continuous_usage=body.continuous_usage)
+
+
+async def tokenize(request: Request) -> JSONResponse:
+    server = _server(request)
+    payload = parse_json_body(await request.body())
+    if isinstance(payload, dict) and "messages" in payload:
+        chat: TokenizeChatRequest = parse_request(TokenizeChatRequest, payload)
+        server.require_model(chat.model)
+        prompt = text.render_chat([m.to_message() for m in chat.messages],
+                                  add_generation_prompt=chat.add_generation_prompt,
+                                  continue_final_message=chat.continue_final_message)
+        want_strs = chat.return_token_strs
+    else:
+        plain: TokenizeCompletionRequest = parse_request(TokenizeCompletionRequest, payload)
+        server.require_model(plain.model)
+        prompt, want_strs = plain.prompt, plain.return_token_strs
+    ids = text.token_ids(prompt)
+    return JSONResponse({"count": len(ids), "max_model_len": server.config.max_model_len, "tokens": ids,
+                         "token_strs": text.token_strs(prompt) if want_strs else None})
+
+
+async def models(request: Request) -> JSONResponse:
+    config = _server(request).config
+    card = {"id": config.served_model_name, "object": "model", "created": int(request.app.state.started_at),
+            "owned_by": "vllm", "root": config.served_model_name, "parent": None,
+            "max_model_len": config.max_model_len, "permission": []}
+    return JSONResponse({"object": "list", "data": [card]})
+
+
+async def health(request: Request) -> Response:
+    serving = _server(request).phase is Phase.SERVING
+    return Response(status_code=200 if serving else 503)
+
+
+async def version(request: Request) -> JSONResponse:
+    return JSONResponse({"version": EMULATED_VLLM_VERSION})
+
+
+async def metrics(request: Request) -> Response:
+    return Response(_server(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette's own 404/405 in the same envelope as every other error.
+    assert isinstance(exc, HTTPException)
+    error = APIError(HTTPStatus(exc.status_code), str(exc.detail))
+    return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+def create_app(config: EmulatorConfig) -> Starlette:
+    server = EmulatedEngineServer(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.started_at = time.time()
+        loading = asyncio.get_running_loop().call_later(config.startup_delay, _loaded)
+        yield
+        loading.cancel()
+        server.engine.abort_all()
+
+    def _loaded() -> None:
+        if server.phase is Phase.STARTING:
+            server.phase = Phase.SERVING
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/version", version, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={APIError: _api_error, HTTPException: _http_error})
+    app.state.emulator = server
+    return app
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, with SIGTERM turned into vLLM's drain instead of an immediate stop."""
+
+    def __init__(self, config: uvicorn.Config, emulator: EmulatedEngineServer) -> None:
+        super().__init__(config)
+        self.emulator = emulator
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and self.loop is not None and self.drain_task is None:
+            self.loop.call_soon_threadsafe(self._start_drain)
+            return
+        super().handle_exit(sig, frame)
+
+    def _start_drain(self) -> None:
+        if self.drain_task is None:
+            self.drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        emulator = self.emulator
+        emulator.phase = Phase.DRAINING
+        timeout = emulator.config.shutdown_timeout
+        if timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(emulator.engine.wait_idle(), timeout)
+        emulator.engine.abort_all()
+        self.should_exit = True
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+
+def listening_socket(config: EmulatorConfig) -> socket.socket:
+    if config.fd is not None:
+        return socket.socket(fileno=config.fd)
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.host, config.port))
+    return sock
+
+
+def serve(config: EmulatorConfig) -> int:
+    disable_created_metrics()
+    app = create_app(config)
+    sock = listening_socket(config)
+    host, port = sock.getsockname()[:2]
+    uvicorn_config = uvicorn.Config(
+        app, log_level=config.log_level, access_log=False, lifespan="on",
+        timeout_graceful_shutdown=FLUSH_TIMEOUT_S)
+    server = _DrainingServer(uvicorn_config, app.state.emulator)
+    print(f"engine-emulator: serving {config.served_model_name!r} on http://{host}:{port}",
+          file=sys.stderr, flush=True)
+    server.run(sockets=[sock])
+    return 0
