@@ -1,0 +1,93 @@
+"""The RAGDeployment CRD as the API server would enforce it: every example
+is valid, every bad RAGDeployment is rejected naming its field, and the
+operator's view of defaults is the schema's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from spotrag_box.admission import check_crd, validate_custom_resource
+from spotrag_operator.crd import CRD_PATH, defaulted_spec
+
+from .operator_fixtures import EXAMPLES, ROOT, load_example
+
+CRD = yaml.safe_load((ROOT / "crds" / "spotrag.io_ragdeployments.yaml").read_text())
+
+
+def test_operator_reads_the_same_crd_file():
+    assert CRD_PATH.resolve() == (ROOT / "crds" / "spotrag.io_ragdeployments.yaml").resolve()
+
+
+def test_crd_is_structural_and_its_rules_compile():
+    assert check_crd(CRD) == []
+
+
+def _every_property(schema: dict, path: str = ""):
+    for name, sub in (schema.get("properties") or {}).items():
+        yield f"{path}.{name}", sub
+        yield from _every_property(sub, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        yield from _every_property(schema["items"], f"{path}[]")
+
+
+def test_every_spec_field_is_described_for_kubectl_explain():
+    spec = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    undocumented = [path for path, sub in _every_property(spec) if not sub.get("description") and path not in {".scaling.prometheus.url", ".retrieval.corpus.persistentVolumeClaim.name", ".retrieval.corpus.persistentVolumeClaim.path", ".pricing.onDemandPerGpuHour", ".pricing.spotPerGpuHour"}]
+    assert undocumented == []
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_examples_are_valid(example):
+    for document in yaml.safe_load_all(example.read_text()):
+        if document and document.get("kind") == "RAGDeployment":
+            _, errors = validate_custom_resource(CRD, document)
+            assert errors == [], [str(e) for e in errors]
+
+
+def test_admission_defaults_equal_the_operators_defaults():
+    body = load_example("basic.yaml")
+    defaulted, errors = validate_custom_resource(CRD, body)
+    assert errors == []
+    assert defaulted["spec"] == defaulted_spec(body)
+
+
+BAD = [
+    ("missing model", {"model": None}, "spec.model"),
+    ("empty model name", {"model": {"name": ""}}, "spec.model.name"),
+    ("odd model URI", {"model": {"name": "ftp://host/model"}}, "spec.model.name"),
+    ("tensor parallel 3", {"model": {"tensorParallelSize": 3}}, "spec.model.tensorParallelSize"),
+    ("tensor parallel 16", {"model": {"tensorParallelSize": 16}}, "spec.model.tensorParallelSize"),
+    ("gpu memory above 1", {"model": {"gpuMemoryUtilization": 1.5}}, "spec.model.gpuMemoryUtilization"),
+    ("unknown dtype", {"model": {"dtype": "int3"}}, "spec.model.dtype"),
+    ("min above max", {"scaling": {"minReplicas": 5, "maxReplicas": 2}}, "spec.scaling.minReplicas"),
+    ("baseline above max", {"scaling": {"onDemandBaseline": 9, "maxReplicas": 4}}, "spec.scaling.onDemandBaseline"),
+    ("negative replicas", {"scaling": {"minReplicas": -1}}, "spec.scaling.minReplicas"),
+    ("gpu count below TP", {"model": {"tensorParallelSize": 4}, "gpu": {"count": 2}}, "spec.gpu.count"),
+    ("template without question", {"prompt": {"template": "References: {contexts}"}}, "spec.prompt.template"),
+    ("two corpus sources", {"retrieval": {"corpus": {"configMap": "a", "uri": "s3://b/c"}}}, "spec.retrieval.corpus"),
+    ("no corpus source", {"retrieval": {"corpus": {"chunkTokens": 100}}}, "spec.retrieval.corpus"),
+    ("top_k zero", {"retrieval": {"topK": 0}}, "spec.retrieval.topK"),
+    ("score threshold 2", {"retrieval": {"scoreThreshold": 2}}, "spec.retrieval.scoreThreshold"),
+    ("service type", {"gateway": {"serviceType": "Ingress"}}, "spec.gateway.serviceType"),
+    ("fallback too short", {"spot": {"fallbackAfterSeconds": 1}}, "spec.spot.fallbackAfterSeconds"),
+    ("string replicas", {"gateway": {"replicas": "two"}}, "spec.gateway.replicas"),
+    ("negative price", {"pricing": {"spotPerGpuHour": -1}}, "spec.pricing.spotPerGpuHour"),
+]
+
+
+@pytest.mark.parametrize("case, patch, field", BAD, ids=[b[0] for b in BAD])
+def test_bad_ragdeployments_are_rejected_naming_the_field(case, patch, field):
+    body = load_example("basic.yaml")
+    for section, value in patch.items():
+        if value is None:
+            body["spec"].pop(section, None)
+        elif isinstance(value, dict):
+            body["spec"][section] = {**copy.deepcopy(body["spec"].get(section) or {}), **value}
+        else:
+            body["spec"][section] = value
+    _, errors = validate_custom_resource(CRD, body)
+    assert errors, f"{case} was accepted"
+    assert any(e.field == field for e in errors), [str(e) for e in errors]

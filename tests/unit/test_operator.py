@@ -1,0 +1,282 @@
+"""The real operator (kopf) against the Kubernetes API stand-in over HTTP.
+
+Nothing is patched: the operator reads and writes through the `kubernetes`
+client and kopf's own HTTP client, and the tests look at the same API. With
+no kubelet here, the tests play it: they mark engine pods Ready through the
+API as a kubelet would.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+import kopf.testing
+import kubernetes
+import pytest
+
+from spotrag_box.kube_api import KubeAPIServer
+from spotrag_box.testing import kubectl
+from spotrag_operator import render
+from spotrag_operator.crd import API_VERSION, KIND
+from spotrag_operator.kube import Kube, load_api_client
+
+from .operator_fixtures import ROOT, load_example
+
+CRD = ROOT / "crds" / "spotrag.io_ragdeployments.yaml"
+HANDLERS = ROOT / "operator" / "spotrag_operator" / "handlers.py"
+
+
+def wait_for(check: Callable[[], Any], *, timeout: float = 20, what: str, diagnose: Callable[[], str] | None = None) -> Any:
+    """Poll until `check()` is truthy; fail naming what never happened."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            detail = diagnose() if diagnose else ""
+            pytest.fail(f"timed out after {timeout}s waiting for {what}. {detail}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    with KubeAPIServer() as server:
+        server.apply_crd_file(CRD)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def kubeconfig(api, tmp_path_factory) -> pathlib.Path:
+    return api.write_kubeconfig(tmp_path_factory.mktemp("kube") / "config")
+
+
+@pytest.fixture(scope="module")
+def kube(kubeconfig) -> Kube:
+    return Kube(load_api_client(str(kubeconfig)))
+
+
+@pytest.fixture(scope="module")
+def operator(kubeconfig, kube):
+    previous = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(kubeconfig)
+    try:
+        with kopf.testing.KopfRunner(["run", "--all-namespaces", "--standalone", str(HANDLERS)], timeout=60) as runner:
+            yield runner
+    finally:
+        if previous is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = previous
+    assert runner.exception is None, runner.output
+
+
+_counter = iter(range(10_000))
+
+
+def new_ragd(kube: Kube, spec_overrides: dict | None = None, *, namespace: str = "default") -> dict:
+    """Create a RAGDeployment with a unique name; return it as stored."""
+    from .operator_fixtures import deep_merge
+
+    body = load_example("basic.yaml")
+    body["metadata"] = {"name": f"rag{next(_counter)}", "namespace": namespace}
+    body["spec"] = deep_merge(body["spec"], spec_overrides or {})
+    body["spec"]["retrieval"].pop("corpus", None)  # no ConfigMap needed unless a test asks
+    body["spec"].setdefault("interruption", {})["preStopSeconds"] = body["spec"].get("interruption", {}).get("preStopSeconds", 0)
+    return kube.create(body)
+
+
+def engines(kube: Kube, body: dict) -> list[dict]:
+    selector = f"{render.LABEL_DEPLOYMENT}={body['metadata']['name']},{render.LABEL_COMPONENT}=engine"
+    return kube.list("v1", "Pod", body["metadata"]["namespace"], label_selector=selector)
+
+
+def serving(pods: list[dict]) -> list[dict]:
+    return [p for p in pods if p["metadata"]["labels"].get(render.LABEL_SERVING) == "true" and not p["metadata"].get("deletionTimestamp")]
+
+
+def play_kubelet(kube: Kube, pods: list[dict], *, ready: bool = True) -> None:
+    """Mark pods Running/Ready through the status subresource, as a kubelet does."""
+    for pod in pods:
+        status = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
+        kube.patch("v1", "Pod", pod["metadata"]["name"], {"status": status}, pod["metadata"]["namespace"], subresource="status")
+
+
+def ragd(kube: Kube, body: dict) -> dict:
+    return kube.get(API_VERSION, KIND, body["metadata"]["name"], body["metadata"]["namespace"])
+
+
+def diagnose(kube: Kube, body: dict) -> Callable[[], str]:
+    def describe() -> str:
+        current = ragd(kube, body) or {}
+        pods = [(p["metadata"]["name"], p["metadata"]["labels"].get(render.LABEL_SERVING), p.get("status", {}).get("phase")) for p in engines(kube, body)]
+        return f"status={current.get('status')} engines={pods}"
+
+    return describe
+
+
+def test_create_makes_every_child_with_owner_references_and_status(operator, kube):
+    body = new_ragd(kube, {"scaling": {"minReplicas": 3, "onDemandBaseline": 1, "maxReplicas": 4}})
+    name, ns, uid = body["metadata"]["name"], "default", body["metadata"]["uid"]
+    expected = [
+        ("v1", "Service", f"{name}-engines"),
+        ("v1", "Service", name),
+        ("v1", "ConfigMap", f"{name}-gateway"),
+        ("v1", "ServiceAccount", f"{name}-gateway"),
+        ("v1", "PersistentVolumeClaim", f"{name}-index"),
+        ("apps/v1", "Deployment", f"{name}-gateway"),
+        ("policy/v1", "PodDisruptionBudget", f"{name}-gateway"),
+        ("rbac.authorization.k8s.io/v1", "Role", f"{name}-gateway"),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding", f"{name}-gateway"),
+    ]
+    for api_version, kind, child in expected:
+        obj = wait_for(lambda: kube.get(api_version, kind, child, ns), what=f"{kind} {child}", diagnose=diagnose(kube, body))
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == uid, kind
+    pods = wait_for(lambda: len(engines(kube, body)) == 3 and engines(kube, body), what="3 engine pods", diagnose=diagnose(kube, body))
+    capacities = sorted(p["metadata"]["labels"][render.LABEL_CAPACITY] for p in pods)
+    assert capacities == ["on-demand", "spot", "spot"]
+    assert all(p["metadata"]["ownerReferences"][0]["uid"] == uid for p in pods)
+    status = wait_for(lambda: (ragd(kube, body).get("status") or {}).get("engines") == "0/3" and ragd(kube, body)["status"], what="status 0/3")
+    assert status["spotReplicas"] == 2 and status["onDemandReplicas"] == 1
+    assert status["endpoint"] == f"http://{name}.default.svc/v1"
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Ready"]["status"] == "False" and conditions["Degraded"]["status"] == "False"
+
+    play_kubelet(kube, pods)
+    wait_for(lambda: ragd(kube, body)["status"]["engines"] == "3/3", what="status 3/3", diagnose=diagnose(kube, body))
+    conditions = {c["type"]: c for c in ragd(kube, body)["status"]["conditions"]}
+    assert conditions["Ready"]["status"] == "True"
+    reasons = wait_for(lambda: {e.reason for e in events_of(kube, body)} >= {"Reconciled", "EnginesCreated"} and {e.reason for e in events_of(kube, body)}, what="Events")
+    assert "EnginesCreated" in reasons
+
+
+def events_of(kube: Kube, body: dict) -> list:
+    listed = kubernetes.client.CoreV1Api(kube.api_client).list_namespaced_event(body["metadata"]["namespace"])
+    return [e for e in listed.items if e.involved_object.name == body["metadata"]["name"]]
+
+
+def test_reconcile_is_idempotent(operator, kube, api):
+    body = new_ragd(kube)
+    pods = wait_for(lambda: engines(kube, body), what="engine pod")
+    play_kubelet(kube, pods)
+    wait_for(lambda: (ragd(kube, body).get("status") or {}).get("engines") == "1/1", what="1/1 ready")
+    time.sleep(2.5)  # let any follow-up reconcile land
+    before = len(api.requests())
+    time.sleep(3)  # three timer ticks at 1 s
+    writes = [r for r in api.requests()[before:] if r.method in ("POST", "PUT", "PATCH", "DELETE") and body["metadata"]["name"] in r.path]
+    assert writes == [], [(r.method, r.path) for r in writes]
+
+
+def test_spec_updates_change_the_right_children(operator, kube):
+    body = new_ragd(kube)
+    name, ns = body["metadata"]["name"], "default"
+    deployment = wait_for(lambda: kube.get("apps/v1", "Deployment", f"{name}-gateway", ns), what="gateway deployment")
+    config_hash = deployment["spec"]["template"]["metadata"]["annotations"]["spotrag.io/config-hash"]
+    kube.patch(API_VERSION, KIND, name, {"spec": {"gateway": {"replicas": 5}, "retrieval": {"topK": 7}}}, ns)
+    wait_for(lambda: kube.get("apps/v1", "Deployment", f"{name}-gateway", ns)["spec"]["replicas"] == 5, what="gateway replicas 5")
+    config = kube.get("v1", "ConfigMap", f"{name}-gateway", ns)
+    assert '"topK": 7' in config["data"]["gateway.json"]
+    new_hash = kube.get("apps/v1", "Deployment", f"{name}-gateway", ns)["spec"]["template"]["metadata"]["annotations"]["spotrag.io/config-hash"]
+    assert new_hash != config_hash
+    kube.patch(API_VERSION, KIND, name, {"spec": {"gateway": {"serviceType": "LoadBalancer"}}}, ns)
+    wait_for(lambda: kube.get("v1", "Service", name, ns)["spec"]["type"] == "LoadBalancer", what="gateway Service type LoadBalancer")
+    kube.patch(API_VERSION, KIND, name, {"spec": {"scaling": {"minReplicas": 2}}}, ns)
+    wait_for(lambda: len(serving(engines(kube, body))) == 2, what="a second engine", diagnose=diagnose(kube, body))
+
+
+def test_engine_spec_change_rolls_new_engines_first(operator, kube):
+    body = new_ragd(kube, {"scaling": {"minReplicas": 2, "onDemandBaseline": 1}})
+    name, ns = body["metadata"]["name"], "default"
+    old = wait_for(lambda: len(engines(kube, body)) == 2 and engines(kube, body), what="2 engines")
+    play_kubelet(kube, old)
+    wait_for(lambda: ragd(kube, body)["status"]["engines"] == "2/2", what="2/2 ready")
+    old_names = {p["metadata"]["name"] for p in old}
+
+    kube.patch(API_VERSION, KIND, name, {"spec": {"model": {"maxModelLen": 4096}}}, ns)
+    new = wait_for(
+        lambda: [p for p in engines(kube, body) if p["metadata"]["name"] not in old_names] if len(engines(kube, body)) == 4 else None,
+        what="2 new engines next to the old ones",
+        diagnose=diagnose(kube, body),
+    )
+    assert all("4096" in p["spec"]["containers"][0]["args"] for p in new)
+    # Not ready yet: the old engines keep serving.
+    time.sleep(1.5)
+    assert {p["metadata"]["name"] for p in serving(engines(kube, body))} >= old_names
+    play_kubelet(kube, new)
+    wait_for(lambda: not any(p["metadata"]["name"] in old_names for p in engines(kube, body)), what="old engines drained and deleted", diagnose=diagnose(kube, body))
+    assert {p["metadata"]["name"] for p in serving(engines(kube, body))} == {p["metadata"]["name"] for p in new}
+    status = ragd(kube, body)["status"]
+    assert status["engineSpecHash"] == new[0]["metadata"]["labels"][render.LABEL_SPEC_HASH]
+
+
+def test_vanished_engine_comes_back(operator, kube):
+    body = new_ragd(kube)
+    first = wait_for(lambda: engines(kube, body), what="engine")[0]
+    kube.delete("v1", "Pod", first["metadata"]["name"], "default")
+    replacement = wait_for(
+        lambda: [p for p in engines(kube, body) if p["metadata"]["name"] != first["metadata"]["name"]],
+        what="a replacement engine",
+        diagnose=diagnose(kube, body),
+    )
+    assert replacement[0]["metadata"]["labels"][render.LABEL_CAPACITY] == "on-demand"
+
+
+def test_delete_removes_everything(operator, kube):
+    body = new_ragd(kube)
+    name, ns = body["metadata"]["name"], "default"
+    wait_for(lambda: engines(kube, body) and kube.get("apps/v1", "Deployment", f"{name}-gateway", ns), what="children")
+    kube.delete(API_VERSION, KIND, name, ns)
+    wait_for(lambda: ragd(kube, body) is None, what="the RAGDeployment to go")
+    wait_for(lambda: not engines(kube, body), what="engines garbage-collected")
+    for api_version, kind, child in [("apps/v1", "Deployment", f"{name}-gateway"), ("v1", "Service", name), ("v1", "ConfigMap", f"{name}-gateway")]:
+        wait_for(lambda: kube.get(api_version, kind, child, ns) is None, what=f"{kind} {child} garbage-collected")
+
+
+def test_api_errors_are_retried(operator, kube, api):
+    api.inject_faults(method="POST", path_regex=r"/api/v1/namespaces/default/pods$", status=500, times=2)
+    api.inject_faults(method="PATCH", path_regex=r"/ragdeployments/[^/]+/status$", status=409, times=1)
+    body = new_ragd(kube)
+    wait_for(lambda: engines(kube, body), timeout=40, what="an engine despite two failed creates", diagnose=diagnose(kube, body))
+    wait_for(lambda: (ragd(kube, body).get("status") or {}).get("engines"), timeout=40, what="status despite a 409")
+    assert operator.exception is None
+
+
+def test_missing_secret_degrades_then_recovers(operator, kube, kubeconfig):
+    body = new_ragd(kube, {"gateway": {"apiKeySecret": "handbook-keys-missing"}})
+    name = body["metadata"]["name"]
+
+    def degraded() -> dict | None:
+        conditions = {c["type"]: c for c in (ragd(kube, body).get("status") or {}).get("conditions") or []}
+        return conditions.get("Degraded")
+
+    condition = wait_for(lambda: (degraded() or {}).get("status") == "True" and degraded(), what="Degraded", diagnose=diagnose(kube, body))
+    assert "handbook-keys-missing" in condition["message"] and "create it" in condition["message"]
+    described = kubectl(kubeconfig, "describe", "ragd", name).stdout
+    assert "InvalidConfiguration" in described
+    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "handbook-keys-missing", "namespace": "default"}, "stringData": {"key": "sk-1"}})
+    wait_for(lambda: (degraded() or {}).get("status") == "False", what="Degraded to clear")
+
+
+def test_gpu_count_no_instance_type_can_hold_degrades(operator, kube):
+    body = new_ragd(kube, {"model": {"tensorParallelSize": 4}, "gpu": {"instanceTypes": ["g6.xlarge", "g6.2xlarge"]}})
+    wait_for(
+        lambda: any(c["type"] == "Degraded" and c["status"] == "True" and "g6.xlarge has 1" in c["message"] for c in (ragd(kube, body).get("status") or {}).get("conditions") or []),
+        what="Degraded naming the instance types",
+        diagnose=diagnose(kube, body),
+    )
+
+
+def test_examples_apply_with_kubectl_and_show_printer_columns(operator, kube, kubeconfig):
+    kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "handbook-docs", "namespace": "default"}, "data": {"a.md": "# A"}})
+    for example in sorted((ROOT / "examples").glob("*.yaml")):
+        result = kubectl(kubeconfig, "apply", "-f", str(example))
+        assert "created" in result.stdout or "configured" in result.stdout, result
+    table = kubectl(kubeconfig, "get", "ragd").stdout
+    header = table.splitlines()[0].split()
+    assert header[:6] == ["NAME", "READY", "SPOT", "ON-DEMAND", "QUEUED-TOKENS", "STATUS"] and header[-1] == "AGE"
+    wide = kubectl(kubeconfig, "get", "ragd", "handbook", "-o", "wide").stdout
+    assert "COST/H" in wide.splitlines()[0] and "Qwen/Qwen2.5-7B-Instruct" in wide
+    wait_for(lambda: "1/1" in kubectl(kubeconfig, "get", "ragd", "handbook").stdout or "0/1" in kubectl(kubeconfig, "get", "ragd", "handbook").stdout, what="READY column filled")
