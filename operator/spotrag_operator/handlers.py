@@ -23,6 +23,7 @@ import kopf
 from . import render
 from .checks import find_problems
 from .crd import API_VERSION, GROUP, KIND, PLURAL, VERSION, defaulted_spec
+from .index import reconcile_index
 from .kube import Kube, KubeError, label_selector, load_api_client
 from .plan import ANNOTATION_DRAIN_REASON, ANNOTATION_DRAIN_SINCE, Engine, EnginePlan, plan_engines
 from .status import engines_status, now_iso, status_changed
@@ -148,6 +149,11 @@ def reconcile_engines(kube: Kube, body: dict, *, logger: Any, now: datetime.date
 
     problems = find_problems(kube, body, spec)
     old_status = body.get("status") or {}
+    index = reconcile_index(kube, body, spec)
+    old_index = next((c for c in old_status.get("conditions") or [] if c.get("type") == "IndexReady"), {})
+    if index.reason != old_index.get("reason"):
+        post = kopf.warn if index.ready is False and index.reason != "Building" else kopf.info
+        post(body, reason=f"Index{index.reason}", message=index.message)
     old_degraded = next((c for c in old_status.get("conditions") or [] if c.get("type") == "Degraded"), {})
     if problems and old_degraded.get("message") != "; ".join(problems):
         kopf.warn(body, reason="InvalidConfiguration", message="; ".join(problems))
@@ -158,6 +164,7 @@ def reconcile_engines(kube: Kube, body: dict, *, logger: Any, now: datetime.date
         desired=desired,
         spec_hash=spec_hash,
         problems=problems,
+        index=index,
         rollout_note=rollout_note,
         old_status=old_status,
         generation=meta.get("generation"),

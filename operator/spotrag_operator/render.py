@@ -517,3 +517,101 @@ def static_children(body: dict, spec: dict) -> list[dict]:
     return children
 
 
+
+
+CORPUS_MOUNT = "/var/lib/spotrag/corpus"
+INDEX_RESULT_PATH = "/dev/termination-log"
+
+
+def corpus_hash(spec: dict, corpus_content: str = "") -> str:
+    """What, when changed, needs a new index: the corpus source and its
+    content (for a ConfigMap), the embedding model and prefixes, chunking."""
+    retrieval = spec["retrieval"]
+    return _hash(
+        {
+            "corpus": retrieval.get("corpus"),
+            "content": corpus_content,
+            "model": retrieval["embeddingModel"],
+            "prefixes": [retrieval["queryPrefix"], retrieval["passagePrefix"]],
+        }
+    )
+
+
+def index_job_name(body: dict, corpus_digest: str) -> str:
+    return resource_name(body, f"index-{corpus_digest[:8]}")
+
+
+def index_job(body: dict, spec: dict, corpus_digest: str) -> dict:
+    """The Job that turns the corpus into a new index version on the claim.
+
+    The builder writes into a fresh version folder and switches CURRENT last,
+    so gateways never read a half-written index; its result (version,
+    passages) comes back in the termination message, where the operator
+    reads it without mounting anything.
+    """
+    retrieval = spec["retrieval"]
+    corpus = retrieval["corpus"]
+    gateway = spec["gateway"]
+    volumes: list[dict] = [{"name": "index", "persistentVolumeClaim": {"claimName": index_claim_name(body, spec)}}, {"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
+    mounts = [{"name": "index", "mountPath": INDEX_MOUNT}, {"name": "cache", "mountPath": "/var/cache/spotrag"}, {"name": "tmp", "mountPath": "/tmp"}]
+    source = CORPUS_MOUNT
+    if corpus.get("configMap"):
+        volumes.append({"name": "corpus", "configMap": {"name": corpus["configMap"]}})
+        mounts.append({"name": "corpus", "mountPath": CORPUS_MOUNT, "readOnly": True})
+    elif corpus.get("persistentVolumeClaim"):
+        claim = corpus["persistentVolumeClaim"]
+        volumes.append({"name": "corpus", "persistentVolumeClaim": {"claimName": claim["name"], "readOnly": True}})
+        mounts.append({"name": "corpus", "mountPath": CORPUS_MOUNT, "readOnly": True})
+        source = f"{CORPUS_MOUNT}/{claim['path'].strip('/')}".rstrip("/")
+    command = [
+        "spotrag", "index", "build", source,
+        "--out", INDEX_MOUNT,
+        "--model", retrieval["embeddingModel"],
+        "--query-prefix", retrieval["queryPrefix"],
+        "--passage-prefix", retrieval["passagePrefix"],
+        "--chunk-tokens", str(corpus["chunkTokens"]),
+        "--overlap", str(corpus["chunkOverlap"]),
+        # Embeddings are checkpointed here, so a retried Pod resumes.
+        "--work-dir", f"{INDEX_MOUNT}/.work-{corpus_digest[:8]}",
+        "--result-file", INDEX_RESULT_PATH,
+    ]
+    resources: dict[str, Any] = {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "8Gi"}}
+    tolerations: list[dict] = []
+    image = gateway["image"]
+    if corpus["gpu"]:
+        gpu = spec["gpu"]["resourceName"]
+        resources["requests"][gpu] = "1"
+        resources["limits"][gpu] = "1"
+        tolerations.append({"key": gpu, "operator": "Exists", "effect": "NoSchedule"})
+        image = image.replace("/runtime:", "/runtime-cuda:")
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(body, index_job_name(body, corpus_digest), "index") | {"annotations": {"spotrag.io/corpus-hash": corpus_digest}},
+        "spec": {
+            "backoffLimit": 4,
+            "template": {
+                "metadata": {"labels": common_labels(body, "index")},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "enableServiceLinks": False,
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "tolerations": tolerations,
+                    "containers": [
+                        {
+                            "name": "index",
+                            "image": image,
+                            "command": command,
+                            "env": [{"name": "HF_HOME", "value": "/var/cache/spotrag"}],
+                            "resources": resources,
+                            "volumeMounts": mounts,
+                            "terminationMessagePath": INDEX_RESULT_PATH,
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
+                            "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
+                        }
+                    ],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 
 from . import render
+from .index import IndexState
 from .plan import Engine
 
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "IndexReady")
@@ -53,6 +54,7 @@ def engines_status(
     desired: int,
     spec_hash: str,
     problems: list[str],
+    index: IndexState,
     rollout_note: str | None,
     old_status: dict,
     generation: int | None,
@@ -80,7 +82,7 @@ def engines_status(
         status["costPerHour"] = cost
     conditions = list(old_status.get("conditions") or [])
     rolled = all(e.spec_hash == spec_hash for e in serving)
-    is_ready = len(ready) >= desired and not problems
+    is_ready = len(ready) >= desired and not problems and index.ready is not False
     if problems:
         conditions = set_condition(conditions, "Degraded", True, "InvalidConfiguration", "; ".join(problems), now=now, generation=generation)
     else:
@@ -88,8 +90,11 @@ def engines_status(
     if is_ready:
         conditions = set_condition(conditions, "Ready", True, "EnginesReady", f"{len(ready)} of {desired} engines ready", now=now, generation=generation)
     else:
-        reason = "Degraded" if problems else "EnginesStarting"
+        reason = "Degraded" if problems else "EnginesStarting" if len(ready) < desired else "IndexNotReady"
         conditions = set_condition(conditions, "Ready", False, reason, f"{len(ready)} of {desired} engines ready", now=now, generation=generation)
+    conditions = set_condition(conditions, "IndexReady", index.ready, index.reason, index.message, now=now, generation=generation)
+    if index.status:
+        status["index"] = index.status
     progressing = not rolled or len(serving) != desired or len(ready) < desired
     message = rollout_note or ("rolling out a new engine spec" if not rolled else f"{len(serving)} engines serving, {desired} desired")
     conditions = set_condition(conditions, "Progressing", progressing, "RollingOut" if not rolled else "Scaling" if progressing else "Stable", message if progressing else "", now=now, generation=generation)

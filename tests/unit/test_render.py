@@ -215,8 +215,26 @@ def test_generated_objects_validate_strictly(version):
     for overrides in ({}, full):
         body, spec = rendered(overrides)
         objects = render.static_children(body, spec) + [render.engine_pod(body, spec, c) for c in render.CAPACITY_TYPES]
+        objects.append(render.index_job(body, spec, render.corpus_hash(spec)))
         for obj in objects:
             # kubernetes-validate wants a name; the API server fills generateName's.
             obj = json.loads(json.dumps(obj))
             obj["metadata"].setdefault("name", obj["metadata"].get("generateName", "x") + "abcde")
             kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_index_job_builds_the_corpus_onto_the_claim():
+    body, spec = rendered({"retrieval": {"queryPrefix": "query: ", "passagePrefix": "passage: ", "corpus": {"configMap": "handbook-docs", "chunkTokens": 128, "gpu": True}}})
+    digest = render.corpus_hash(spec, "content")
+    job = render.index_job(body, spec, digest)
+    assert job["metadata"]["name"] == f"handbook-index-{digest[:8]}"
+    pod = job["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    assert command[:4] == ["spotrag", "index", "build", render.CORPUS_MOUNT]
+    assert command[command.index("--query-prefix") + 1] == "query: "
+    assert command[command.index("--chunk-tokens") + 1] == "128"
+    assert command[command.index("--out") + 1] == render.INDEX_MOUNT
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"name": "corpus", "configMap": {"name": "handbook-docs"}} in pod["volumes"]
+    assert pod["restartPolicy"] == "Never"
+    assert render.corpus_hash(spec, "content") != render.corpus_hash(spec, "other content")
