@@ -91,6 +91,7 @@ class Manifest:
     recall_at_10: float | None  # approximate vs exact search on held-out queries; None for exact (flat)
     chunking: dict[str, Any]
     search_params: dict[str, Any] = field(default_factory=dict)  # faiss ParameterSpace names: nprobe, efSearch
+    source_fingerprint: str = ""  # hash of the model, passage prefix, chunking and every chunk's tokens
     format: int = FORMAT_VERSION
 
     @classmethod
