@@ -18,6 +18,7 @@ import os
 import threading
 from typing import Any
 
+import httpx
 import kopf
 
 from . import render
@@ -25,7 +26,9 @@ from .checks import find_problems
 from .crd import API_VERSION, GROUP, KIND, PLURAL, VERSION, defaulted_spec
 from .index import reconcile_index
 from .kube import Kube, KubeError, label_selector, load_api_client
-from .plan import ANNOTATION_DRAIN_REASON, ANNOTATION_DRAIN_SINCE, Engine, EnginePlan, plan_engines
+from .engine_load import running_requests
+from .plan import ANNOTATION_DRAIN_DEADLINE, ANNOTATION_DRAIN_REASON, ANNOTATION_DRAIN_SINCE, DrainTiming, Engine, EnginePlan, capacity_split, plan_engines
+from .signals import NodeSignal, node_signal
 from .status import engines_status, now_iso, status_changed
 
 RAGD = (GROUP, VERSION, PLURAL)
@@ -106,6 +109,31 @@ def engine_pod_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **
     _reconcile_engines_locked(kube, memo, parent, logger)
 
 
+@kopf.on.event("nodes")
+def node_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """A node announces it is going (or is cordoned): reconcile, at once, every
+    RAGDeployment with an engine there, so its engines leave serving within a
+    second of the signal rather than at the next timer tick."""
+    if "kube" not in memo or node_signal(dict(body), datetime.datetime.now(datetime.UTC)) is None:
+        return
+    kube: Kube = memo["kube"]
+    node_name = body["metadata"]["name"]
+    try:
+        pods = kube.list("v1", "Pod", None, label_selector=f"{render.LABEL_COMPONENT}=engine", field_selector=f"spec.nodeName={node_name}")
+    except KubeError as error:
+        raise _temporary(error, f"listing engines on node {node_name}") from error
+    owners = {
+        (pod["metadata"]["namespace"], owner["name"])
+        for pod in pods
+        for owner in pod["metadata"].get("ownerReferences") or []
+        if owner.get("kind") == KIND
+    }
+    for namespace, name in sorted(owners):
+        parent = kube.get(API_VERSION, KIND, name, namespace)
+        if parent is not None and not parent["metadata"].get("deletionTimestamp"):
+            _reconcile_engines_locked(kube, memo, parent, logger)
+
+
 def _plain(body: kopf.Body) -> dict:
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": dict(body["metadata"]), "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})}
 
@@ -125,25 +153,57 @@ def desired_engines(spec: dict) -> int:
     return max(0, min(scaling["minReplicas"], scaling["maxReplicas"]))
 
 
-def reconcile_engines(kube: Kube, body: dict, *, logger: Any, now: datetime.datetime) -> EnginePlan:
+def drain_timing(spec: dict) -> DrainTiming:
+    interruption = spec["interruption"]
+    return DrainTiming(
+        grace=interruption["preStopSeconds"],
+        timeout=interruption["drainTimeoutSeconds"],
+        # The pod needs its preStop wait plus a moment to stop before the node goes.
+        margin=interruption["preStopSeconds"] + 5,
+    )
+
+
+def observe_node_signals(kube: Kube, pods: list[dict], now: datetime.datetime) -> dict[str, NodeSignal]:
+    signals: dict[str, NodeSignal] = {}
+    for node_name in sorted({p["spec"].get("nodeName") for p in pods if (p.get("spec") or {}).get("nodeName")}):
+        node = kube.get("v1", "Node", node_name)
+        if node is None:
+            continue
+        if (signal := node_signal(node, now)) is not None:
+            signals[node_name] = signal
+    return signals
+
+
+def observe_engines(kube: Kube, http: httpx.Client, pods: list[dict]) -> list[Engine]:
+    """Engines as planning sees them; only draining ones are asked for their load."""
+    engines = []
+    for pod in pods:
+        draining = (pod["metadata"].get("labels") or {}).get(render.LABEL_SERVING) != "true"
+        engines.append(Engine.from_pod(pod, running_requests(http, pod) if draining else None))
+    return engines
+
+
+def reconcile_engines(kube: Kube, body: dict, *, logger: Any, now: datetime.datetime, http: httpx.Client | None = None) -> EnginePlan:
     """observe → plan → execute → status, once."""
     spec = defaulted_spec(body)
     meta = body["metadata"]
     namespace = meta["namespace"]
     selector = label_selector(render.engine_selector(body))
-    engines = [Engine.from_pod(p) for p in kube.list("v1", "Pod", namespace, label_selector=selector)]
+    pods = kube.list("v1", "Pod", namespace, label_selector=selector)
+    signals = observe_node_signals(kube, pods, now)
+    with http or httpx.Client() as client:
+        engines = observe_engines(kube, client, pods)
     desired = desired_engines(spec)
     spec_hash = render.engine_spec_hash(spec)
     plan = plan_engines(
         engines,
-        desired=desired,
-        baseline=spec["scaling"]["onDemandBaseline"],
-        spot_enabled=spec["spot"]["enabled"],
+        target=capacity_split(desired, spec["scaling"]["onDemandBaseline"], spec["spot"]["enabled"]),
         spec_hash=spec_hash,
         now=now,
-        drain_grace=spec["interruption"]["preStopSeconds"],
+        timing=drain_timing(spec),
+        node_signals=signals,
     )
-    execute(kube, body, spec, plan, now=now, logger=logger)
+    execute(kube, body, spec, plan, engines, now=now, logger=logger)
     if not plan.empty:
         engines = [Engine.from_pod(p) for p in kube.list("v1", "Pod", namespace, label_selector=selector)]
 
@@ -177,28 +237,35 @@ def reconcile_engines(kube: Kube, body: dict, *, logger: Any, now: datetime.date
     return plan
 
 
-def execute(kube: Kube, body: dict, spec: dict, plan: EnginePlan, *, now: datetime.datetime, logger: Any) -> None:
+def execute(kube: Kube, body: dict, spec: dict, plan: EnginePlan, engines: list[Engine], *, now: datetime.datetime, logger: Any) -> None:
     namespace = body["metadata"]["namespace"]
+    by_name = {e.name: e for e in engines}
     for note in plan.notes:
         logger.info(note)
+    for drain in plan.drain:
+        # Out of serving first: the replacement below must not wait on a slow API.
+        annotations = {ANNOTATION_DRAIN_SINCE: now_iso(now), ANNOTATION_DRAIN_REASON: drain.reason, ANNOTATION_DRAIN_DEADLINE: now_iso(drain.deadline)}
+        try:
+            kube.patch("v1", "Pod", drain.name, {"metadata": {"labels": {render.LABEL_SERVING: "false"}, "annotations": annotations}}, namespace)
+        except KubeError as error:
+            if not error.not_found:
+                raise
+            continue
+        if drain.interruption is not None:
+            if drain.interruption.warning:
+                kopf.warn(body, reason="InterruptionTimeUnparseable", message=drain.interruption.warning)
+            kopf.warn(body, reason="EngineInterrupted", message=f"{drain.name}: {drain.reason}; out of serving, replacement started, deleted by {now_iso(drain.deadline)} at the latest")
+        else:
+            kopf.info(body, reason="EngineDraining", message=f"{drain.name}: {drain.reason}")
     created = []
     for capacity in plan.create:
         pod = kube.create(render.engine_pod(body, spec, capacity))
         created.append(f"{pod['metadata']['name']} ({capacity})")
     if created:
         kopf.info(body, reason="EnginesCreated", message="created " + ", ".join(created))
-    for drain in plan.drain:
-        try:
-            kube.patch(
-                "v1", "Pod", drain.name,
-                {"metadata": {"labels": {render.LABEL_SERVING: "false"}, "annotations": {ANNOTATION_DRAIN_SINCE: now_iso(now), ANNOTATION_DRAIN_REASON: drain.reason}}},
-                namespace,
-            )
-        except KubeError as error:
-            if not error.not_found:
-                raise
-            continue
-        kopf.info(body, reason="EngineDraining", message=f"{drain.name}: {drain.reason}")
     for name in plan.delete:
         if kube.delete("v1", "Pod", name, namespace):
-            kopf.info(body, reason="EngineDeleted", message=f"deleted {name}")
+            engine = by_name.get(name)
+            took = f" after draining {int((now - engine.drain_since).total_seconds())}s" if engine and engine.drain_since else ""
+            idle = " (idle)" if engine and engine.running_requests == 0 else ""
+            kopf.info(body, reason="EngineDeleted", message=f"deleted {name}{took}{idle}")

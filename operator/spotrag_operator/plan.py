@@ -1,17 +1,29 @@
 """What to do with engine pods, decided without touching the cluster.
 
-observe (pods as the API lists them) → plan (this module, pure) → execute
-(the operator's handlers). The plan is tested on constructed pod lists.
+observe (pods, their nodes' signals, draining engines' load) → plan (this
+module, pure) → execute (the operator's handlers). The plan is tested on
+constructed histories.
 
-Rules:
-- Desired engines split into an on-demand baseline and spot for the rest
-  (all on-demand when spot is off).
-- A spec change rolls by hash: new pods first; old pods keep serving until
-  as many new ones are Ready as are desired, then they are drained.
-- A failed or vanished pod is replaced; an excess pod is drained (not-ready
-  first, then the youngest), never deleted while it still serves.
-- Draining = out of the serving set first (label), deleted only after
-  `drain_grace` seconds, so every gateway has seen it leave.
+The drain, per engine, keeps its state on the pod (label + annotations), so
+an operator restart mid-drain picks it up where it was:
+
+  serving ──(scale-in, rollout, interruption, cordon)──► draining
+     label spotrag.io/serving=false: out of the Service and every gateway's
+     list; annotations: since, reason, deadline. A replacement is planned at
+     once, because the serving count dropped.
+  draining ──(no running requests, or the deadline)──► deleted
+     never before `drain_grace` (gateways must have seen it leave); vLLM's
+     --shutdown-timeout then finishes what still runs, and the gateway
+     resumes any stream cut short on another engine.
+
+Rules for the rest:
+- Desired engines split into an on-demand baseline and spot for the rest.
+- A spec change rolls by hash: new pods first; old ones keep serving until
+  as many new ones are Ready as are desired.
+- A ready engine leaves for scale-in or a capacity move only while enough
+  other ready engines remain; an interrupted node's engines leave at once.
+- A rebalance recommendation (pre-warm) adds a replacement per engine at
+  risk without draining; scale-in later prefers the engines at risk.
 """
 
 from __future__ import annotations
@@ -20,9 +32,11 @@ import datetime
 from dataclasses import dataclass, field
 
 from . import render
+from .signals import Action, NodeSignal
 
 ANNOTATION_DRAIN_SINCE = "spotrag.io/drain-since"
 ANNOTATION_DRAIN_REASON = "spotrag.io/drain-reason"
+ANNOTATION_DRAIN_DEADLINE = "spotrag.io/drain-deadline"
 
 
 @dataclass(frozen=True)
@@ -38,10 +52,12 @@ class Engine:
     terminating: bool
     created: datetime.datetime
     drain_since: datetime.datetime | None = None
+    drain_deadline: datetime.datetime | None = None
     node: str | None = None
+    running_requests: int | None = None  # from the engine's /metrics, for draining engines; None: unknown
 
     @classmethod
-    def from_pod(cls, pod: dict) -> "Engine":
+    def from_pod(cls, pod: dict, running_requests: int | None = None) -> "Engine":
         meta = pod["metadata"]
         labels = meta.get("labels") or {}
         annotations = meta.get("annotations") or {}
@@ -57,7 +73,9 @@ class Engine:
             terminating=bool(meta.get("deletionTimestamp")),
             created=parse_time(meta.get("creationTimestamp")) or datetime.datetime.min.replace(tzinfo=datetime.UTC),
             drain_since=parse_time(annotations.get(ANNOTATION_DRAIN_SINCE)),
+            drain_deadline=parse_time(annotations.get(ANNOTATION_DRAIN_DEADLINE)),
             node=(pod.get("spec") or {}).get("nodeName"),
+            running_requests=running_requests,
         )
 
     @property
@@ -69,6 +87,8 @@ class Engine:
 class Drain:
     name: str
     reason: str
+    deadline: datetime.datetime
+    interruption: NodeSignal | None = None
 
 
 @dataclass
@@ -81,6 +101,13 @@ class EnginePlan:
     @property
     def empty(self) -> bool:
         return not (self.create or self.drain or self.delete)
+
+
+@dataclass(frozen=True)
+class DrainTiming:
+    grace: float  # seconds out of serving before deletion, at least
+    timeout: float  # longest wait for running requests when there is no node deadline
+    margin: float  # delete this long before a node's deadline, so the engine's own shutdown fits
 
 
 def parse_time(value: str | None) -> datetime.datetime | None:
@@ -97,24 +124,27 @@ def capacity_split(desired: int, baseline: int, spot_enabled: bool) -> dict[str,
     return {render.ON_DEMAND: on_demand, render.SPOT: desired - on_demand}
 
 
-def _victim_order(engine: Engine) -> tuple:
-    # Not-ready engines cost nothing to lose; among ready ones the youngest
-    # has the coldest caches.
-    return (engine.ready, -engine.created.timestamp())
+def _seconds(delta: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=delta)
 
 
 def plan_engines(
     engines: list[Engine],
     *,
-    desired: int,
-    baseline: int,
-    spot_enabled: bool,
+    target: dict[str, int],
     spec_hash: str,
     now: datetime.datetime,
-    drain_grace: float,
+    timing: DrainTiming,
+    node_signals: dict[str, NodeSignal] | None = None,
 ) -> EnginePlan:
+    """`target`: wanted engines per capacity type (capacity_split or placement)."""
     plan = EnginePlan()
+    node_signals = node_signals or {}
+    desired = sum(target.values())
     live = [e for e in engines if not e.terminating]
+
+    def signal_of(engine: Engine) -> NodeSignal | None:
+        return node_signals.get(engine.node) if engine.node else None
 
     # Failed pods never come back on their own: delete, and replace below.
     for engine in live:
@@ -123,36 +153,55 @@ def plan_engines(
             plan.notes.append(f"engine {engine.name} failed; replacing it")
     live = [e for e in live if not e.failed]
 
-    # Draining engines are deleted once every gateway has had time to stop
-    # routing to them (their own shutdown timeout then finishes the rest).
+    # Draining engines go once idle or at their deadline, never before the grace.
     for engine in live:
-        if engine.draining and engine.drain_since is not None:
-            if (now - engine.drain_since).total_seconds() >= drain_grace:
-                plan.delete.append(engine.name)
-        elif engine.draining:
-            # Out of serving without a start time (label flipped by hand): start the clock now.
-            plan.drain.append(Drain(engine.name, "not serving"))
-    serving = [e for e in live if e.serving]
+        if not engine.draining:
+            continue
+        if engine.drain_since is None:
+            # Out of serving without a drain record (label flipped by hand): start one.
+            plan.drain.append(Drain(engine.name, "not serving", now + _seconds(timing.timeout)))
+            continue
+        graced = now - engine.drain_since >= _seconds(timing.grace)
+        idle = engine.running_requests == 0
+        overdue = engine.drain_deadline is not None and now >= engine.drain_deadline
+        if graced and (idle or overdue):
+            plan.delete.append(engine.name)
 
-    target = capacity_split(desired, baseline, spot_enabled)
+    # Interrupted or cordoned nodes: their engines leave serving now.
+    serving: list[Engine] = []
+    for engine in (e for e in live if e.serving):
+        signal = signal_of(engine)
+        if signal is not None and signal.action is Action.DRAIN:
+            # With a node deadline, running answers get all the time the node has left.
+            deadline = now + _seconds(timing.timeout) if signal.deadline is None else signal.deadline - _seconds(timing.margin)
+            plan.drain.append(Drain(engine.name, f"interruption: {signal.describe()}", max(deadline, now), signal))
+        else:
+            serving.append(engine)
+
+    # A rebalance recommendation: one replacement per engine at risk, kept serving.
+    at_risk = {e.name for e in serving if (s := signal_of(e)) is not None and s.action is Action.PREWARM}
     current = [e for e in serving if e.spec_hash == spec_hash]
     outdated = [e for e in serving if e.spec_hash != spec_hash]
 
+    def victim_order(engine: Engine) -> tuple:
+        # Not-ready engines cost nothing to lose; then those at risk; among
+        # the rest the youngest has the coldest caches.
+        return (engine.ready, engine.name not in at_risk, -engine.created.timestamp())
+
     excess: list[tuple[Engine, str]] = []
     for capacity, want in target.items():
-        have = sorted((e for e in current if e.capacity == capacity), key=_victim_order)
-        if len(have) < want:
-            plan.create += [capacity] * (want - len(have))
-        excess += [(victim, f"scale-in: {capacity} engines above {want}") for victim in have[: max(0, len(have) - want)]]
+        have = sorted((e for e in current if e.capacity == capacity), key=victim_order)
+        want_here = want + sum(1 for e in have if e.name in at_risk)
+        if len(have) < want_here:
+            plan.create += [capacity] * (want_here - len(have))
+        excess += [(victim, f"scale-in: {capacity} engines above {want}") for victim in have[: max(0, len(have) - want_here)]]
 
-    # A ready engine leaves only while enough other ready engines remain, so
-    # moving engines between capacity types never opens a gap.
     ready_left = sum(1 for e in current if e.ready)
-    for victim, reason in sorted(excess, key=lambda pair: _victim_order(pair[0])):
+    for victim, reason in sorted(excess, key=lambda pair: victim_order(pair[0])):
         if not victim.ready:
-            plan.drain.append(Drain(victim.name, reason))
+            plan.drain.append(Drain(victim.name, reason, now + _seconds(timing.timeout)))
         elif ready_left - 1 >= desired:
-            plan.drain.append(Drain(victim.name, reason))
+            plan.drain.append(Drain(victim.name, reason, now + _seconds(timing.timeout)))
             ready_left -= 1
         else:
             plan.notes.append(f"keeping {victim.name} until its replacement is ready")
@@ -161,7 +210,7 @@ def plan_engines(
     ready_current = sum(1 for e in current if e.ready)
     if outdated and ready_current >= desired:
         for engine in outdated:
-            plan.drain.append(Drain(engine.name, "rollout: replaced by engines of the new spec"))
+            plan.drain.append(Drain(engine.name, "rollout: replaced by engines of the new spec", now + _seconds(timing.timeout)))
     elif outdated:
         plan.notes.append(f"rollout: {ready_current}/{desired} new engines ready, {len(outdated)} old still serving")
     return plan

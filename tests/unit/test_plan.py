@@ -1,17 +1,23 @@
-"""The engine plan on constructed pod lists: exact expected actions."""
+"""The engine plan and the drain on constructed histories: exact actions."""
 
 from __future__ import annotations
 
 import datetime
 
 from spotrag_operator import render
-from spotrag_operator.plan import Drain, Engine, capacity_split, plan_engines
+from spotrag_operator.plan import Drain, DrainTiming, Engine, capacity_split, plan_engines
+from spotrag_operator.signals import Action, NodeSignal
 
 NOW = datetime.datetime(2026, 11, 21, 12, 0, tzinfo=datetime.UTC)
 HASH = "new"
+TIMING = DrainTiming(grace=5, timeout=90, margin=10)
 
 
-def engine(name, capacity=render.SPOT, *, spec_hash=HASH, serving=True, ready=True, failed=False, terminating=False, age=600, drain_age=None):
+def at(seconds: float) -> datetime.datetime:
+    return NOW + datetime.timedelta(seconds=seconds)
+
+
+def engine(name, capacity=render.SPOT, *, spec_hash=HASH, serving=True, ready=True, failed=False, terminating=False, age=600, drain_age=None, drain_deadline=None, node=None, running=None):
     return Engine(
         name=name,
         capacity=capacity,
@@ -20,13 +26,20 @@ def engine(name, capacity=render.SPOT, *, spec_hash=HASH, serving=True, ready=Tr
         ready=ready,
         failed=failed,
         terminating=terminating,
-        created=NOW - datetime.timedelta(seconds=age),
-        drain_since=None if drain_age is None else NOW - datetime.timedelta(seconds=drain_age),
+        created=at(-age),
+        drain_since=None if drain_age is None else at(-drain_age),
+        drain_deadline=drain_deadline,
+        node=node or f"node-{name}",
+        running_requests=running,
     )
 
 
-def plan(engines, desired=3, baseline=1, spot=True, grace=5):
-    return plan_engines(engines, desired=desired, baseline=baseline, spot_enabled=spot, spec_hash=HASH, now=NOW, drain_grace=grace)
+def plan(engines, desired=3, baseline=1, spot=True, signals=None):
+    return plan_engines(engines, target=capacity_split(desired, baseline, spot), spec_hash=HASH, now=NOW, timing=TIMING, node_signals=signals)
+
+
+def names(drains):
+    return sorted(d.name for d in drains)
 
 
 def test_capacity_split():
@@ -43,18 +56,15 @@ def test_from_nothing_creates_baseline_on_demand_and_rest_spot():
 
 
 def test_steady_state_does_nothing():
-    engines = [engine("a", render.ON_DEMAND), engine("b"), engine("c")]
-    assert plan(engines).empty
+    assert plan([engine("a", render.ON_DEMAND), engine("b"), engine("c")]).empty
 
 
 def test_vanished_engine_is_replaced_with_its_capacity_type():
-    engines = [engine("a", render.ON_DEMAND), engine("b")]
-    assert plan(engines).create == ["spot"]
+    assert plan([engine("a", render.ON_DEMAND), engine("b")]).create == ["spot"]
 
 
 def test_failed_engine_is_deleted_and_replaced():
-    engines = [engine("a", render.ON_DEMAND), engine("b"), engine("c", failed=True)]
-    result = plan(engines)
+    result = plan([engine("a", render.ON_DEMAND), engine("b"), engine("c", failed=True)])
     assert result.delete == ["c"] and result.create == ["spot"]
 
 
@@ -62,24 +72,31 @@ def test_scale_in_drains_not_ready_first_then_youngest():
     engines = [engine("a", render.ON_DEMAND), engine("old"), engine("young", age=60), engine("cold", ready=False, age=900)]
     result = plan(engines, desired=2)
     assert [d.name for d in result.drain] == ["cold", "young"]
+    assert all(d.deadline == at(90) for d in result.drain)
     assert result.delete == [] and result.create == []
 
 
-def test_draining_engine_is_deleted_only_after_the_grace():
-    engines = [engine("a", render.ON_DEMAND), engine("b"), engine("c"), engine("d", serving=False, drain_age=2)]
-    assert plan(engines, grace=5).empty
-    engines[-1] = engine("d", serving=False, drain_age=6)
-    assert plan(engines, grace=5).delete == ["d"]
+def test_draining_engine_waits_for_grace_then_for_idle_or_deadline():
+    serving = [engine("a", render.ON_DEMAND), engine("b"), engine("c")]
+    busy_early = engine("d", serving=False, drain_age=2, drain_deadline=at(60), running=0)
+    assert plan(serving + [busy_early]).empty  # idle, but gateways may not have seen it leave
+    busy = engine("d", serving=False, drain_age=30, drain_deadline=at(60), running=3)
+    assert plan(serving + [busy]).empty  # still answering
+    idle = engine("d", serving=False, drain_age=30, drain_deadline=at(60), running=0)
+    assert plan(serving + [idle]).delete == ["d"]
+    unknown_overdue = engine("d", serving=False, drain_age=100, drain_deadline=at(-1), running=None)
+    assert plan(serving + [unknown_overdue]).delete == ["d"]
+    busy_overdue = engine("d", serving=False, drain_age=100, drain_deadline=at(-1), running=5)
+    assert plan(serving + [busy_overdue]).delete == ["d"]  # a drain ends at its deadline, never later
 
 
-def test_an_engine_taken_out_of_serving_by_hand_starts_its_drain_clock():
-    engines = [engine("a", render.ON_DEMAND), engine("b"), engine("c"), engine("d", serving=False)]
-    assert plan(engines).drain == [Drain("d", "not serving")]
+def test_an_engine_taken_out_of_serving_by_hand_gets_a_drain_record():
+    result = plan([engine("a", render.ON_DEMAND), engine("b"), engine("c"), engine("d", serving=False)])
+    assert result.drain == [Drain("d", "not serving", at(90))]
 
 
 def test_terminating_engines_are_ignored_and_replaced():
-    engines = [engine("a", render.ON_DEMAND), engine("b"), engine("c", terminating=True)]
-    assert plan(engines).create == ["spot"]
+    assert plan([engine("a", render.ON_DEMAND), engine("b"), engine("c", terminating=True)]).create == ["spot"]
 
 
 def test_rollout_creates_new_engines_first_and_keeps_old_ones_serving():
@@ -88,12 +105,10 @@ def test_rollout_creates_new_engines_first_and_keeps_old_ones_serving():
     assert sorted(first.create) == ["on-demand", "spot", "spot"] and first.drain == []
     starting = old + [engine("n1", render.ON_DEMAND, ready=False), engine("n2", ready=False), engine("n3")]
     second = plan(starting)
-    assert second.empty  # waiting for the new ones; the old ones still serve
+    assert second.empty
     assert any("1/3 new engines ready" in note for note in second.notes)
-    ready = old + [engine("n1", render.ON_DEMAND), engine("n2"), engine("n3")]
-    third = plan(ready)
-    assert sorted(d.name for d in third.drain) == ["a", "b", "c"]
-    assert third.create == []
+    third = plan(old + [engine("n1", render.ON_DEMAND), engine("n2"), engine("n3")])
+    assert names(third.drain) == ["a", "b", "c"] and third.create == []
 
 
 def test_spot_off_moves_everything_to_on_demand_without_gaps():
@@ -104,7 +119,50 @@ def test_spot_off_moves_everything_to_on_demand_without_gaps():
     engines += [engine("d", render.ON_DEMAND, age=30), engine("e", render.ON_DEMAND, ready=False, age=30)]
     assert [d.name for d in plan(engines, spot=False).drain] == ["b"]
     engines[-1] = engine("e", render.ON_DEMAND, age=30)
-    assert sorted(d.name for d in plan(engines, spot=False).drain) == ["b", "c"]
+    assert names(plan(engines, spot=False).drain) == ["b", "c"]
+
+
+def signal(node, action=Action.DRAIN, deadline=None, kind="spot-interruption"):
+    return NodeSignal(node, "aws-node-termination-handler", kind, action, deadline)
+
+
+def test_interruption_drains_at_once_and_replaces():
+    engines = [engine("a", render.ON_DEMAND), engine("b"), engine("c")]
+    result = plan(engines, signals={"node-b": signal("node-b", deadline=at(120))})
+    assert [d.name for d in result.drain] == ["b"]
+    assert result.drain[0].deadline == at(110)  # the node's deadline minus the margin
+    assert result.drain[0].reason.startswith("interruption: aws-node-termination-handler spot-interruption on node node-b")
+    assert result.create == ["spot"]
+
+
+def test_short_notice_deadline_is_not_in_the_past():
+    result = plan([engine("a", render.ON_DEMAND), engine("b"), engine("c")], signals={"node-c": signal("node-c", deadline=at(3))})
+    assert result.drain[0].deadline == NOW
+
+
+def test_cordon_without_deadline_waits_up_to_the_drain_timeout():
+    result = plan([engine("a", render.ON_DEMAND), engine("b"), engine("c")], signals={"node-a": signal("node-a", kind="cordon")})
+    assert [(d.name, d.deadline) for d in result.drain] == [("a", at(90))]
+    assert result.create == ["on-demand"]
+
+
+def test_two_nodes_at_once():
+    signals = {"node-b": signal("node-b", deadline=at(30)), "node-c": signal("node-c", deadline=at(120))}
+    result = plan([engine("a", render.ON_DEMAND), engine("b"), engine("c")], signals=signals)
+    assert names(result.drain) == ["b", "c"] and result.create == ["spot", "spot"]
+
+
+def test_rebalance_prewarms_a_replacement_without_draining():
+    engines = [engine("a", render.ON_DEMAND), engine("b"), engine("c")]
+    signals = {"node-b": signal("node-b", Action.PREWARM, kind="rebalance-recommendation")}
+    result = plan(engines, signals=signals)
+    assert result.create == ["spot"] and result.drain == []
+    # The replacement is up and the signal is still there: nothing more.
+    engines.append(engine("d", age=10))
+    assert plan(engines, signals=signals).empty
+    # The node is then interrupted: only b leaves, d already carries its share.
+    interrupted = plan(engines, signals={"node-b": signal("node-b", deadline=at(120))})
+    assert [d.name for d in interrupted.drain] == ["b"] and interrupted.create == []
 
 
 def test_engine_from_pod_reads_labels_conditions_and_annotations():
@@ -113,11 +171,11 @@ def test_engine_from_pod_reads_labels_conditions_and_annotations():
             "name": "x",
             "creationTimestamp": "2026-11-21T11:00:00Z",
             "labels": {render.LABEL_CAPACITY: "on-demand", render.LABEL_SPEC_HASH: "h", render.LABEL_SERVING: "false"},
-            "annotations": {"spotrag.io/drain-since": "2026-11-21T11:59:00Z"},
+            "annotations": {"spotrag.io/drain-since": "2026-11-21T11:59:00Z", "spotrag.io/drain-deadline": "2026-11-21T12:01:00Z"},
         },
         "spec": {"nodeName": "node-1"},
         "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
     }
-    parsed = Engine.from_pod(pod)
-    assert (parsed.capacity, parsed.spec_hash, parsed.serving, parsed.ready, parsed.node) == ("on-demand", "h", False, True, "node-1")
-    assert parsed.drain_since == datetime.datetime(2026, 11, 21, 11, 59, tzinfo=datetime.UTC)
+    parsed = Engine.from_pod(pod, running_requests=2)
+    assert (parsed.capacity, parsed.spec_hash, parsed.serving, parsed.ready, parsed.node, parsed.running_requests) == ("on-demand", "h", False, True, "node-1", 2)
+    assert parsed.drain_since == at(-60) and parsed.drain_deadline == at(60)
