@@ -218,6 +218,7 @@ class Engine:
             if self._next_step_at is None:
                 self._next_step_at = now + self._step_duration()
         if self._next_step_at is not None and self._next_step_at <= due:
+            step_began = self._next_step_at
             decoders = [s for s in self.running if s.state is State.DECODING and s.last_emit_at != now]
             self._reserve_blocks(decoders)
             for seq in decoders:
@@ -225,7 +226,9 @@ class Engine:
                     emitted += self._emit(seq, now)
             self._next_step_at = None
             if any(s.state is State.DECODING for s in self.running):
-                self._next_step_at = now + self._step_duration()
+                # Keep the cadence from when the step was due, so timer lateness
+                # does not pile up into a slower engine than configured.
+                self._next_step_at = max(step_began + self._step_duration(), now)
         if emitted:
             self.observer.tokens_generated(emitted)
         self._admit(now)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import logging
 import signal
 import socket
 import sys
@@ -52,6 +53,8 @@ from .protocol import (
     parse_request,
 )
 
+# uvicorn's general logger, so our lines share its format and level.
+LOG = logging.getLogger("uvicorn.error")
 # Time uvicorn gives responses to flush after the drain ended; by then every
 # request is finished or aborted, so this is only for the last bytes.
 FLUSH_TIMEOUT_S = 3
@@ -339,13 +342,18 @@ class _DrainingServer(uvicorn.Server):
             self.drain_task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
-        emulator = self.emulator
+        emulator, engine = self.emulator, self.emulator.engine
         emulator.phase = Phase.DRAINING
         timeout = emulator.config.shutdown_timeout
+        LOG.info("SIGTERM: draining %d running and %d waiting requests for up to %.1fs",
+                 engine.num_running, engine.num_waiting, timeout)
         if timeout > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(emulator.engine.wait_idle(), timeout)
-        emulator.engine.abort_all()
+                await asyncio.wait_for(engine.wait_idle(), timeout)
+        if engine.num_running or engine.num_waiting:
+            LOG.warning("shutdown timeout over: aborting %d running and %d waiting requests",
+                        engine.num_running, engine.num_waiting)
+        engine.abort_all()
         self.should_exit = True
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
