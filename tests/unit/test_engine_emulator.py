@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from spotrag_runtime.engine_emulator import EmulatorProcess, start_engine_emulator
-from spotrag_runtime.engine_emulator.text import count_tokens
+from spotrag_runtime.engine_emulator.text import cited_sentence, count_tokens
 
 MODEL = "emu-model"
 QUESTION = [{"role": "user", "content": "Where is the tower?"}]
@@ -144,6 +144,17 @@ def test_answer_cites_the_first_numbered_context(engine: EmulatorProcess) -> Non
                                             messages=[{"role": "user", "content": RAG_PROMPT}])
     assert reply.choices[0].message.content.startswith(
         "According to [1], the tower stands in Paris, by the river. ")
+
+
+@pytest.mark.parametrize(("prompt", "sentence"), [
+    ("Contexts:\n[1] The tower is tall. It is old.\n[2] Other.", "the tower is tall."),
+    ("[1]: Paris has a tower!  More text", "Paris has a tower!"),
+    ("  [1]\nNo final stop here", "No final stop here."),
+    ("A reference like [1] inside a sentence is not a context.", None),
+    ("[2] Only a second passage.", None),
+])
+def test_cited_sentence_is_the_first_sentence_of_passage_one(prompt: str, sentence: str | None) -> None:
+    assert cited_sentence(prompt) == sentence
 
 
 def test_text_is_a_function_of_seed_and_conversation(engine: EmulatorProcess, twin_engine: EmulatorProcess,

@@ -76,8 +76,8 @@ class Sequence:
         self.generated = 0
         self.context_tokens = prompt_tokens
         self.blocks = 0
-        self.pending: list[str] = []
-        self.text_parts: list[str] = []
+        self.pending: list[str] = []  # streamed deltas not yet read
+        self.text_parts: list[str] = []  # the whole text, for answers that are not streamed
         self.finish_reason: str | None = None
         self.arrival_time = 0.0
         self.admitted_time: float | None = None
@@ -100,7 +100,6 @@ class Sequence:
         while self.finish_reason is None:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        self.pending.clear()
         return "".join(self.text_parts), self.finish_reason
 
     def _wake(self) -> None:
@@ -158,8 +157,9 @@ class Engine:
         """Cancel a request (client gone, or shutdown): frees its slot and blocks."""
         if seq.state is State.FINISHED:
             return
-        self._finish(seq, "abort", asyncio.get_running_loop().time())
-        self._admit(asyncio.get_running_loop().time())
+        now = asyncio.get_running_loop().time()
+        self._finish(seq, "abort", now)
+        self._admit(now)
         self._arm()
 
     def abort_all(self) -> None:
@@ -214,7 +214,8 @@ class Engine:
             if seq.generated >= seq.stop_at:
                 self._finish(seq, seq.stop_reason, now)
             else:
-                emitted += self._emit(seq, now)
+                self._emit(seq, now)
+                emitted += 1
             if self._next_step_at is None:
                 self._next_step_at = now + self._step_duration()
         if self._next_step_at is not None and self._next_step_at <= due:
@@ -223,7 +224,8 @@ class Engine:
             self._reserve_blocks(decoders)
             for seq in decoders:
                 if seq.state is State.DECODING:
-                    emitted += self._emit(seq, now)
+                    self._emit(seq, now)
+                    emitted += 1
             self._next_step_at = None
             if any(s.state is State.DECODING for s in self.running):
                 # Keep the cadence from when the step was due, so timer lateness
@@ -256,11 +258,9 @@ class Engine:
         self.waiting.appendleft(seq)
         self.observer.preempted()
 
-    def _emit(self, seq: Sequence, now: float) -> int:
-        delta = next(seq.deltas)
-        seq.pending.append(delta)
-        if not seq.streaming:
-            seq.text_parts.append(delta)
+    def _emit(self, seq: Sequence, now: float) -> None:
+        # A stream hands each delta over once; a whole answer keeps them all.
+        (seq.pending if seq.streaming else seq.text_parts).append(next(seq.deltas))
         seq.generated += 1
         seq.context_tokens += 1
         seq.last_emit_at = now
@@ -271,7 +271,6 @@ class Engine:
             self._finish(seq, seq.stop_reason, now)
         elif seq.streaming:
             seq._wake()
-        return 1
 
     def _finish(self, seq: Sequence, reason: str, now: float) -> None:
         if seq.state is State.WAITING:

@@ -49,7 +49,8 @@ FILLER_WORDS = (
     "while generation uses accelerators in batches"
 ).split()
 
-CITATION_PATTERN = re.compile(r"^[ \t]*\[1\][ \t]*(\S[^\n]*)", re.MULTILINE)
+# "[1] text", "[1]: text", "[1]\ntext": the passage templates put first.
+CITATION_PATTERN = re.compile(r"^[ \t]*\[1\][:.)]?\s*(\S[^\n]*)", re.MULTILINE)
 SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 MAX_CITED_WORDS = 60
 LOWERCASE_AFTER_CITATION = frozenset(
