@@ -30,7 +30,7 @@ from typing import Any, Self, TypeVar
 import aiohttp.web
 import yaml
 
-from spotrag_box.kube_emulator import ApiError, KubeEmulator, RecordedRequest
+from spotrag_box.kube_emulator import DEFAULT_REQUEST_LOG_SIZE, ApiError, KubeEmulator, RecordedRequest
 
 __all__ = ['KubeAPIServer', 'RecordedRequest', 'ApiError', 'cli']
 
@@ -42,11 +42,12 @@ class KubeAPIServer:
     """The stand-in API server: start it, point a kubeconfig at ``url``, stop it."""
 
     def __init__(self, *, host: str = '127.0.0.1', port: int = 0, version: str = 'v1.36.0',
-                 graceful_pod_deletion: bool = True) -> None:
+                 graceful_pod_deletion: bool = True, request_log_size: int = DEFAULT_REQUEST_LOG_SIZE) -> None:
         self.host = host
         self.port = port
-        self.version = version
+        self._version = version
         self.graceful_pod_deletion = graceful_pod_deletion
+        self.request_log_size = request_log_size
         self.url = ''
         self._emulator: KubeEmulator | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -54,6 +55,17 @@ class KubeAPIServer:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
+
+    @property
+    def version(self) -> str:
+        """The gitVersion that /version reports; settable while running (clients probe it)."""
+        return self._version
+
+    @version.setter
+    def version(self, value: str) -> None:
+        self._version = value
+        if self._thread is not None:
+            self.call(lambda emulator: setattr(emulator, 'server_version', value))
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -99,8 +111,8 @@ class KubeAPIServer:
         self._stopping = asyncio.Event()
         listener = socket.create_server((self.host, self.port))
         bound_port = listener.getsockname()[1]
-        emulator = KubeEmulator(server_version=self.version, graceful_pod_deletion=self.graceful_pod_deletion,
-                                server_address=f'{self.host}:{bound_port}')
+        emulator = KubeEmulator(server_version=self._version, graceful_pod_deletion=self.graceful_pod_deletion,
+                                request_log_size=self.request_log_size, server_address=f'{self.host}:{bound_port}')
         # aiohttp's low-level server rather than kmock.Server: the latter also swaps aiohttp's
         # process-wide DNS resolver, which breaks when several servers stop out of order.
         runner = aiohttp.web.ServerRunner(aiohttp.web.Server(emulator, handler_cancellation=True),
@@ -166,9 +178,18 @@ class KubeAPIServer:
         """Answer the next ``times`` requests of ``method`` ('*' for any) whose path matches with ``status``."""
         self.emulator.inject_faults(method=method, path_regex=path_regex, status=status, times=times)
 
-    def requests(self) -> list[RecordedRequest]:
-        """The recorded requests, oldest first (bounded: the oldest are dropped first)."""
-        return self.emulator.recorded_requests()
+    def requests(self, since: int = 0) -> list[RecordedRequest]:
+        """The recorded requests with an ``id`` above ``since``, oldest first.
+
+        The log is bounded (the oldest are dropped first): to see what a step caused,
+        take ``mark = api.request_count`` before it and ``api.requests(since=mark)`` after.
+        """
+        return self.emulator.recorded_requests(since)
+
+    @property
+    def request_count(self) -> int:
+        """How many requests the server has had: the ``id`` of the latest one."""
+        return self.emulator.request_count
 
 
 def _documents(path: pathlib.Path) -> list[dict[str, Any]]:

@@ -104,7 +104,12 @@ _REASONS = {400: 'BadRequest', 403: 'Forbidden', 404: 'NotFound', 405: 'MethodNo
 
 @dataclasses.dataclass
 class RecordedRequest:
-    """One request as the server saw it; ``status`` is the HTTP status it answered."""
+    """One request as the server saw it; ``status`` is the HTTP status it answered.
+
+    ``id`` counts requests from 1 and never repeats, so ``requests(since=mark)``
+    finds what came after a mark even once the bounded log has dropped old ones.
+    """
+    id: int
     method: str
     path: str
     query: dict[str, str]
@@ -227,6 +232,14 @@ def _truthy(value: str | None) -> bool:
     return (value or '').lower() in ('true', '1')
 
 
+def _omit_empty_metadata(obj: dict[str, Any]) -> None:
+    """Go's omitempty: an emptied list or map in metadata is absent, not [] or {}."""
+    metadata = obj['metadata']
+    for key in ('finalizers', 'ownerReferences', 'labels', 'annotations'):
+        if key in metadata and not metadata[key]:
+            del metadata[key]
+
+
 def _content(obj: Mapping[str, Any], *, without_status: bool) -> dict[str, Any]:
     """What a generation counts: everything but metadata (and status, when it is a subresource)."""
     skipped = {'metadata', 'apiVersion', 'kind'} | ({'status'} if without_status else set())
@@ -257,6 +270,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _deleted_keys: collections.OrderedDict[Any, None] = attrs.field(factory=collections.OrderedDict, init=False)
     _log: collections.deque[RecordedRequest] = attrs.field(init=False)
     _log_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+    _request_count: int = attrs.field(default=0, init=False)
     _faults: list[_Fault] = attrs.field(factory=list, init=False)
     _faults_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _gc_scheduled: bool = attrs.field(default=False, init=False)
@@ -294,7 +308,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                       subresources=frozenset(info.subresources) & _SERVED_SUBRESOURCES,
                       list_kind=list_kind, storage_version=storage_version, crd=crd)
 
-    def _lookup(self, group: str, version: str, plural: str) -> Served | None:
+    def lookup(self, group: str, version: str, plural: str) -> Served | None:
         resource = kmock.resource(group, version, plural)
         return self._served_of(resource) if resource in self.resources else None
 
@@ -419,6 +433,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             obj.pop('status', None)  # status is written through /status (kubelets register Nodes with it)
         obj, warnings = self._admit(served, obj, None, field_validation)
         self._prepare_builtin_create(served, obj)
+        _omit_empty_metadata(obj)
         metadata = obj['metadata']
         for server_owned in ('deletionTimestamp', 'deletionGracePeriodSeconds', 'managedFields'):
             metadata.pop(server_owned, None)
@@ -471,6 +486,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 'metadata.finalizers', f'Forbidden: no new finalizers can be added if the object is being deleted, '
                                        f'found new finalizers {sorted(added_finalizers)}', 'FieldValueForbidden')])
         new, warnings = self._admit(served, new, current, field_validation)
+        _omit_empty_metadata(new)
         without_status = 'status' in served.subresources
         if _content(new, without_status=without_status) != _content(current, without_status=without_status):
             new['metadata']['generation'] = current['metadata'].get('generation', 1) + 1
@@ -479,7 +495,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if dry_run:
             return new, warnings
         new['metadata']['resourceVersion'] = self._next_resource_version()
-        if self._ready_to_go(new):
+        if self._ready_to_go(served, new):
             self._commit(served, 'DELETED', new, current)
         else:
             self._commit(served, 'MODIFIED', new, current)
@@ -554,7 +570,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             metadata['deletionGracePeriodSeconds'] = grace or 0
             metadata['generation'] = metadata.get('generation', 1) + 1
         metadata['resourceVersion'] = self._next_resource_version()
-        if self._ready_to_go(new) or served.storage == _NAMESPACES and self._namespace_is_empty(name):
+        if self._ready_to_go(served, new):
             self._commit(served, 'DELETED', new, current)
         else:
             self._commit(served, 'MODIFIED', new, current)
@@ -570,11 +586,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
             return max(int(requested), 0)
         return int(obj['spec'].get('terminationGracePeriodSeconds', DEFAULT_POD_GRACE_SECONDS))
 
-    @staticmethod
-    def _ready_to_go(obj: Mapping[str, Any]) -> bool:
+    def _ready_to_go(self, served: Served, obj: Mapping[str, Any]) -> bool:
+        """Whether a deleted object can leave: no finalizers, no grace left, and (namespaces) no content."""
         metadata = obj['metadata']
-        return bool(metadata.get('deletionTimestamp') and not metadata.get('finalizers')
-                    and not metadata.get('deletionGracePeriodSeconds'))
+        ready = bool(metadata.get('deletionTimestamp') and not metadata.get('finalizers')
+                     and not metadata.get('deletionGracePeriodSeconds'))
+        if ready and served.storage == _NAMESPACES:
+            return self._namespace_is_empty(metadata['name'])
+        return ready
 
     def _existing(self, served: Served, namespace: str | None, name: str) -> dict[str, Any]:
         current = self._current(served, namespace, name)
@@ -900,9 +919,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     return fault
         return None
 
-    def recorded_requests(self) -> list[RecordedRequest]:
+    def recorded_requests(self, since: int = 0) -> list[RecordedRequest]:
         with self._log_lock:
-            return [dataclasses.replace(request) for request in self._log]
+            return [dataclasses.replace(request) for request in self._log if request.id > since]
+
+    @property
+    def request_count(self) -> int:
+        return self._request_count
 
     def close_watches(self) -> None:
         for watch in list(self._watches):
@@ -911,10 +934,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         body_bytes = await raw_request.read()
         content_type = raw_request.headers.get('Content-Type', '').split(';')[0].strip()
-        record = RecordedRequest(method=raw_request.method, path=raw_request.path,
-                                 query=dict(raw_request.query), body=_parse_body(body_bytes, content_type),
-                                 content_type=content_type)
         with self._log_lock:
+            self._request_count += 1
+            record = RecordedRequest(id=self._request_count, method=raw_request.method, path=raw_request.path,
+                                     query=dict(raw_request.query), body=_parse_body(body_bytes, content_type),
+                                     content_type=content_type)
             self._log.append(record)
         try:
             fault = self._take_fault(raw_request.method, raw_request.path)
@@ -953,12 +977,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
             raise ApiError(404, 'NotFound', 'the server could not find the requested resource')
         namespace: str | None = None
         if rest[0] == 'namespaces' and len(rest) >= 3:
-            candidate = self._lookup(group, version, rest[2])
+            candidate = self.lookup(group, version, rest[2])
             if candidate is not None and candidate.namespaced:
                 namespace, rest = rest[1], rest[2:]
         if len(rest) > 3:
             raise ApiError(404, 'NotFound', 'the server could not find the requested resource')
-        served = self._lookup(group, version, rest[0])
+        served = self.lookup(group, version, rest[0])
         if served is None:
             raise ApiError(404, 'NotFound', 'the server could not find the requested resource')
         name = rest[1] if len(rest) > 1 else None
@@ -1085,9 +1109,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
         params = raw_request.query
         labels, fields = self._selectors(served, params)
         try:
-            timeout = float(params.get('timeoutSeconds') or DEFAULT_WATCH_TIMEOUT)
+            timeout = float(params.get('timeoutSeconds') or 0)
         except ValueError as e:
             raise ApiError(400, 'BadRequest', f'invalid timeoutSeconds: {params["timeoutSeconds"]!r}') from e
+        timeout = timeout if timeout > 0 else DEFAULT_WATCH_TIMEOUT  # 0 means "the server's default"
         since = params.get('resourceVersion') or ''
         initial_events = _truthy(params.get('sendInitialEvents'))
         bookmarks = _truthy(params.get('allowWatchBookmarks'))
