@@ -570,3 +570,27 @@ def test_operator_image_needs_no_runtime_extra():
     assert "--peering" in result.stdout
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert not any(re.match(r"(torch|faiss|sentence-transformers|fastapi)\b", d) for d in dependencies)
+
+
+# --- the cloud examples the install guides apply -----------------------------
+
+CLOUD_EXAMPLES = sorted((ROOT / "examples").glob("eks-*.yaml")) + sorted((ROOT / "examples").glob("gke-*.yaml"))
+
+
+@pytest.mark.parametrize("example", CLOUD_EXAMPLES, ids=lambda p: p.name)
+def test_cloud_example_fits_its_instance_types_and_validates(example):
+    """The CRD tests validate the RAGDeployments; here: the objects beside them
+    validate strictly, and every instance type named is one the operator
+    knows holds enough GPUs for an engine."""
+    from spotrag_operator.checks import INSTANCE_GPUS, gpu_fit_problem
+
+    documents = [d for d in yaml.safe_load_all(example.read_text()) if d]
+    (ragd,) = [d for d in documents if d["kind"] == "RAGDeployment"]
+    for other in documents:
+        if other["kind"] != "RAGDeployment":
+            kubernetes_validate.validate(other, KUBERNETES_VERSIONS[0], strict=True)
+            assert other["kind"] != "Namespace" or other["metadata"]["name"] == ragd["metadata"]["namespace"]
+    spec = defaulted_spec(ragd)
+    assert set(spec["gpu"]["instanceTypes"]) <= set(INSTANCE_GPUS)
+    assert gpu_fit_problem(spec) is None
+    assert spec["pricing"]["spotPerGpuHour"] < spec["pricing"]["onDemandPerGpuHour"]
