@@ -1,0 +1,93 @@
+"""``spotrag gateway``: run the RAG gateway."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from spotrag_runtime.gateway.config import ConfigError, GatewayConfig, load_config
+
+# Seconds in-flight answers may finish after SIGTERM (a pod's default grace is 30 s).
+SHUTDOWN_GRACE_SECONDS = 25
+
+
+def _default_host() -> str:
+    # In a pod the Service must reach us; on a laptop, stay on loopback.
+    return "0.0.0.0" if os.environ.get("KUBERNETES_SERVICE_HOST") else "127.0.0.1"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spotrag gateway",
+        description=(
+            "Run the RAG gateway: an OpenAI-compatible API that retrieves passages for each question, "
+            "queues requests by tokens, picks engines and fails over between them."
+        ),
+    )
+    parser.add_argument("--config", metavar="PATH",
+                        help="gateway.json as the operator renders it (the ConfigMap mounted at /etc/spotrag/gateway.json)")
+    parser.add_argument("--served-model-name", metavar="NAME",
+                        help="the model name clients ask for (required without --config; overrides the config)")
+    parser.add_argument("--host", default=None, help="address to listen on (default: 0.0.0.0 in a pod, else 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--engine-url", action="append", default=[], metavar="URL",
+                        help="an engine to use instead of discovery (repeat for more)")
+    parser.add_argument("--index", metavar="DIR", help="index root to load instead of retrieval.indexPath")
+    parser.add_argument("--no-retrieval", action="store_true", help="plain OpenAI proxy: no index, no retrieval")
+    parser.add_argument("--kubeconfig", metavar="PATH",
+                        help="for EndpointSlice discovery out of a cluster (default: in-cluster config)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    if args.config:
+        config = load_config(args.config)
+    elif args.served_model_name:
+        config = GatewayConfig(served_model_name=args.served_model_name)
+    else:
+        raise ConfigError("give --config PATH, or at least --served-model-name NAME")
+    mapping = config.to_mapping()
+    if args.served_model_name:
+        mapping["servedModelName"] = args.served_model_name
+    if args.engine_url:
+        mapping["engines"].update(discovery="static", urls=args.engine_url)
+    if args.index:
+        mapping["retrieval"]["indexPath"] = args.index
+    if args.no_retrieval:
+        mapping["retrieval"]["enabled"] = False
+    return GatewayConfig.from_mapping(mapping)
+
+
+def cli(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+    except ConfigError as error:
+        print(f"spotrag gateway: {error}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from spotrag_runtime.gateway.app import create_app
+
+    app = create_app(config, kubeconfig=args.kubeconfig)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host or _default_host(),
+            port=args.port,
+            log_level=args.log_level,
+            access_log=False,  # paths only, but a log line per request costs CPU at load
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
+        )
+    )
+    server.run()
+    # uvicorn reports a failed start (index or model not loadable, port taken) by not starting.
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli(sys.argv[1:]))

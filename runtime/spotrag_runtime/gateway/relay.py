@@ -1,0 +1,197 @@
+"""One chat request's way through admission and the engines, with failover.
+
+Every request is streamed from the engine, whatever the client asked, so
+tokens can be counted as they come and a broken answer can be resumed; the
+route turns the chunks back into one response for a non-streaming client.
+
+Failover:
+
+- An attempt that fails before its first token (engine unreachable, 5xx,
+  silent past the read timeout, stream cut) is sent to another engine. The
+  client notices nothing.
+- An attempt that fails mid-answer is resumed on another engine: the
+  conversation plus the partial answer as the last assistant message, with
+  ``continue_final_message: true``, ``add_generation_prompt: false`` and
+  max_tokens lowered by the tokens already sent. The client sees one stream
+  (same id, no second role chunk).
+- ``failover.maxAttempts`` attempts in a row that produce no new token fail
+  the request (502). An attempt that streamed tokens before it broke does not
+  use one up: its work is kept, so a long answer survives several
+  interruptions. An engine's own 4xx is passed to the client, not retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from spotrag_runtime.gateway.admission import AdmissionController, Ticket
+from spotrag_runtime.gateway.config import FailoverConfig
+from spotrag_runtime.gateway.errors import EnginesFailed
+from spotrag_runtime.gateway.metrics import GatewayMetrics
+from spotrag_runtime.gateway.prompt import message_text
+from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure
+
+log = logging.getLogger(__name__)
+
+# Asked of every engine: usage in every chunk gives exact token counts.
+UPSTREAM_STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
+
+
+@dataclass
+class ChatJob:
+    """A validated request, ready for the engines."""
+
+    body: dict[str, Any]  # what the engine gets, less messages and max_tokens
+    messages: list[dict[str, Any]]
+    prompt_tokens: int
+    max_tokens: int
+    served_model: str
+    affinity: tuple[bytes, ...] = ()
+    arrived_at: float = field(default_factory=time.perf_counter)
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class ChatOutcome:
+    """What the stream produced, once it is over."""
+
+    text: list[str] = field(default_factory=list)
+    generated: int = 0
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None  # as the first engine reported it
+    resumes: int = 0
+
+    def usage(self, job: ChatJob) -> dict[str, int]:
+        prompt = self.prompt_tokens if self.prompt_tokens is not None else job.prompt_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": self.generated, "total_tokens": prompt + self.generated}
+
+
+class ChatRelay:
+    def __init__(
+        self,
+        *,
+        admission: AdmissionController,
+        client: EngineClient,
+        failover: FailoverConfig,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.admission = admission
+        self.client = client
+        self.failover = failover
+        self.metrics = metrics
+
+    async def chunks(self, job: ChatJob, outcome: ChatOutcome) -> AsyncIterator[dict[str, Any]]:
+        """The answer as chat.completion.chunk dicts for the client (usage removed;
+        ``outcome`` holds the totals when the iterator ends)."""
+        ticket = Ticket(prompt_tokens=job.prompt_tokens, max_tokens=job.max_tokens, affinity=job.affinity)
+        failures_in_a_row = 0
+        retry = False
+        role_sent = False
+        last_chunk_at: float | None = None
+        try:
+            while True:
+                engine = await self.admission.admit(ticket, retry=retry)
+                produced_before = outcome.generated
+                try:
+                    body = self._attempt_body(job, outcome)
+                    async with contextlib.aclosing(self.client.stream_chat(engine.url, body)) as upstream:
+                        async for chunk in upstream:
+                            usage = chunk.pop("usage", None)
+                            if usage and outcome.prompt_tokens is None and not outcome.resumes:
+                                outcome.prompt_tokens = usage.get("prompt_tokens")
+                            choices = chunk.get("choices")
+                            if not choices:
+                                continue  # the usage-only chunk at the end
+                            choice = choices[0]
+                            delta = choice.get("delta") or {}
+                            content = delta.get("content") or ""
+                            if usage and "completion_tokens" in usage:
+                                generated = produced_before + usage["completion_tokens"]
+                            else:
+                                generated = outcome.generated + (1 if content else 0)
+                            self.admission.progress(ticket, generated)
+                            outcome.generated = generated
+                            if choice.get("finish_reason"):
+                                outcome.finish_reason = choice["finish_reason"]
+                            if role_sent and not content and not choice.get("finish_reason") and delta.keys() <= {"role", "content"}:
+                                continue  # a resumed engine's own role chunk
+                            if role_sent:
+                                delta.pop("role", None)
+                            role_sent = True
+                            if content:
+                                outcome.text.append(content)
+                                now = time.perf_counter()
+                                if last_chunk_at is None:
+                                    self.metrics.time_to_first_token.observe(now - job.arrived_at)
+                                else:
+                                    self.metrics.inter_token_latency.observe(now - last_chunk_at)
+                                last_chunk_at = now
+                            chunk["id"], chunk["created"], chunk["model"] = job.id, job.created, job.served_model
+                            yield chunk
+                    if outcome.finish_reason is None:
+                        raise EngineFailure(f"{engine.url} ended the answer without a finish_reason")
+                    return
+                except EngineFailure as failure:
+                    progressed = outcome.generated > produced_before
+                    failures_in_a_row = 1 if progressed else failures_in_a_row + 1
+                    log.warning("attempt on %s failed after %d tokens: %s", engine.url, outcome.generated, failure)
+                    if outcome.generated >= job.max_tokens:
+                        # Every allowed token was sent; only the finish chunk was lost.
+                        outcome.finish_reason = "length"
+                        yield self._finish_chunk(job, "length")
+                        return
+                    if failures_in_a_row >= self.failover.max_attempts:
+                        raise EnginesFailed(
+                            f"The answer failed on {failures_in_a_row} engine attempt(s) in a row; last: {failure}"
+                        ) from None
+                    if outcome.generated and not self.failover.resume_streams:
+                        raise EnginesFailed(f"The engine failed mid-answer and resuming is off: {failure}") from None
+                    if outcome.generated:
+                        outcome.resumes += 1
+                        self.metrics.resumed_streams.inc()
+                    else:
+                        self.metrics.retries.inc()
+                    # The next engine prefills the prompt plus the partial answer.
+                    self.admission.requeue(ticket, failed=engine, prompt_tokens=job.prompt_tokens + outcome.generated)
+                    retry = True
+        finally:
+            self.admission.release(ticket)
+
+    def _attempt_body(self, job: ChatJob, outcome: ChatOutcome) -> dict[str, Any]:
+        body = dict(job.body)
+        body["stream"] = True
+        body["stream_options"] = UPSTREAM_STREAM_OPTIONS
+        body["max_tokens"] = job.max_tokens - outcome.generated
+        if not outcome.generated:
+            body["messages"] = job.messages
+            return body
+        partial = "".join(outcome.text)
+        messages = list(job.messages)
+        if body.get("continue_final_message") and messages[-1].get("role") == "assistant":
+            last = messages[-1]
+            messages[-1] = {**last, "content": message_text(last.get("content")) + partial}
+        else:
+            messages.append({"role": "assistant", "content": partial})
+        body["messages"] = messages
+        body["continue_final_message"] = True
+        body["add_generation_prompt"] = False
+        if isinstance(body.get("min_tokens"), int):
+            body["min_tokens"] = max(body["min_tokens"] - outcome.generated, 0)
+        return body
+
+    @staticmethod
+    def _finish_chunk(job: ChatJob, finish_reason: str) -> dict[str, Any]:
+        return {
+            "id": job.id,
+            "object": "chat.completion.chunk",
+            "created": job.created,
+            "model": job.served_model,
+            "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}],
+        }

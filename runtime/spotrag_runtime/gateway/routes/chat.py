@@ -1,0 +1,112 @@
+"""``POST /v1/chat/completions``: OpenAI's chat API, grounded in the documents
+unless the client says ``"rag": false`` (or sends ``X-Spotrag-Rag: off``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+
+from spotrag_runtime.gateway.errors import APIError, ClientClosedRequest, InvalidRequest
+from spotrag_runtime.gateway.relay import ChatJob, ChatOutcome
+from spotrag_runtime.gateway.schemas import ChatCompletionRequest
+from spotrag_runtime.gateway.service import Gateway
+from spotrag_runtime.gateway.routes.streaming import (
+    DONE,
+    EventStreamResponse,
+    collect,
+    completion_body,
+    sse,
+    until_disconnect,
+    usage_chunk,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+RAG_HEADER_OFF = {"off", "false", "0", "no"}
+
+
+def wants_rag(gateway: Gateway, asked: bool | None, header: str | None) -> bool:
+    """The body's ``rag`` wins over the header; without either, retrieval is on
+    wherever the deployment has it."""
+    if asked is None:
+        asked = gateway.retrieval is not None and (header is None or header.strip().lower() not in RAG_HEADER_OFF)
+    if asked and gateway.retrieval is None:
+        raise InvalidRequest("Retrieval is not enabled for this deployment.", param="rag")
+    return asked
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    x_spotrag_rag: str | None = Header(default=None),
+) -> JSONResponse | EventStreamResponse:
+    gateway: Gateway = request.app.state.gateway
+    started = time.perf_counter()
+    rag = wants_rag(gateway, body.rag, x_spotrag_rag)
+    prepared = await until_disconnect(request, gateway.prepare_chat(body, rag=rag))
+    job, outcome = prepared.job, ChatOutcome()
+    chunks = gateway.relay.chunks(job, outcome)
+    if not body.stream:
+        await until_disconnect(request, collect(chunks))
+        gateway.record(started, None)
+        return JSONResponse(completion_body(job, outcome))
+    # Wait for the first chunk before answering, so that a request no engine
+    # could start gets a real status code (429, 503, 502) rather than a 200.
+    first = await until_disconnect(request, anext(chunks))
+    options = body.stream_options
+    return EventStreamResponse(
+        _events(
+            gateway,
+            job,
+            outcome,
+            first,
+            chunks,
+            started=started,
+            include_usage=bool(options and options.include_usage),
+            continuous_usage=bool(options and options.continuous_usage_stats),
+        )
+    )
+
+
+async def _events(
+    gateway: Gateway,
+    job: ChatJob,
+    outcome: ChatOutcome,
+    first: dict[str, Any],
+    chunks: AsyncIterator[dict[str, Any]],
+    *,
+    started: float,
+    include_usage: bool,
+    continuous_usage: bool,
+) -> AsyncIterator[bytes]:
+    error: BaseException | None = None
+    try:
+        chunk: dict[str, Any] | None = first
+        while chunk is not None:
+            if continuous_usage:
+                chunk["usage"] = outcome.usage(job)
+            yield sse(chunk)
+            chunk = await anext(chunks, None)
+        if include_usage:
+            yield sse(usage_chunk(job, outcome))
+        yield DONE
+    except APIError as failure:
+        error = failure
+        yield failure.sse_event()  # the stream has started: the error goes inside it
+    except Exception as failure:  # noqa: BLE001 - one request's bug must not look like success
+        log.exception("chat stream %s failed", job.id)
+        error = failure
+        yield APIError("The gateway failed while streaming this answer; see its log.").sse_event()
+    except BaseException:  # the client went away (GeneratorExit or cancellation)
+        error = ClientClosedRequest("The client closed the connection.")
+        raise
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        gateway.record(started, error)

@@ -1,0 +1,231 @@
+"""The gateway's long-lived parts, built once at start and wired together:
+metrics, admission, the engine client and relay, retrieval and prompting,
+engine discovery and API keys. Routes reach them through ``app.state.gateway``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from spotrag_runtime.gateway.admission import AdmissionController, prefix_keys
+from spotrag_runtime.gateway.auth import APIKeyStore
+from spotrag_runtime.gateway.config import GatewayConfig
+from spotrag_runtime.gateway.discovery import Discovery, EndpointSliceDiscovery, StaticDiscovery
+from spotrag_runtime.gateway.errors import (
+    APIError,
+    ClientClosedRequest,
+    ContextTooLong,
+    EngineRejected,
+    EnginesFailed,
+    InvalidRequest,
+    NotFound,
+    QueueFull,
+    Unavailable,
+)
+from spotrag_runtime.gateway.metrics import GatewayMetrics
+from spotrag_runtime.gateway.prompt import Context, PromptBuilder, last_user_question, message_text
+from spotrag_runtime.gateway.relay import ChatJob, ChatRelay
+from spotrag_runtime.gateway.retrieval_service import RetrievalService, RetrievedPassage
+from spotrag_runtime.gateway.schemas import ChatCompletionRequest
+from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure, estimate_prompt_tokens
+
+if TYPE_CHECKING:
+    from spotrag_runtime.retrieval import Embedder
+
+log = logging.getLogger(__name__)
+
+# Fields of the client's request the gateway handles itself rather than forwarding.
+_GATEWAY_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "rag", "stream", "stream_options"}
+
+
+@dataclass
+class PreparedChat:
+    job: ChatJob
+    contexts: list[Context]
+
+
+def outcome_of(error: BaseException | None) -> str:
+    """The ``spotrag_requests_total`` outcome label for how a request ended."""
+    if error is None:
+        return "success"
+    if isinstance(error, ClientClosedRequest):
+        return "cancelled"
+    if isinstance(error, QueueFull):
+        return "queue_full"
+    if isinstance(error, Unavailable):
+        return "unavailable"
+    if isinstance(error, EnginesFailed):
+        return "engine_failed"
+    if isinstance(error, APIError) and 400 <= error.status < 500:
+        return "invalid"
+    return "error"
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        embedder: Embedder | None = None,
+        kubeconfig: str | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = GatewayMetrics()
+        self.admission = AdmissionController(
+            config.admission, engine_cooldown_seconds=config.failover.engine_cooldown_seconds
+        )
+        self.client = EngineClient(
+            connect_timeout=config.failover.connect_timeout_seconds,
+            read_timeout=config.failover.read_timeout_seconds,
+        )
+        self.relay = ChatRelay(
+            admission=self.admission, client=self.client, failover=config.failover, metrics=self.metrics
+        )
+        self.prompts = PromptBuilder(config.prompt)
+        self.retrieval = (
+            RetrievalService(config.retrieval, metrics=self.metrics, embedder=embedder)
+            if config.retrieval.enabled
+            else None
+        )
+        self.discovery: Discovery
+        if config.engines.discovery == "endpointslices":
+            self.discovery = EndpointSliceDiscovery(
+                config.engines, namespace=config.namespace, on_change=self.admission.set_engines, kubeconfig=kubeconfig
+            )
+        else:
+            self.discovery = StaticDiscovery(config.engines.urls, self.admission.set_engines)
+        self.auth = APIKeyStore(config.auth.api_keys_dir) if config.auth.api_keys_dir else None
+        live = self.metrics.live
+        live.queued_tokens = lambda: self.admission.queued_tokens
+        live.engine_inflight_tokens = self.admission.engine_inflight_tokens
+        live.engines_by_state = self.admission.engines_by_state
+        if self.retrieval is not None:
+            live.index = self.retrieval.index_state
+
+    async def start(self) -> None:
+        await self.discovery.start()
+        if self.retrieval is not None:
+            await self.retrieval.start()
+
+    async def close(self) -> None:
+        await self.discovery.close()
+        if self.retrieval is not None:
+            await self.retrieval.close()
+        await self.client.aclose()
+
+    def readiness(self) -> list[str]:
+        """Why the gateway is not ready; empty when it is."""
+        problems = []
+        if self.retrieval is not None and not self.retrieval.ready:
+            problems.append("the document index is not loaded")
+        if not self.discovery.synced:
+            problems.append("engine discovery has not synced")
+        elif not self.admission.engines and not self.config.admission.queue_without_engines:
+            problems.append("no engine is serving")
+        return problems
+
+    def record(self, started: float, error: BaseException | None) -> None:
+        self.metrics.requests.labels(outcome_of(error)).inc()
+        self.metrics.request_duration.observe(time.perf_counter() - started)
+
+    # --- preparing a request ---------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.served_model_name:
+            raise NotFound(
+                f"The model {model!r} does not exist; this endpoint serves {self.config.served_model_name!r}.",
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_max_tokens(self, requested: int | None) -> None:
+        limit = self.config.admission.max_tokens_limit
+        if requested is not None and requested > limit:
+            raise InvalidRequest(
+                f"max_tokens is {requested}, above this endpoint's limit of {limit}.", param="max_tokens"
+            )
+
+    async def retrieve(
+        self, question: str, *, top_k: int | None = None, score_threshold: float | None = None
+    ) -> list[RetrievedPassage]:
+        if self.retrieval is None:
+            raise InvalidRequest("Retrieval is not enabled for this deployment.", param="rag")
+        return await self.retrieval.search(question, top_k=top_k, score_threshold=score_threshold)
+
+    async def prepare_chat(
+        self,
+        request: ChatCompletionRequest,
+        *,
+        rag: bool,
+        passages: Sequence[RetrievedPassage] | None = None,
+    ) -> PreparedChat:
+        """Check the request, ground it in the documents (when ``rag``), count
+        its prompt and fit it into the model's context."""
+        self.check_model(request.model)
+        requested = request.requested_max_tokens
+        self.check_max_tokens(requested)
+        messages = [message.model_dump(exclude_none=True) for message in request.messages]
+        question_at, question, contexts = 0, "", []
+        if rag:
+            question_at, question = last_user_question(messages)
+            if passages is None:
+                passages = await self.retrieve(question)
+            contexts = self.prompts.contexts(passages)
+            messages_out = self.prompts.messages(messages, question_at, question, contexts)
+        else:
+            messages_out = messages
+        continuing = request.continue_final_message
+        prompt_tokens = await self.count_prompt_tokens(messages_out, continue_final_message=continuing)
+        max_model_len = self.config.max_model_len
+        # Fewer passages rather than no answer: drop the lowest-ranked until it fits.
+        while prompt_tokens + (requested or 1) > max_model_len and contexts:
+            contexts = contexts[:-1]
+            messages_out = self.prompts.messages(messages, question_at, question, contexts)
+            prompt_tokens = await self.count_prompt_tokens(messages_out, continue_final_message=continuing)
+        if prompt_tokens + (requested or 1) > max_model_len:
+            asked = f" plus max_tokens {requested}" if requested else ""
+            raise ContextTooLong(
+                f"This model's maximum context length is {max_model_len} tokens; the prompt has "
+                f"{prompt_tokens} tokens{asked}. Shorten the messages"
+                + (" or lower max_tokens." if requested else "."),
+                param="messages",
+            )
+        max_tokens = requested or min(self.config.admission.default_max_tokens, max_model_len - prompt_tokens)
+        body: dict[str, Any] = request.model_dump(exclude_unset=True, exclude=_GATEWAY_FIELDS)
+        body["model"] = self.config.served_model_name
+        affinity: tuple[bytes, ...] = ()
+        if self.config.admission.prefix_affinity:
+            affinity = prefix_keys("".join(f"{m['role']}\n{message_text(m.get('content'))}\n" for m in messages_out))
+        job = ChatJob(
+            body=body,
+            messages=messages_out,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            served_model=self.config.served_model_name,
+            affinity=affinity,
+        )
+        return PreparedChat(job, contexts)
+
+    async def count_prompt_tokens(self, messages: list[dict[str, Any]], *, continue_final_message: bool) -> int:
+        """Exact from an engine's /tokenize; estimated when counting is set to
+        estimate, no engine is known, or none of two engines could count."""
+        if self.config.admission.token_counting == "engine":
+            engines = sorted(self.admission.engines.values(), key=lambda e: (e.inflight_tokens, e.last_picked))
+            for engine in engines[:2]:
+                try:
+                    return await self.client.count_prompt_tokens(
+                        engine.url,
+                        model=self.config.served_model_name,
+                        messages=messages,
+                        continue_final_message=continue_final_message,
+                    )
+                except EngineFailure as failure:
+                    log.info("counting tokens on %s failed (%s); trying another way", engine.url, failure)
+                except EngineRejected as rejected:
+                    if rejected.status != 404:  # 404: no /tokenize there; estimate instead
+                        raise
+        return estimate_prompt_tokens(messages)
