@@ -248,6 +248,7 @@ def test_models_health_and_version(engine: EmulatorProcess) -> None:
     assert [(m.id, m.owned_by, m.model_extra["max_model_len"]) for m in models] == [(MODEL, "vllm", 256)]
     assert httpx.get(engine.url + "/health").status_code == 200
     assert "version" in httpx.get(engine.url + "/version").json()
+    assert f"engine-emulator: serving '{MODEL}' on {engine.url}" in engine.log()
 
 
 # -- errors --------------------------------------------------------------------
@@ -368,6 +369,17 @@ async def test_requests_beyond_max_num_seqs_wait_and_a_disconnect_frees_the_slot
         metric(narrow_engine, "vllm:num_requests_waiting", **labels)) == (0, 0), "engine idle")
     assert metric(narrow_engine, "vllm:request_success_total", finished_reason="abort", **labels) \
         == aborted_before + 4
+
+
+def test_a_client_giving_up_on_a_whole_answer_aborts_it(narrow_engine: EmulatorProcess) -> None:
+    labels = {"model_name": MODEL}
+    aborted_before = metric(narrow_engine, "vllm:request_success_total", finished_reason="abort", **labels)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(narrow_engine.url + "/v1/chat/completions", timeout=httpx.Timeout(10, read=0.3),
+                   json={"messages": QUESTION, "max_tokens": 8000, "ignore_eos": True})
+    wait_until(lambda: metric(narrow_engine, "vllm:request_success_total", finished_reason="abort", **labels)
+               == aborted_before + 1, "the abandoned request aborted")
+    assert metric(narrow_engine, "vllm:num_requests_running", **labels) == 0
 
 
 def test_full_kv_cache_preempts_and_recomputes_without_changing_the_text() -> None:

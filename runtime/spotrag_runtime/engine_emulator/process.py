@@ -14,29 +14,49 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
+import threading
 import time
-from pathlib import Path
+from collections import deque
 from types import TracebackType
+from typing import IO
 
 from .config import EmulatorConfig, config_arguments
 
 DEFAULT_READY_TIMEOUT_S = 10.0
-LOG_TAIL_CHARS = 4000
+LOG_TAIL_LINES = 200
 
 
 class EmulatorStartError(RuntimeError):
     """The emulator exited or did not become healthy in time; carries its log tail."""
 
 
+class _OutputTail:
+    """The last lines a child printed, read from its pipe by a daemon thread
+    (no log files left behind, and the pipe never fills up and blocks it)."""
+
+    def __init__(self, stream: IO[bytes], name: str) -> None:
+        self.lines: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self._thread = threading.Thread(target=self._pump, args=(stream,), name=name, daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        with stream:
+            for line in iter(stream.readline, b""):
+                self.lines.append(line.decode(errors="replace"))
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
 class EmulatorProcess:
     """A running ``python -m spotrag_runtime.engine_emulator`` child."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], host: str, port: int, log_path: Path) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], host: str, port: int) -> None:
         self.popen = popen
         self.host = host
         self.port = port
-        self.log_path = log_path
+        assert popen.stdout is not None
+        self._output = _OutputTail(popen.stdout, name=f"engine-emulator-{port}-output")
 
     @property
     def url(self) -> str:
@@ -52,10 +72,8 @@ class EmulatorProcess:
         return self.popen.poll()
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        """The last lines the emulator printed (stdout and stderr)."""
+        return self._output.text()
 
     def health_status(self, timeout: float = 1.0) -> int | None:
         """GET /health's status code, or None when nothing answers."""
@@ -74,14 +92,12 @@ class EmulatorProcess:
         while True:
             if self.popen.poll() is not None:
                 raise EmulatorStartError(
-                    f"engine emulator exited with {self.popen.returncode} before it was ready:\n"
-                    + self.log()[-LOG_TAIL_CHARS:])
+                    f"engine emulator exited with {self.popen.returncode} before it was ready:\n" + self.log())
             if self.health_status() == 200:
                 return
             if time.monotonic() >= deadline:
                 raise EmulatorStartError(
-                    f"engine emulator at {self.url} not ready after {timeout:.1f}s:\n"
-                    + self.log()[-LOG_TAIL_CHARS:])
+                    f"engine emulator at {self.url} not ready after {timeout:.1f}s:\n" + self.log())
             time.sleep(0.02)
 
     def terminate(self) -> None:
@@ -98,14 +114,13 @@ class EmulatorProcess:
         return self.popen.wait(timeout)
 
     def stop(self, timeout: float = 10.0) -> int:
-        """Terminate, kill if it takes longer than ``timeout``, and remove the log."""
+        """Terminate, and kill if that takes longer than ``timeout``; returns the exit code."""
         self.terminate()
         try:
             code = self.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             code = self.wait()
-        self.log_path.unlink(missing_ok=True)
         return code
 
     def __enter__(self) -> EmulatorProcess:
@@ -142,14 +157,12 @@ def start_engine_emulator(port: int | None = None, *, host: str = "127.0.0.1",
         # Listening already: connections made before the child is up wait in the backlog.
         sock.listen(2048)
         bound_port = sock.getsockname()[1]
-        log_file = tempfile.NamedTemporaryFile(prefix=f"engine-emulator-{bound_port}-", suffix=".log", delete=False)
-        with log_file:
-            argv = [sys.executable, "-m", "spotrag_runtime.engine_emulator",
-                    "--host", host, "--port", str(bound_port), "--fd", str(sock.fileno()),
-                    *config_arguments(config)]
-            popen = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                pass_fds=(sock.fileno(),), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        argv = [sys.executable, "-m", "spotrag_runtime.engine_emulator",
+                "--host", host, "--port", str(bound_port), "--fd", str(sock.fileno()),
+                *config_arguments(config)]
+        popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            pass_fds=(sock.fileno(),), env={**os.environ, "PYTHONUNBUFFERED": "1"})
     finally:
         sock.close()  # the child holds its own copy
-    return EmulatorProcess(popen, host, bound_port, Path(log_file.name))
+    return EmulatorProcess(popen, host, bound_port)

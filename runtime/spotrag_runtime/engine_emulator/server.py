@@ -36,6 +36,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import text
+from .cli import cli  # noqa: F401  `spotrag engine-emulator` is dispatched to server:cli
 from .config import EMULATED_VLLM_VERSION, EmulatorConfig
 from .engine import Engine, Sequence
 from .metrics import EngineMetrics
