@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -241,8 +242,11 @@ def _embed_with_checkpoints(
             resumed += 1
         else:
             vectors[start:end] = embedder.embed_token_ids([chunk.token_ids for chunk in chunks[start:end]])
+            # Serialized first: numpy's own file writer reports a full disk without an errno.
+            serialized = io.BytesIO()
+            np.save(serialized, vectors[start:end])
             with _atomic_file(path) as stream:
-                np.save(stream, vectors[start:end])
+                stream.write(serialized.getbuffer())
             embedded += 1
         report("embed", end, len(chunks))
     return vectors, resumed, embedded
@@ -277,8 +281,10 @@ def _publish(out: Path, index: Any, chunks: Sequence[Chunk], fields: dict[str, A
                 stream.write(passage.to_json().encode("utf-8") + b"\n")
         checksum = file_checksum([staging / INDEX_FILE, staging / PASSAGES_FILE])
         now = datetime.now(UTC)
-        version = _free_version_name(versions, f"{now:%Y%m%dT%H%M%SZ}-{checksum.removeprefix('sha256:')[:8]}")
-        manifest = Manifest(checksum=checksum, version=version, created_at=now.isoformat(timespec="seconds"), **fields)
+        # Names sort in publishing order (pruning relies on it) and say what they hold.
+        stamp = f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z"
+        version = _free_version_name(versions, f"{stamp}-{checksum.removeprefix('sha256:')[:8]}")
+        manifest = Manifest(checksum=checksum, version=version, created_at=now.isoformat(timespec="milliseconds"), **fields)
         _write_json(staging / MANIFEST_FILE, manifest.to_dict())
         _fsync_dir(staging)
         final = versions / version

@@ -92,9 +92,13 @@ def build_vector_index(
         quantizer = faiss.IndexFlatIP(dimension)
         index = faiss.IndexIVFFlat(quantizer, dimension, lists, faiss.METRIC_INNER_PRODUCT)
         index.cp.spherical = True  # centroids on the unit sphere, like the vectors
-        # Train on a sample that leaves the recall queries out, so recall is measured on unseen points.
+        # Train on a sample that leaves the recall queries out, so recall is measured on
+        # unseen points; a corpus too small for that trains on everything.
+        wanted = lists * IVF_TRAINING_POINTS_PER_LIST
         pool = np.setdiff1d(np.arange(count), held_out)
-        sample = rng.choice(pool, size=min(len(pool), lists * IVF_TRAINING_POINTS_PER_LIST), replace=False)
+        if len(pool) < wanted:
+            pool = np.arange(count)
+        sample = rng.choice(pool, size=min(len(pool), wanted), replace=False)
         index = _train_and_fill(index, vectors, np.sort(sample), on_added, use_gpu=use_gpu)
         choices = [("nprobe", value) for value in IVF_NPROBE_CHOICES if value <= lists]
     else:
