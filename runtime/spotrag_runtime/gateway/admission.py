@@ -173,6 +173,8 @@ class AdmissionController:
         ticket.prefilled = True
         ticket.generated = generated
         self._recount(ticket)
+        if self._queue:  # less outstanding work may make room for the head of the queue
+            self._dispatch()
 
     def requeue(self, ticket: Ticket, *, failed: Engine, prompt_tokens: int) -> None:
         """Detach a ticket from an engine that failed it; ``admit(retry=True)`` next.

@@ -1,0 +1,176 @@
+"""Real parts for the gateway tests: the shipped MiniLM model, a faiss index of
+the bundled corpus, engine emulator processes, and the gateway served by
+uvicorn on 127.0.0.1 in a thread.
+
+Expensive things (the model, the corpus index) are made once per test
+process, however many test modules use them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from spotrag_runtime.engine_emulator import EmulatorProcess, start_engine_emulator
+from spotrag_runtime.gateway import GatewayConfig
+from spotrag_runtime.gateway.app import create_app
+from spotrag_runtime.index import SAMPLE_CORPUS_DIR, build_index, load_sample_questions
+from spotrag_runtime.retrieval import DEFAULT_MODEL, Embedder, set_torch_threads
+
+SERVED_MODEL = "hfl-assistant"
+API_KEY = "sk-test-key-1"
+
+
+@functools.cache
+def shared_embedder() -> Embedder:
+    set_torch_threads(1)
+    return Embedder(DEFAULT_MODEL, device="cpu")
+
+
+def scratch_dir(prefix: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+@functools.cache
+def corpus_index() -> Path:
+    """The bundled ferry-line corpus, indexed once per test process."""
+    root = scratch_dir("spotrag-gateway-index-") / "index"
+    build_index([SAMPLE_CORPUS_DIR], root, embedder=shared_embedder())
+    return root
+
+
+def sample_questions() -> list[Any]:
+    return load_sample_questions()
+
+
+def gateway_config(engine_urls: list[str] = (), **sections: dict[str, Any]) -> GatewayConfig:
+    """A config as the operator would render it, pointing at the corpus index and the engines."""
+    mapping: dict[str, Any] = {
+        "deployment": "test",
+        "servedModelName": SERVED_MODEL,
+        "maxModelLen": 8192,
+        "retrieval": {"indexPath": str(corpus_index()), "reloadIntervalSeconds": 0.2},
+        "engines": {"discovery": "static", "urls": list(engine_urls)},
+        "failover": {"engineCooldownSeconds": 0.5, "readTimeoutSeconds": 10},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            mapping.setdefault(section, {}).update(values)
+        else:
+            mapping[section] = values
+    return GatewayConfig.from_mapping(mapping)
+
+
+class RunningGateway:
+    """The gateway app served by uvicorn on a free 127.0.0.1 port in a thread."""
+
+    def __init__(self, config: GatewayConfig, *, kubeconfig: str | None = None, with_embedder: bool = True) -> None:
+        embedder = shared_embedder() if config.retrieval.enabled and with_embedder else None
+        self.config = config
+        self.app = create_app(config, embedder=embedder, kubeconfig=kubeconfig)
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, name="gateway-under-test"
+        )
+
+    @property
+    def gateway(self):  # noqa: ANN201 - spotrag_runtime.gateway.service.Gateway
+        return self.app.state.gateway
+
+    def start(self) -> RunningGateway:
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start; see the log above")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+        self._socket.close()
+
+    def __enter__(self) -> RunningGateway:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def client(self, **options: Any) -> openai.OpenAI:
+        # No retries: every test sees exactly what the gateway answered.
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=options.pop("api_key", API_KEY), max_retries=0, **options)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return scrape(f"{self.url}/metrics", name, **labels)
+
+
+def scrape(url: str, name: str, **labels: str) -> float:
+    """The value of one sample on a Prometheus page (0 when absent)."""
+    text = httpx.get(url, timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    """Poll until ``condition()`` is truthy; fail the test naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def running_engines(count: int, **options: Any) -> Iterator[list[EmulatorProcess]]:
+    """``count`` engine emulators serving SERVED_MODEL with the same seed (so
+    they write the same answers), stopped at the end."""
+    options = {"served_model_name": SERVED_MODEL, "seed": 7, **options}
+    engines = [start_engine_emulator(**options) for _ in range(count)]
+    try:
+        for engine in engines:
+            engine.wait_ready()
+        yield engines
+    finally:
+        for engine in engines:
+            engine.kill()
+            engine.stop()
+
+
+def tokenize_count(engine: EmulatorProcess, messages: list[dict[str, Any]]) -> int:
+    """What the engine counts for a chat prompt (the gateway's definition too)."""
+    response = httpx.post(f"{engine.url}/tokenize", json={"model": SERVED_MODEL, "messages": messages}, timeout=5)
+    response.raise_for_status()
+    return response.json()["count"]
+
+
+def direct_answer(engine: EmulatorProcess, messages: list[dict[str, Any]], **params: Any) -> str:
+    """The answer one engine gives, asked directly."""
+    with openai.OpenAI(base_url=f"{engine.url}/v1", api_key="none", max_retries=0) as client:
+        completion = client.chat.completions.create(model=SERVED_MODEL, messages=messages, **params)
+    return completion.choices[0].message.content or ""
