@@ -594,3 +594,49 @@ def test_cloud_example_fits_its_instance_types_and_validates(example):
     assert set(spec["gpu"]["instanceTypes"]) <= set(INSTANCE_GPUS)
     assert gpu_fit_problem(spec) is None
     assert spec["pricing"]["spotPerGpuHour"] < spec["pricing"]["onDemandPerGpuHour"]
+
+
+# --- the install guides ------------------------------------------------------
+
+GUIDES = [ROOT / "docs" / "install-eks.md", ROOT / "docs" / "install-gke.md", ROOT / "docs" / "troubleshooting.md", CHART / "README.md"]
+
+
+def shell_commands(text: str) -> list[str]:
+    """The guide's shell lines, continuation lines joined."""
+    return [command.strip() for command in re.sub(r"\\\n\s*", " ", text).splitlines()]
+
+
+@pytest.mark.parametrize("guide", GUIDES[:2], ids=lambda p: p.name)
+def test_guides_helm_commands_are_accepted_by_the_chart(helm, guide):
+    commands = [c for c in shell_commands(guide.read_text()) if re.match(r"helm (install|upgrade) spotrag ", c)]
+    assert commands
+    for command in commands:
+        sets = re.findall(r"--set (\S+)", command)
+        args = [arg for pair in sets for arg in ("--set", pair)]
+        result = helm("template", RELEASE, str(CHART), "-n", NAMESPACE, *args)
+        assert result.returncode == 0, f"{command}\n{result.stderr}"
+
+
+@pytest.mark.parametrize("guide", GUIDES[:2], ids=lambda p: p.name)
+def test_guides_manifests_validate_strictly(guide):
+    blocks = re.findall(r"<<EOF[^\n]*\n(.*?)\nEOF", guide.read_text(), re.DOTALL)
+    assert blocks
+    checked = 0
+    for block in blocks:
+        # The guide's shell variables, as a reader would have them set.
+        text = re.sub(r"\$\{(\w+)\}", lambda m: {"K8S_VERSION": "1.33"}.get(m.group(1), "x"), block)
+        for document in yaml.safe_load_all(text):
+            if not document or "kind" not in document or "apiVersion" not in document:
+                continue  # an eksctl fragment appended to cluster.yaml
+            try:
+                kubernetes_validate.validate(document, KUBERNETES_VERSIONS[0], strict=True)
+                checked += 1
+            except kubernetes_validate.SchemaNotFoundError:
+                assert document["apiVersion"].split("/")[0] in {"karpenter.sh", "karpenter.k8s.aws", "eksctl.io"}, document["apiVersion"]
+    assert checked
+
+
+@pytest.mark.parametrize("guide", GUIDES, ids=lambda p: p.name)
+def test_guides_name_only_files_that_exist(guide):
+    for path in set(re.findall(r"(?<![/\w.])((?:examples|charts/spotrag|docs|scripts)/[\w./-]*\w)", guide.read_text())):
+        assert (ROOT / path).exists(), f"{guide.name} names {path}"
