@@ -66,6 +66,9 @@ def cli(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: one line per poll is not "quiet when nothing happens".
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         config = AgentConfig(node_name=args.node_name or "", cloud=args.cloud, metadata_url=args.metadata_url,
                              kubeconfig=args.kubeconfig, poll_interval=args.poll_interval,
