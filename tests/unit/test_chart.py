@@ -640,3 +640,59 @@ def test_guides_manifests_validate_strictly(guide):
 def test_guides_name_only_files_that_exist(guide):
     for path in set(re.findall(r"(?<![/\w.])((?:examples|charts/spotrag|docs|scripts)/[\w./-]*\w)", guide.read_text())):
         assert (ROOT / path).exists(), f"{guide.name} names {path}"
+
+
+# --- values.yaml and values.schema.json ----------------------------------------
+
+SCHEMA = json.loads((CHART / "values.schema.json").read_text())
+VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def _resolve(schema: dict) -> dict:
+    while "$ref" in schema:
+        schema = SCHEMA["$defs"][schema["$ref"].rpartition("/")[2]]
+    return schema
+
+
+def _schema_paths(schema: dict, path: str = "") -> set[str]:
+    """Every field the schema names, down to where a Kubernetes shape starts."""
+    paths = set()
+    for name, sub in (schema.get("properties") or {}).items():
+        if path == "" and name == "global":
+            continue
+        paths.add(f"{path}.{name}")
+        if "$ref" not in sub:
+            paths |= _schema_paths(_resolve(sub), f"{path}.{name}")
+    return paths
+
+
+def _value_paths(values: dict, schema: dict, path: str = "") -> set[str]:
+    paths = set()
+    for name, value in values.items():
+        paths.add(f"{path}.{name}")
+        sub = (schema.get("properties") or {}).get(name, {})
+        if isinstance(value, dict) and "$ref" not in sub:
+            paths |= _value_paths(value, _resolve(sub), f"{path}.{name}")
+    return paths
+
+
+def test_values_yaml_and_the_schema_name_the_same_fields():
+    """A field only in the schema has no documented default; one only in
+    values.yaml would be rejected by the schema."""
+    assert _schema_paths(SCHEMA) == _value_paths(VALUES, SCHEMA)
+
+
+def test_schema_is_strict_at_every_level():
+    def walk(schema: dict, path: str) -> None:
+        if schema.get("type") == "object" and "properties" in schema:
+            assert schema.get("additionalProperties") is False, path
+        for name, sub in (schema.get("properties") or {}).items():
+            walk(sub, f"{path}.{name}")
+        if isinstance(schema.get("items"), dict):
+            walk(schema["items"], f"{path}[]")
+
+    walk(SCHEMA, "")
+    for name, definition in SCHEMA["$defs"].items():
+        walk(definition, f"$defs.{name}")
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    jsonschema.validate(VALUES, SCHEMA)
