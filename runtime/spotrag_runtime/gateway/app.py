@@ -1,8 +1,8 @@
 """The gateway's FastAPI application: ``create_app(config)``.
 
-Order of the checks on an API request: the API key (before the body is
-read), the body size (FastAPI's ``max_body_size``: refused before it is
-parsed), then validation and the route.
+Order of the checks on an API request: the API key and the body size
+(``RequestGuard``, before the body is read or parsed), then validation and
+the route.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spotrag_runtime.gateway.config import GatewayConfig
-from spotrag_runtime.gateway.errors import AuthenticationFailed, install_error_handlers
+from spotrag_runtime.gateway.errors import APIError, AuthenticationFailed, RequestTooLarge, install_error_handlers
 from spotrag_runtime.gateway.routes import chat, rag, system
 from spotrag_runtime.gateway.service import Gateway, outcome_of
 
@@ -32,26 +32,55 @@ API_PREFIX = "/v1/"
 COUNTED_PATHS = {"/v1/chat/completions", "/v1/rag/query"}
 
 
-class APIKeyGuard:
-    """Refuses API requests without an accepted ``Authorization: Bearer`` key
-    before anything else is read. Health, readiness and metrics stay open."""
+class RequestGuard:
+    """Checks API requests before any of the body is read: the API key (401)
+    when keys are configured, then the body size (413), by its declared
+    length and again as it arrives, so an oversized body is never parsed.
+    Health, readiness and metrics stay open."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
         self.app = app
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(API_PREFIX):
-            gateway: Gateway = scope["app"].state.gateway
-            if gateway.auth is not None and not gateway.auth.is_valid(Headers(scope=scope).get("authorization")):
-                error = AuthenticationFailed(
-                    "Missing or invalid API key. Send it as 'Authorization: Bearer <key>'.",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                if scope["path"] in COUNTED_PATHS:
-                    gateway.metrics.requests.labels(outcome_of(error)).inc()
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        gateway: Gateway = scope["app"].state.gateway
+        headers = Headers(scope=scope)
+        error: APIError | None = None
+        if gateway.auth is not None and not gateway.auth.is_valid(headers.get("authorization")):
+            error = AuthenticationFailed(
+                "Missing or invalid API key. Send it as 'Authorization: Bearer <key>'.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        elif int(headers.get("content-length") or 0) > self.max_body_bytes:
+            error = RequestTooLarge(self._too_large)
+        if error is not None:
+            if scope["path"] in COUNTED_PATHS:
+                gateway.metrics.requests.labels(outcome_of(error)).inc()
+            await error.response()(scope, receive, send)
+            return
+        await self.app(scope, self._limited(receive), send)
+
+    @property
+    def _too_large(self) -> str:
+        return f"The request body is larger than this endpoint's limit of {self.max_body_bytes} bytes."
+
+    def _limited(self, receive: Receive) -> Receive:
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                # FastAPI passes its own HTTPException through body reading; the
+                # error handlers turn it into OpenAI's shape.
+                raise HTTPException(status_code=413, detail=self._too_large)
+            return message
+
+        return limited_receive
 
 
 def create_app(
@@ -77,11 +106,10 @@ def create_app(
         title="spotrag gateway",
         summary="OpenAI-compatible, retrieval-augmented chat in front of vLLM engines.",
         lifespan=lifespan,
-        max_body_size=config.admission.max_body_bytes,
     )
     app.state.gateway = gateway
     app.state.started_at = int(time.time())
-    app.add_middleware(APIKeyGuard)
+    app.add_middleware(RequestGuard, max_body_bytes=config.admission.max_body_bytes)
 
     def count_error(request: Request, error: Exception) -> None:
         if request.url.path in COUNTED_PATHS:

@@ -160,9 +160,8 @@ def install_error_handlers(app: FastAPI, *, on_error: Callable[[Request, Excepti
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         if error.status_code == 404:
             return NotFound(f"No such endpoint: {request.method} {request.url.path}").response()
-        if error.status_code == 413:  # FastAPI's max_body_size, before the body was parsed
-            limit = request.scope.get("starlette.max_body_size")
-            too_large = RequestTooLarge(f"The request body is larger than this endpoint's limit of {limit} bytes.")
+        if error.status_code == 413:  # the body limit, hit while the body was being read
+            too_large = RequestTooLarge(str(error.detail))
             seen(request, too_large)
             return too_large.response()
         api_error = APIError(str(error.detail), status=error.status_code, headers=dict(error.headers or {}))
