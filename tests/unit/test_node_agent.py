@@ -24,13 +24,22 @@ from datetime import UTC, datetime, timedelta
 import jsonpatch
 import kubernetes
 import pytest
-
 from spotrag_box.kube_api import KubeAPIServer
 from spotrag_box.metadata_server import MetadataServer
 from spotrag_operator.signals import Action, node_signal
-from spotrag_runtime.node_agent import (ANNOTATION, TAINT_KEY, InvalidNodeMark, Notice, UnrecognisedResponse,
-                                        parse_aws_instance_action, parse_aws_rebalance, parse_azure_scheduled_events,
-                                        parse_gce_maintenance_event, parse_gce_preempted, parse_node_mark)
+from spotrag_runtime.node_agent import (
+    ANNOTATION,
+    TAINT_KEY,
+    InvalidNodeMark,
+    Notice,
+    UnrecognisedResponse,
+    parse_aws_instance_action,
+    parse_aws_rebalance,
+    parse_azure_scheduled_events,
+    parse_gce_maintenance_event,
+    parse_gce_preempted,
+    parse_node_mark,
+)
 from spotrag_runtime.node_agent.agent import Agent, AgentConfig, AgentConfigError
 from spotrag_runtime.node_agent.node import NodeMarker, mark_patch, plan_mark
 
@@ -316,8 +325,8 @@ async def wait_until(predicate: Callable, what: str, *, timeout: float = 15.0):
 
 
 def fast_config(kubeconfig: str, metadata_url: str, **overrides) -> AgentConfig:
-    settings = dict(node_name=NODE, metadata_url=metadata_url, kubeconfig=kubeconfig, poll_interval=0.05,
-                    request_timeout=0.5, detect_timeout=0.5, max_backoff=0.2, long_poll_s=5)
+    settings = {"node_name": NODE, "metadata_url": metadata_url, "kubeconfig": kubeconfig, "poll_interval": 0.05,
+                "request_timeout": 0.5, "detect_timeout": 0.5, "max_backoff": 0.2, "long_poll_s": 5}
     return AgentConfig(**{**settings, **overrides})
 
 
@@ -435,6 +444,33 @@ async def test_slow_metadata_times_out_quietly_and_recovers(kube_api, core, kube
     assert any("answers again" in r.getMessage() for r in caplog.records)
 
 
+async def test_detection_waits_for_a_slow_metadata_service(kube_api, core, kubeconfig, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="spotrag.node_agent")
+    with MetadataServer("azure") as metadata:
+        metadata.delay = 1.0  # connects, then answers later than the 0.5 s probe timeout: a cloud, slow
+        async with running(Agent(fast_config(kubeconfig, metadata.url))) as agent:
+            await wait_until(lambda: len(metadata.requests()) >= 6, "the agent to probe twice")
+            assert agent.cloud is None  # still detecting, not given up
+            metadata.delay = 0
+            metadata.interrupt()
+            node = await wait_until(lambda: _marked(core), "the node to be marked once detection succeeds")
+    assert (agent.cloud, our_mark(node).cloud) == ("azure", "azure")
+    retrying = [r for r in caplog.records if "accepts connections but does not answer" in r.getMessage()]
+    assert len(retrying) == 1
+
+
+async def test_no_cloud_wait_keeps_running_until_stopped(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="spotrag.node_agent")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        config = AgentConfig(node_name=NODE, metadata_url=f"http://127.0.0.1:{closed.getsockname()[1]}",
+                             detect_timeout=0.5, no_cloud="wait")
+        async with running(Agent(config)) as agent:
+            await wait_until(lambda: any("not a cloud instance" in r.getMessage() for r in caplog.records),
+                             "the agent to find no cloud")
+            assert agent.cloud is None and agent.marker is None  # waiting, touching nothing
+
+
 async def test_metadata_down_backs_off_without_crashing_and_recovers(kube_api, core, kubeconfig, caplog) -> None:
     caplog.set_level(logging.INFO, logger="spotrag.node_agent")
     with MetadataServer("gcp") as metadata:
@@ -522,40 +558,39 @@ def test_on_a_non_cloud_node_it_says_so_and_exits_0() -> None:
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{closed.getsockname()[1]}"
-        done = subprocess.run(agent_command("--node-name", NODE, "--metadata-url", url), env=agent_env(),
+        done = subprocess.run(agent_command("--node-name", NODE, "--metadata-url", url), env=agent_env(), check=False,
                               capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert "not a cloud instance, nothing to watch" in done.stderr
 
 
 def test_without_a_node_name_it_says_how_to_give_one() -> None:
-    done = subprocess.run(agent_command("--cloud", "aws"), env=agent_env(), capture_output=True, text=True, timeout=30)
+    done = subprocess.run(agent_command("--cloud", "aws"), env=agent_env(), check=False, capture_output=True, text=True,
+                          timeout=30)
     assert done.returncode == 1
     assert "pass --node-name or set NODE_NAME" in done.stderr
 
 
 async def test_sigterm_stops_it_during_a_long_poll(kube_api, kubeconfig) -> None:
     with MetadataServer("gcp") as metadata:
-        process = subprocess.Popen(
-            agent_command("--metadata-url", metadata.url, "--kubeconfig", kubeconfig, "--long-poll", "300"),
-            env={**agent_env(), "NODE_NAME": NODE}, stderr=subprocess.PIPE, text=True)
+        process = await asyncio.create_subprocess_exec(
+            *agent_command("--metadata-url", metadata.url, "--kubeconfig", kubeconfig, "--long-poll", "300"),
+            env={**agent_env(), "NODE_NAME": NODE}, stderr=asyncio.subprocess.PIPE)
         try:
             # The first reads answer at once; after them the agent holds 300 s long-polls.
             await wait_until(lambda: answered(metadata, "instance/preempted") >= 1
                              and answered(metadata, "instance/maintenance-event") >= 1, "the agent to start watching")
-            await wait_until(lambda: _marked_or_watching(kube_api), "the agent to read its node")
+            await wait_until(lambda: _read_its_node(kube_api), "the agent to read its node")
             process.send_signal(signal.SIGTERM)
             # Far sooner than the long-poll would end on its own.
-            exit_code = await asyncio.to_thread(process.wait, 20)
+            _, stderr = await asyncio.wait_for(process.communicate(), 20)
         finally:
-            if process.poll() is None:
+            if process.returncode is None:
                 process.kill()
-                process.wait()
-            stderr = process.stderr.read()
-            process.stderr.close()
-    assert exit_code == 0, stderr
-    assert "watching gcp interruption notices" in stderr and "stopping" in stderr
+                await process.wait()
+    assert process.returncode == 0, stderr.decode()
+    assert "watching gcp interruption notices" in stderr.decode() and "stopping" in stderr.decode()
 
 
-def _marked_or_watching(api: KubeAPIServer) -> bool:
+def _read_its_node(api: KubeAPIServer) -> bool:
     return any(r.method == "GET" and r.path == f"/api/v1/nodes/{NODE}" for r in api.requests())
