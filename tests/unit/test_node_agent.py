@@ -41,7 +41,7 @@ from spotrag_runtime.node_agent import (
     parse_node_mark,
 )
 from spotrag_runtime.node_agent.agent import Agent, AgentConfig, AgentConfigError
-from spotrag_runtime.node_agent.node import NodeMarker, mark_patch, plan_mark
+from spotrag_runtime.node_agent.node import NodeMarker, NodeMarkError, mark_patch, plan_mark
 
 NOW = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)
 
@@ -537,8 +537,9 @@ def test_a_concurrent_writer_keeps_its_taint(kube_api, core, kubeconfig) -> None
 def test_a_wrong_node_name_says_so(kube_api, kubeconfig) -> None:
     api_client = kubernetes.config.new_client_from_config(config_file=kubeconfig)
     try:
-        with pytest.raises(Exception, match="does not exist: is --node-name"):
+        with pytest.raises(NodeMarkError, match="does not exist: is --node-name") as error:
             NodeMarker(api_client, "no-such-node").write(INTERRUPTION)
+        assert error.value.status == 404
     finally:
         api_client.close()
 
