@@ -43,7 +43,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Literal, Self
 
-__all__ = ['MetadataServer', 'MetadataRequest', 'CLOUDS']
+__all__ = ['CLOUDS', 'MetadataRequest', 'MetadataServer']
 
 CLOUDS = ('aws', 'gcp', 'azure')
 Cloud = Literal['aws', 'gcp', 'azure']

@@ -9,10 +9,16 @@ The parsing of each cloud's answers is pure (``clouds``), and so is the
 decision what to write (``node.plan_mark``, ``node.mark_patch``).
 """
 
-from .clouds import (UnrecognisedResponse, most_urgent, parse_aws_instance_action, parse_aws_rebalance,
-                     parse_azure_scheduled_events, parse_gce_maintenance_event, parse_gce_preempted)
-from .mark import (ANNOTATION, DEFAULT_NOTICE, TAINT_EFFECT, TAINT_KEY, InvalidNodeMark, Notice, parse_node_mark,
-                   rfc3339)
+from .clouds import (
+    UnrecognisedResponse,
+    most_urgent,
+    parse_aws_instance_action,
+    parse_aws_rebalance,
+    parse_azure_scheduled_events,
+    parse_gce_maintenance_event,
+    parse_gce_preempted,
+)
+from .mark import ANNOTATION, DEFAULT_NOTICE, TAINT_EFFECT, TAINT_KEY, InvalidNodeMark, Notice, parse_node_mark, rfc3339
 
 
 def cli(argv: list[str]) -> int:

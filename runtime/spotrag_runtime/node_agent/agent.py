@@ -23,8 +23,16 @@ import httpx
 import kubernetes
 
 from .mark import CLOUDS, Notice, rfc3339
-from .metadata import (DEFAULT_BASE_URLS, MetadataError, MetadataTimeout, MetadataUnreachable, Stream, detect_cloud,
-                       now_utc, streams_for)
+from .metadata import (
+    DEFAULT_BASE_URLS,
+    MetadataError,
+    MetadataTimeout,
+    MetadataUnreachable,
+    Stream,
+    detect_cloud,
+    now_utc,
+    streams_for,
+)
 from .node import STALE_GRACE, NodeMarker, NodeMarkError, api_client_from, plan_mark
 
 logger = logging.getLogger("spotrag.node_agent")

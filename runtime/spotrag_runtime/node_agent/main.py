@@ -9,8 +9,16 @@ import os
 import signal
 import sys
 
-from .agent import (DEFAULT_DETECT_TIMEOUT_S, DEFAULT_LONG_POLL_S, DEFAULT_MAX_BACKOFF_S, DEFAULT_POLL_INTERVAL_S,
-                    DEFAULT_REQUEST_TIMEOUT_S, Agent, AgentConfig, AgentConfigError)
+from .agent import (
+    DEFAULT_DETECT_TIMEOUT_S,
+    DEFAULT_LONG_POLL_S,
+    DEFAULT_MAX_BACKOFF_S,
+    DEFAULT_POLL_INTERVAL_S,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    Agent,
+    AgentConfig,
+    AgentConfigError,
+)
 
 
 def _positive(text: str) -> float:
