@@ -8,6 +8,7 @@ process, however many test modules use them.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import functools
@@ -61,11 +62,14 @@ def sample_questions() -> list[Any]:
 
 def gateway_config(engine_urls: list[str] = (), **sections: dict[str, Any]) -> GatewayConfig:
     """A config as the operator would render it, pointing at the corpus index and the engines."""
+    retrieval_on = sections.get("retrieval", {}).get("enabled", True)
     mapping: dict[str, Any] = {
         "deployment": "test",
         "servedModelName": SERVED_MODEL,
         "maxModelLen": 8192,
-        "retrieval": {"indexPath": str(corpus_index()), "reloadIntervalSeconds": 0.2},
+        # The corpus index is built only for a gateway that retrieves.
+        "retrieval": {"indexPath": str(corpus_index()) if retrieval_on else "/nonexistent",
+                      "reloadIntervalSeconds": 0.2},
         "engines": {"discovery": "static", "urls": list(engine_urls)},
         "failover": {"engineCooldownSeconds": 0.5, "readTimeoutSeconds": 10},
     }
@@ -124,9 +128,27 @@ class RunningGateway:
         return scrape(f"{self.url}/metrics", name, **labels)
 
 
+    async def metric_async(self, name: str, **labels: str) -> float:
+        async with httpx.AsyncClient(timeout=5) as http:
+            return sample_value((await http.get(f"{self.url}/metrics")).text, name, **labels)
+
+    def async_client(self, **options: Any) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=f"{self.url}/v1", api_key=options.pop("api_key", API_KEY), max_retries=0, **options
+        )
+
+
 def scrape(url: str, name: str, **labels: str) -> float:
     """The value of one sample on a Prometheus page (0 when absent)."""
-    text = httpx.get(url, timeout=5).text
+    return sample_value(httpx.get(url, timeout=5).text, name, **labels)
+
+
+async def scrape_async(url: str, name: str, **labels: str) -> float:
+    async with httpx.AsyncClient(timeout=5) as http:
+        return sample_value((await http.get(url)).text, name, **labels)
+
+
+def sample_value(text: str, name: str, **labels: str) -> float:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
@@ -144,6 +166,20 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+async def eventually(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    """``wait_until`` for async tests: ``condition`` may be a coroutine function."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 @contextlib.contextmanager

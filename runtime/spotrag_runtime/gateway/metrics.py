@@ -44,6 +44,7 @@ class LiveState:
     """Where the scrape-time gauges read from; the app fills these in at start."""
 
     queued_tokens: Callable[[], int] = lambda: 0
+    waiting_requests: Callable[[], int] = lambda: 0
     engine_inflight_tokens: Callable[[], Mapping[str, int]] = dict
     engines_by_state: Callable[[], Mapping[str, int]] = dict
     index: Callable[[], IndexState | None] = lambda: None
@@ -60,6 +61,10 @@ class _LiveCollector(Collector):
             "Tokens of work admitted or waiting and not yet done: prompt tokens not yet prefilled "
             "plus output tokens still allowed by max_tokens (docs/gateway.md).",
             value=state.queued_tokens(),
+        )
+        yield GaugeMetricFamily(
+            "spotrag_waiting_requests", "Requests waiting in the admission queue for an engine.",
+            value=state.waiting_requests(),
         )
         inflight = GaugeMetricFamily(
             "spotrag_engine_inflight_tokens",
