@@ -2,7 +2,7 @@
 least-outstanding picking across two engines, 429 when the queue is full and
 503 when no engine takes a request in time.
 
-The engines hold every request for 0.6 s before its first token, so the
+The engines hold every request for 1.5 s before its first token, so the
 points where the tests read the gauges are still: nothing is prefilled and
 nothing finishes while they look.
 """
@@ -25,7 +25,7 @@ from .gateway_fixtures import (
     tokenize_count,
 )
 
-STALL_MS = 600  # time to first token of the engines here
+STALL_MS = 1500  # time to first token of the engines here: longer than the tests look
 
 
 def plain_config(urls: list[str], **admission) -> object:
@@ -111,7 +111,7 @@ async def test_requests_go_to_the_engine_with_the_least_outstanding_tokens() -> 
 
 
 async def test_a_full_queue_answers_429_and_a_request_no_engine_takes_in_time_503() -> None:
-    with running_engines(1, ttft_ms=3 * STALL_MS) as (engine,), RunningGateway(
+    with running_engines(1, ttft_ms=2 * STALL_MS) as (engine,), RunningGateway(
         plain_config(
             [engine.url], maxInflightRequestsPerEngine=1, maxQueuedRequests=1, queueTimeoutSeconds=0.3
         )
