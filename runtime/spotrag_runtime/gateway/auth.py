@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 # How often, at most, the key folder is checked for changes.
 RECHECK_SECONDS = 1.0
+_NOT_READ = object()
 
 
 class APIKeyStore:
@@ -25,7 +26,7 @@ class APIKeyStore:
         self.directory = Path(directory)
         self._recheck_seconds = recheck_seconds
         self._keys: tuple[bytes, ...] = ()
-        self._signature: object = None
+        self._signature: object = _NOT_READ
         self._checked_at = float("-inf")
         self._refresh()
 

@@ -126,3 +126,7 @@ class GatewayMetrics:
         )
         self.retrieval_embed = self.retrieval.labels("embed")
         self.retrieval_search = self.retrieval.labels("search")
+        self.retrieval_batch_size = Histogram(
+            "spotrag_retrieval_batch_size", "Questions embedded together in one micro-batch.",
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry,
+        )

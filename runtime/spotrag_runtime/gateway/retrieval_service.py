@@ -175,6 +175,7 @@ class RetrievalService:
             results.append(
                 [RetrievedPassage(hit.passage, hit.score, embedder.count_tokens(hit.passage.text)) for hit in kept]
             )
+        self._metrics.retrieval_batch_size.observe(len(batch))
         # Each question in the batch waited for the whole batch: that is its latency.
         for _ in batch:
             self._metrics.retrieval_embed.observe(embedded - started)
