@@ -111,11 +111,14 @@ def test_new_version_swaps_in_atomically_and_old_versions_are_pruned(tmp_path, e
     assert published_state(root) == (third.version, sorted([second.version, third.version]))
 
 
-@pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
-def test_approximate_index_is_tuned_and_searchable(tmp_path, embedder, index_type):
-    result = build_index([SAMPLE_CORPUS_DIR], tmp_path, embedder=embedder, index_type=index_type)
+@pytest.mark.parametrize(("index_type", "real_questions"), [("hnsw", True), ("ivf", False)])
+def test_approximate_index_is_tuned_and_searchable(tmp_path, embedder, index_type, real_questions):
+    questions = [question.question for question in load_sample_questions()] if real_questions else None
+    result = build_index([SAMPLE_CORPUS_DIR], tmp_path, embedder=embedder, index_type=index_type, eval_queries=questions)
     assert result.index_type == index_type and result.recall_at_10 is not None and result.recall_at_10 >= RECALL_TARGET
     assert set(result.manifest.search_params) == {"efSearch" if index_type == "hnsw" else "nprobe"}
+    expected_queries = "33 given questions" if real_questions else f"{result.count} synthetic questions at cosine 0.6"
+    assert result.manifest.recall_queries.startswith(expected_queries)
     loaded = LoadedIndex.load(tmp_path)
     question = load_sample_questions()[0]
     [hits] = loaded.search(embedder.embed_queries([question.question]), 3)

@@ -19,6 +19,7 @@ from spotrag_runtime.index import (
     html_to_text,
     load_documents,
 )
+from spotrag_runtime.index.loading import read_questions
 from spotrag_runtime.retrieval import DEFAULT_MODEL, resolve_model_path
 
 
@@ -113,6 +114,15 @@ def test_missing_source_and_unsupported_file_are_named(tmp_path):
     (tmp_path / "slides.pdf").write_bytes(b"%PDF")
     with pytest.raises(CorpusError, match=r"slides\.pdf: unsupported file type '\.pdf'"):
         load_documents([tmp_path / "slides.pdf"])
+
+
+def test_questions_are_read_from_jsonl_or_lines(tmp_path):
+    (tmp_path / "q.jsonl").write_text('{"question": "When?"}\n\n{"question": "Where?", "source": "x"}\n', encoding="utf-8")
+    (tmp_path / "q.txt").write_text("When?\n  \nWhere?\n", encoding="utf-8")
+    assert read_questions(tmp_path / "q.jsonl") == read_questions(tmp_path / "q.txt") == ["When?", "Where?"]
+    (tmp_path / "bad.jsonl").write_text('{"q": "When?"}\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"bad\.jsonl:1: expected an object with a string 'question' field"):
+        read_questions(tmp_path / "bad.jsonl")
 
 
 # --- chunking --------------------------------------------------------------

@@ -43,7 +43,7 @@ from ..retrieval import (
 from ..retrieval.store import file_checksum, read_manifest, resolve_version_dir
 from .chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS, Chunk, Chunker
 from .loading import DEFAULT_SOURCE_FIELD, DEFAULT_TEXT_FIELD, load_documents
-from .vector_index import build_vector_index, choose_index_type
+from .vector_index import RECALL_QUERIES, SYNTHETIC_QUERY_COSINE, build_vector_index, choose_index_type
 
 DEFAULT_SHARD_SIZE = 2048
 DEFAULT_KEEP_VERSIONS = 3
@@ -99,6 +99,7 @@ def build_index(
     source_field: str = DEFAULT_SOURCE_FIELD,
     keep_versions: int = DEFAULT_KEEP_VERSIONS,
     force: bool = False,
+    eval_queries: Sequence[str] | None = None,
     progress: ProgressCallback | None = None,
 ) -> BuildResult:
     """Build an index of `sources` and publish it as the new version under `out`.
@@ -106,6 +107,8 @@ def build_index(
     Pass an already loaded `embedder` to reuse it (tests, the demo); otherwise one is
     loaded from `model` and the prefixes. Unless `force`, a corpus whose fingerprint
     matches the published version is not indexed again (`published` is False).
+    `eval_queries` are questions to measure an approximate index's recall@10 on
+    (real ones are best); without them synthetic ones are made from the passages.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
@@ -159,7 +162,14 @@ def build_index(
         seconds["embed"] = time.perf_counter() - stage_started
 
         stage_started = time.perf_counter()
-        built = build_vector_index(vectors, chosen_type, on_added=lambda done: report("index", done, len(chunks)))
+        query_vectors = embedder.embed_queries(list(eval_queries)) if eval_queries and chosen_type != "flat" else None
+        built = build_vector_index(vectors, chosen_type, queries=query_vectors, on_added=lambda done: report("index", done, len(chunks)))
+        if chosen_type == "flat":
+            recall_queries = ""
+        elif query_vectors is not None:
+            recall_queries = f"{len(query_vectors)} given questions"
+        else:
+            recall_queries = f"{min(RECALL_QUERIES, len(chunks))} synthetic questions at cosine {SYNTHETIC_QUERY_COSINE} from held-out passages"
         seconds["index"] = time.perf_counter() - stage_started
 
         stage_started = time.perf_counter()
@@ -176,6 +186,7 @@ def build_index(
             "chunking": {**chunker.settings(), "tokenizer": embedder.model_name},
             "search_params": built.search_params,
             "source_fingerprint": fingerprint,
+            "recall_queries": recall_queries,
         }
         version_path, manifest = _publish(out, built.index, chunks, manifest_fields)
         seconds["write"] = time.perf_counter() - stage_started

@@ -66,7 +66,7 @@ class Chunker:
     def settings(self) -> dict[str, Any]:
         return {"chunk_tokens": self.chunk_tokens, "overlap_tokens": self.overlap_tokens, "boundaries": "paragraph,sentence"}
 
-    def chunk_documents(self, documents: Iterable[Document], *, batch_size: int = 64) -> Iterator[Chunk]:
+    def chunk_documents(self, documents: Iterable[Document], *, batch_size: int = 1024) -> Iterator[Chunk]:
         batch: list[Document] = []
         for document in documents:
             batch.append(document)

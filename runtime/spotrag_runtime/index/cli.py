@@ -28,7 +28,7 @@ from ..retrieval import (
 from ..retrieval.store import VERSIONS_DIR
 from .builder import DEFAULT_KEEP_VERSIONS, DEFAULT_SHARD_SIZE, IndexBuildError, build_index
 from .chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS
-from .loading import DEFAULT_SOURCE_FIELD, DEFAULT_TEXT_FIELD, CorpusError
+from .loading import DEFAULT_SOURCE_FIELD, DEFAULT_TEXT_FIELD, CorpusError, read_questions
 from .vector_index import INDEX_TYPES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--source-field", default=DEFAULT_SOURCE_FIELD, help="JSONL field naming the record (default: %(default)s)")
     build.add_argument("--keep-versions", type=int, default=DEFAULT_KEEP_VERSIONS, help="published versions kept (default: %(default)s)")
     build.add_argument("--force", action="store_true", help="publish a new version even when the corpus is unchanged")
+    build.add_argument("--eval-queries", type=Path, help="questions (.jsonl with a 'question' field, or one per line) to tune and report recall@10 on")
     build.add_argument("--progress", choices=("auto", "bar", "plain", "json", "none"), default="auto", help="auto: a bar on a terminal, plain lines otherwise")
     build.add_argument("--result-file", type=Path, help="also write the final JSON object here (e.g. /dev/termination-log)")
     build.set_defaults(run=_build)
@@ -110,6 +111,7 @@ def _build(args: argparse.Namespace) -> int:
                 source_field=args.source_field,
                 keep_versions=args.keep_versions,
                 force=args.force,
+                eval_queries=read_questions(args.eval_queries) if args.eval_queries else None,
                 progress=reporter.update,
             )
     except (CorpusError, IndexBuildError, ModelLoadError, ValueError) as exc:

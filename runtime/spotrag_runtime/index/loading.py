@@ -161,3 +161,26 @@ def html_to_text(html: str) -> str:
     extractor.close()
     paragraphs = (" ".join(block.split()) for block in "".join(extractor.parts).split("\n\n"))
     return "\n\n".join(paragraph for paragraph in paragraphs if paragraph)
+
+
+def read_questions(path: str | Path, *, field: str = "question") -> list[str]:
+    """Questions to measure recall on: JSONL objects with a `field`, or plain text, one per line."""
+    path = Path(path)
+    text = _read_text(path)
+    if path.suffix.lower() not in JSONL_SUFFIXES:
+        questions = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        questions = []
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CorpusError(f"{path}:{line_number}: not JSON: {exc.msg}") from exc
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise CorpusError(f"{path}:{line_number}: expected an object with a string {field!r} field")
+            questions.append(record[field])
+    if not questions:
+        raise CorpusError(f"{path} holds no questions")
+    return questions

@@ -87,6 +87,7 @@ class Embedder:
         self.max_seq_length: int = int(self._model.max_seq_length)
         self.tokenizer = self._model.tokenizer
         self._special_head, self._special_tail = _special_token_template(self.tokenizer)
+        self._passage_prefix_ids: list[int] = self.tokenizer(passage_prefix, add_special_tokens=False)["input_ids"] if passage_prefix else []
 
     def __repr__(self) -> str:
         return f"Embedder({self.model_name!r}, dimension={self.dimension}, device={self.device!r})"
@@ -115,31 +116,35 @@ class Embedder:
         """
         import torch
 
-        prefix_ids = self.tokenizer(self.passage_prefix, add_special_tokens=False)["input_ids"] if self.passage_prefix else []
-        limit = self.max_seq_length - self.special_tokens_count
-        full = [self._special_head + (prefix_ids + list(ids))[:limit] + self._special_tail for ids in sequences]
+        if not sequences:
+            return np.empty((0, self.dimension), dtype=np.float32)
+        limit = self.max_seq_length - len(self._special_head) - len(self._special_tail)
+        full = [self._special_head + (self._passage_prefix_ids + list(ids))[:limit] + self._special_tail for ids in sequences]
         # Longest first, batched by similar length, keeps padding (wasted compute) small.
         order = sorted(range(len(full)), key=lambda i: -len(full[i]))
-        out = np.empty((len(full), self.dimension), dtype=np.float32)
+        on_gpu = self.device.startswith("cuda")
         pad_id = self.tokenizer.pad_token_id or 0
+        in_order = torch.empty((len(full), self.dimension), dtype=torch.float32, device=self.device)
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
-                batch_rows = order[start : start + self.batch_size]
-                width = len(full[batch_rows[0]])
-                input_ids = np.full((len(batch_rows), width), pad_id, dtype=np.int64)
-                attention = np.zeros((len(batch_rows), width), dtype=np.int64)
-                for row, index in enumerate(batch_rows):
-                    ids = full[index]
-                    input_ids[row, : len(ids)] = ids
-                    attention[row, : len(ids)] = 1
+                rows = order[start : start + self.batch_size]
+                width = len(full[rows[0]])
+                # Pinned host memory lets the copy to the GPU run while the CPU fills the next batch.
+                input_ids = torch.full((len(rows), width), pad_id, dtype=torch.int64, pin_memory=on_gpu)
+                attention = torch.zeros((len(rows), width), dtype=torch.int64, pin_memory=on_gpu)
+                ids_view, attention_view = input_ids.numpy(), attention.numpy()
+                for row, index in enumerate(rows):
+                    ids_view[row, : len(full[index])] = full[index]
+                    attention_view[row, : len(full[index])] = 1
                 features = {
-                    "input_ids": torch.from_numpy(input_ids).to(self.device, non_blocking=True),
-                    "attention_mask": torch.from_numpy(attention).to(self.device, non_blocking=True),
-                    "token_type_ids": torch.zeros((len(batch_rows), width), dtype=torch.int64, device=self.device),
+                    "input_ids": input_ids.to(self.device, non_blocking=True),
+                    "attention_mask": attention.to(self.device, non_blocking=True),
+                    "token_type_ids": torch.zeros((len(rows), width), dtype=torch.int64, device=self.device),
                 }
                 vectors = self._model(features)["sentence_embedding"]
-                vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)
-                out[batch_rows] = vectors.cpu().numpy()
+                in_order[start : start + len(rows)] = torch.nn.functional.normalize(vectors.float(), dim=-1)
+        out = np.empty((len(full), self.dimension), dtype=np.float32)
+        out[order] = in_order.cpu().numpy()  # the only wait for the GPU
         return out
 
     def _encode(self, texts: list[str]) -> np.ndarray:

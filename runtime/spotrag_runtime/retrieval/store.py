@@ -88,10 +88,11 @@ class Manifest:
     checksum: str  # sha256 over index.faiss then passages.jsonl
     version: str
     created_at: str  # RFC 3339, UTC
-    recall_at_10: float | None  # approximate vs exact search on held-out queries; None for exact (flat)
+    recall_at_10: float | None  # approximate vs exact search (see recall_queries); None for exact (flat)
     chunking: dict[str, Any]
     search_params: dict[str, Any] = field(default_factory=dict)  # faiss ParameterSpace names: nprobe, efSearch
     source_fingerprint: str = ""  # hash of the model, passage prefix, chunking and every chunk's tokens
+    recall_queries: str = ""  # what recall_at_10 was measured on
     format: int = FORMAT_VERSION
 
     @classmethod
