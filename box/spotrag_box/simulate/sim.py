@@ -74,7 +74,18 @@ class RunResult:
 
 
 class Simulation:
-    def __init__(self, profile: Profile, trace: list[TraceRequest], controller, *, seed: int, horizon: float, outages: list[tuple[float, float]]) -> None:
+    def __init__(
+        self,
+        profile: Profile,
+        trace: list[TraceRequest],
+        controller,
+        *,
+        seed: int,
+        horizon: float,
+        outages: list[tuple[float, float]],
+        notices: list[tuple[float, int]] = (),
+    ) -> None:
+        """`notices`: scripted interruptions, (time, engine number), on top of the random ones."""
         self.profile = profile
         self.spec = profile.engine
         self.controller = controller
@@ -101,6 +112,7 @@ class Simulation:
         self.retried = 0
         self.samples: dict[str, list[float]] = {k: [] for k in ("time", "queued_tokens", "ready_spot", "ready_on_demand", "ready", "engines", "arrived_tokens")}
         self.arrived_tokens = 0
+        self.scripted_notices = list(notices)
 
     # -- the event queue ----------------------------------------------------------
 
@@ -377,6 +389,8 @@ class Simulation:
         self._at(SAMPLE_SECONDS, _SAMPLE)
         for _, end in self.outages:
             self._at(end, _OUTAGE_END)
+        for time, number in self.scripted_notices:
+            self._at(time, _NOTICE, number)
 
         trace, next_arrival = self.trace, 0
         end = self.horizon + DRAIN_AFTER_TRACE_SECONDS
@@ -406,6 +420,10 @@ class Simulation:
                     subject.phase, subject.since = READY, time
                     self._serve(subject)
             elif kind == _NOTICE:
+                if isinstance(subject, int):  # scripted: the engine is known by its number
+                    if subject >= len(self.engines):
+                        continue
+                    subject = self.engines[subject]
                 self._notice(subject)
             elif kind == _DEADLINE:
                 self._deadline(subject)
