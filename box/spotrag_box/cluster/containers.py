@@ -40,6 +40,7 @@ from typing import Any
 from .profile import Timing
 
 PORT_MAP_ANNOTATION = "box.spotrag.io/port-map"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # the Kubernetes default
 SPOTRAG_CLI = [sys.executable, "-m", "spotrag_runtime.cli"]
 ENGINE_EMULATOR = [sys.executable, "-m", "spotrag_runtime.engine_emulator"]
 
@@ -74,9 +75,9 @@ class PreparedContainer:
     ports: dict[int, int]
     port_names: dict[str, int]  # port name → containerPort
     bound_sockets: list[socket.socket] = field(default_factory=list)
-    # A delay the container spends "loading" before its process starts is the
-    # image pull; model loading happens inside the emulator (--startup-delay).
     kind: str = "process"
+    # Where the process may write its termination message (terminationMessagePath).
+    termination_message: Path | None = None
 
     def host_port(self, port: int | str) -> int | None:
         container_port = self.port_names.get(port) if isinstance(port, str) else port
@@ -180,13 +181,16 @@ class LocalRuntime:
                 env[item["name"]] = await self._config_value(fetch, namespace, ref)
         image = container.get("image") or ""
         if command[:2] == ["vllm", "serve"] or (not command and "vllm" in image):
-            return self._engine(container, command[2:] if command[:2] == ["vllm", "serve"] else command, env, port_names)
-        if command[:1] == ["spotrag"]:
-            return self._spotrag(container, command[1:], env, port_names, mounts)
-        raise ContainerError(
-            f"the cluster in a box runs only vLLM (`vllm serve`) and spotrag (`spotrag ...`) containers; "
-            f"container {container['name']!r} has image {image!r} and command {command[:3]!r}"
-        )
+            prepared = self._engine(container, command[2:] if command[:2] == ["vllm", "serve"] else command, env, port_names)
+        elif command[:1] == ["spotrag"]:
+            prepared = self._spotrag(container, command[1:], env, port_names, mounts)
+        else:
+            raise ContainerError(
+                f"the cluster in a box runs only vLLM (`vllm serve`) and spotrag (`spotrag ...`) containers; "
+                f"container {container['name']!r} has image {image!r} and command {command[:3]!r}"
+            )
+        prepared.termination_message = Path(mounts.translate(container.get("terminationMessagePath") or TERMINATION_MESSAGE_PATH))
+        return prepared
 
     def _base_env(self, pod: dict, mounts: Mounts) -> dict[str, str]:
         home = self.pod_dir(pod) / "home"
@@ -288,6 +292,11 @@ class LocalRuntime:
                 raise ContainerError(f"volume {mount['name']!r} is of a kind the box does not provide: {kinds}")
             target = host / mount["subPath"] if mount.get("subPath") else host
             table.append((mount["mountPath"], str(target)))
+        # The file a container may leave its termination message in, as a kubelet provides it.
+        message_file = self.pod_dir(pod) / "termination" / container["name"]
+        message_file.parent.mkdir(parents=True, exist_ok=True)
+        message_file.write_text("")
+        table.append((container.get("terminationMessagePath") or TERMINATION_MESSAGE_PATH, str(message_file)))
         mounts = Mounts(tuple(sorted(table, key=lambda pair: -len(pair[0]))))
         for folder, files in projected:
             if folder.exists():

@@ -186,7 +186,7 @@ class PodWorker:
             return
         if container.process is not None:  # it exited on its own
             code = container.process.returncode
-            container.terminated = _terminated(code, container.started_at)
+            container.terminated = _terminated(container, code, self.kubelet.runtime.log_path(self.pod, container.name))
             container.last_terminated = container.terminated
             container.process = None
             container.ready = container.started = False
@@ -300,7 +300,8 @@ class PodWorker:
             prober.cancel()
             await asyncio.gather(prober, return_exceptions=True)
         for container in running:
-            container.terminated = _terminated(container.process.returncode if container.process else 137, container.started_at)
+            code = container.process.returncode if container.process else None
+            container.terminated = _terminated(container, code, self.kubelet.runtime.log_path(self.pod, container.name))
             container.process = None
             container.ready = False
         await self._publish()
@@ -553,14 +554,32 @@ def _restarts(pod: dict, exit_code: int) -> bool:
     return policy == "Always" or (policy == "OnFailure" and exit_code != 0)
 
 
-def _terminated(exit_code: int | None, started_at: str | None) -> dict:
+def _terminated(container: "ContainerState", exit_code: int | None, log_path: Path) -> dict:
     code = 137 if exit_code is None else (128 - exit_code if exit_code < 0 else exit_code)
-    return {
+    state = {
         "exitCode": code,
         "reason": "Completed" if code == 0 else "Error",
-        "startedAt": started_at,
+        "startedAt": container.started_at,
         "finishedAt": now_iso(),
     }
+    if exit_code is not None and exit_code < 0:
+        state["signal"] = -exit_code
+    if message := _termination_message(container, code, log_path):
+        state["message"] = message
+    return state
+
+
+def _termination_message(container: "ContainerState", code: int, log_path: Path) -> str:
+    """The file's content (at most 4096 bytes), else, with FallbackToLogsOnError
+    and a failure, the log's last 80 lines (at most 2048 bytes), as a kubelet does."""
+    prepared = container.prepared
+    if prepared is not None and prepared.termination_message is not None and prepared.termination_message.is_file():
+        if text := prepared.termination_message.read_bytes()[:4096].decode(errors="replace"):
+            return text
+    if code != 0 and container.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError" and log_path.is_file():
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-80:])
+        return tail.encode()[-2048:].decode(errors="replace")
+    return ""
 
 
 _SLEEP = re.compile(r"^\s*(?:exec\s+)?sleep\s+(\d+(?:\.\d+)?)\s*$")

@@ -245,7 +245,8 @@ def schedule(pod: Mapping, nodes: list[Mapping], pods_by_node: Mapping[str, list
             for part in reason.split(", "):
                 reasons[part] += 1
     if not feasible:
-        detail = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+        # Sorted as the whole "N reason" strings, as kube-scheduler sorts them.
+        detail = ", ".join(sorted(f"{count} {reason}" for reason, count in reasons.items()))
         return Decision(None, f"0/{len(nodes)} nodes are available: {detail}.")
     best, _ = min(
         feasible,

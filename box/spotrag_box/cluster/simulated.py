@@ -28,6 +28,7 @@ from .cloud import Cloud, Interruption
 from .containers import LocalRuntime
 from .deployments import DeploymentController
 from .endpointslices import EndpointSliceController
+from .jobs import JobController
 from .kubelet import Kubelet
 from .profile import ClusterProfile, Timing
 from .scheduler import Scheduler
@@ -141,6 +142,7 @@ class SimulatedCluster:
             "services": collection_path("v1", "services"),
             "endpointslices": collection_path("discovery.k8s.io/v1", "endpointslices"),
             "deployments": collection_path("apps/v1", "deployments"),
+            "jobs": collection_path("batch/v1", "jobs"),
             "persistentvolumeclaims": collection_path("v1", "persistentvolumeclaims"),
         }
         informers = {name: Informer(client, path, name=name) for name, path in kinds.items()}
@@ -153,6 +155,7 @@ class SimulatedCluster:
             kubelet,
             EndpointSliceController(client, informers["services"], informers["pods"], informers["endpointslices"], informers["nodes"], resync=timing.resync),
             DeploymentController(client, informers["deployments"], informers["pods"], resync=timing.resync),
+            JobController(client, informers["jobs"], informers["pods"], resync=timing.resync, retry_delay=timing.restart_backoff),
             VolumeProvisioner(client, informers["persistentvolumeclaims"], self.runtime, resync=timing.resync),
             cloud,
         ]
