@@ -139,6 +139,8 @@ class ChatRelay:
                         raise EngineFailure(f"{engine.url} ended the answer without a finish_reason")
                     return
                 except EngineFailure as failure:
+                    if outcome.finish_reason is not None:
+                        return  # the answer was complete; only the stream's trailer was lost
                     progressed = outcome.generated > produced_before
                     failures_in_a_row = 1 if progressed else failures_in_a_row + 1
                     log.warning("attempt on %s failed after %d tokens: %s", engine.url, outcome.generated, failure)
