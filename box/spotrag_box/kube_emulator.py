@@ -42,7 +42,7 @@ import kmock
 import multidict
 import yaml
 
-from spotrag_box import admission, kube_patches, kube_selectors, kube_tables
+from spotrag_box import admission, kube_patches, kube_protobuf, kube_selectors, kube_tables
 
 logger = logging.getLogger(__name__)
 
@@ -947,8 +947,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
                                f'injected fault: {fault.status} for {raw_request.method} {raw_request.path}',
                                headers={'Retry-After': '1'} if fault.status == 429 else None)
             if isinstance(record.body, _Unparsable):
-                raise ApiError(400, 'BadRequest', f'the request body is not valid {content_type or "JSON"}: '
-                                                  f'{record.body.error}')
+                raise ApiError(record.body.status, _REASONS[record.body.status],
+                               f'the request body is not valid {content_type or "JSON"}: {record.body.error}')
             response = await self._route(raw_request, record)
         except ApiError as e:
             response = aiohttp.web.json_response(e.status(), status=e.code, headers=e.headers)
@@ -968,6 +968,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 return aiohttp.web.json_response(document)
             if path in ('/healthz', '/livez', '/readyz'):
                 return aiohttp.web.Response(text='ok')
+            if path in ('/openapi/v2', '/openapi/v3'):
+                return self._openapi(path, raw_request.headers.get('Accept', ''))
         parts = path.strip('/').split('/')
         if parts[0] == 'api' and len(parts) >= 3:
             group, version, rest = '', parts[1], parts[2:]
@@ -1185,6 +1187,21 @@ class KubeEmulator(kmock.KubernetesEmulator):
         bookmark = {'kind': served.kind, 'apiVersion': served.api_version, 'metadata': metadata}
         return json.dumps({'type': 'BOOKMARK', 'object': bookmark}).encode() + b'\n'
 
+    def _openapi(self, path: str, accept: str) -> aiohttp.web.Response:
+        """OpenAPI documents that declare no schemas.
+
+        With them, kubectl and helm validate client-side against nothing (they skip kinds
+        the document lacks) instead of failing to download OpenAPI; custom resources are
+        still validated here, by admission. kubectl asks /openapi/v2 for protobuf: an empty
+        message is a valid, empty openapi_v2.Document.
+        """
+        if path == '/openapi/v3':
+            return aiohttp.web.json_response({'paths': {}})
+        if 'protobuf' in accept:
+            return aiohttp.web.Response(body=b'', content_type='application/com.github.proto-openapi.spec.v2.v1.0+protobuf')
+        return aiohttp.web.json_response({'swagger': '2.0', 'info': {'title': 'Kubernetes', 'version': self.server_version},
+                                          'paths': {}, 'definitions': {}})
+
     # --- discovery ----------------------------------------------------------------------------------
 
     def _discovery(self, path: str) -> dict[str, Any] | None:
@@ -1275,11 +1292,17 @@ def _json_response(data: Any, status: int, warnings: list[str]) -> aiohttp.web.R
 class _Unparsable:
     text: str
     error: str
+    status: int = 400
 
 
 def _parse_body(body: bytes, content_type: str) -> Any:
     if not body:
         return None
+    if content_type == kube_protobuf.CONTENT_TYPE:
+        try:
+            return kube_protobuf.decode(body)
+        except kube_protobuf.ProtobufUnsupported as e:
+            return _Unparsable(repr(body[:200]), str(e), 415)
     text = body.decode('utf-8', errors='replace')
     try:
         if content_type == kube_patches.APPLY_PATCH or content_type.endswith('yaml'):

@@ -22,9 +22,9 @@ from collections.abc import Iterable, Iterator
 
 from spotrag_box.kube_api import KubeAPIServer
 
-__all__ = ['running_kube_api', 'kubectl', 'KubectlError', 'kubectl_binary', 'helm_binary']
+__all__ = ['running_kube_api', 'kubectl', 'helm', 'KubectlError', 'kubectl_binary', 'helm_binary']
 
-# kubectl subcommands that validate against the server's OpenAPI, which the stand-in does not serve.
+# kubectl subcommands that validate what they send.
 _VALIDATING_SUBCOMMANDS = frozenset({'apply', 'create', 'replace'})
 
 
@@ -58,17 +58,21 @@ def helm_binary() -> str:
 
 
 def kubectl(kubeconfig: str | pathlib.Path, *args: str, check: bool = True, input: str | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+            timeout: float = 60, validate: bool = True) -> subprocess.CompletedProcess[str]:
     """Run the real kubectl against the kubeconfig's server and capture its output.
 
     Each kubeconfig gets its own discovery cache (KUBECACHEDIR beside it), so a new
     server on a reused port is never answered from another server's cache.
-    ``apply``, ``create`` and ``replace`` get ``--validate=false``: there is no OpenAPI endpoint.
+
+    With ``validate`` (the default), kubectl validates as against a real cluster: the
+    stand-in's OpenAPI documents declare no schemas, so kubectl asks the server for
+    strict field validation and an unknown field of a custom resource is an error.
+    ``validate=False`` adds ``--validate=false`` to apply/create/replace (unknown fields
+    are then dropped silently, as ``--validate=false`` does on a real cluster).
     """
     kubeconfig = pathlib.Path(kubeconfig)
     arguments = list(args)
-    if arguments and arguments[0] in _VALIDATING_SUBCOMMANDS and not any(
-            a.startswith('--validate') for a in arguments):
+    if not validate and arguments and arguments[0] in _VALIDATING_SUBCOMMANDS:
         arguments.insert(1, '--validate=false')
     environment = {
         **os.environ,
@@ -76,15 +80,37 @@ def kubectl(kubeconfig: str | pathlib.Path, *args: str, check: bool = True, inpu
         'KUBECACHEDIR': str(kubeconfig.with_name(kubeconfig.name + '.kubecache')),
         'HOME': str(kubeconfig.parent),  # kubectl must not read or write the user's ~/.kube
     }
-    completed = subprocess.run([kubectl_binary(), *arguments], env=environment, input=input,
-                               capture_output=True, text=True, timeout=timeout, check=False)
+    return _run([kubectl_binary(), *arguments], environment, input=input, timeout=timeout, check=check)
+
+
+def helm(kubeconfig: str | pathlib.Path, *args: str, check: bool = True,
+         timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the real helm against the kubeconfig's server, with its cache, config and data beside it."""
+    kubeconfig = pathlib.Path(kubeconfig)
+    state = kubeconfig.with_name(kubeconfig.name + '.helm')
+    environment = {
+        **os.environ,
+        'KUBECONFIG': str(kubeconfig),
+        'KUBECACHEDIR': str(kubeconfig.with_name(kubeconfig.name + '.kubecache')),
+        'HELM_CACHE_HOME': str(state / 'cache'),
+        'HELM_CONFIG_HOME': str(state / 'config'),
+        'HELM_DATA_HOME': str(state / 'data'),
+        'HOME': str(kubeconfig.parent),
+    }
+    return _run([helm_binary(), *args], environment, input=None, timeout=timeout, check=check)
+
+
+def _run(command: list[str], environment: dict[str, str], *, input: str | None, timeout: float,
+         check: bool) -> subprocess.CompletedProcess[str]:
+    completed = subprocess.run(command, env=environment, input=input, capture_output=True, text=True,
+                               timeout=timeout, check=False)
     if check and completed.returncode != 0:
         raise KubectlError(completed.returncode, completed.args, completed.stdout, completed.stderr)
     return completed
 
 
 class KubectlError(subprocess.CalledProcessError):
-    """A failed kubectl, with what it said (CalledProcessError alone hides stderr)."""
+    """A failed kubectl or helm, with what it said (CalledProcessError alone hides stderr)."""
 
     def __str__(self) -> str:
         return f'{super().__str__()}\nstdout: {self.stdout}\nstderr: {self.stderr}'

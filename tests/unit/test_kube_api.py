@@ -23,7 +23,7 @@ import yaml
 from kubernetes.client import ApiException
 
 from spotrag_box.kube_api import KubeAPIServer
-from spotrag_box.testing import kubectl, running_kube_api
+from spotrag_box.testing import helm, kubectl, running_kube_api
 
 GROUP, VERSION, PLURAL = 'example.test', 'v1', 'widgets'
 WIDGET_CRD = yaml.safe_load(textwrap.dedent('''
@@ -565,6 +565,40 @@ def test_kubectl_on_built_in_kinds(kubeconfig, tmp_path):
     assert images == '3 nginx:2 busybox'
     assert kubectl(kubeconfig, 'get', 'namespaces', '-o', 'name').stdout.split() == [
         'namespace/default', 'namespace/kube-node-lease', 'namespace/kube-public', 'namespace/kube-system']
+
+
+def test_kubectl_validates_fields_strictly_as_against_a_real_cluster(kubeconfig, tmp_path):
+    manifest = tmp_path / 'typo.yaml'
+    manifest.write_text(yaml.safe_dump(widget(replcias=2)))
+    refused = kubectl(kubeconfig, 'apply', '-f', str(manifest), check=False)
+    assert refused.returncode != 0 and 'strict decoding error: unknown field "spec.replcias"' in refused.stderr
+    assert 'created' in kubectl(kubeconfig, 'apply', '-f', str(manifest), validate=False).stdout
+
+
+def test_helm_installs_upgrades_and_uninstalls_a_chart(kubeconfig, tmp_path, core):
+    chart = tmp_path / 'tiny'
+    (chart / 'templates').mkdir(parents=True)
+    (chart / 'Chart.yaml').write_text('apiVersion: v2\nname: tiny\nversion: 0.1.0\n')
+    (chart / 'templates' / 'config.yaml').write_text(textwrap.dedent('''
+        apiVersion: v1
+        kind: ConfigMap
+        metadata: {name: '{{ .Release.Name }}-config'}
+        data: {size: '{{ .Values.size }}'}
+        ---
+        apiVersion: example.test/v1
+        kind: Widget
+        metadata: {name: '{{ .Release.Name }}'}
+        spec: {size: '{{ .Values.size }}'}
+    '''))
+    (chart / 'values.yaml').write_text('size: small\n')
+    helm(kubeconfig, 'install', 'demo', str(chart))
+    helm(kubeconfig, 'upgrade', 'demo', str(chart), '--set', 'size=large')
+    releases = json.loads(helm(kubeconfig, 'list', '-o', 'json').stdout)
+    assert [(r['name'], r['revision'], r['status']) for r in releases] == [('demo', '2', 'deployed')]
+    assert core.read_namespaced_config_map('demo-config', 'default').data == {'size': 'large'}
+    helm(kubeconfig, 'uninstall', 'demo')
+    assert core.list_namespaced_config_map('default').items == []
+    assert core.list_namespaced_secret('default', label_selector='owner=helm').items == []
 
 
 # --- a real kopf operator --------------------------------------------------------------------------------
