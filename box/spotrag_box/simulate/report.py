@@ -27,6 +27,7 @@ class Summary:
     lost_interrupted: int  # died with an interrupted engine
     lost_queue_timeout: int  # 503 from the gateway after queueTimeoutSeconds
     unfinished: int  # still not done an hour after the trace ended
+    ttft_over_timeout: int  # completed, but waited longer than the gateway would have (queueTimeoutSeconds)
     ttft_p50: float
     ttft_p95: float
     ttft_p99: float
@@ -91,6 +92,7 @@ def summarize(result: RunResult, profile: Profile) -> Summary:
         lost_interrupted=sum(1 for r in requests if r.lost == "interrupted"),
         lost_queue_timeout=sum(1 for r in requests if r.lost == "queue timeout"),
         unfinished=sum(1 for r in requests if r.lost == "unfinished"),
+        ttft_over_timeout=int(np.sum(done > profile.spec["gateway"]["queueTimeoutSeconds"])),
         ttft_p50=float(np.percentile(done, 50)) if done.size else math.nan,
         ttft_p95=float(np.percentile(done, 95)) if done.size else math.nan,
         ttft_p99=float(np.percentile(done, 99)) if done.size else math.nan,
@@ -106,14 +108,14 @@ def summarize(result: RunResult, profile: Profile) -> Summary:
 
 def table(summaries: list[Summary]) -> str:
     """A Markdown table, one row per policy."""
-    header = "| policy | cost | × on-demand peak | GPU-h spot / on-demand | TTFT p50 / p95 / p99 (s) | minutes in SLO | lost (interrupted / 503 / unfinished) | resumed | interruptions | most engines ready |"
+    header = "| policy | cost | × on-demand peak | GPU-h spot / on-demand | TTFT p50 / p95 / p99 (s) | minutes in SLO | lost (interrupted / 503 / unfinished) | served after > 30 s | resumed | interruptions | most engines ready |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for s in summaries:
         ratio = "—" if s.cost_vs_peak is None else f"{s.cost_vs_peak:.2f}"
         lines.append(
             f"| {s.policy} | ${s.cost:,.2f} | {ratio} | {s.gpu_hours_spot:.1f} / {s.gpu_hours_on_demand:.1f} | "
             f"{s.ttft_p50:.2f} / {s.ttft_p95:.2f} / {s.ttft_p99:.2f} | {s.slo_minutes:.2%} | "
-            f"{s.lost} ({s.lost_interrupted} / {s.lost_queue_timeout} / {s.unfinished}) | {s.resumed} | {s.interruptions} | {s.max_ready_engines} |"
+            f"{s.lost} ({s.lost_interrupted} / {s.lost_queue_timeout} / {s.unfinished}) | {s.ttft_over_timeout} | {s.resumed} | {s.interruptions} | {s.max_ready_engines} |"
         )
     return "\n".join(lines)
 
@@ -145,9 +147,11 @@ def plot(path: pathlib.Path, results: dict[str, RunResult], profile: Profile, fo
     queue.set_ylabel(f"queued tokens ({focus})")
     queue.annotate(f"target {target} per engine", xy=(0.01, 0.9), xycoords="axes fraction", fontsize=8)
     engines.stackplot(hours, main.samples["ready_on_demand"], main.samples["ready_spot"], labels=[f"{focus}: on-demand ready", f"{focus}: spot ready"], colors=["tab:blue", "tab:orange"], alpha=0.6)
+    # Line colours apart from the blue and orange of the stacked areas.
+    colours = iter(["black", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:olive"])
     for name, result in results.items():
         if name != focus:
-            engines.step(np.array(result.samples["time"]) / 3600.0, result.samples["ready"], where="post", linewidth=0.7, alpha=0.8, label=f"{name}: ready")
+            engines.step(np.array(result.samples["time"]) / 3600.0, result.samples["ready"], where="post", linewidth=0.7, alpha=0.8, color=next(colours, "gray"), label=f"{name}: ready")
     for axes in (load, queue, engines):
         for number, (start, end) in enumerate(main.outages):
             axes.axvspan(start / 3600.0, end / 3600.0, color="tab:red", alpha=0.12, label="no spot to be had" if axes is engines and number == 0 else None)

@@ -18,8 +18,8 @@ from .trace import TraceRequest
 # The fixed fleet runs its engines this busy in the busiest minute.
 PEAK_UTILIZATION = 0.8
 # The autoscalers aim at this: engines take minutes to arrive, so the ones
-# already running keep headroom for a burst while the new ones start.
-TARGET_UTILIZATION = 0.6
+# already running keep room for a burst of 2x while the new ones start.
+TARGET_UTILIZATION = 0.5
 
 
 def engine_seconds_per_request(spec: EngineSpec, prompt: float, output: float) -> float:
