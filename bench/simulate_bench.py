@@ -56,7 +56,7 @@ def main() -> int:
               f"| {point.meta['target_queued_tokens_per_replica']} | {spotrag.cost_vs_peak:.3f} | {spotrag.slo_minutes:.2%} | {spotrag.lost} |")
 
     print(f"\nOther seeds (same profile, u = {TARGET_UTILIZATION}).\n")
-    print("| seed | policy | × peak | SLO min | lost | served after > 30 s |")
+    print("| seed | policy | × peak | SLO min | lost | served after the queue timeout |")
     print("|---|---|---|---|---|---|")
     for seed in (2, 3):
         for s in run(profile, seed=seed, policies=(PEAK, KUBEAI, SPOTRAG)).summaries[1:]:

@@ -81,7 +81,7 @@ def test_flapping_input_moves_the_target_once():
     assert decisions[0] == (3, autoscale.STEADY)
     assert decisions[1] == (6, autoscale.SCALE_UP)
     assert {d for d, _ in decisions[1:]} == {6}
-    changes = sum(1 for a, b in zip(decisions, decisions[1:]) if a[0] != b[0])
+    changes = sum(1 for a, b in zip(decisions, decisions[1:], strict=False) if a[0] != b[0])
     assert changes == 1
 
 

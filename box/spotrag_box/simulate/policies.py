@@ -146,7 +146,8 @@ class KubeAIController:
         self.interval = settings.interval_seconds
         self.min_replicas, self.max_replicas = min_replicas, max_replicas
         # Like movingaverage.NewSimple(make([]float64, n)): starts from zeros.
-        self.window: deque[float] = deque([0.0] * math.ceil(settings.time_window_seconds / settings.interval_seconds), maxlen=math.ceil(settings.time_window_seconds / settings.interval_seconds))
+        samples = math.ceil(settings.time_window_seconds / settings.interval_seconds)
+        self.window: deque[float] = deque([0.0] * samples, maxlen=samples)
         self.required_scale_downs = math.ceil(settings.scale_down_delay_seconds / settings.interval_seconds)
         self.scale_downs = 0
         self.desired = min_replicas

@@ -260,7 +260,11 @@ def build_profile(data: dict | None = None, *, gpu: str | None = None, model: st
     slo_percentile = _number(slo, "percentile", 95.0, problems, "slo")
     interval = _number(data, "controlIntervalSeconds", 10.0, problems, "")
     grace = _number(data, "terminationGracePeriodSeconds", 30.0, problems, "")
-    for name, value in (("spot.interruptionsPerHour", interruptions), ("spot.outagesPerDay", outages_per_day), ("nodes.startSeconds", node_start), ("nodes.modelLoadSeconds", model_load), ("terminationGracePeriodSeconds", grace)):
+    not_negative = {
+        "spot.interruptionsPerHour": interruptions, "spot.outagesPerDay": outages_per_day, "nodes.startSeconds": node_start,
+        "nodes.modelLoadSeconds": model_load, "terminationGracePeriodSeconds": grace,
+    }
+    for name, value in not_negative.items():
         if value < 0:
             problems.append(f"{name} must not be negative (got {value:g})")
     for name, value in (("spot.noticeSeconds", notice), ("spot.outageMinutes", outage_minutes), ("slo.ttftSeconds", slo_ttft), ("controlIntervalSeconds", interval)):
@@ -270,8 +274,10 @@ def build_profile(data: dict | None = None, *, gpu: str | None = None, model: st
         problems.append(f"slo.percentile must be in (0, 100] (got {slo_percentile:g})")
 
     baselines = _section(data, "baselines", {"kubeai", "keda"}, source)
-    kubeai = _settings(KubeAISettings, _section(baselines, "kubeai", {"targetRequests", "intervalSeconds", "timeWindowSeconds", "scaleDownDelaySeconds"}, source + ": baselines"), problems, "baselines.kubeai")
-    keda = _settings(KedaSettings, _section(baselines, "keda", {"waitingThreshold", "pollingIntervalSeconds", "scaleDownStabilizationSeconds"}, source + ": baselines"), problems, "baselines.keda")
+    kubeai_keys = {"targetRequests", "intervalSeconds", "timeWindowSeconds", "scaleDownDelaySeconds"}
+    keda_keys = {"waitingThreshold", "pollingIntervalSeconds", "scaleDownStabilizationSeconds"}
+    kubeai = _settings(KubeAISettings, _section(baselines, "kubeai", kubeai_keys, f"{source}: baselines"), problems, "baselines.kubeai")
+    keda = _settings(KedaSettings, _section(baselines, "keda", keda_keys, f"{source}: baselines"), problems, "baselines.keda")
     if problems:
         raise ProfileError(f"{source}: " + "; ".join(problems))
     return Profile(

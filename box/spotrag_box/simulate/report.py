@@ -108,7 +108,10 @@ def summarize(result: RunResult, profile: Profile) -> Summary:
 
 def table(summaries: list[Summary]) -> str:
     """A Markdown table, one row per policy."""
-    header = "| policy | cost | × on-demand peak | GPU-h spot / on-demand | TTFT p50 / p95 / p99 (s) | minutes in SLO | lost (interrupted / 503 / unfinished) | served after > 30 s | resumed | interruptions | most engines ready |"
+    header = (
+        "| policy | cost | × on-demand peak | GPU-h spot / on-demand | TTFT p50 / p95 / p99 (s) | minutes in SLO "
+        "| lost (interrupted / 503 / unfinished) | served after the queue timeout | resumed | interruptions | most engines ready |"
+    )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for s in summaries:
         ratio = "—" if s.cost_vs_peak is None else f"{s.cost_vs_peak:.2f}"
@@ -121,12 +124,9 @@ def table(summaries: list[Summary]) -> str:
 
 
 def write_json(path: pathlib.Path, summaries: list[Summary], meta: dict) -> None:
-    data = {"meta": meta, "policies": [asdict(s) | {"lost": s.lost} for s in summaries]}
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=_finite) + "\n", encoding="utf-8")
-
-
-def _finite(value):
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+    # NaN (no request completed) is not JSON: write null instead.
+    policies = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in (asdict(s) | {"lost": s.lost}).items()} for s in summaries]
+    path.write_text(json.dumps({"meta": meta, "policies": policies}, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def plot(path: pathlib.Path, results: dict[str, RunResult], profile: Profile, focus: str = "spotrag") -> None:

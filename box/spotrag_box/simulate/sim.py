@@ -306,7 +306,7 @@ class Simulation:
     # -- interruptions ----------------------------------------------------------------
 
     def _notice(self, engine: Engine) -> None:
-        if engine.phase in (GONE,) or engine.interrupted:
+        if engine.phase == GONE or engine.interrupted:
             return
         self.interruptions += 1
         engine.interrupted = True

@@ -152,7 +152,7 @@ def generate_trace(kind: str, *, hours: float, seed: int, peak_rps: float = 2.0)
     outputs = np.clip(np.round(rng.lognormal(np.log(OUTPUT_MEDIAN), OUTPUT_SIGMA, arrivals.size)), *OUTPUT_RANGE).astype(int)
     return [
         TraceRequest(arrival=float(a), prompt_tokens=int(p), output_tokens=int(o), row=i + 1)
-        for i, (a, p, o) in enumerate(zip(arrivals, prompts, outputs))
+        for i, (a, p, o) in enumerate(zip(arrivals, prompts, outputs, strict=True))
     ]
 
 
