@@ -545,6 +545,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if dry_run:
             return current
         policy = options.get('propagationPolicy') or ('Orphan' if options.get('orphanDependents') else 'Background')
+        if policy not in ('Orphan', 'Background', 'Foreground'):
+            raise ApiError(400, 'BadRequest', f'propagationPolicy: Unsupported value: {json.dumps(policy)}: '
+                                              f'supported values: "Foreground", "Background", "Orphan"')
         if policy == 'Orphan':
             self._orphan_dependents(current['metadata']['uid'])
         new = copy.deepcopy(current)
@@ -707,11 +710,23 @@ class KubeEmulator(kmock.KubernetesEmulator):
             progress = False
             live = list(self._live())
             by_uid = {obj['metadata']['uid']: obj for _, obj in live}
-            for key, obj in live:
-                progress |= self._collect_dependent(key, obj, by_uid)
+            for key, _ in live:
+                progress |= self._collecting(self._collect_dependent, key, by_uid)
             for key, obj in live:
                 if obj['metadata'].get('deletionTimestamp'):
-                    progress |= self._finish_deletion(key, obj)
+                    progress |= self._collecting(self._finish_deletion, key)
+
+    def _collecting(self, step: Any, key: tuple[Any, ...], *args: Any) -> bool:
+        """One garbage-collection step on the current state of one object; a refused write is logged
+        and left, as the real collector leaves what it cannot change (and retries it on the next pass)."""
+        current = self._current(self._served_for_storage(key[0]), key[1], key[2])
+        if current is None:
+            return False  # gone earlier in this pass
+        try:
+            return bool(step(key, current, *args))
+        except ApiError as e:
+            logger.warning('Garbage collection could not handle %s %s/%s: %s', key[0].plural, key[1], key[2], e)
+            return False
 
     def _collect_dependent(self, key: tuple[Any, ...], obj: dict[str, Any], by_uid: dict[str, Any]) -> bool:
         references = obj['metadata'].get('ownerReferences') or []
@@ -1048,10 +1063,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
             return _json_response(self._present(served, obj), status, warnings)
         if method == 'DELETE':
             options = dict(body) if isinstance(body, Mapping) else {}
-            for option in ('propagationPolicy', 'gracePeriodSeconds', 'orphanDependents'):
-                if option in params:
-                    options[option] = params[option] if option == 'propagationPolicy' else \
-                        (_truthy(params[option]) if option == 'orphanDependents' else int(params[option]))
+            if 'propagationPolicy' in params:
+                options['propagationPolicy'] = params['propagationPolicy']
+            if 'orphanDependents' in params:
+                options['orphanDependents'] = _truthy(params['orphanDependents'])
+            if 'gracePeriodSeconds' in params:
+                options['gracePeriodSeconds'] = _integer(params, 'gracePeriodSeconds')
             if name is not None:
                 obj = self.delete(served, namespace, name, options, dry_run=dry_run)
                 return aiohttp.web.json_response(self._present(served, obj))
@@ -1312,6 +1329,13 @@ def _parse_body(body: bytes, content_type: str) -> Any:
         return _Unparsable(text, str(e))
 
 
+def _integer(params: Mapping[str, str], name: str) -> int:
+    try:
+        return int(params.get(name) or 0)
+    except ValueError as e:
+        raise ApiError(400, 'BadRequest', f'{name}: invalid integer {params[name]!r}') from e
+
+
 def _paginate(items: list[dict[str, Any]], params: Mapping[str, str]) -> tuple[list[dict[str, Any]], str | None]:
     """limit/continue: the token names the last item served; items are sorted by namespace/name."""
     start = 0
@@ -1322,7 +1346,7 @@ def _paginate(items: list[dict[str, Any]], params: Mapping[str, str]) -> tuple[l
             raise ApiError(400, 'BadRequest', f'invalid continue token: {params["continue"]!r}') from e
         start = next((i for i, obj in enumerate(items)
                       if [obj['metadata'].get('namespace') or '', obj['metadata']['name']] > after), len(items))
-    limit = int(params.get('limit') or 0)
+    limit = _integer(params, 'limit')
     if limit <= 0 or start + limit >= len(items):
         return items[start:], None
     page = items[start:start + limit]

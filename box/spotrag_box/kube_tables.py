@@ -240,6 +240,16 @@ def _service_row(obj: Mapping[str, Any], now: datetime.datetime) -> list[Any]:
             '<none>', ports or '<none>', age_of(obj['metadata'].get('creationTimestamp'), now)]
 
 
+def _event_row(obj: Mapping[str, Any], now: datetime.datetime) -> list[Any]:
+    """core/v1 and events.k8s.io/v1 Events, as ``kubectl get events`` lists them."""
+    regarding = obj.get('involvedObject') or obj.get('regarding') or {}
+    last_seen = (obj.get('lastTimestamp') or obj.get('deprecatedLastTimestamp') or obj.get('eventTime')
+                 or obj['metadata'].get('creationTimestamp'))
+    return [age_of(last_seen, now), obj.get('type', ''), obj.get('reason', ''),
+            f"{str(regarding.get('kind', '')).lower()}/{regarding.get('name', '')}",
+            obj.get('message') or obj.get('note') or '', obj['metadata']['name']]
+
+
 BUILTIN_COLUMNS: dict[str, tuple[list[dict[str, Any]], Callable[..., list[Any]]]] = {
     'Pod': ([NAME_COLUMN, _column('Ready'), _column('Status'), _column('Restarts', 'integer'), AGE_COLUMN,
              _column('IP', priority=1), _column('Node', priority=1)], _pod_row),
@@ -247,6 +257,8 @@ BUILTIN_COLUMNS: dict[str, tuple[list[dict[str, Any]], Callable[..., list[Any]]]
     'Deployment': ([NAME_COLUMN, _column('Ready'), _column('Up-to-date', 'integer'),
                     _column('Available', 'integer'), AGE_COLUMN], _deployment_row),
     'Namespace': ([NAME_COLUMN, _column('Status'), AGE_COLUMN], _namespace_row),
+    'Event': ([_column('Last Seen'), _column('Type'), _column('Reason'), _column('Object'), _column('Message'),
+               {**NAME_COLUMN, 'priority': 1}], _event_row),
     'Service': ([NAME_COLUMN, _column('Type'), _column('Cluster-IP'), _column('External-IP'),
                  _column('Port(s)'), AGE_COLUMN], _service_row),
 }
