@@ -1,7 +1,7 @@
 """The request handling of the Kubernetes API stand-in: a subclass of kmock's KubernetesEmulator.
 
 kmock 0.8 stores objects (``emulator.objects``, with their history) and knows
-the built-in resources (``emulator.resources.load_bundled()``); this subclass
+the built-in resources (the discovery data it bundles); this subclass
 serves them the way kube-apiserver does where kopf, the ``kubernetes`` client,
 kubectl and helm look: server-set metadata and resourceVersions, PUT/PATCH with
 every patch type, status and scale subresources, finalizers, graceful pod
@@ -161,11 +161,11 @@ class Served:
         """(specReplicasPath, statusReplicasPath, labelSelectorPath) if /scale is served."""
         if 'scale' not in self.subresources:
             return None
-        if self.crd is not None:
-            scale = (self.crd_version.get('subresources') or {}).get('scale') or {}
-            return scale.get('specReplicasPath', '.spec.replicas'), scale.get('statusReplicasPath',
-                                                                               '.status.replicas'), scale.get('labelSelectorPath')
-        return '.spec.replicas', '.status.replicas', None
+        if self.crd is None:
+            return '.spec.replicas', '.status.replicas', None  # Deployments, ReplicaSets, StatefulSets
+        scale = (self.crd_version.get('subresources') or {}).get('scale') or {}
+        return (scale.get('specReplicasPath', '.spec.replicas'), scale.get('statusReplicasPath', '.status.replicas'),
+                scale.get('labelSelectorPath'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,7 +313,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return self._served_of(resource) if resource in self.resources else None
 
     def _served_for_storage(self, storage: kmock.resource) -> Served:
-        return self._served_of(storage)
+        """The resource a stored object is served as (its storage version, or any served one)."""
+        if storage in self.resources:
+            return self._served_of(storage)
+        for resource in self.resources:
+            if (resource.group, resource.plural) == (storage.group, storage.plural):
+                return self._served_of(resource)
+        raise LookupError(f'{storage.plural}.{storage.group} is no longer served')
 
     def _register_crd(self, crd: Mapping[str, Any]) -> None:
         spec, names = crd['spec'], crd['spec']['names']
