@@ -47,7 +47,7 @@ from spotrag_box import admission, kube_patches, kube_protobuf, kube_selectors, 
 logger = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_LOG_SIZE = 5000
-DEFAULT_CHANGE_LOG_SIZE = 20000  # watch resumption window; older resourceVersions get 410 Gone
+DEFAULT_CHANGE_LOG_SIZE = 5000  # watch resumption window; older resourceVersions get 410 Gone (bounds memory)
 DEFAULT_WATCH_TIMEOUT = 1800.0  # kube-apiserver's --min-request-timeout
 DEFAULT_BOOKMARK_INTERVAL = 60.0
 HISTORY_PER_OBJECT = 20  # versions kept in kmock's object history (for assertions), bounded for memory
@@ -1084,7 +1084,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
     def _selectors(self, served: Served, params: Mapping[str, str]) -> tuple[Any, Any]:
         try:
             labels = kube_selectors.parse_label_selector(params.get('labelSelector'))
-            fields = kube_selectors.parse_field_selector(params.get('fieldSelector'), kind=served.kind)
+            selectable = frozenset(field['jsonPath'].lstrip('.') for field in
+                                   (served.crd_version.get('selectableFields') or [] if served.crd else []))
+            fields = kube_selectors.parse_field_selector(params.get('fieldSelector'), kind=served.kind,
+                                                         extra_fields=selectable)
         except kube_selectors.SelectorError as e:
             raise ApiError(400, 'BadRequest', str(e)) from e
         return labels, fields

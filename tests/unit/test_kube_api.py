@@ -357,6 +357,16 @@ def test_label_selectors(core, selector, expected):
     assert [p.metadata.name for p in core.list_namespaced_pod('default', label_selector=selector).items] == expected
 
 
+def test_crd_selectable_fields(api, custom):
+    crd = json.loads(json.dumps(WIDGET_CRD))
+    crd['spec']['versions'][0]['selectableFields'] = [{'jsonPath': '.spec.size'}]
+    api.apply(crd)
+    create_widget(custom, 'tiny')
+    create_widget(custom, 'huge', size='large')
+    selected = custom.list_namespaced_custom_object(GROUP, VERSION, 'default', PLURAL, field_selector='spec.size=large')
+    assert [w['metadata']['name'] for w in selected['items']] == ['huge']
+
+
 def test_field_selectors_and_list_kind(core, http):
     core.create_namespaced_pod('default', pod('a', nodeName='node-1'))
     core.create_namespaced_pod('default', pod('b'))
@@ -422,16 +432,12 @@ def test_watch_timeout_seconds_ends_the_stream(core):
     assert events == []  # and the stream ended by itself
 
 
-def test_watch_from_a_forgotten_resource_version_is_410(http):
-    http.post('/api/v1/namespaces/default/configmaps', json={'metadata': {'name': 'x'}})
-    # Every change since "1" is still remembered, so ask for a version older than the window by
-    # shrinking it: the stand-in keeps a bounded change log, like etcd's compaction.
-    with running_kube_api() as small:
-        small.call(lambda emulator: setattr(emulator, 'change_log_size', 1))
-        with httpx.Client(base_url=small.url) as other:
-            for name in ('a', 'b', 'c'):
-                other.post('/api/v1/namespaces/default/configmaps', json={'metadata': {'name': name}})
-            _, events = watch_events(other, '/api/v1/namespaces/default/configmaps', 1, resourceVersion='2')
+def test_watch_from_a_forgotten_resource_version_is_410(api, http):
+    # The server remembers a bounded window of changes, as etcd compacts: shrink it to one.
+    api.call(lambda emulator: setattr(emulator, 'change_log_size', 1))
+    for name in ('a', 'b', 'c'):
+        http.post('/api/v1/namespaces/default/configmaps', json={'metadata': {'name': name}})
+    _, events = watch_events(http, '/api/v1/namespaces/default/configmaps', 1, resourceVersion='2')
     assert events[0]['type'] == 'ERROR' and events[0]['object']['code'] == 410
 
 
