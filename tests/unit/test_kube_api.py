@@ -628,6 +628,7 @@ def test_kopf_operator_with_finalizers_status_and_children(api, client, custom, 
                  'data': {'size': spec['size']}}
         kopf.adopt(child, owner=body)
         kubernetes.client.CoreV1Api(client).create_namespaced_config_map(namespace, child)
+        kopf.info(body, reason='ChildCreated', message=f"created {child['metadata']['name']}")
         return {'child': child['metadata']['name']}
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, id='remember_deletion', registry=registry)
@@ -641,6 +642,9 @@ def test_kopf_operator_with_finalizers_status_and_children(api, client, custom, 
         assert get_widget(custom)['metadata']['finalizers'] == ['example.test/finalizer']
         owner_uid = get_widget(custom)['metadata']['uid']
         assert core.read_namespaced_config_map('demo-config', 'default').metadata.owner_references[0].uid == owner_uid
+        posted = eventually(lambda: core.list_namespaced_event('default', field_selector=f'involvedObject.uid={owner_uid}').items,
+                            what="kopf's events about the widget")
+        assert [(event.reason, event.message) for event in posted] == [('ChildCreated', 'created demo-config')]
         custom.delete_namespaced_custom_object(GROUP, VERSION, 'default', PLURAL, 'demo')
         eventually(lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, 'default', PLURAL)['items'],
                    what='the widget to go once its delete handler ran')
