@@ -101,10 +101,9 @@ def check_crd(crd: Mapping[str, Any]) -> list[FieldError]:
         errors.append(FieldError('metadata.name', f'Invalid value: {json.dumps(name)}: '
                                                   f'must be spec.names.plural+"."+spec.group'))
     versions = spec.get('versions') or []
-    if not versions:
-        errors.append(FieldError('spec.versions', 'Invalid value: "array": must have exactly one version marked as storage version'))
-    elif sum(1 for v in versions if v.get('storage')) != 1:
-        errors.append(FieldError('spec.versions', 'Invalid value: "array": must have exactly one version marked as storage version'))
+    if sum(1 for v in versions if v.get('storage')) != 1:
+        errors.append(FieldError('spec.versions',
+                                 'Invalid value: "array": must have exactly one version marked as storage version'))
     for index, version in enumerate(versions):
         schema = (version.get('schema') or {}).get('openAPIV3Schema') or {}
         for path, rule in _rules_in(schema, f'spec.versions[{index}].schema.openAPIV3Schema'):

@@ -517,9 +517,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
             raise ApiError(415, 'UnsupportedMediaType', f'the body of the request was in an unknown format - '
                                                        f'accepted media types include: {", ".join(kube_patches.PATCH_TYPES)}')
         if served.crd is not None and content_type == kube_patches.STRATEGIC_MERGE_PATCH:
-            raise ApiError(415, 'UnsupportedMediaType', f'the body of the request was in an unknown format - '
-                                                       f'accepted media types include: application/json-patch+json, '
-                                                       f'application/merge-patch+json, application/apply-patch+yaml')
+            raise ApiError(415, 'UnsupportedMediaType', 'the body of the request was in an unknown format - '
+                                                       'accepted media types include: application/json-patch+json, '
+                                                       'application/merge-patch+json, application/apply-patch+yaml')
         if content_type == kube_patches.APPLY_PATCH and not field_manager:
             raise ApiError(400, 'BadRequest', 'PATCH requests with apply patch type must specify a fieldManager')
         current = self._current(served, namespace, name)
@@ -1079,7 +1079,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 obj = self.delete(served, namespace, name, options, dry_run=dry_run)
                 return aiohttp.web.json_response(self._present(served, obj))
             return aiohttp.web.json_response(self._delete_collection(served, namespace, params, options, dry_run))
-        raise ApiError(405, 'MethodNotAllowed', f'the server does not allow this method on the requested resource')
+        raise ApiError(405, 'MethodNotAllowed', 'the server does not allow this method on the requested resource')
 
     def _selectors(self, served: Served, params: Mapping[str, str]) -> tuple[Any, Any]:
         try:
