@@ -25,11 +25,12 @@ def parse_busy_requests(text: str) -> int:
 
 
 def running_requests(client: httpx.Client, pod: dict) -> int | None:
-    """Requests the engine is still running or holding; None when it cannot
-    be asked (no IP yet, gone, slow): the drain then waits for its deadline."""
+    """Requests the engine is still running or holding: 0 for a pod that never
+    got an address (it cannot have served), None when it cannot be asked
+    (gone, slow): the drain then waits for its deadline."""
     url = engine_url(pod)
     if url is None:
-        return None
+        return 0
     try:
         response = client.get(f"{url}/metrics", timeout=1.0)
         response.raise_for_status()

@@ -53,6 +53,28 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.setdefault("locks_guard", threading.Lock())
 
 
+@kopf.on.login()
+def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    """kopf connects with the same credentials as our client: in-cluster, or
+    the kubeconfig named now (kopf's own fallback reads $KUBECONFIG only as it
+    was when the `kubernetes` package was imported)."""
+    config = load_api_client(os.environ.get("KUBECONFIG")).configuration
+    header = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix("authorization")
+    scheme, _, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=config.host,
+        ca_path=config.ssl_ca_cert,
+        insecure=not config.verify_ssl,
+        username=config.username or None,
+        password=config.password or None,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=config.cert_file,
+        private_key_path=config.key_file,
+        trust_env=settings.networking.trust_env,
+    )
+
+
 def _lock(memo: kopf.Memo, namespace: str, name: str) -> threading.Lock:
     with memo["locks_guard"]:
         return memo["locks"].setdefault((namespace, name), threading.Lock())
