@@ -39,6 +39,7 @@ from ..retrieval import (
     IndexStoreError,
     Manifest,
     Passage,
+    canonical_model_name,
 )
 from ..retrieval.store import file_checksum, read_manifest, resolve_version_dir
 from .chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS, Chunk, Chunker
@@ -152,7 +153,7 @@ def build_index(
             if unchanged is not None:
                 return BuildResult(
                     unchanged.version, out / VERSIONS_DIR / unchanged.version, unchanged.count, len(documents),
-                    unchanged.index_type, unchanged.recall_at_10, False, 0, 0, seconds, unchanged,
+                    unchanged.index_type, unchanged.recall_at_10, False, 0, 0, _rounded(seconds), unchanged,
                 )  # fmt: skip
 
         stage_started = time.perf_counter()
@@ -193,12 +194,16 @@ def build_index(
         report("write", 1, 1)
         result = BuildResult(
             manifest.version, version_path, len(chunks), len(documents), built.index_type,
-            built.recall_at_10, True, resumed, embedded, {k: round(v, 3) for k, v in seconds.items()}, manifest,
+            built.recall_at_10, True, resumed, embedded, _rounded(seconds), manifest,
         )  # fmt: skip
         _write_json(version_path / RESULT_FILE, result.to_dict())
         shutil.rmtree(shards, ignore_errors=True)
         _prune_versions(out, keep_versions)
     return result
+
+
+def _rounded(seconds: dict[str, float]) -> dict[str, float]:
+    return {stage: round(value, 3) for stage, value in seconds.items()}
 
 
 def corpus_fingerprint(chunks: Sequence[Chunk], embedder: Embedder, chunker: Chunker) -> str:
@@ -213,8 +218,6 @@ def corpus_fingerprint(chunks: Sequence[Chunk], embedder: Embedder, chunker: Chu
 
 
 def _check_embedder_matches(embedder: Embedder, *, model: str | None, query_prefix: str | None, passage_prefix: str | None) -> None:
-    from ..retrieval import canonical_model_name
-
     conflicts = []
     if model is not None and canonical_model_name(model) != embedder.model_name:
         conflicts.append(f"model {model!r} (embedder: {embedder.model_name!r})")
@@ -304,14 +307,10 @@ def _publish(out: Path, index: Any, chunks: Sequence[Chunk], fields: dict[str, A
         with _atomic_file(out / CURRENT_FILE) as stream:
             stream.write(f"{version}\n".encode())
         _fsync_dir(out)
-    except IndexBuildError:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise _write_error(exc, staging) from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _write_error(exc, staging) from exc
         raise
     return final, manifest
 

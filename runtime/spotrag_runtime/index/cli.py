@@ -9,6 +9,7 @@ Kubernetes hands it to the operator in the pod's status).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import textwrap
@@ -252,5 +253,6 @@ class _Progress:
 
 def _progress_reporter(style: str, stream: TextIO) -> _Progress:
     if style == "auto":
-        style = "bar" if stream.isatty() else "plain"
+        # rich is not in the index Job's image (no terminal there); plain lines without it.
+        style = "bar" if stream.isatty() and importlib.util.find_spec("rich") else "plain"
     return _Progress(style, stream)

@@ -107,6 +107,16 @@ class Embedder:
         """Tokens the tokenizer adds around one sequence ([CLS] and [SEP] for BERT)."""
         return len(self._special_head) + len(self._special_tail)
 
+    @property
+    def model(self) -> Any:
+        """The underlying SentenceTransformer, for tools and benchmarks."""
+        return self._model
+
+    def passage_input_ids(self, token_ids: Sequence[int]) -> list[int]:
+        """What the model reads for a passage: special tokens around the prefix and the ids, cut to the model's limit."""
+        limit = self.max_seq_length - len(self._special_head) - len(self._special_tail)
+        return self._special_head + (self._passage_prefix_ids + list(token_ids))[:limit] + self._special_tail
+
     def embed_token_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """Embed passages given as token ids (without special tokens or prefix).
 
@@ -118,8 +128,7 @@ class Embedder:
 
         if not sequences:
             return np.empty((0, self.dimension), dtype=np.float32)
-        limit = self.max_seq_length - len(self._special_head) - len(self._special_tail)
-        full = [self._special_head + (self._passage_prefix_ids + list(ids))[:limit] + self._special_tail for ids in sequences]
+        full = [self.passage_input_ids(ids) for ids in sequences]
         # Longest first, batched by similar length, keeps padding (wasted compute) small.
         order = sorted(range(len(full)), key=lambda i: -len(full[i]))
         on_gpu = self.device.startswith("cuda")

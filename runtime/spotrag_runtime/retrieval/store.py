@@ -174,6 +174,11 @@ class LoadedIndex:
     def __repr__(self) -> str:
         return f"LoadedIndex({str(self.path)!r}, version={self.version!r}, size={self.size}, type={self.manifest.index_type!r})"
 
+    @property
+    def faiss_index(self) -> Any:
+        """The underlying faiss index (row i is passage i), for tools and benchmarks."""
+        return self._index
+
     @classmethod
     def load(cls, root: str | Path, *, verify: bool = True) -> LoadedIndex:
         """Load the live version under `root` (or `root` itself when it is a version folder).
