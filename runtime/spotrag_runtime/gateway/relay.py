@@ -53,6 +53,7 @@ class ChatJob:
     max_tokens: int
     served_model: str
     affinity: tuple[bytes, ...] = ()
+    continuous_usage: bool = False  # the client asked for usage in every chunk
     arrived_at: float = field(default_factory=time.perf_counter)
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
@@ -87,67 +88,38 @@ class ChatRelay:
         self.failover = failover
         self.metrics = metrics
 
-    async def chunks(self, job: ChatJob, outcome: ChatOutcome) -> AsyncIterator[dict[str, Any]]:
-        """The answer as chat.completion.chunk dicts for the client (usage removed;
-        ``outcome`` holds the totals when the iterator ends)."""
+    async def chunks(self, job: ChatJob, outcome: ChatOutcome) -> AsyncIterator[list[dict[str, Any]]]:
+        """The answer as chat.completion.chunk dicts for the client, a list per
+        upstream read (the engine's usage replaced by the request's own, in every
+        chunk only if asked; ``outcome`` holds the totals at the end)."""
         ticket = Ticket(prompt_tokens=job.prompt_tokens, max_tokens=job.max_tokens, affinity=job.affinity)
         failures_in_a_row = 0
         retry = False
-        role_sent = False
-        last_chunk_at: float | None = None
+        stream = _ClientStream(job, outcome, self.metrics)
         try:
             while True:
                 engine = await self.admission.admit(ticket, retry=retry)
-                produced_before = outcome.generated
+                stream.attempt_started()
                 try:
                     body = self._attempt_body(job, outcome)
                     async with contextlib.aclosing(self.client.stream_chat(engine.url, body)) as upstream:
-                        async for chunk in upstream:
-                            usage = chunk.pop("usage", None)
-                            if usage and outcome.prompt_tokens is None and not outcome.resumes:
-                                outcome.prompt_tokens = usage.get("prompt_tokens")
-                            choices = chunk.get("choices")
-                            if not choices:
-                                continue  # the usage-only chunk at the end
-                            choice = choices[0]
-                            delta = choice.get("delta") or {}
-                            content = delta.get("content") or ""
-                            if usage and "completion_tokens" in usage:
-                                generated = produced_before + usage["completion_tokens"]
-                            else:
-                                generated = outcome.generated + (1 if content else 0)
-                            self.admission.progress(ticket, generated)
-                            outcome.generated = generated
-                            if choice.get("finish_reason"):
-                                outcome.finish_reason = choice["finish_reason"]
-                            if role_sent and not content and not choice.get("finish_reason") and delta.keys() <= {"role", "content"}:
-                                continue  # a resumed engine's own role chunk
-                            if role_sent:
-                                delta.pop("role", None)
-                            role_sent = True
-                            if content:
-                                outcome.text.append(content)
-                                now = time.perf_counter()
-                                if last_chunk_at is None:
-                                    self.metrics.time_to_first_token.observe(now - job.arrived_at)
-                                else:
-                                    self.metrics.inter_token_latency.observe(now - last_chunk_at)
-                                last_chunk_at = now
-                            chunk["id"], chunk["created"], chunk["model"] = job.id, job.created, job.served_model
-                            yield chunk
+                        async for events in upstream:
+                            chunks = [chunk for event in events if (chunk := stream.take(event)) is not None]
+                            self.admission.progress(ticket, outcome.generated)
+                            if chunks:
+                                yield chunks
                     if outcome.finish_reason is None:
                         raise EngineFailure(f"{engine.url} ended the answer without a finish_reason")
                     return
                 except EngineFailure as failure:
                     if outcome.finish_reason is not None:
                         return  # the answer was complete; only the stream's trailer was lost
-                    progressed = outcome.generated > produced_before
-                    failures_in_a_row = 1 if progressed else failures_in_a_row + 1
+                    failures_in_a_row = 1 if stream.attempt_progressed else failures_in_a_row + 1
                     log.warning("attempt on %s failed after %d tokens: %s", engine.url, outcome.generated, failure)
                     if outcome.generated >= job.max_tokens:
                         # Every allowed token was sent; only the finish chunk was lost.
                         outcome.finish_reason = "length"
-                        yield self._finish_chunk(job, "length")
+                        yield [self._finish_chunk(job, "length")]
                         return
                     if failures_in_a_row >= self.failover.max_attempts:
                         raise EnginesFailed(
@@ -197,3 +169,60 @@ class ChatRelay:
             "model": job.served_model,
             "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}],
         }
+
+
+class _ClientStream:
+    """Turns engine chunks into the client's one stream: counts tokens, keeps
+    the text for a resume, drops a resumed engine's second role chunk and
+    gives every chunk the request's own id."""
+
+    def __init__(self, job: ChatJob, outcome: ChatOutcome, metrics: GatewayMetrics) -> None:
+        self.job = job
+        self.outcome = outcome
+        self.metrics = metrics
+        self.role_sent = False
+        self.last_content_at: float | None = None
+        self.produced_before = 0
+
+    def attempt_started(self) -> None:
+        self.produced_before = self.outcome.generated
+
+    @property
+    def attempt_progressed(self) -> bool:
+        return self.outcome.generated > self.produced_before
+
+    def take(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        outcome = self.outcome
+        usage = chunk.pop("usage", None)
+        if usage and outcome.prompt_tokens is None and not outcome.resumes:
+            outcome.prompt_tokens = usage.get("prompt_tokens")
+        choices = chunk.get("choices")
+        if not choices:
+            return None  # the usage-only chunk at the end
+        choice = choices[0]
+        delta = choice.get("delta") or {}
+        content = delta.get("content") or ""
+        finish_reason = choice.get("finish_reason")
+        if usage and "completion_tokens" in usage:  # exact, from continuous usage stats
+            outcome.generated = self.produced_before + usage["completion_tokens"]
+        elif content:
+            outcome.generated += 1
+        if finish_reason:
+            outcome.finish_reason = finish_reason
+        if self.role_sent:
+            if not content and not finish_reason and delta.keys() <= {"role", "content"}:
+                return None  # a resumed engine's own role chunk
+            delta.pop("role", None)
+        self.role_sent = True
+        if content:
+            outcome.text.append(content)
+            now = time.perf_counter()
+            if self.last_content_at is None:
+                self.metrics.time_to_first_token.observe(now - self.job.arrived_at)
+            else:
+                self.metrics.inter_token_latency.observe(now - self.last_content_at)
+            self.last_content_at = now
+        chunk["id"], chunk["created"], chunk["model"] = self.job.id, self.job.created, self.job.served_model
+        if self.job.continuous_usage:
+            chunk["usage"] = outcome.usage(self.job)
+        return chunk

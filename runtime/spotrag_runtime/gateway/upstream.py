@@ -1,5 +1,12 @@
-"""Talking to engines: one shared HTTP client, vLLM's ``/tokenize``, and chat
-streams parsed incrementally from Server-Sent Events.
+"""Talking to engines: one shared HTTP client session, vLLM's ``/tokenize``,
+and chat streams parsed incrementally from Server-Sent Events.
+
+The client is aiohttp rather than httpx: on this hot path (one network read
+and one write per token, hundreds of streams at once) httpx's pure-Python
+HTTP/1.1 parsing and its connection pool, which rescans every connection
+for every request, cost 3-4x the CPU per request and collapsed throughput
+at 128 concurrent streams (measured with bench/gateway_bench.py; see
+docs/benchmarks.md). aiohttp parses HTTP in C and pools connections per host.
 
 Failures are sorted by whether another engine could do better:
 
@@ -18,15 +25,15 @@ import math
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import httpx
+import asyncio
+
+import aiohttp
 
 from spotrag_runtime.gateway.errors import EngineRejected
 from spotrag_runtime.gateway.prompt import message_text
 
 log = logging.getLogger(__name__)
 
-# Requests per engine are bounded by admission, so the pool itself is not.
-_POOL_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=2048, keepalive_expiry=30)
 
 
 class EngineFailure(Exception):
@@ -35,11 +42,20 @@ class EngineFailure(Exception):
 
 class EngineClient:
     def __init__(self, *, connect_timeout: float, read_timeout: float) -> None:
-        timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None)
-        self.http = httpx.AsyncClient(timeout=timeout, limits=_POOL_LIMITS)
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._session is None:  # made in the running loop, on first use
+            # Requests per engine are bounded by admission, so the pool itself is not.
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        return self._session
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     async def count_prompt_tokens(
         self, engine_url: str, *, model: str, messages: Sequence[dict[str, Any]], continue_final_message: bool
@@ -52,39 +68,50 @@ class EngineClient:
             "continue_final_message": continue_final_message,
         }
         try:
-            response = await self.http.post(f"{engine_url}/tokenize", json=body)
-        except httpx.HTTPError as error:
+            async with self.http.post(f"{engine_url}/tokenize", json=body) as response:
+                content = await response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             raise EngineFailure(f"{engine_url}/tokenize: {error!r}") from error
-        if response.status_code >= 500:
-            raise EngineFailure(f"{engine_url}/tokenize answered {response.status_code}")
-        if response.status_code >= 400:
-            raise _rejected(response.status_code, response.content, engine_url)
-        return int(response.json()["count"])
+        if response.status >= 500:
+            raise EngineFailure(f"{engine_url}/tokenize answered {response.status}")
+        if response.status >= 400:
+            raise _rejected(response.status, content, engine_url)
+        return int(json.loads(content)["count"])
 
-    async def stream_chat(self, engine_url: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """The engine's chunks, parsed one SSE event at a time, until ``[DONE]``.
+    async def stream_chat(self, engine_url: str, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        """The engine's chunks, parsed from SSE as the bytes arrive, until ``[DONE]``.
 
-        Closing the iterator early (the client went away) closes the
+        Chunks that arrive in one network read come as one list, so a gateway
+        that falls behind catches up in one write to its client instead of one
+        per token. Closing the iterator early (the client went away) closes the
         connection, which makes vLLM abort the request and free its slot.
         """
         try:
-            async with self.http.stream("POST", f"{engine_url}/v1/chat/completions", json=body) as response:
-                if response.status_code >= 400:
-                    content = await response.aread()
-                    if response.status_code >= 500 or response.status_code == 429:
-                        raise EngineFailure(f"{engine_url} answered {response.status_code}: {content[:200]!r}")
-                    raise _rejected(response.status_code, content, engine_url)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue  # blank separators, comments, event names
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        return
-                    event = json.loads(data)
-                    if "error" in event:
-                        raise _stream_error(event["error"], engine_url)
-                    yield event
-        except httpx.HTTPError as error:
+            async with self.http.post(f"{engine_url}/v1/chat/completions", json=body) as response:
+                if response.status >= 400:
+                    content = await response.read()
+                    if response.status >= 500 or response.status == 429:
+                        raise EngineFailure(f"{engine_url} answered {response.status}: {content[:200]!r}")
+                    raise _rejected(response.status, content, engine_url)
+                pending = b""
+                async for received in response.content.iter_any():
+                    *lines, pending = (pending + received).split(b"\n")
+                    events = []
+                    for line in lines:
+                        if not line.startswith(b"data:"):
+                            continue  # blank separators, comments, event names
+                        data = line[5:].strip()
+                        if data == b"[DONE]":
+                            if events:
+                                yield events
+                            return
+                        event = json.loads(data)
+                        if "error" in event:
+                            raise _stream_error(event["error"], engine_url)
+                        events.append(event)
+                    if events:
+                        yield events
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             raise EngineFailure(f"{engine_url}: {error!r}") from error
         except json.JSONDecodeError as error:
             raise EngineFailure(f"{engine_url} sent an event that is not JSON: {error}") from error

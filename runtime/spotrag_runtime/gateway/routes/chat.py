@@ -52,6 +52,8 @@ async def chat_completions(
     rag = wants_rag(gateway, body.rag, x_spotrag_rag)
     prepared = await until_disconnect(request, gateway.prepare_chat(body, rag=rag))
     job, outcome = prepared.job, ChatOutcome()
+    options = body.stream_options
+    job.continuous_usage = bool(body.stream and options and options.continuous_usage_stats)
     chunks = gateway.relay.chunks(job, outcome)
     if not body.stream:
         await until_disconnect(request, collect(chunks))
@@ -60,7 +62,6 @@ async def chat_completions(
     # Wait for the first chunk before answering, so that a request no engine
     # could start gets a real status code (429, 503, 502) rather than a 200.
     first = await until_disconnect(request, anext(chunks))
-    options = body.stream_options
     return EventStreamResponse(
         _events(
             gateway,
@@ -70,7 +71,6 @@ async def chat_completions(
             chunks,
             started=started,
             include_usage=bool(options and options.include_usage),
-            continuous_usage=bool(options and options.continuous_usage_stats),
         )
     )
 
@@ -79,21 +79,18 @@ async def _events(
     gateway: Gateway,
     job: ChatJob,
     outcome: ChatOutcome,
-    first: dict[str, Any],
-    chunks: AsyncIterator[dict[str, Any]],
+    first: list[dict[str, Any]],
+    chunks: AsyncIterator[list[dict[str, Any]]],
     *,
     started: float,
     include_usage: bool,
-    continuous_usage: bool,
 ) -> AsyncIterator[bytes]:
     error: BaseException | None = None
     try:
-        chunk: dict[str, Any] | None = first
-        while chunk is not None:
-            if continuous_usage:
-                chunk["usage"] = outcome.usage(job)
-            yield sse(chunk)
-            chunk = await anext(chunks, None)
+        batch: list[dict[str, Any]] | None = first
+        while batch is not None:
+            yield b"".join(sse(chunk) for chunk in batch)  # what arrived together leaves together
+            batch = await anext(chunks, None)
         if include_usage:
             yield sse(usage_chunk(job, outcome))
         yield DONE

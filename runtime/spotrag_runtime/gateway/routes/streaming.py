@@ -67,7 +67,7 @@ class EventStreamResponse(StreamingResponse):
             await self._events.aclose()  # type: ignore[attr-defined]
 
 
-async def collect(chunks: AsyncIterator[dict[str, Any]]) -> None:
+async def collect(chunks: AsyncIterator[list[dict[str, Any]]]) -> None:
     """Run a stream to its end (the outcome holds the answer)."""
     async for _ in chunks:
         pass

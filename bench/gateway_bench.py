@@ -1,0 +1,445 @@
+"""Gateway benchmark: the spotrag gateway against other OpenAI-compatible
+routers in front of the same two engine emulators, and retrieval on its own.
+
+Proxies (one run, side by side, the same engines and load):
+
+- ``direct``: straight to one engine (no proxy; the baseline)
+- ``spotrag``: the gateway with RAG off (``spotrag gateway`` as a process),
+  counting tokens with the engines' /tokenize and queuing by tokens;
+  ``spotrag-estimate``: the same with ``tokenCounting: estimate`` (no /tokenize)
+- ``vllm-router-rr`` / ``vllm-router-cache``: PyPI ``vllm-router`` (Rust) with
+  ``--policy round_robin`` / ``cache_aware``
+- ``litellm``: the litellm proxy, when it is installed
+
+Each cell is a closed loop of C clients streaming chat completions of 64
+tokens (engines: TTFT 20 ms, ITL 5 ms); measured over ``--duration`` seconds
+after ``--warmup``. Reported: requests/s, time to first token p50/p99, the
+proxy's CPU time per request (its process tree, from /proc), errors.
+
+Retrieval: the gateway's RetrievalService (real MiniLM embedding of each
+question, micro-batching, faiss) over synthetic indexes of 10k and 100k
+passages (random unit vectors; the index type the index builder picks for
+that size, tuned to its recall target), 1/8/32 concurrent questions.
+
+vllm-router and litellm are not project dependencies: install them in
+throwaway venvs and pass their commands (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import httpx
+
+from spotrag_runtime.engine_emulator import EmulatorProcess, start_engine_emulator
+
+MODEL = "bench"
+ANSWER_TOKENS = 64
+SYSTEM_PROMPT = (
+    "You are the assistant of a ferry line. Answer briefly and politely, cite the handbook where you can, "
+    "and say plainly when you do not know. Prices are in pounds; times are local."
+)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# --- measuring ----------------------------------------------------------------
+
+
+def process_tree_cpu_seconds(root_pid: int) -> float:
+    """User + system CPU of a process and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stream:
+                fields = stream.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry)
+        stats[pid] = fields
+        children.setdefault(int(fields[1]), []).append(pid)  # fields[1] is the parent pid
+    total, stack = 0, [root_pid]
+    while stack:
+        pid = stack.pop()
+        if pid in stats:
+            total += int(stats[pid][11]) + int(stats[pid][12])  # utime, stime
+        stack.extend(children.get(pid, ()))
+    return total / CLOCK_TICKS
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+@dataclass
+class Cell:
+    target: str
+    concurrency: int
+    requests: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    ttft: list[float] = field(default_factory=list, repr=False)
+    cpu_seconds: float | None = None
+
+    @property
+    def requests_per_second(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "target": self.target,
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "errors": self.errors,
+            "requests_per_second": round(self.requests_per_second, 1),
+            "ttft_p50_ms": round(percentile(self.ttft, 0.5) * 1000, 1),
+            "ttft_p99_ms": round(percentile(self.ttft, 0.99) * 1000, 1),
+            "proxy_cpu_ms_per_request": (
+                round(self.cpu_seconds * 1000 / self.requests, 2) if self.cpu_seconds is not None and self.requests else None
+            ),
+        }
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, number: int, headers: dict) -> tuple[float, bool]:
+    """Stream one answer; (time to first token, complete and 64 tokens long)."""
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": f"Question {number}: when does the ferry to Skarholm leave?"},
+        ],
+        "max_tokens": ANSWER_TOKENS,
+        "stream": True,
+    }
+    started = time.perf_counter()
+    first_token = None
+    tokens = 0
+    done = False
+    async with session.post(f"{url}/v1/chat/completions", json=body, headers=headers) as response:
+        if response.status != 200:
+            await response.read()
+            return float("nan"), False
+        async for line in response.content:
+            if not line.startswith(b"data:"):
+                continue
+            if line.startswith(b"data: [DONE]"):
+                done = True
+                break
+            if first_token is None:
+                # Parse only until the first token; after that counting lines is enough.
+                delta = (json.loads(line[5:]).get("choices") or [{}])[0].get("delta") or {}
+                if not delta.get("content"):
+                    continue
+                first_token = time.perf_counter() - started
+            tokens += 1
+    return (first_token or float("nan")), done and tokens >= ANSWER_TOKENS
+
+
+async def run_cell(target: str, url: str, concurrency: int, *, warmup: float, duration: float,
+                   proxy_pid: int | None, headers: dict) -> Cell:
+    cell = Cell(target, concurrency)
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=120)
+    counter = iter(range(10**9))
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        window_start, window_end = start + warmup, start + warmup + duration
+        cpu_at_start: float | None = None
+
+        async def client() -> None:
+            while loop.time() < window_end:
+                began = loop.time()
+                try:
+                    ttft, ok = await one_request(session, url, next(counter), headers)
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    ttft, ok = float("nan"), False
+                ended = loop.time()
+                if began >= window_start and ended <= window_end:
+                    if ok:
+                        cell.requests += 1
+                        cell.ttft.append(ttft)
+                    else:
+                        cell.errors += 1
+
+        async def mark_window() -> None:
+            nonlocal cpu_at_start
+            await asyncio.sleep(warmup)
+            cpu_at_start = process_tree_cpu_seconds(proxy_pid) if proxy_pid else None
+            await asyncio.sleep(duration)
+            if proxy_pid and cpu_at_start is not None:
+                cell.cpu_seconds = process_tree_cpu_seconds(proxy_pid) - cpu_at_start
+
+        await asyncio.gather(mark_window(), *(client() for _ in range(concurrency)))
+    cell.seconds = duration
+    return cell
+
+
+# --- what runs ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, process: subprocess.Popen | None, timeout: float, headers: dict | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, headers=headers, timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def proxy_process(argv: list[str], ready_url: str, *, log: Path, env: dict | None = None,
+                  timeout: float = 180, headers: dict | None = None) -> Iterator[subprocess.Popen]:
+    with log.open("w") as output:
+        process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    try:
+        wait_http(ready_url, process, timeout, headers)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def start_target(name: str, engines: list[EmulatorProcess], work: Path,
+                 args: argparse.Namespace) -> Iterator[tuple[str, int | None, dict]]:
+    """(base URL, proxy pid or None, request headers) for a target."""
+    urls = [engine.url for engine in engines]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    if name == "direct":
+        yield urls[0], None, {}
+    elif name in ("spotrag", "spotrag-estimate"):
+        config = work / f"{name}.json"
+        counting = "estimate" if name == "spotrag-estimate" else "engine"
+        config.write_text(json.dumps({
+            "servedModelName": MODEL,
+            "retrieval": {"enabled": False},
+            "engines": {"discovery": "static", "urls": urls},
+            "admission": {"maxQueuedRequests": 4096, "tokenCounting": counting},
+        }))
+        argv = [sys.executable, "-m", "spotrag_runtime.gateway.cli", "--config", str(config),
+                "--port", str(port), "--log-level", "warning"]
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [args.gateway_pythonpath, os.environ.get("PYTHONPATH")]))}
+        with proxy_process(argv, f"{base}/readyz", log=work / f"{name}.log", env=env) as process:
+            yield base, process.pid, {}
+    elif name.startswith("vllm-router"):
+        policy = {"vllm-router-rr": "round_robin", "vllm-router-cache": "cache_aware"}[name]
+        argv = [args.vllm_router, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls,
+                "--policy", policy, "--log-level", "warning", "--prometheus-host", "127.0.0.1",
+                "--prometheus-port", str(free_port())]
+        with proxy_process(argv, f"{base}/v1/models", log=work / f"{name}.log") as process:
+            yield base, process.pid, {}
+    elif name == "litellm":
+        config = work / "litellm.yaml"
+        deployments = "".join(
+            f"  - model_name: {MODEL}\n    litellm_params: {{model: hosted_vllm/{MODEL}, api_base: \"{url}/v1\", "
+            f"api_key: none}}\n" for url in urls
+        )
+        config.write_text(f"model_list:\n{deployments}litellm_settings: {{telemetry: false}}\n")
+        headers = {"Authorization": "Bearer sk-bench"}
+        env = {"LITELLM_MASTER_KEY": "sk-bench", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"}
+        argv = [args.litellm, "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
+        with proxy_process(argv, f"{base}/health/liveliness", log=work / "litellm.log", env=env, timeout=300) as process:
+            yield base, process.pid, headers
+    else:
+        raise ValueError(f"unknown target {name!r}")
+
+
+def proxy_benchmark(args: argparse.Namespace, work: Path) -> list[dict]:
+    targets = [t for t in args.targets.split(",") if t]
+    missing = {"vllm-router-rr": args.vllm_router, "vllm-router-cache": args.vllm_router, "litellm": args.litellm}
+    results = []
+    engine_options = dict(served_model_name=MODEL, ttft_ms=20, itl_ms=5, max_num_seqs=256,
+                          answer_words_min=4 * ANSWER_TOKENS, answer_words_max=4 * ANSWER_TOKENS)
+    engines = [start_engine_emulator(**engine_options) for _ in range(2)]
+    try:
+        for engine in engines:
+            engine.wait_ready()
+        for target in targets:
+            if target in missing and not missing[target]:
+                print(f"skipping {target}: not installed (see --help)", file=sys.stderr)
+                continue
+            with start_target(target, engines, work, args) as (url, pid, headers):
+                for concurrency in (int(c) for c in args.concurrency.split(",")):
+                    cell = asyncio.run(run_cell(target, url, concurrency, warmup=args.warmup,
+                                                duration=args.duration, proxy_pid=pid, headers=headers))
+                    results.append(cell.summary())
+                    print(json.dumps(results[-1]), flush=True)
+    finally:
+        for engine in engines:
+            engine.stop()
+    return results
+
+
+# --- retrieval alone ---------------------------------------------------------------
+
+
+def synthetic_index(root: Path, count: int, dimension: int, model: str) -> str:
+    """A published index version of ``count`` random unit vectors, built the way
+    the index builder builds one that size; returns its index type."""
+    import faiss
+    import numpy as np
+
+    from spotrag_runtime.index.vector_index import build_vector_index, choose_index_type
+    from spotrag_runtime.retrieval.store import (
+        CURRENT_FILE, INDEX_FILE, MANIFEST_FILE, PASSAGES_FILE, VERSIONS_DIR, Manifest, Passage, file_checksum,
+    )
+
+    vectors = np.random.default_rng(7).standard_normal((count, dimension)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    built = build_vector_index(vectors, choose_index_type(count), use_gpu=False)
+    version = f"synthetic-{count}"
+    folder = root / VERSIONS_DIR / version
+    folder.mkdir(parents=True)
+    faiss.write_index(built.index, str(folder / INDEX_FILE))
+    with (folder / PASSAGES_FILE).open("w") as stream:
+        for number in range(count):
+            stream.write(Passage(number, f"Synthetic passage {number} about ferries.", "synthetic", number).to_json() + "\n")
+    manifest = Manifest(
+        model=model, dimension=dimension, query_prefix="", passage_prefix="", count=count,
+        index_type=built.index_type, metric="inner_product", normalized=True,
+        checksum=file_checksum([folder / INDEX_FILE, folder / PASSAGES_FILE]), version=version,
+        created_at="2026-01-01T00:00:00+00:00", recall_at_10=built.recall_at_10, chunking={},
+        search_params=built.search_params,
+    )
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict()))
+    (root / CURRENT_FILE).write_text(version)
+    return f"{built.index_type} {built.search_params or ''}".strip()
+
+
+async def retrieval_cells(root: Path, embedder, questions: list[str], duration: float,
+                          concurrencies: list[int]) -> list[dict]:
+    from spotrag_runtime.gateway.config import RetrievalConfig
+    from spotrag_runtime.gateway.metrics import GatewayMetrics
+    from spotrag_runtime.gateway.retrieval_service import RetrievalService
+
+    service = RetrievalService(RetrievalConfig(index_path=str(root)), metrics=GatewayMetrics(), embedder=embedder)
+    await service.start()
+    results = []
+    try:
+        for concurrency in concurrencies:
+            latencies: list[float] = []
+            deadline = time.perf_counter() + duration
+            counter = iter(range(10**9))
+
+            async def client() -> None:
+                while time.perf_counter() < deadline:
+                    question = questions[next(counter) % len(questions)]
+                    began = time.perf_counter()
+                    await service.search(question)
+                    latencies.append(time.perf_counter() - began)
+
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+            results.append({
+                "concurrency": concurrency,
+                "queries_per_second": round(len(latencies) / duration, 1),
+                "p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
+                "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+            })
+    finally:
+        await service.close()
+    return results
+
+
+def retrieval_benchmark(args: argparse.Namespace, work: Path) -> list[dict]:
+    from spotrag_runtime.index import load_sample_questions
+    from spotrag_runtime.retrieval import DEFAULT_MODEL, Embedder, set_torch_threads
+
+    set_torch_threads(1)
+    embedder = Embedder(DEFAULT_MODEL, device="cpu")
+    questions = [sample.question for sample in load_sample_questions()]
+    results = []
+    for size in (int(s) for s in args.retrieval_sizes.split(",")):
+        root = work / f"index-{size}"
+        started = time.perf_counter()
+        index_type = synthetic_index(root, size, embedder.dimension, embedder.model_name)
+        print(f"built {size} passages ({index_type}) in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+        concurrencies = [int(c) for c in args.retrieval_concurrency.split(",")]
+        for row in asyncio.run(retrieval_cells(root, embedder, questions, args.duration, concurrencies)):
+            results.append({"passages": size, "index": index_type, **row})
+            print(json.dumps(results[-1]), flush=True)
+        shutil.rmtree(root)
+    return results
+
+
+# --- the command ------------------------------------------------------------------
+
+
+def markdown(proxy: list[dict], retrieval: list[dict]) -> str:
+    lines = []
+    if proxy:
+        lines += ["| target | C | req/s | TTFT p50 ms | TTFT p99 ms | proxy CPU ms/req | errors |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for row in proxy:
+            cpu = "–" if row["proxy_cpu_ms_per_request"] is None else row["proxy_cpu_ms_per_request"]
+            lines.append(f"| {row['target']} | {row['concurrency']} | {row['requests_per_second']} | "
+                         f"{row['ttft_p50_ms']} | {row['ttft_p99_ms']} | {cpu} | {row['errors']} |")
+    if retrieval:
+        lines += ["", "| passages | index | concurrent | queries/s | p50 ms | p99 ms |", "|---:|---|---:|---:|---:|---:|"]
+        for row in retrieval:
+            lines.append(f"| {row['passages']} | {row['index']} | {row['concurrency']} | {row['queries_per_second']} | "
+                         f"{row['p50_ms']} | {row['p99_ms']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", default="direct,spotrag,vllm-router-rr,vllm-router-cache,litellm")
+    parser.add_argument("--concurrency", default="1,32,128,512")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per cell")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each cell's window")
+    parser.add_argument("--vllm-router", default=shutil.which("vllm-router"), help="the vllm-router command")
+    parser.add_argument("--litellm", default=shutil.which("litellm"), help="the litellm command")
+    parser.add_argument("--gateway-pythonpath", default="",
+                        help="prepended to the gateway's PYTHONPATH only (e.g. a folder with uvloop and httptools)")
+    parser.add_argument("--retrieval-sizes", default="10000,100000", help="'' to skip the retrieval part")
+    parser.add_argument("--retrieval-concurrency", default="1,8,32")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here too")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="spotrag-gateway-bench-"))
+    try:
+        proxy = proxy_benchmark(args, work) if args.targets else []
+        retrieval = retrieval_benchmark(args, work) if args.retrieval_sizes else []
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(markdown(proxy, retrieval))
+    if args.out:
+        args.out.write_text(json.dumps({"proxy": proxy, "retrieval": retrieval}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
