@@ -16,6 +16,7 @@ import datetime
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -27,9 +28,12 @@ from .crd import API_VERSION, GROUP, KIND, PLURAL, VERSION, defaulted_spec
 from .index import reconcile_index
 from .kube import Kube, KubeError, label_selector, load_api_client
 from .engine_load import running_requests
-from .plan import ANNOTATION_DRAIN_DEADLINE, ANNOTATION_DRAIN_REASON, ANNOTATION_DRAIN_SINCE, DrainTiming, Engine, EnginePlan, capacity_split, plan_engines
-from .signals import NodeSignal, node_signal
-from .status import engines_status, now_iso, status_changed
+from .autoscale import AutoscalerState, Observation, ScalingPolicy, decide
+from .placement import DRAINING, PENDING, READY, STARTING, EngineView, PlacementState, SpotSettings, place
+from .queued_tokens import read_queued_tokens
+from .plan import ANNOTATION_DRAIN_DEADLINE, ANNOTATION_DRAIN_REASON, ANNOTATION_DRAIN_SINCE, DrainTiming, Engine, EnginePlan, plan_engines
+from .signals import node_signal
+from .status import engines_status, now_iso, set_condition, status_changed
 
 RAGD = (GROUP, VERSION, PLURAL)
 
@@ -50,6 +54,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     if "kube" not in memo:
         memo["kube"] = Kube(load_api_client(os.environ.get("KUBECONFIG")))
     memo.setdefault("locks", {})
+    memo.setdefault("scaling", {})
     memo.setdefault("locks_guard", threading.Lock())
 
 
@@ -164,15 +169,9 @@ def _reconcile_engines_locked(kube: Kube, memo: kopf.Memo, body: dict, logger: l
     meta = body["metadata"]
     with _lock(memo, meta["namespace"], meta["name"]):
         try:
-            reconcile_engines(kube, body, logger=logger, now=datetime.datetime.now(datetime.UTC))
+            reconcile_engines(kube, body, logger=logger, now=datetime.datetime.now(datetime.UTC), memory=memo["scaling"])
         except KubeError as error:
             raise _temporary(error, "reconciling engines") from error
-
-
-def desired_engines(spec: dict) -> int:
-    """Engines wanted now. The autoscaler replaces this with its decision."""
-    scaling = spec["scaling"]
-    return max(0, min(scaling["minReplicas"], scaling["maxReplicas"]))
 
 
 def drain_timing(spec: dict) -> DrainTiming:
@@ -196,7 +195,7 @@ def observe_node_signals(kube: Kube, pods: list[dict], now: datetime.datetime) -
     return signals
 
 
-def observe_engines(kube: Kube, http: httpx.Client, pods: list[dict]) -> list[Engine]:
+def observe_engines(http: httpx.Client, pods: list[dict]) -> list[Engine]:
     """Engines as planning sees them; only draining ones are asked for their load."""
     engines = []
     for pod in pods:
@@ -205,32 +204,107 @@ def observe_engines(kube: Kube, http: httpx.Client, pods: list[dict]) -> list[En
     return engines
 
 
-def reconcile_engines(kube: Kube, body: dict, *, logger: Any, now: datetime.datetime, http: httpx.Client | None = None) -> EnginePlan:
-    """observe → plan → execute → status, once."""
+def placement_view(engine: Engine, nodes: dict[str, dict]) -> EngineView:
+    node_labels = (nodes.get(engine.node or "") or {}).get("metadata", {}).get("labels") or {}
+    phase = DRAINING if engine.draining else READY if engine.ready else STARTING if engine.node else PENDING
+    return EngineView(
+        name=engine.name,
+        capacity=engine.capacity,
+        phase=phase,
+        since=engine.created.timestamp(),
+        zone=node_labels.get("topology.kubernetes.io/zone"),
+        instance_type=node_labels.get("node.kubernetes.io/instance-type"),
+    )
+
+
+@dataclass
+class ScalingMemory:
+    """The autoscaler's and placement's state between reconciles. Kept in
+    memory and written to status when a decision changes or every
+    PERSIST_EVERY seconds, so a restarted operator picks it up without
+    every reconcile writing status."""
+
+    autoscaler: AutoscalerState
+    placement: PlacementState
+    persisted_at: float
+
+
+PERSIST_EVERY = 60.0
+
+
+def _scaling_memory(memo: dict, body: dict) -> ScalingMemory:
+    key = (body["metadata"]["namespace"], body["metadata"]["name"], body["metadata"].get("uid"))
+    memory = memo.get(key)
+    if memory is None:
+        stored = (body.get("status") or {}).get("scaling") or {}
+        try:
+            autoscaler = AutoscalerState.from_dict(stored.get("autoscaler"))
+        except ValueError:
+            autoscaler = AutoscalerState()
+        try:
+            placement = PlacementState.from_dict(stored.get("placement"))
+        except ValueError:
+            placement = PlacementState()
+        memory = memo[key] = ScalingMemory(autoscaler, placement, persisted_at=0.0)
+    return memory
+
+
+def reconcile_engines(kube: Kube, body: dict, *, logger: Any, now: datetime.datetime, memory: dict, http: httpx.Client | None = None) -> EnginePlan:
+    """observe → decide (autoscale, place) → plan → execute → status, once."""
     spec = defaulted_spec(body)
     meta = body["metadata"]
     namespace = meta["namespace"]
+    old_status = body.get("status") or {}
     selector = label_selector(render.engine_selector(body))
     pods = kube.list("v1", "Pod", namespace, label_selector=selector)
-    signals = observe_node_signals(kube, pods, now)
+    nodes = {name: node for name in sorted({(p.get("spec") or {}).get("nodeName") for p in pods} - {None}) if (node := kube.get("v1", "Node", name)) is not None}
+    signals = {name: signal for name, node in nodes.items() if (signal := node_signal(node, now)) is not None}
     with http or httpx.Client() as client:
-        engines = observe_engines(kube, client, pods)
-    desired = desired_engines(spec)
+        engines = observe_engines(client, pods)
+        queued, metric_problem = read_queued_tokens(kube, client, body, spec)
+
+    # How many engines, and where.
+    scaling = _scaling_memory(memory, body)
+    live = [e for e in engines if not e.terminating and not e.failed]
+    observation = Observation(
+        now=now.timestamp(),
+        queued_tokens=queued,
+        ready=sum(1 for e in live if e.serving and e.ready),
+        starting=sum(1 for e in live if e.serving and not e.ready),
+        draining=sum(1 for e in live if e.draining),
+        metric_problem=metric_problem,
+    )
+    decision, scaling.autoscaler = decide(ScalingPolicy.from_spec(spec), observation, scaling.autoscaler)
+    placement, scaling.placement = place(
+        desired=decision.desired,
+        baseline=spec["scaling"]["onDemandBaseline"],
+        settings=SpotSettings.from_spec(spec),
+        engines=[placement_view(e, nodes) for e in live],
+        state=scaling.placement,
+        now=now.timestamp(),
+    )
+    if decision.changed:
+        kopf.info(body, reason="Scaled", message=decision.message)
+    old_scaling = old_status.get("scaling") or {}
+    if placement.reason != old_scaling.get("placementReason"):
+        post = kopf.warn if placement.reason == "SpotShort" else kopf.info
+        post(body, reason=placement.reason, message=placement.message)
+
     spec_hash = render.engine_spec_hash(spec)
     plan = plan_engines(
         engines,
-        target=capacity_split(desired, spec["scaling"]["onDemandBaseline"], spec["spot"]["enabled"]),
+        target=placement.target,
         spec_hash=spec_hash,
         now=now,
         timing=drain_timing(spec),
         node_signals=signals,
+        give_up=set(placement.give_up),
     )
     execute(kube, body, spec, plan, engines, now=now, logger=logger)
     if not plan.empty:
         engines = [Engine.from_pod(p) for p in kube.list("v1", "Pod", namespace, label_selector=selector)]
 
     problems = find_problems(kube, body, spec)
-    old_status = body.get("status") or {}
     index = reconcile_index(kube, body, spec)
     old_index = next((c for c in old_status.get("conditions") or [] if c.get("type") == "IndexReady"), {})
     if index.reason != old_index.get("reason"):
@@ -243,7 +317,7 @@ def reconcile_engines(kube: Kube, body: dict, *, logger: Any, now: datetime.date
     status = engines_status(
         engines,
         spec=spec,
-        desired=desired,
+        desired=decision.desired,
         spec_hash=spec_hash,
         problems=problems,
         index=index,
@@ -253,9 +327,29 @@ def reconcile_engines(kube: Kube, body: dict, *, logger: Any, now: datetime.date
         endpoint=render.endpoint_url(body),
         now=now,
     )
+    status["queuedTokens"] = None if queued is None else int(round(queued))
+    status["conditions"] = set_condition(
+        status["conditions"],
+        "ScalingActive",
+        queued is not None,
+        decision.reason,
+        decision.message,
+        now=now,
+        generation=meta.get("generation"),
+    )
+    if scaling.autoscaler.last_scale_time is not None:
+        status["lastScaleTime"] = now_iso(datetime.datetime.fromtimestamp(scaling.autoscaler.last_scale_time, datetime.UTC))
+    persist = decision.changed or placement.reason != old_scaling.get("placementReason") or now.timestamp() - scaling.persisted_at >= PERSIST_EVERY
+    status["scaling"] = (
+        {"autoscaler": scaling.autoscaler.to_dict(), "placement": scaling.placement.to_dict(), "placementReason": placement.reason}
+        if persist
+        else old_scaling
+    )
     if status_changed(old_status, status):
         kube.patch(API_VERSION, KIND, meta["name"], {"status": status}, namespace, subresource="status")
         body["status"] = old_status | status
+        if persist:
+            scaling.persisted_at = now.timestamp()
     return plan
 
 

@@ -79,7 +79,7 @@ def reconcile_index(kube: Kube, body: dict, spec: dict) -> IndexState:
         for old in jobs:
             if old is not current and not old["metadata"].get("deletionTimestamp"):
                 kube.delete("batch/v1", "Job", old["metadata"]["name"], namespace)
-        version, passages = result.get("version"), result.get("passages")
+        version, passages = result.get("version"), result.get("count")
         status = {"corpusHash": digest}
         if version:
             status["version"] = str(version)

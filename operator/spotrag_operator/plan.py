@@ -136,8 +136,11 @@ def plan_engines(
     now: datetime.datetime,
     timing: DrainTiming,
     node_signals: dict[str, NodeSignal] | None = None,
+    give_up: set[str] | None = None,
 ) -> EnginePlan:
-    """`target`: wanted engines per capacity type (capacity_split or placement)."""
+    """`target`: wanted engines per capacity type (capacity_split or
+    placement); `give_up`: Pending spot engines placement replaces with
+    on-demand ones, drained first."""
     plan = EnginePlan()
     node_signals = node_signals or {}
     desired = sum(target.values())
@@ -170,6 +173,9 @@ def plan_engines(
     # Interrupted or cordoned nodes: their engines leave serving now.
     serving: list[Engine] = []
     for engine in (e for e in live if e.serving):
+        if engine.name in (give_up or ()):
+            plan.drain.append(Drain(engine.name, "spot short: pending past spot.fallbackAfterSeconds, replaced on on-demand", now))
+            continue
         signal = signal_of(engine)
         if signal is not None and signal.action is Action.DRAIN:
             # With a node deadline, running answers get all the time the node has left.

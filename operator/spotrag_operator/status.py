@@ -8,7 +8,7 @@ from . import render
 from .index import IndexState
 from .plan import Engine
 
-CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "IndexReady")
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "IndexReady", "ScalingActive")
 
 
 def now_iso(now: datetime.datetime) -> str:

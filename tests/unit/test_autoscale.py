@@ -168,8 +168,8 @@ def test_malformed_state_is_refused_naming_the_field(stored, problem):
 def test_policy_from_the_crd_defaults():
     spec = defaulted_spec({"spec": {"model": {"name": "Qwen/Qwen2.5-7B-Instruct"}}})
     assert ScalingPolicy.from_spec(spec) == ScalingPolicy(
-        min_replicas=1, max_replicas=4, on_demand_baseline=1, target_queued_tokens_per_replica=8192,
-        scale_up_stabilization_seconds=0, scale_down_stabilization_seconds=300, max_scale_up_step=4,
+        min_replicas=1, max_replicas=4, on_demand_baseline=1, target_queued_tokens_per_replica=2048,
+        scale_up_stabilization_seconds=30, scale_down_stabilization_seconds=300, max_scale_up_step=4,
     )
 
 

@@ -179,3 +179,11 @@ def test_engine_from_pod_reads_labels_conditions_and_annotations():
     parsed = Engine.from_pod(pod, running_requests=2)
     assert (parsed.capacity, parsed.spec_hash, parsed.serving, parsed.ready, parsed.node, parsed.running_requests) == ("on-demand", "h", False, True, "node-1", 2)
     assert parsed.drain_since == at(-60) and parsed.drain_deadline == at(60)
+
+
+def test_given_up_pending_spot_engines_are_drained_and_replaced_on_demand():
+    engines = [engine("a", render.ON_DEMAND), engine("b"), engine("stuck", ready=False, node=None)]
+    object.__setattr__(engines[-1], "node", None)
+    result = plan_engines(engines, target={"on-demand": 2, "spot": 1}, spec_hash=HASH, now=NOW, timing=TIMING, give_up={"stuck"})
+    assert [(d.name, d.deadline) for d in result.drain] == [("stuck", NOW)]
+    assert result.create == ["on-demand"]
