@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import kopf
 
-from . import render
+from . import metrics, render
 from .checks import find_problems
 from .crd import API_VERSION, GROUP, KIND, PLURAL, VERSION, defaulted_spec
 from .index import reconcile_index
@@ -33,7 +33,7 @@ from .placement import DRAINING, PENDING, READY, STARTING, EngineView, Placement
 from .queued_tokens import read_queued_tokens
 from .plan import ANNOTATION_DRAIN_DEADLINE, ANNOTATION_DRAIN_REASON, ANNOTATION_DRAIN_SINCE, DrainTiming, Engine, EnginePlan, plan_engines
 from .signals import node_signal
-from .status import engines_status, now_iso, set_condition, status_changed
+from .status import cost_per_hour, engines_status, now_iso, set_condition, status_changed
 
 RAGD = (GROUP, VERSION, PLURAL)
 
@@ -134,6 +134,15 @@ def engine_pod_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **
     if parent is None or parent["metadata"].get("deletionTimestamp"):
         return
     _reconcile_engines_locked(kube, memo, parent, logger)
+
+
+@kopf.on.event(*RAGD)
+def ragdeployment_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A deleted RAGDeployment leaves no metric series and no remembered state."""
+    if type == "DELETED":
+        meta = body["metadata"]
+        metrics.forget(meta["namespace"], meta["name"])
+        memo.get("scaling", {}).pop((meta["namespace"], meta["name"], meta.get("uid")), None)
 
 
 @kopf.on.event("nodes")
@@ -285,6 +294,7 @@ def reconcile_engines(kube: Kube, body: dict, *, logger: Any, now: datetime.date
     )
     if decision.changed:
         kopf.info(body, reason="Scaled", message=decision.message)
+        metrics.SCALE_EVENTS.labels(namespace, meta["name"], "up" if decision.desired > decision.previous else "down").inc()
     old_scaling = old_status.get("scaling") or {}
     if placement.reason != old_scaling.get("placementReason"):
         post = kopf.warn if placement.reason == "SpotShort" else kopf.info
@@ -345,6 +355,7 @@ def reconcile_engines(kube: Kube, body: dict, *, logger: Any, now: datetime.date
         if persist
         else old_scaling
     )
+    metrics.record_engines(namespace, meta["name"], engines, decision.desired, queued, cost_per_hour(engines, spec))
     if status_changed(old_status, status):
         kube.patch(API_VERSION, KIND, meta["name"], {"status": status}, namespace, subresource="status")
         body["status"] = old_status | status
@@ -367,7 +378,10 @@ def execute(kube: Kube, body: dict, spec: dict, plan: EnginePlan, engines: list[
             if not error.not_found:
                 raise
             continue
+        cause = "interruption" if drain.interruption else drain.reason.split(":")[0]
+        metrics.DRAINS.labels(namespace, body["metadata"]["name"], cause).inc()
         if drain.interruption is not None:
+            metrics.INTERRUPTIONS.labels(namespace, body["metadata"]["name"], drain.interruption.source).inc()
             if drain.interruption.warning:
                 kopf.warn(body, reason="InterruptionTimeUnparseable", message=drain.interruption.warning)
             kopf.warn(body, reason="EngineInterrupted", message=f"{drain.name}: {drain.reason}; out of serving, replacement started, deleted by {now_iso(drain.deadline)} at the latest")

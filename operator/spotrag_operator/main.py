@@ -16,6 +16,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--standalone", action="store_true", help="no peering: run as the only operator (no leader election)")
     parser.add_argument("--peering", default="spotrag", help="kopf peering name shared by the replicas for HA (default: spotrag)")
     parser.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL, or '' to disable")
+    parser.add_argument("--metrics-port", type=int, default=9090, help="port of the Prometheus /metrics endpoint (0 to disable; default 9090)")
     parser.add_argument("--reconcile-interval", type=float, default=None, help="seconds between periodic reconciles of each RAGDeployment (default 10)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -28,15 +29,23 @@ def cli(argv: list[str]) -> int:
         os.environ["SPOTRAG_RECONCILE_INTERVAL"] = str(args.reconcile_interval)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    import secrets
+
     import kopf  # after the environment is set: handlers read it at import
+    import prometheus_client
 
     from . import handlers  # noqa: F401  (registers the handlers)
 
+    if args.metrics_port:
+        prometheus_client.start_http_server(args.metrics_port)
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         standalone=args.standalone,
         peering_name=None if args.standalone else args.peering,
+        # kopf pauses every replica that shares the highest priority, so each
+        # replica draws its own: the highest one is active, the others stand by.
+        priority=0 if args.standalone else secrets.randbelow(1_000_000) + 1,
         liveness_endpoint=args.liveness or None,
     )
     return 0

@@ -37,14 +37,14 @@ def set_condition(
     return sorted(others + [updated], key=lambda c: CONDITION_TYPES.index(c["type"]) if c["type"] in CONDITION_TYPES else 99)
 
 
-def cost_per_hour(engines: list[Engine], spec: dict) -> str | None:
+def cost_per_hour(engines: list[Engine], spec: dict) -> float | None:
+    """Engines on a node cost their GPUs' price per hour; None without prices."""
     pricing = spec.get("pricing") or {}
     prices = {render.ON_DEMAND: pricing.get("onDemandPerGpuHour"), render.SPOT: pricing.get("spotPerGpuHour")}
     if all(p is None for p in prices.values()):
         return None
     gpus = render.gpu_count(spec)
-    total = sum((prices[e.capacity] or 0.0) * gpus for e in engines if not e.terminating and e.node)
-    return f"${total:.2f}"
+    return sum((prices[e.capacity] or 0.0) * gpus for e in engines if not e.terminating and e.node)
 
 
 def engines_status(
@@ -79,7 +79,7 @@ def engines_status(
         "engineSpecHash": spec_hash,
     }
     if (cost := cost_per_hour(live, spec)) is not None:
-        status["costPerHour"] = cost
+        status["costPerHour"] = f"${cost:.2f}"
     conditions = list(old_status.get("conditions") or [])
     rolled = all(e.spec_hash == spec_hash for e in serving)
     is_ready = len(ready) >= desired and not problems and index.ready is not False

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import kopf.testing
 import kubernetes
+import prometheus_client
 import pytest
 
 from spotrag_box.kube_api import KubeAPIServer
@@ -146,6 +147,10 @@ def test_create_makes_every_child_with_owner_references_and_status(operator, kub
 
     play_kubelet(kube, pods)
     wait_for(lambda: ragd(kube, body)["status"]["engines"] == "3/3", what="status 3/3", diagnose=diagnose(kube, body))
+    # The operator's own metrics (same process under KopfRunner): 3 ready engines, 3 desired.
+    labels = {"namespace": ns, "ragdeployment": name}
+    assert prometheus_client.REGISTRY.get_sample_value("spotrag_operator_desired_engines", labels) == 3
+    assert prometheus_client.REGISTRY.get_sample_value("spotrag_operator_engines", labels | {"capacity": "spot", "state": "ready"}) == 2
     conditions = {c["type"]: c for c in ragd(kube, body)["status"]["conditions"]}
     assert conditions["Ready"]["status"] == "True"
     reasons = wait_for(lambda: {e.reason for e in events_of(kube, body)} >= {"Reconciled", "EnginesCreated"} and {e.reason for e in events_of(kube, body)}, what="Events")
