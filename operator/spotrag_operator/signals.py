@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import datetime
 import enum
-import json
 from dataclasses import dataclass
 
-NODE_AGENT_ANNOTATION = "spotrag.io/interruption"
-NODE_AGENT_TAINT = "spotrag.io/interruption"
+from spotrag_runtime.node_agent.mark import ANNOTATION as NODE_AGENT_ANNOTATION
+from spotrag_runtime.node_agent.mark import InvalidNodeMark, parse_node_mark
 
 
 class Action(enum.Enum):
@@ -51,10 +50,12 @@ TAINT_RULES: dict[str, Rule] = {
 }
 
 CORDON = Rule("kubernetes", "cordon", Action.DRAIN, None)
-NODE_AGENT_RULES: dict[str, Rule] = {
-    "interruption": Rule("node-agent", "interruption", Action.DRAIN, 30),
-    "maintenance": Rule("node-agent", "maintenance", Action.DRAIN, 60),
-    "rebalance": Rule("node-agent", "rebalance", Action.PREWARM, None),
+# The node agent's mark (runtime/spotrag_runtime/node_agent/mark.py) always
+# carries its deadline; only the action is decided here.
+NODE_AGENT_ACTIONS: dict[str, Action] = {
+    "interruption": Action.DRAIN,
+    "maintenance": Action.DRAIN,
+    "rebalance": Action.PREWARM,
 }
 
 
@@ -116,21 +117,22 @@ def node_signals(node: dict, now: datetime.datetime) -> list[NodeSignal]:
         found.append(NodeSignal(name, rule.source, rule.kind, rule.action, deadline, warning))
     if spec.get("unschedulable"):
         found.append(NodeSignal(name, CORDON.source, CORDON.kind, CORDON.action, None))
-    if mark := annotations.get(NODE_AGENT_ANNOTATION):
-        found.append(_node_agent_signal(name, mark, now))
+    if NODE_AGENT_ANNOTATION in annotations and (agent := _node_agent_signal(name, annotations, now)) is not None:
+        found.append(agent)
     return sorted(found, key=_urgency)
 
 
-def _node_agent_signal(name: str, mark: str, now: datetime.datetime) -> NodeSignal:
+def _node_agent_signal(name: str, annotations: dict, now: datetime.datetime) -> NodeSignal | None:
     try:
-        data = json.loads(mark)
-    except json.JSONDecodeError:
-        data = {"kind": "interruption", "deadline": mark}
-    rule = NODE_AGENT_RULES.get(str(data.get("kind")), NODE_AGENT_RULES["interruption"])
-    detected = _parse_time(data.get("detected")) or now
-    deadline, warning = _deadline(rule, data.get("deadline"), detected)
-    source = f"node-agent ({data['cloud']})" if data.get("cloud") else rule.source
-    return NodeSignal(name, source, rule.kind, rule.action, deadline, warning)
+        notice = parse_node_mark(annotations, now=now)
+    except InvalidNodeMark as error:
+        # A mark that cannot be read still says the node is going: drain now.
+        return NodeSignal(name, "node-agent", "interruption", Action.DRAIN, now, f"{error}; treated as an interruption now")
+    if notice is None:
+        return None
+    action = NODE_AGENT_ACTIONS[notice.kind]
+    deadline = notice.deadline if action is Action.DRAIN else None
+    return NodeSignal(name, f"node-agent ({notice.cloud})", notice.kind, action, deadline, notice.warning)
 
 
 def node_signal(node: dict, now: datetime.datetime) -> NodeSignal | None:

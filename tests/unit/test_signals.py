@@ -46,8 +46,9 @@ TABLE = [
     ("cordon", node(unschedulable=True), "kubernetes", "cordon", Action.DRAIN, None),
     ("out of service", node([taint("node.kubernetes.io/out-of-service", "nodeshutdown", "NoExecute", None)]), "kubernetes", "out-of-service", Action.DRAIN, NOW),
     ("node agent AWS", node(annotations=agent_mark(kind="interruption", cloud="aws", deadline="2026-11-21T12:02:00Z", detected="2026-11-21T12:00:00Z")), "node-agent (aws)", "interruption", Action.DRAIN, at(120)),
-    ("node agent GCE without time", node(annotations=agent_mark(kind="interruption", cloud="gcp", detected="2026-11-21T12:00:00Z")), "node-agent (gcp)", "interruption", Action.DRAIN, at(30)),
-    ("node agent rebalance", node(annotations=agent_mark(kind="rebalance", cloud="aws")), "node-agent (aws)", "rebalance", Action.PREWARM, None),
+    ("node agent GCE", node(annotations=agent_mark(kind="interruption", cloud="gcp", deadline="2026-11-21T12:00:30Z", detected="2026-11-21T12:00:00Z")), "node-agent (gcp)", "interruption", Action.DRAIN, at(30)),
+    ("node agent Azure maintenance", node(annotations=agent_mark(kind="maintenance", cloud="azure", deadline="2026-11-21T12:05:00Z", detected="2026-11-21T12:00:00Z")), "node-agent (azure)", "maintenance", Action.DRAIN, at(300)),
+    ("node agent rebalance", node(annotations=agent_mark(kind="rebalance", cloud="aws", deadline="2026-11-21T12:02:00Z", detected="2026-11-21T12:00:00Z")), "node-agent (aws)", "rebalance", Action.PREWARM, None),
 ]
 
 
@@ -68,9 +69,23 @@ def test_ordinary_taints_are_no_signal(body):
 
 
 def test_unparseable_time_is_now_with_a_warning():
-    signal = node_signal(node(annotations=agent_mark(kind="interruption", deadline="soon-ish")), NOW)
+    signal = node_signal(node(annotations=agent_mark(kind="interruption", cloud="aws", deadline="soon-ish", detected="2026-11-21T12:00:00Z")), NOW)
     assert signal.action is Action.DRAIN and signal.deadline == NOW
-    assert "unparseable time 'soon-ish'" in signal.warning
+    assert "'soon-ish' is not RFC 3339; treated as now" in signal.warning
+
+
+def test_unreadable_node_agent_mark_drains_now():
+    signal = node_signal(node(annotations={"spotrag.io/interruption": "terminate!"}), NOW)
+    assert (signal.action, signal.deadline) == (Action.DRAIN, NOW)
+    assert "not JSON" in signal.warning
+
+
+def test_what_the_node_agent_writes_is_read_back():
+    from spotrag_runtime.node_agent.mark import Notice
+
+    notice = Notice(kind="interruption", cloud="aws", deadline=at(120), detected=NOW, ref="i-123")
+    signal = node_signal(node([notice.taint()], annotations={"spotrag.io/interruption": notice.to_annotation()}), NOW)
+    assert (signal.action, signal.deadline, signal.source) == (Action.DRAIN, at(120), "node-agent (aws)")
 
 
 def test_most_urgent_signal_wins():
