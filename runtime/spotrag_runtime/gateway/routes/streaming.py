@@ -4,11 +4,11 @@ Server-Sent Events out, and a streamed answer collected into one response."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
+import orjson
 from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -46,7 +46,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 def sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 class EventStreamResponse(StreamingResponse):
