@@ -12,8 +12,8 @@ Proxies (one run, side by side, the same engines and load):
 - ``litellm``: the litellm proxy, when it is installed
 
 Each cell is a closed loop of C clients streaming chat completions of 64
-tokens (engines: TTFT 20 ms, ITL 5 ms); measured over ``--duration`` seconds
-after ``--warmup``. Reported: requests/s, time to first token p50/p99, the
+tokens (engines: TTFT 20 ms, ITL 5 ms, 256 batch slots each); the requests
+that end within ``--duration`` seconds after ``--warmup`` are counted. Reported: requests/s, time to first token p50/p99, the
 proxy's CPU time per request (its process tree, from /proc), errors.
 
 Retrieval: the gateway's RetrievalService (real MiniLM embedding of each
@@ -168,13 +168,13 @@ async def run_cell(target: str, url: str, concurrency: int, *, warmup: float, du
 
         async def client() -> None:
             while loop.time() < window_end:
-                began = loop.time()
                 try:
                     ttft, ok = await one_request(session, url, next(counter), headers)
                 except (aiohttp.ClientError, asyncio.TimeoutError):
                     ttft, ok = float("nan"), False
                 ended = loop.time()
-                if began >= window_start and ended <= window_end:
+                # Steady state: what finished inside the window, whenever it started.
+                if window_start <= ended <= window_end:
                     if ok:
                         cell.requests += 1
                         cell.ttft.append(ttft)
