@@ -85,9 +85,26 @@ def _lock(memo: kopf.Memo, namespace: str, name: str) -> threading.Lock:
         return memo["locks"].setdefault((namespace, name), threading.Lock())
 
 
-def _temporary(error: KubeError, what: str) -> kopf.TemporaryError:
-    # Every API failure is worth a retry: the spec is not at fault.
-    return kopf.TemporaryError(f"{what}: {error}", delay=API_RETRY_DELAY)
+FORBIDDEN_RETRY_DELAY = 60.0
+
+
+def _temporary(error: KubeError, what: str, kube: Kube | None = None, body: dict | None = None) -> kopf.TemporaryError:
+    """Every API failure is worth a retry: the spec is not at fault. A 403
+    means the operator's RBAC lacks a permission: say which, where the user
+    looks (the Degraded condition and an Event), and retry slowly."""
+    if not error.forbidden or kube is None or body is None:
+        return kopf.TemporaryError(f"{what}: {error}", delay=API_RETRY_DELAY)
+    message = f"the operator is not allowed to {error.request()}: grant it in the operator's RBAC (charts/spotrag, templates/operator-rbac.yaml)"
+    conditions = (body.get("status") or {}).get("conditions") or []
+    previous = next((c for c in conditions if c.get("type") == "Degraded"), {})
+    if previous.get("message") != message:
+        kopf.warn(body, reason="Forbidden", message=message)
+        degraded = set_condition(conditions, "Degraded", True, "Forbidden", message, now=datetime.datetime.now(datetime.UTC), generation=body["metadata"].get("generation"))
+        try:
+            kube.patch(API_VERSION, KIND, body["metadata"]["name"], {"status": {"conditions": degraded}}, body["metadata"]["namespace"], subresource="status")
+        except KubeError:
+            pass  # may be forbidden too; the Event and the log still say it
+    return kopf.TemporaryError(f"{what}: {message}", delay=FORBIDDEN_RETRY_DELAY)
 
 
 @kopf.on.resume(*RAGD)
@@ -104,7 +121,7 @@ def reconcile_children(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **
             if outcome != "unchanged":
                 changed.append(f"{outcome} {child['kind']} {child['metadata']['name']}")
     except KubeError as error:
-        raise _temporary(error, "writing children") from error
+        raise _temporary(error, "writing children", kube, body) from error
     if changed:
         logger.info("children: %s", ", ".join(changed))
         kopf.info(body, reason="Reconciled", message="; ".join(changed))
@@ -180,7 +197,7 @@ def _reconcile_engines_locked(kube: Kube, memo: kopf.Memo, body: dict, logger: l
         try:
             reconcile_engines(kube, body, logger=logger, now=datetime.datetime.now(datetime.UTC), memory=memo["scaling"])
         except KubeError as error:
-            raise _temporary(error, "reconciling engines") from error
+            raise _temporary(error, "reconciling engines", kube, body) from error
 
 
 def drain_timing(spec: dict) -> DrainTiming:

@@ -9,6 +9,7 @@ API as a kubelet would.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import pathlib
 import time
@@ -93,8 +94,8 @@ def new_ragd(kube: Kube, spec_overrides: dict | None = None, *, namespace: str =
 
     body = load_example("basic.yaml")
     body["metadata"] = {"name": f"rag{next(_counter)}", "namespace": namespace}
-    body["spec"] = deep_merge(body["spec"], spec_overrides or {})
     body["spec"]["retrieval"].pop("corpus", None)  # no ConfigMap needed unless a test asks
+    body["spec"] = deep_merge(body["spec"], spec_overrides or {})
     body["spec"].setdefault("interruption", {})["preStopSeconds"] = body["spec"].get("interruption", {}).get("preStopSeconds", 0)
     return kube.create(body)
 
@@ -293,3 +294,53 @@ def test_examples_apply_with_kubectl_and_show_printer_columns(operator, kube, ku
     wide = kubectl(kubeconfig, "get", "ragd", "handbook", "-o", "wide").stdout
     assert "COST/H" in wide.splitlines()[0] and "Qwen/Qwen2.5-7B-Instruct" in wide
     wait_for(lambda: "1/1" in kubectl(kubeconfig, "get", "ragd", "handbook").stdout or "0/1" in kubectl(kubeconfig, "get", "ragd", "handbook").stdout, what="READY column filled")
+
+
+def test_missing_rbac_permission_degrades_naming_verb_and_resource(operator, kube, api):
+    api.inject_faults(method="POST", path_regex=r"/apis/policy/v1/namespaces/default/poddisruptionbudgets$", status=403, times=1)
+    body = new_ragd(kube)
+
+    def degraded() -> dict:
+        return next((c for c in (ragd(kube, body).get("status") or {}).get("conditions") or [] if c["type"] == "Degraded"), {})
+
+    condition = wait_for(lambda: degraded().get("reason") == "Forbidden" and degraded(), what="Degraded: Forbidden", diagnose=diagnose(kube, body))
+    assert "create poddisruptionbudgets (policy) in namespace default" in condition["message"]
+    assert {e.reason for e in events_of(kube, body)} >= {"Forbidden"}
+
+
+def play_job_controller(kube: Kube, job: dict, *, result: dict | None, failed: str | None = None) -> None:
+    """What the Job controller and kubelet would do: a pod that ran, its termination message, the Job's status."""
+    namespace = job["metadata"]["namespace"]
+    name = job["metadata"]["name"]
+    pod = kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": f"{name}-", "namespace": namespace, "labels": {"job-name": name}}, "spec": job["spec"]["template"]["spec"]})
+    terminated = {"exitCode": 1 if failed else 0, "reason": "Error" if failed else "Completed", "message": json.dumps(result) if result else ""}
+    kube.patch("v1", "Pod", pod["metadata"]["name"], {"status": {"phase": "Failed" if failed else "Succeeded", "containerStatuses": [{"name": "index", "ready": False, "restartCount": 0, "image": "x", "imageID": "", "state": {"terminated": terminated}}]}}, namespace, subresource="status")
+    status = {"failed": 5, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": failed}]} if failed else {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+    kube.patch("batch/v1", "Job", name, {"status": status}, namespace, subresource="status")
+
+
+def index_condition(kube: Kube, body: dict) -> dict:
+    return next((c for c in (ragd(kube, body).get("status") or {}).get("conditions") or [] if c["type"] == "IndexReady"), {})
+
+
+def test_index_job_runs_for_the_corpus_and_is_tracked(operator, kube):
+    docs = kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"generateName": "docs-", "namespace": "default"}, "data": {"ferry.md": "# Ferries\nThe 7:40 ferry leaves from pier 3."}})
+    body = new_ragd(kube, {"retrieval": {"corpus": {"configMap": docs["metadata"]["name"]}}})
+    name = body["metadata"]["name"]
+    jobs = lambda: kube.list("batch/v1", "Job", "default", label_selector=f"spotrag.io/deployment={name},spotrag.io/component=index")  # noqa: E731
+    first = wait_for(lambda: jobs(), what="the index Job", diagnose=diagnose(kube, body))[0]
+    assert first["spec"]["template"]["spec"]["containers"][0]["command"][:3] == ["spotrag", "index", "build"]
+    wait_for(lambda: index_condition(kube, body).get("reason") == "Building", what="IndexReady Building")
+
+    play_job_controller(kube, first, result={"ok": True, "version": "20261122-ab12", "count": 42})
+    wait_for(lambda: index_condition(kube, body).get("status") == "True", what="IndexReady True", diagnose=diagnose(kube, body))
+    assert ragd(kube, body)["status"]["index"]["version"] == "20261122-ab12"
+    assert ragd(kube, body)["status"]["index"]["passages"] == 42
+
+    # New documents: a new Job; the old one goes once the new one succeeded.
+    kube.patch("v1", "ConfigMap", docs["metadata"]["name"], {"data": {"ferry.md": "# Ferries\nThe 7:40 ferry now leaves from pier 4."}}, "default")
+    second = wait_for(lambda: [j for j in jobs() if j["metadata"]["name"] != first["metadata"]["name"]], what="a second index Job")[0]
+    play_job_controller(kube, second, result=None, failed="the corpus could not be read")
+    condition = wait_for(lambda: index_condition(kube, body).get("reason") == "IndexJobFailed" and index_condition(kube, body), what="IndexJobFailed")
+    assert "the corpus could not be read" in condition["message"] and f"kubectl logs job/{second['metadata']['name']}" in condition["message"]
+    assert {j["metadata"]["name"] for j in jobs()} == {first["metadata"]["name"], second["metadata"]["name"]}  # the last good one stays
