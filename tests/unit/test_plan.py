@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 
+import pytest
+
 from spotrag_operator import render
 from spotrag_operator.plan import Drain, DrainTiming, Engine, capacity_split, plan_engines
 from spotrag_operator.signals import Action, NodeSignal
@@ -187,3 +189,36 @@ def test_given_up_pending_spot_engines_are_drained_and_replaced_on_demand():
     result = plan_engines(engines, target={"on-demand": 2, "spot": 1}, spec_hash=HASH, now=NOW, timing=TIMING, give_up={"stuck"})
     assert [(d.name, d.deadline) for d in result.drain] == [("stuck", NOW)]
     assert result.create == ["on-demand"]
+
+
+def pod_in_state(name, *, serving=True, drain_since=None, drain_deadline=None, node="node-x"):
+    """An engine pod as the operator leaves it: the drain state is only on the pod."""
+    from spotrag_operator.status import now_iso
+
+    annotations = {}
+    if drain_since is not None:
+        annotations = {"spotrag.io/drain-since": now_iso(drain_since), "spotrag.io/drain-reason": "interruption", "spotrag.io/drain-deadline": now_iso(drain_deadline)}
+    return {
+        "metadata": {"name": name, "creationTimestamp": "2026-11-21T11:00:00Z", "annotations": annotations,
+                     "labels": {render.LABEL_CAPACITY: "spot", render.LABEL_SPEC_HASH: HASH, render.LABEL_SERVING: "true" if serving else "false"}},
+        "spec": {"nodeName": node},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+RESTART_CASES = [
+    # (state when the operator restarted, pod, running requests, node signal, expected (drain, delete))
+    ("serving, node just tainted", pod_in_state("x"), None, signal("node-x", deadline=at(120)), (["x"], [])),
+    ("draining, inside the grace", pod_in_state("x", serving=False, drain_since=at(-2), drain_deadline=at(100)), 0, None, ([], [])),
+    ("draining, still answering", pod_in_state("x", serving=False, drain_since=at(-30), drain_deadline=at(100)), 4, None, ([], [])),
+    ("draining, idle", pod_in_state("x", serving=False, drain_since=at(-30), drain_deadline=at(100)), 0, None, ([], ["x"])),
+    ("draining, past the deadline", pod_in_state("x", serving=False, drain_since=at(-130), drain_deadline=at(-10)), 4, None, ([], ["x"])),
+]
+
+
+@pytest.mark.parametrize("state, pod, running, node_signal, expected", RESTART_CASES, ids=[c[0] for c in RESTART_CASES])
+def test_a_restarted_operator_continues_every_drain_state_from_the_pod_alone(state, pod, running, node_signal, expected):
+    others = [engine("a", render.ON_DEMAND), engine("b"), engine("c")]
+    restarted = Engine.from_pod(pod, running_requests=running)
+    result = plan_engines(others + [restarted], target=capacity_split(3, 1, True), spec_hash=HASH, now=NOW, timing=TIMING, node_signals={"node-x": node_signal} if node_signal else None)
+    assert ([d.name for d in result.drain], result.delete) == expected
