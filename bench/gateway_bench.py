@@ -16,6 +16,10 @@ tokens (engines: TTFT 20 ms, ITL 5 ms, 256 batch slots each); the requests
 that end within ``--duration`` seconds after ``--warmup`` are counted. Reported: requests/s, time to first token p50/p99, the
 proxy's CPU time per request (its process tree, from /proc), errors.
 
+Discovery: how fast an engine whose EndpointSlice turns not-ready leaves the
+gateway's serving set (the gateway process watching the Kubernetes API
+stand-in).
+
 Retrieval: the gateway's RetrievalService (real MiniLM embedding of each
 question, micro-batching, faiss) over synthetic indexes of 10k and 100k
 passages (random unit vectors; the index type the index builder picks for
@@ -395,10 +399,78 @@ def retrieval_benchmark(args: argparse.Namespace, work: Path) -> list[dict]:
     return results
 
 
+# --- discovery ------------------------------------------------------------------------
+
+
+def discovery_benchmark(args: argparse.Namespace, work: Path) -> dict:
+    """How long after an EndpointSlice says an engine is no longer ready the
+    gateway stops routing to it: the gateway process watches the Kubernetes
+    API stand-in; the time is from the PATCH's answer to the gateway's
+    serving-engine gauge showing one engine fewer (polled every 5 ms)."""
+    import kubernetes
+
+    from spotrag_box.kube_api import KubeAPIServer
+
+    def slice_body(name: str, port: int, ready: bool) -> dict:
+        return {
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": "engines"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": port}],
+            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": ready}}],
+        }
+
+    def serving(metrics_url: str) -> float:
+        for line in httpx.get(metrics_url, timeout=5).text.splitlines():
+            if line.startswith('spotrag_engines{state="serving"}'):
+                return float(line.split()[-1])
+        return -1.0
+
+    def wait_for(metrics_url: str, count: int) -> float:
+        started = time.perf_counter()
+        while serving(metrics_url) != count:
+            if time.perf_counter() - started > 30:
+                raise RuntimeError(f"the gateway never saw {count} engines")
+            time.sleep(0.005)
+        return time.perf_counter() - started
+
+    latencies = []
+    with KubeAPIServer() as api:
+        kubeconfig = api.write_kubeconfig(work / "kubeconfig")
+        with kubernetes.config.new_client_from_config(str(kubeconfig)) as client:
+            discovery = kubernetes.client.DiscoveryV1Api(client)
+            for name, port in (("engines-a", 18001), ("engines-b", 18002)):
+                discovery.create_namespaced_endpoint_slice("default", slice_body(name, port, True))
+            config = work / "discovery.json"
+            config.write_text(json.dumps({
+                "servedModelName": MODEL, "retrieval": {"enabled": False},
+                "engines": {"discovery": "endpointslices", "service": "engines", "namespace": "default"},
+            }))
+            port = free_port()
+            argv = [sys.executable, "-m", "spotrag_runtime.gateway.cli", "--config", str(config), "--port", str(port),
+                    "--kubeconfig", str(kubeconfig), "--log-level", "warning"]
+            metrics_url = f"http://127.0.0.1:{port}/metrics"
+            with proxy_process(argv, f"http://127.0.0.1:{port}/readyz", log=work / "discovery.log"):
+                for _ in range(args.discovery_flips):
+                    discovery.replace_namespaced_endpoint_slice(
+                        "engines-a", "default", slice_body("engines-a", 18001, False))
+                    latencies.append(wait_for(metrics_url, 1))
+                    discovery.replace_namespaced_endpoint_slice(
+                        "engines-a", "default", slice_body("engines-a", 18001, True))
+                    wait_for(metrics_url, 2)
+    result = {
+        "flips": len(latencies),
+        "p50_ms": round(percentile(latencies, 0.5) * 1000, 1),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
+        "max_ms": round(max(latencies) * 1000, 1),
+    }
+    print(json.dumps({"discovery": result}), flush=True)
+    return result
+
+
 # --- the command ------------------------------------------------------------------
 
 
-def markdown(proxy: list[dict], retrieval: list[dict]) -> str:
+def markdown(proxy: list[dict], retrieval: list[dict], discovery: dict | None) -> str:
     lines = []
     if proxy:
         lines += ["| target | C | req/s | TTFT p50 ms | TTFT p99 ms | proxy CPU ms/req | errors |",
@@ -412,6 +484,9 @@ def markdown(proxy: list[dict], retrieval: list[dict]) -> str:
         for row in retrieval:
             lines.append(f"| {row['passages']} | {row['index']} | {row['concurrency']} | {row['queries_per_second']} | "
                          f"{row['p50_ms']} | {row['p99_ms']} |")
+    if discovery:
+        lines += ["", f"EndpointSlice not ready -> out of the gateway's serving set, over {discovery['flips']} flips: "
+                      f"p50 {discovery['p50_ms']} ms, p99 {discovery['p99_ms']} ms, max {discovery['max_ms']} ms"]
     return "\n".join(lines)
 
 
@@ -427,17 +502,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="prepended to the gateway's PYTHONPATH only (e.g. a folder with uvloop and httptools)")
     parser.add_argument("--retrieval-sizes", default="10000,100000", help="'' to skip the retrieval part")
     parser.add_argument("--retrieval-concurrency", default="1,8,32")
+    parser.add_argument("--discovery-flips", type=int, default=50,
+                        help="EndpointSlice readiness flips to time (0 to skip)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here too")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="spotrag-gateway-bench-"))
     try:
         proxy = proxy_benchmark(args, work) if args.targets else []
         retrieval = retrieval_benchmark(args, work) if args.retrieval_sizes else []
+        discovery = discovery_benchmark(args, work) if args.discovery_flips else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(markdown(proxy, retrieval))
+    print(markdown(proxy, retrieval, discovery))
     if args.out:
-        args.out.write_text(json.dumps({"proxy": proxy, "retrieval": retrieval}, indent=2))
+        args.out.write_text(json.dumps({"proxy": proxy, "retrieval": retrieval, "discovery": discovery}, indent=2))
     return 0
 
 

@@ -4,7 +4,6 @@ Server-Sent Events out, and a streamed answer collected into one response."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -13,10 +12,8 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from spotrag_runtime.gateway.errors import APIError, ClientClosedRequest
+from spotrag_runtime.gateway.errors import ClientClosedRequest
 from spotrag_runtime.gateway.relay import ChatJob, ChatOutcome
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 DONE = b"data: [DONE]\n\n"
