@@ -280,8 +280,8 @@ class E2E:
 
     @contextlib.contextmanager
     def service_url(self, namespace: str, service: str) -> Iterator[str]:
-        """A base URL for a Service: its ready endpoint in the box (every pod is
-        on 127.0.0.1 there), `kubectl port-forward` on a real cluster."""
+        """A base URL for a Service: its ready endpoint in the box (pod IPs are
+        loopback addresses there), `kubectl port-forward` on a real cluster."""
         if self.in_box:
             def endpoint() -> str | None:
                 slices = self.discovery.list_namespaced_endpoint_slice(namespace, label_selector=f"kubernetes.io/service-name={service}").items

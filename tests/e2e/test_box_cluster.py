@@ -66,19 +66,19 @@ def processes_of(e2e, namespace: str, pod: str) -> list:
 
 
 def endpoints(e2e, namespace: str, service_name: str) -> list[tuple]:
-    """(pod, ready, serving, terminating, port) per endpoint of the Service."""
+    """(pod, ready, serving, terminating, url) per endpoint of the Service."""
     found = []
     for endpoint_slice in e2e.discovery.list_namespaced_endpoint_slice(namespace, label_selector=f"kubernetes.io/service-name={service_name}").items:
         port = endpoint_slice.ports[0].port if endpoint_slice.ports else None
         for endpoint in endpoint_slice.endpoints or []:
             c = endpoint.conditions
-            found.append((endpoint.target_ref.name, c.ready, c.serving, c.terminating, port))
+            found.append((endpoint.target_ref.name, c.ready, c.serving, c.terminating, f"http://{endpoint.addresses[0]}:{port}"))
     return found
 
 
-def running_requests(port: int) -> float:
+def running_requests(url: str) -> float:
     """vllm:num_requests_running from the engine's /metrics."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    text = httpx.get(f"{url}/metrics", timeout=5).text
     match = re.search(r"^vllm:num_requests_running(?:\{[^}]*\})? (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
@@ -87,13 +87,13 @@ def test_engine_pod_serves_then_finishes_its_request_while_stopping(e2e, namespa
     e2e.apply([service(namespace, "engine", {"app": "engine"}), engine_pod(namespace, "engine", model="box-model", max_model_len=2048, shutdown_timeout=10)])
     e2e.wait_for(lambda: is_ready(e2e, namespace, "engine"), what="the engine pod to be Ready", namespace=namespace)
     pod = e2e.core.read_namespaced_pod("engine", namespace)
-    assert pod.status.pod_ip == "127.0.0.1"
+    assert pod.status.pod_ip.startswith("127.") and pod.status.pod_ip != "127.0.0.1"  # an address of its own
     assert pod.spec.node_name.startswith("gpu-")
-    [(name, ready, serving, terminating, port)] = e2e.wait_for(lambda: endpoints(e2e, namespace, "engine"), what="an EndpointSlice for the engine", namespace=namespace)
-    assert (name, ready, serving, terminating) == ("engine", True, True, False)
+    [(name, ready, serving, terminating, url)] = e2e.wait_for(lambda: endpoints(e2e, namespace, "engine"), what="an EndpointSlice for the engine", namespace=namespace)
+    assert (name, ready, serving, terminating, url) == ("engine", True, True, False, f"http://{pod.status.pod_ip}:8000")
 
     # The flags vLLM shares with the emulator reach it from the pod's args.
-    models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
+    models = httpx.get(f"{url}/v1/models", timeout=10).json()
     assert [(m["id"], m["max_model_len"]) for m in models["data"]] == [("box-model", 2048)]
 
     # A long answer in flight while the pod is deleted: preStop, then SIGTERM,
@@ -102,7 +102,7 @@ def test_engine_pod_serves_then_finishes_its_request_while_stopping(e2e, namespa
 
     def ask() -> None:
         response = httpx.post(
-            f"http://127.0.0.1:{port}/v1/completions",
+            f"{url}/v1/completions",
             json={"model": "box-model", "prompt": "Tell a long story.", "max_tokens": 400, "ignore_eos": True},
             timeout=60,
         )
@@ -111,7 +111,7 @@ def test_engine_pod_serves_then_finishes_its_request_while_stopping(e2e, namespa
 
     asker = threading.Thread(target=ask)
     asker.start()
-    e2e.wait_for(lambda: running_requests(port) == 1, what="the request to be running", namespace=namespace, interval=0.05)
+    e2e.wait_for(lambda: running_requests(url) == 1, what="the request to be running", namespace=namespace, interval=0.05)
     e2e.kubectl("delete", "pod", "engine", "-n", namespace, "--wait=false")
     assert e2e.core.read_namespaced_pod("engine", namespace).metadata.deletion_timestamp is not None
     e2e.wait_for(lambda: [(n, r, t) for n, r, _, t, _ in endpoints(e2e, namespace, "engine")] == [("engine", False, True)],
@@ -230,8 +230,9 @@ def test_deployment_rolls_with_no_gap_in_ready_pods(e2e, namespace):
     assert fewest_ready == 2  # maxUnavailable 0: never fewer ready pods than replicas
     status = e2e.apps.read_namespaced_deployment("web", namespace).status
     assert (status.replicas, status.updated_replicas, status.ready_replicas) == (2, 2, 2)
-    ports = [port for *_, port in endpoints(e2e, namespace, "web")]
-    assert {httpx.get(f"http://127.0.0.1:{p}/v1/models", timeout=10).json()["data"][0]["max_model_len"] for p in ports} == {4096}
+    urls = [url for *_, url in endpoints(e2e, namespace, "web")]
+    assert len(urls) == 2
+    assert {httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["max_model_len"] for url in urls} == {4096}
 
 
 def test_jobs_complete_or_fail_after_their_retries(e2e, namespace):

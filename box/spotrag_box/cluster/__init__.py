@@ -10,7 +10,6 @@ lists what is simulated and how).
 """
 
 from .cloud import INTERRUPTION_STYLES, Interruption
-from .containers import PORT_MAP_ANNOTATION
 from .profile import (
     EKS_MANAGED,
     INSTANCE_TYPES,
@@ -31,7 +30,6 @@ __all__ = [
     "INTERRUPTION_STYLES",
     "KARPENTER",
     "ON_DEMAND",
-    "PORT_MAP_ANNOTATION",
     "SPOT",
     "SPOTRAG",
     "ClusterError",

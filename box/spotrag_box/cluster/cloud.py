@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from .client import ApiError, Informer, KubeClient, collection_path, object_path
 from .controller import Controller, EventRecorder, now_iso
-from .kubelet import POD_IP, Kubelet
+from .kubelet import HOST_IP, Kubelet
 from .profile import GPU_RESOURCE, ON_DEMAND, SPOT, ClusterProfile, NodePool, Timing
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def node_manifest(pool: NodePool, name: str) -> dict:
                 {"type": "DiskPressure", "status": "False", "reason": "KubeletHasNoDiskPressure", "lastHeartbeatTime": now_iso(), "lastTransitionTime": now_iso()},
                 {"type": "PIDPressure", "status": "False", "reason": "KubeletHasSufficientPID", "lastHeartbeatTime": now_iso(), "lastTransitionTime": now_iso()},
             ],
-            "addresses": [{"type": "InternalIP", "address": POD_IP}, {"type": "Hostname", "address": name}],
+            "addresses": [{"type": "InternalIP", "address": HOST_IP}, {"type": "Hostname", "address": name}],
             "nodeInfo": {
                 "kubeletVersion": "v1.33.0-spotrag-box",
                 "containerRuntimeVersion": "spotrag-box://local-processes",
@@ -202,6 +202,8 @@ class Cloud(Controller):
             taints.append({"key": NTH_SPOT_TAINT, "value": interruption.event_id[:63], "effect": "NoSchedule"})
             patch["metadata"]["labels"] = {NTH_EVENT_ID_LABEL: interruption.event_id[:63]}
             patch["spec"]["unschedulable"] = True
+            # What the node lifecycle controller adds to a cordoned node.
+            taints.append({"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"})
             reason, message = "SpotInterruption", f"Spot Interruption notice for instance, scheduled at {deadline}"
         elif interruption.style == "karpenter":
             taints.append({"key": KARPENTER_DISRUPTED_TAINT, "effect": "NoSchedule"})

@@ -13,15 +13,16 @@ its image is:
 
 Anything else fails to start with a CreateContainerError that says so.
 
-Every pod shares 127.0.0.1, so each declared container port gets a free
-host port (the box's only change to what a pod sees; the kubelet publishes
-the mapping in the pod annotation PORT_MAP_ANNOTATION for the EndpointSlice
-controller), and container paths are mapped to folders under the pod's
-directory: ConfigMap, Secret and emptyDir volumes are materialised there,
-claims map to the folders the cluster was given. Paths in args, env values
-and JSON files projected from ConfigMaps are rewritten to those folders,
-since a process here has no mount namespace of its own. A pod's
-service-account credentials are the box's kubeconfig ($KUBECONFIG).
+Every pod gets an address of its own in 127.0.0.0/8 (on Linux all of it
+is loopback), so a container listens on its pod IP and its own container
+port, and anything that reaches pods by podIP:port (the gateway through
+EndpointSlices, the operator reading an engine's /metrics) works unchanged.
+Container paths are mapped to folders under the pod's directory: ConfigMap,
+Secret and emptyDir volumes are materialised there, claims map to the
+folders the cluster was given. Paths in args, env values and JSON files
+projected from ConfigMaps are rewritten to those folders, since a process
+here has no mount namespace of its own. A pod's service-account credentials
+are the box's kubeconfig ($KUBECONFIG).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from typing import Any
 
 from .profile import Timing
 
-PORT_MAP_ANNOTATION = "box.spotrag.io/port-map"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # the Kubernetes default
 SPOTRAG_CLI = [sys.executable, "-m", "spotrag_runtime.cli"]
 ENGINE_EMULATOR = [sys.executable, "-m", "spotrag_runtime.engine_emulator"]
@@ -71,19 +71,21 @@ class PreparedContainer:
     name: str
     argv: list[str]
     env: dict[str, str]
-    # containerPort → host port; the engine's port is handed over already bound.
-    ports: dict[int, int]
+    pod_ip: str
     port_names: dict[str, int]  # port name → containerPort
+    # Listening sockets handed to the process (the engine's port, bound already).
     bound_sockets: list[socket.socket] = field(default_factory=list)
     kind: str = "process"
     # Where the process may write its termination message (terminationMessagePath).
     termination_message: Path | None = None
 
-    def host_port(self, port: int | str) -> int | None:
-        container_port = self.port_names.get(port) if isinstance(port, str) else port
-        if container_port is None and isinstance(port, str) and port.isdigit():
-            container_port = int(port)
-        return self.ports.get(container_port) if container_port is not None else None
+    def resolve_port(self, port: int | str | None) -> int | None:
+        """A probe's or hook's port (a number, or a port name) as a number."""
+        if isinstance(port, int):
+            return port
+        if isinstance(port, str) and port.isdigit():
+            return int(port)
+        return self.port_names.get(port or "")
 
     def close_sockets(self) -> None:
         for sock in self.bound_sockets:
@@ -91,18 +93,28 @@ class PreparedContainer:
         self.bound_sockets.clear()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def bound_socket() -> socket.socket:
+def bound_socket(ip: str, port: int) -> socket.socket:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((ip, port))
     sock.set_inheritable(True)
     return sock
+
+
+def ports_free(ip: str, ports: list[int]) -> bool:
+    """Whether every port can be listened on at `ip` (another box or a
+    wildcard listener on this machine may hold one)."""
+    for port in ports:
+        try:
+            with bound_socket(ip, port) as sock:
+                sock.listen()
+        except OSError:
+            return False
+    return True
+
+
+def declared_ports(pod: dict) -> list[int]:
+    return sorted({p["containerPort"] for c in (pod.get("spec") or {}).get("containers") or [] for p in c.get("ports") or []})
 
 
 @dataclass(frozen=True)
@@ -143,8 +155,10 @@ Fetch = Callable[[str, str, str], Awaitable[dict | None]]
 
 
 class LocalRuntime:
-    def __init__(self, *, workdir: Path, kubeconfig: str, claim_paths: dict[str, str], timing: Timing):
+    def __init__(self, *, workdir: Path, kubeconfig: str, claim_paths: dict[str, str], timing: Timing, spotrag_command: list[str] | None = None):
         self.workdir = workdir
+        # What a `spotrag` container runs: this installation's CLI unless told otherwise.
+        self.spotrag_command = list(spotrag_command or SPOTRAG_CLI)
         self.kubeconfig = kubeconfig
         self.claim_paths = dict(claim_paths)
         self.timing = timing
@@ -162,7 +176,7 @@ class LocalRuntime:
     def log_path(self, pod: dict, container: str) -> Path:
         return self.pod_dir(pod) / "logs" / f"{container}.log"
 
-    async def prepare(self, pod: dict, container: dict, fetch: Fetch) -> PreparedContainer:
+    async def prepare(self, pod: dict, container: dict, fetch: Fetch, pod_ip: str) -> PreparedContainer:
         """Materialise volumes and translate the container into a command.
 
         `fetch(kind, namespace, name)` reads a ConfigMap or Secret (None if absent).
@@ -181,9 +195,9 @@ class LocalRuntime:
                 env[item["name"]] = await self._config_value(fetch, namespace, ref)
         image = container.get("image") or ""
         if command[:2] == ["vllm", "serve"] or (not command and "vllm" in image):
-            prepared = self._engine(container, command[2:] if command[:2] == ["vllm", "serve"] else command, env, port_names)
+            prepared = self._engine(container, command[2:] if command[:2] == ["vllm", "serve"] else command, env, port_names, pod_ip)
         elif command[:1] == ["spotrag"]:
-            prepared = self._spotrag(container, command[1:], env, port_names, mounts)
+            prepared = self._spotrag(container, command[1:], env, port_names, mounts, pod_ip)
         else:
             raise ContainerError(
                 f"the cluster in a box runs only vLLM (`vllm serve`) and spotrag (`spotrag ...`) containers; "
@@ -214,12 +228,13 @@ class LocalRuntime:
         env["TMPDIR"] = tmp if tmp != "/tmp" else str(home)
         return env
 
-    def _engine(self, container: dict, vllm_args: list[str], env: dict[str, str], port_names: dict[str, int]) -> PreparedContainer:
+    def _engine(self, container: dict, vllm_args: list[str], env: dict[str, str], port_names: dict[str, int], pod_ip: str) -> PreparedContainer:
         options = _flag_values(vllm_args)
         model = next((a for a in vllm_args if not a.startswith("-")), None)
         container_port = int(options.get("--port", "8000"))
-        sock = bound_socket()
-        argv = [*ENGINE_EMULATOR, "--host", "127.0.0.1", "--port", "0", "--fd", str(sock.fileno())]
+        # Bound here and inherited: the port is the pod's from the first instant.
+        sock = bound_socket(pod_ip, container_port)
+        argv = [*ENGINE_EMULATOR, "--host", pod_ip, "--port", str(container_port), "--fd", str(sock.fileno())]
         if "--served-model-name" not in options and model:
             argv += ["--served-model-name", model]
         for vllm_flag, emulator_flag in SHARED_ENGINE_FLAGS.items():
@@ -236,27 +251,21 @@ class LocalRuntime:
             name=container["name"],
             argv=argv,
             env=env,
-            ports={container_port: sock.getsockname()[1]},
+            pod_ip=pod_ip,
             port_names=port_names or {"http": container_port},
             bound_sockets=[sock],
             kind="engine",
         )
 
-    def _spotrag(self, container: dict, args: list[str], env: dict[str, str], port_names: dict[str, int], mounts: Mounts) -> PreparedContainer:
-        declared = [p["containerPort"] for p in container.get("ports") or []]
-        ports = {port: free_port() for port in declared}
+    def _spotrag(self, container: dict, args: list[str], env: dict[str, str], port_names: dict[str, int], mounts: Mounts, pod_ip: str) -> PreparedContainer:
         translated: list[str] = []
         previous = ""
         for arg in args:
-            if previous == "--host":
-                arg = "127.0.0.1"
-            elif previous == "--port" and arg.isdigit() and int(arg) in ports:
-                arg = str(ports[int(arg)])
-            else:
-                arg = mounts.translate_text(arg)
+            # 0.0.0.0 in a pod is "every address of the pod": here, the pod IP.
+            arg = pod_ip if previous == "--host" else mounts.translate_text(arg)
             translated.append(arg)
             previous = arg if arg.startswith("--") else ""
-        return PreparedContainer(name=container["name"], argv=[*SPOTRAG_CLI, *translated], env=env, ports=ports, port_names=port_names)
+        return PreparedContainer(name=container["name"], argv=[*self.spotrag_command, *translated], env=env, pod_ip=pod_ip, port_names=port_names)
 
     # Volumes -------------------------------------------------------------
 

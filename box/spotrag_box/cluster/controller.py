@@ -43,6 +43,10 @@ class Controller:
                 await self.reconcile()
             except asyncio.CancelledError:
                 raise
+            except (ApiError, httpx.HTTPError) as error:
+                # Races a controller lives with (a namespace going away, a write on a
+                # stale cache): the next pass sees the new state and retries.
+                log.info("%s: %s; retrying", self.name, error)
             except Exception:  # noqa: BLE001 - a controller outlives one bad pass; the next resync retries
                 log.exception("%s: reconcile failed", self.name)
 

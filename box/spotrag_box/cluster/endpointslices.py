@@ -10,19 +10,16 @@ conditions the real controller sets:
 Not-ready pods are listed with ready=false, as the real controller lists
 them; consumers (the gateway, kube-proxy) route to ready endpoints only.
 
-Ports are per slice in Kubernetes. Every pod of the box shares 127.0.0.1
-with its own host port, so the box writes one slice per pod, with the
-service's targetPort resolved to that pod's host port.
+One slice per pod (a real controller packs up to 100 endpoints in a slice;
+consumers see the same endpoints either way).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 
 from .client import ApiError, Informer, KubeClient, collection_path, object_path
-from .containers import PORT_MAP_ANNOTATION
 from .controller import Controller
 
 log = logging.getLogger(__name__)
@@ -42,19 +39,14 @@ def selects(selector: dict, labels: dict) -> bool:
 
 
 def resolve_port(pod: dict, target: int | str) -> int | None:
-    """The host port a pod listens on for a service's targetPort."""
-    container_port: int | None = None
+    """The pod's port for a service's targetPort (a number, or a port name)."""
     if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
-        container_port = int(target)
-    else:
-        for container in pod["spec"].get("containers") or []:
-            for port in container.get("ports") or []:
-                if port.get("name") == target:
-                    container_port = port["containerPort"]
-    if container_port is None:
-        return None
-    mapping = json.loads(((pod["metadata"].get("annotations") or {}).get(PORT_MAP_ANNOTATION)) or "{}")
-    return mapping.get(str(container_port), container_port)
+        return int(target)
+    for container in pod["spec"].get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == target:
+                return port["containerPort"]
+    return None
 
 
 def slice_name(service: str, pod: dict) -> str:

@@ -4,9 +4,9 @@ and stops them the way a kubelet does.
 
 Lifecycle of a pod:
 
-1. bound → Pending / ContainerCreating for the image-pull delay, then the
-   process starts: Running, podIP 127.0.0.1, and the host port of each
-   container port in the annotation PORT_MAP_ANNOTATION;
+1. bound → the pod gets an IP of its own in 127.0.0.0/8 (free for every
+   port it declares), Pending / ContainerCreating for the image-pull delay,
+   then the process starts on that IP: Running, podIP;
 2. the pod's own startup and readiness probes (httpGet) against the
    process, at the box's probe period when the pod's is longer; a container
    that exits is restarted with a doubling back-off (restartPolicy Always /
@@ -24,9 +24,9 @@ Lifecycle of a pod:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
+import random
 import re
 import signal
 import subprocess
@@ -38,13 +38,13 @@ from typing import Any
 import httpx
 
 from .client import ApiError, Informer, KubeClient, object_path
-from .containers import PORT_MAP_ANNOTATION, ContainerConfigError, ContainerError, LocalRuntime, PreparedContainer
+from .containers import ContainerConfigError, ContainerError, LocalRuntime, PreparedContainer, declared_ports, ports_free
 from .controller import Controller, EventRecorder, now_iso
 from .profile import SIMULATED_LABEL, Timing
 
 log = logging.getLogger(__name__)
 
-POD_IP = "127.0.0.1"
+HOST_IP = "127.0.0.1"  # every simulated node is this machine
 DEFAULT_GRACE_SECONDS = 30
 MIN_GRACE_AFTER_PRESTOP = 2  # what a kubelet grants after a preStop hook used up the grace period
 MAX_BACKOFF_SECONDS = 10.0
@@ -115,10 +115,11 @@ class PodWorker:
         self.containers = [ContainerState(spec=c) for c in pod["spec"].get("containers") or []]
         self.deleting = asyncio.Event()
         self.vanished = False  # the object is gone: no more API writes
+        self.crashed = False
         self.start_time = now_iso()
         self._transitions: dict[str, tuple[str, str]] = {}
         self._published: dict | None = None
-        self._published_ports: dict | None = None
+        self.pod_ip = kubelet.ips.allocate(declared_ports(pod))
         self.task = asyncio.create_task(self._run(), name=f"pod {pod_ref(pod)}")
 
     @property
@@ -153,14 +154,19 @@ class PodWorker:
             await self._terminate()
             await self._release()
         except asyncio.CancelledError:
-            for container in self.containers:
-                _signal(container.process, signal.SIGKILL)
             raise
+        except Exception:
+            # A fault of the simulation itself: say so loudly, leave nothing running,
+            # and keep the pod as it is (no restart loop around a bug).
+            log.exception("%s: the simulated kubelet failed on this pod", pod_ref(self.pod))
+            self.crashed = True
         finally:
             for container in self.containers:
+                _signal(container.process, signal.SIGKILL)
                 if container.prepared:
                     container.prepared.close_sockets()
                 _reap(container.process)
+            self.kubelet.ips.release(self.pod_ip)
 
     async def _sleep_unless_deleted(self, seconds: float) -> bool:
         """Sleep; True if deletion started meanwhile."""
@@ -190,7 +196,7 @@ class PodWorker:
             container.last_terminated = container.terminated
             container.process = None
             container.ready = container.started = False
-            log.warning("%s container %s exited with %s", pod_ref(self.pod), container.name, code)
+            log.log(logging.INFO if code == 0 else logging.WARNING, "%s container %s exited with %s", pod_ref(self.pod), container.name, code)
             if not _restarts(self.pod, code):
                 return
             container.backoff = min(MAX_BACKOFF_SECONDS, container.backoff * 2 or self.kubelet.timing.restart_backoff)
@@ -209,7 +215,7 @@ class PodWorker:
     async def _start(self, container: ContainerState) -> None:
         runtime = self.kubelet.runtime
         try:
-            prepared = await runtime.prepare(self.pod, container.spec, self.kubelet.fetch)
+            prepared = await runtime.prepare(self.pod, container.spec, self.kubelet.fetch, self.pod_ip)
         except ContainerConfigError as error:
             container.waiting = ("CreateContainerConfigError", str(error))
             return
@@ -241,8 +247,7 @@ class PodWorker:
         container.started = container.ready = False
         container.probe_failures = 0
         self.kubelet.processes[(self.uid, container.name)] = process
-        log.info("%s started %s (pid %d, ports %s)", pod_ref(self.pod), container.name, process.pid, prepared.ports)
-        await self._publish_ports()
+        log.info("%s started %s (pid %d) on %s", pod_ref(self.pod), container.name, process.pid, prepared.pod_ip)
         await self.kubelet.events.record(_as_pod(self.pod), "Normal", "Started", f"Started container {container.name} (pid {process.pid})")
 
     async def _probe_all(self) -> None:
@@ -281,6 +286,7 @@ class PodWorker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         await self.kubelet.events.record(_as_pod(self.pod), "Normal", "Killing", f"Stopping container {', '.join(c.name for c in running)}")
+        log.info("%s stopping: preStop, then SIGTERM, grace %ss", pod_ref(self.pod), grace)
         # Probes go on while the pod stops, so endpoints see it stop serving.
         prober = asyncio.create_task(self._probe_while_stopping())
         try:
@@ -296,6 +302,7 @@ class PodWorker:
                     _signal(container.process, signal.SIGKILL)
             while any(c.alive for c in running):
                 await asyncio.sleep(0.02)
+            log.info("%s stopped", pod_ref(self.pod))
         finally:
             prober.cancel()
             await asyncio.gather(prober, return_exceptions=True)
@@ -322,11 +329,11 @@ class PodWorker:
                 return
             await asyncio.sleep(max(0.0, min(seconds, deadline - loop.time())))
         elif (get := hook.get("httpGet")) and container.prepared:
-            port = container.prepared.host_port(get.get("port"))
+            port = container.prepared.resolve_port(get.get("port"))
             if port:
                 try:
                     async with httpx.AsyncClient(timeout=max(0.1, deadline - loop.time())) as http:
-                        await http.get(f"http://{POD_IP}:{port}{get.get('path', '/')}")
+                        await http.get(f"http://{self.pod_ip}:{port}{get.get('path', '/')}")
                 except httpx.HTTPError as error:
                     log.info("%s: preStop httpGet failed: %s", pod_ref(self.pod), error)
         elif sleep := hook.get("sleep"):
@@ -371,8 +378,8 @@ class PodWorker:
             phase = "Pending"
         status = {
             "phase": phase,
-            "hostIP": POD_IP,
-            "hostIPs": [{"ip": POD_IP}],
+            "hostIP": HOST_IP,
+            "hostIPs": [{"ip": HOST_IP}],
             "startTime": self.start_time,
             "qosClass": "Burstable",
             "conditions": [
@@ -385,8 +392,8 @@ class PodWorker:
             "containerStatuses": [c.status() for c in self.containers],
         }
         if phase != "Pending":
-            status["podIP"] = POD_IP
-            status["podIPs"] = [{"ip": POD_IP}]
+            status["podIP"] = self.pod_ip
+            status["podIPs"] = [{"ip": self.pod_ip}]
         return status
 
     async def _publish(self) -> None:
@@ -404,18 +411,30 @@ class PodWorker:
                 return
             raise
 
-    async def _publish_ports(self) -> None:
-        ports = {str(k): v for c in self.containers if c.prepared for k, v in c.prepared.ports.items()}
-        if self.vanished or ports == self._published_ports:
-            return
-        try:
-            await self.kubelet.client.patch(self._path(), {"metadata": {"annotations": {PORT_MAP_ANNOTATION: json.dumps(ports, sort_keys=True)}}})
-            self._published_ports = ports
-        except ApiError as error:
-            if error.status == 404:
-                self.object_gone()
-                return
-            raise
+
+class PodIPs:
+    """Pod addresses in 127.0.0.0/8, counted up from a block picked at random
+    (so two boxes on one machine rarely meet); an address is skipped while
+    any port the pod declares is taken there."""
+
+    def __init__(self) -> None:
+        rng = random.Random()
+        self._second, self._third = rng.randrange(16, 240), rng.randrange(0, 256)
+        self._count = 0
+        self._used: set[str] = set()
+
+    def allocate(self, ports: list[int]) -> str:
+        for _ in range(254 * 256):
+            self._count += 1
+            third, fourth = divmod(self._count - 1, 254)
+            ip = f"127.{self._second}.{(self._third + third) % 256}.{fourth + 1}"
+            if ip not in self._used and ports_free(ip, ports):
+                self._used.add(ip)
+                return ip
+        raise RuntimeError(f"no loopback address has ports {ports} free")
+
+    def release(self, ip: str) -> None:
+        self._used.discard(ip)
 
 
 class Kubelet(Controller):
@@ -432,6 +451,7 @@ class Kubelet(Controller):
         self.timing = timing
         self.events = EventRecorder(client, "kubelet")
         self.workers: dict[str, PodWorker] = {}
+        self.ips = PodIPs()
         # Every process started, for stop() and for measuring; never reused.
         self.processes: dict[tuple[str, str], subprocess.Popen] = {}
         self._http = httpx.AsyncClient(timeout=PROBE_TIMEOUT_SECONDS)
@@ -455,11 +475,11 @@ class Kubelet(Controller):
         get = probe.get("httpGet")
         if get is None:
             return True  # exec and tcpSocket probes: the process being up is all the box checks
-        port = prepared.host_port(get.get("port"))
+        port = prepared.resolve_port(get.get("port"))
         if port is None:
             return False
         try:
-            response = await self._http.get(f"http://{POD_IP}:{port}{get.get('path', '/')}")
+            response = await self._http.get(f"http://{prepared.pod_ip}:{port}{get.get('path', '/')}")
         except httpx.HTTPError:
             return False
         return 200 <= response.status_code < 400
@@ -493,7 +513,7 @@ class Kubelet(Controller):
                     worker.kill_now()
                 else:
                     worker.object_gone()
-            if worker.done:
+            if worker.done and not (worker.crashed and uid in present):
                 del self.workers[uid]
 
     def node_lost(self, node: str) -> None:

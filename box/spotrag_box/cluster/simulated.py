@@ -61,10 +61,12 @@ class SimulatedCluster:
         workdir: str | Path | None = None,
         timing: Timing | None = None,
         claim_paths: dict[str, str | Path] | None = None,
+        spotrag_command: list[str] | None = None,
     ):
         """`claim_paths` maps "namespace/claim" to a folder on this machine
         (for example an index built beforehand); other claims get an empty
-        folder under `workdir`."""
+        folder under `workdir`. `spotrag_command` is what containers running
+        `spotrag ...` execute (default: this installation's CLI)."""
         self.kubeconfig = str(kubeconfig)
         self.profile = profile or ClusterProfile.default()
         self.timing = timing or Timing()
@@ -75,6 +77,7 @@ class SimulatedCluster:
             kubeconfig=self.kubeconfig,
             claim_paths={k: str(v) for k, v in (claim_paths or {}).items()},
             timing=self.timing,
+            spotrag_command=spotrag_command,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -207,6 +210,11 @@ class SimulatedCluster:
         """Live simulated nodes → their pool."""
         assert self.cloud is not None
         return self._call(_snapshot(dict, self.cloud.instances))
+
+    def interruptions(self) -> dict[str, Interruption]:
+        """Notices given and not yet carried out, by node."""
+        assert self.cloud is not None
+        return self._call(_snapshot(dict, self.cloud.interruptions))
 
     def processes(self) -> list[ProcessInfo]:
         """Container processes running now."""
