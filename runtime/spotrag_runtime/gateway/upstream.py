@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncio
+import contextlib
 
 import aiohttp
 import orjson
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 
 _JSON = {"Content-Type": "application/json"}
+# How long to wait for the end of a body after [DONE] before giving up the connection.
+_DRAIN_SECONDS = 1.0
 
 
 class EngineFailure(Exception):
@@ -102,6 +105,7 @@ class EngineClient:
                         raise EngineFailure(f"{engine_url} answered {response.status}: {content[:200]!r}")
                     raise _rejected(response.status, content, engine_url)
                 pending = b""
+                done = False
                 async for received in response.content.iter_any():
                     *lines, pending = (pending + received).split(b"\n")
                     events = []
@@ -110,15 +114,24 @@ class EngineClient:
                             continue  # blank separators, comments, event names
                         data = line[5:].strip()
                         if data == b"[DONE]":
-                            if events:
-                                yield events
-                            return
+                            done = True
+                            break
                         event = orjson.loads(data)
                         if "error" in event:
                             raise _stream_error(event["error"], engine_url)
                         events.append(event)
                     if events:
                         yield events
+                    if done:
+                        break
+                if done:
+                    # Read the body's end so the connection goes back to the pool:
+                    # one left unread is closed, and a new connection per answer
+                    # costs both sides a handshake.
+                    with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+                        async with asyncio.timeout(_DRAIN_SECONDS):
+                            await response.read()
+                    return
         except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             raise EngineFailure(f"{engine_url}: {error!r}") from error
         except orjson.JSONDecodeError as error:
