@@ -134,8 +134,8 @@ class Timeline:
     ready: float | None = None
     first_answer: float | None = None
     notice: float | None = None
+    replacement_ready: float | None = None
     node_gone: float | None = None
-    recovered: float | None = None
 
     def at(self, moment: float | None) -> str:
         return "-" if moment is None else f"{moment - self.started:.1f}s"
@@ -146,7 +146,8 @@ class Demo:
         from rich.console import Console
 
         self.args = args
-        self.console = Console(highlight=False)
+        # soft_wrap: long lines stay whole in a log or a narrow terminal.
+        self.console = Console(highlight=False, soft_wrap=True)
         self.real = args.kubeconfig is not None
         self.namespace = args.namespace
         self.timeline = Timeline()
@@ -292,7 +293,7 @@ class Demo:
 
         if not hasattr(self, "observer"):
             deadlines = (lambda: {n: i.deadline for n, i in self.cluster.interruptions().items()}) if self.cluster is not None else dict
-            self.observer = Observer(self.api_client, self.namespace, DEPLOYMENT, deadlines)
+            self.observer = Observer(self.api_client, self.namespace, DEPLOYMENT, started=self.timeline.started, deadlines=deadlines)
         deadline = time.monotonic() + timeout
         last_plain = 0.0
         with Live(console=self.console, refresh_per_second=4, transient=True, auto_refresh=self.console.is_terminal) as live:
@@ -380,16 +381,18 @@ class Demo:
         self.say(f"\n[bold]Spot interruption[/bold]: the cloud takes {node} back in {NOTICE_SECONDS:.0f}s. "
                  "AWS Node Termination Handler taints and cordons it; the operator drains its engine, starts a replacement, "
                  "and the gateway keeps every request alive.")
+        before = {e.name for e in snapshot.engines}
         self.cluster.interrupt_node(node, style="aws", notice_seconds=NOTICE_SECONDS)
         self.timeline.notice = time.monotonic()
 
         def recovered(snapshot) -> bool:
-            if self.timeline.node_gone is None and node not in {n.name for n in snapshot.nodes}:
-                self.timeline.node_gone = time.monotonic()
+            timeline = self.timeline
+            if timeline.node_gone is None and node not in {n.name for n in snapshot.nodes}:
+                timeline.node_gone = time.monotonic()
+            if timeline.replacement_ready is None and any(e.name not in before and e.state == "Ready" for e in snapshot.engines):
+                timeline.replacement_ready = time.monotonic()
             ready = sum(1 for e in snapshot.engines if e.state == "Ready")
-            if self.timeline.node_gone and self.timeline.recovered is None and ready >= snapshot.desired:
-                self.timeline.recovered = time.monotonic()
-            return self.timeline.recovered is not None and time.monotonic() >= end
+            return timeline.node_gone is not None and ready >= snapshot.desired and time.monotonic() >= end
 
         self._watch_until(recovered, what=f"engines to recover after {node} went", timeout=max(self.args.duration, NOTICE_SECONDS) + 90)
 
@@ -399,8 +402,8 @@ class Demo:
         self.say("\n[bold]Summary[/bold]")
         self.say(f"  ready after {timeline.at(timeline.ready)}, first answer after {timeline.at(timeline.first_answer)}")
         if timeline.notice:
-            self.say(f"  interruption of {self.interrupted_node}: notice at {timeline.at(timeline.notice)}, node gone at "
-                     f"{timeline.at(timeline.node_gone)}, all engines ready again at {timeline.at(timeline.recovered)}")
+            self.say(f"  interruption of {self.interrupted_node}: notice at {timeline.at(timeline.notice)}, its replacement engine "
+                     f"ready at {timeline.at(timeline.replacement_ready)}, the node gone at {timeline.at(timeline.node_gone)}")
         self.say(f"  requests: {counts.served} served ({counts.tokens} tokens streamed), "
                  + (f"[red bold]{counts.failed} failed[/red bold]" if counts.failed else "[green]0 failed[/green]"))
         for failure in self.traffic.failures[:5]:

@@ -108,15 +108,15 @@ def queued_tokens(gateway_url: str | None) -> int | None:
 class Observer:
     """Reads the cluster and turns changes into log lines."""
 
-    def __init__(self, api_client: kubernetes.client.ApiClient, namespace: str, deployment: str,
-                 deadlines: Callable[[], dict[str, datetime.datetime]] = dict):
+    def __init__(self, api_client: kubernetes.client.ApiClient, namespace: str, deployment: str, *,
+                 started: float, deadlines: Callable[[], dict[str, datetime.datetime]] = dict):
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.apps = kubernetes.client.AppsV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
         self.namespace = namespace
         self.deployment = deployment
         self.deadlines = deadlines  # node → when it goes, where the cloud says (the box)
-        self.started = time.monotonic()
+        self.started = started  # the demo's clock (time.monotonic() at its start)
         self._last_states: dict[str, str] = {}
         self._last_notices: dict[str, str] = {}
         self._known_nodes: set[str] | None = None

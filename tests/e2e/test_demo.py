@@ -1,0 +1,45 @@
+"""`spotrag demo` as a user runs it: the whole tour in the box ends with every
+request answered; a missing prerequisite is named before anything starts."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.box_only
+
+
+def demo(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "spotrag_runtime.cli", "demo", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_tour_answers_every_request_through_a_spot_interruption():
+    done = demo("--duration", "15")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert re.search(r"First answer [\d.]+s after `spotrag demo` started", output), output
+    assert re.search(r"interruption of gpu-spot-\S+: notice at [\d.]+s, its replacement engine ready at [\d.]+s, the node gone at [\d.]+s", output), output
+    served = int(re.search(r"requests: (\d+) served", output).group(1))
+    assert served > 0
+    assert "0 failed" in output
+    assert "What is real and what is simulated" in output
+
+
+def test_a_busy_api_port_is_named_before_anything_starts():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = demo("--api-port", str(port), timeout=60)
+    assert done.returncode == 2
+    assert f"port {port} on 127.0.0.1 is in use: pass another with --api-port (0 picks a free one)" in done.stderr
+
+
+def test_a_missing_kubeconfig_is_a_usage_error(tmp_path):
+    done = demo("--kubeconfig", str(tmp_path / "nope"), timeout=60)
+    assert done.returncode == 2
+    assert f"--kubeconfig {tmp_path / 'nope'}: no such file" in done.stderr
