@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 
 from .client import ApiError, Informer, KubeClient, object_path
-from .containers import ContainerConfigError, ContainerError, LocalRuntime, PreparedContainer, declared_ports, ports_free
+from .containers import ContainerConfigError, ContainerError, LocalRuntime, PreparedContainer, bound_socket, declared_ports, ports_free
 from .controller import Controller, EventRecorder, now_iso
 from .profile import SIMULATED_LABEL, Timing
 
@@ -422,6 +422,14 @@ class PodIPs:
         self._second, self._third = rng.randrange(16, 240), rng.randrange(0, 256)
         self._count = 0
         self._used: set[str] = set()
+        probe = f"127.{self._second}.{self._third}.1"
+        try:
+            bound_socket(probe, 0).close()
+        except OSError as error:
+            raise OSError(
+                f"cannot listen on {probe} ({error}): the box gives each pod a loopback address of 127.0.0.0/8, "
+                "which Linux routes to lo; on macOS add aliases first (sudo ifconfig lo0 alias 127.x.y.z up)"
+            ) from error
 
     def allocate(self, ports: list[int]) -> str:
         for _ in range(254 * 256):
