@@ -195,6 +195,8 @@ class Demo:
         with contextlib.ExitStack() as stack:
             stack.callback(self._stop_all)
             self.kubeconfig = Path(self.args.kubeconfig) if self.real else self._start_box()
+            if self.real:
+                self._check_cluster()
             self._deploy()
             self.gateway_url = stack.enter_context(self._gateway())
             return self._tour(stack)
@@ -226,6 +228,17 @@ class Demo:
         self.programs.append(operator)
         self.say("[green]real[/green] spotrag operator started (logs: " + str(operator.log_path) + ")")
         return kubeconfig
+
+    def _check_cluster(self) -> None:
+        """On a real cluster spotrag must be installed already: say so if not."""
+        done = subprocess.run([kubectl_path(), "--kubeconfig", str(self.kubeconfig), "get", "crd", "ragdeployments.spotrag.io"],
+                              capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise DemoError(
+                f"the cluster of {self.kubeconfig} has no RAGDeployment CRD ({done.stderr.strip()}): install spotrag first, "
+                "e.g. helm install spotrag ./charts/spotrag -n spotrag --create-namespace"
+            )
+        self.say(f"[green]real[/green] cluster of {self.kubeconfig}: nothing is simulated, and no node is taken away")
 
     def _deploy(self) -> None:
         corpus = Path(str(resources.files("spotrag_runtime") / "data" / "corpus" / "docs"))

@@ -84,7 +84,7 @@ def running_requests(url: str) -> float:
 
 
 def test_engine_pod_serves_then_finishes_its_request_while_stopping(e2e, namespace):
-    e2e.apply([service(namespace, "engine", {"app": "engine"}), engine_pod(namespace, "engine", model="box-model", max_model_len=2048, shutdown_timeout=10)])
+    e2e.apply([service(namespace, "engine", {"app": "engine"}), engine_pod(namespace, "engine", model="box-model", max_model_len=2048, shutdown_timeout=10, pre_stop=2)])
     e2e.wait_for(lambda: is_ready(e2e, namespace, "engine"), what="the engine pod to be Ready", namespace=namespace)
     pod = e2e.core.read_namespaced_pod("engine", namespace)
     assert pod.status.pod_ip.startswith("127.") and pod.status.pod_ip != "127.0.0.1"  # an address of its own

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from spotrag_box.kube_api import KubeAPIServer
+
 pytestmark = pytest.mark.box_only
 
 
@@ -43,3 +45,13 @@ def test_a_missing_kubeconfig_is_a_usage_error(tmp_path):
     done = demo("--kubeconfig", str(tmp_path / "nope"), timeout=60)
     assert done.returncode == 2
     assert f"--kubeconfig {tmp_path / 'nope'}: no such file" in done.stderr
+
+
+def test_a_cluster_without_spotrag_is_named(tmp_path):
+    # --kubeconfig means "a real cluster": here an API server with no CRD installed.
+    with KubeAPIServer() as api:
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        done = demo("--kubeconfig", str(kubeconfig), timeout=60)
+    assert done.returncode == 2
+    assert f"the cluster of {kubeconfig} has no RAGDeployment CRD" in done.stderr
+    assert "install spotrag first" in done.stderr
