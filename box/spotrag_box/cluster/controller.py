@@ -35,7 +35,10 @@ class Controller:
     async def run(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.resync)
+                # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a
+                # cancellation that meets a wake-up, and the loop would never end.
+                async with asyncio.timeout(self.resync):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

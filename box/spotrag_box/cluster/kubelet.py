@@ -171,7 +171,8 @@ class PodWorker:
     async def _sleep_unless_deleted(self, seconds: float) -> bool:
         """Sleep; True if deletion started meanwhile."""
         try:
-            await asyncio.wait_for(self.deleting.wait(), timeout=seconds)
+            async with asyncio.timeout(seconds):
+                await self.deleting.wait()
             return True
         except TimeoutError:
             return False

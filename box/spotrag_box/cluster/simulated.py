@@ -171,11 +171,12 @@ class SimulatedCluster:
             self._ready.set()
             await self._stopping.wait()
         finally:
-            await kubelet.shutdown()
-            await cloud.shutdown()
+            # Controllers first, so none reacts to the shutdown of the others.
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await kubelet.shutdown()
+            await cloud.shutdown()
             await client.close()
 
     def _call(self, coroutine: Coroutine[Any, Any, Any], timeout: float = CALL_TIMEOUT_SECONDS) -> Any:
