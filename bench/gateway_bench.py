@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -102,6 +103,7 @@ class Cell:
     errors: int = 0
     seconds: float = 0.0
     ttft: list[float] = field(default_factory=list, repr=False)
+    error_kinds: dict[str, int] = field(default_factory=dict)
     cpu_seconds: float | None = None
 
     @property
@@ -114,6 +116,7 @@ class Cell:
             "concurrency": self.concurrency,
             "requests": self.requests,
             "errors": self.errors,
+            "error_kinds": self.error_kinds,
             "requests_per_second": round(self.requests_per_second, 1),
             "ttft_p50_ms": round(percentile(self.ttft, 0.5) * 1000, 1),
             "ttft_p99_ms": round(percentile(self.ttft, 0.99) * 1000, 1),
@@ -123,8 +126,12 @@ class Cell:
         }
 
 
-async def one_request(session: aiohttp.ClientSession, url: str, number: int, headers: dict) -> tuple[float, bool]:
-    """Stream one answer; (time to first token, complete and 64 tokens long)."""
+async def one_request(session: aiohttp.ClientSession, url: str, number: int, headers: dict) -> tuple[float, str | None]:
+    """Stream one answer; (time to first token, what went wrong or None).
+
+    Complete means [DONE] arrived after a usage chunk counting 64 tokens (an
+    engine that falls behind sends several tokens in one chunk, as vLLM does,
+    so chunks are not counted)."""
     body = {
         "model": MODEL,
         "messages": [
@@ -133,15 +140,16 @@ async def one_request(session: aiohttp.ClientSession, url: str, number: int, hea
         ],
         "max_tokens": ANSWER_TOKENS,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
     started = time.perf_counter()
     first_token = None
-    tokens = 0
+    completion_tokens = None
     done = False
     async with session.post(f"{url}/v1/chat/completions", json=body, headers=headers) as response:
         if response.status != 200:
             await response.read()
-            return float("nan"), False
+            return float("nan"), f"HTTP {response.status}"
         async for line in response.content:
             if not line.startswith(b"data:"):
                 continue
@@ -149,13 +157,15 @@ async def one_request(session: aiohttp.ClientSession, url: str, number: int, hea
                 done = True
                 break
             if first_token is None:
-                # Parse only until the first token; after that counting lines is enough.
+                # Parse only until the first token, and the usage chunk at the end.
                 delta = (json.loads(line[5:]).get("choices") or [{}])[0].get("delta") or {}
-                if not delta.get("content"):
-                    continue
-                first_token = time.perf_counter() - started
-            tokens += 1
-    return (first_token or float("nan")), done and tokens >= ANSWER_TOKENS
+                if delta.get("content"):
+                    first_token = time.perf_counter() - started
+            elif b'"completion_tokens"' in line:
+                completion_tokens = (json.loads(line[5:]).get("usage") or {}).get("completion_tokens")
+    if not done or completion_tokens != ANSWER_TOKENS:
+        return float("nan"), f"incomplete ({completion_tokens} tokens, [DONE] {'seen' if done else 'missing'})"
+    return first_token or float("nan"), None
 
 
 async def run_cell(target: str, url: str, concurrency: int, *, warmup: float, duration: float,
@@ -173,17 +183,18 @@ async def run_cell(target: str, url: str, concurrency: int, *, warmup: float, du
         async def client() -> None:
             while loop.time() < window_end:
                 try:
-                    ttft, ok = await one_request(session, url, next(counter), headers)
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    ttft, ok = float("nan"), False
+                    ttft, problem = await one_request(session, url, next(counter), headers)
+                except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                    ttft, problem = float("nan"), type(error).__name__
                 ended = loop.time()
                 # Steady state: what finished inside the window, whenever it started.
                 if window_start <= ended <= window_end:
-                    if ok:
+                    if problem is None:
                         cell.requests += 1
                         cell.ttft.append(ttft)
                     else:
                         cell.errors += 1
+                        cell.error_kinds[problem] = cell.error_kinds.get(problem, 0) + 1
 
         async def mark_window() -> None:
             nonlocal cpu_at_start
@@ -506,6 +517,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="EndpointSlice readiness flips to time (0 to skip)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here too")
     args = parser.parse_args(argv)
+    # 512 clients and their proxied connections need more than the usual 1024
+    # descriptors, here and in every process started from here (peers included).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     work = Path(tempfile.mkdtemp(prefix="spotrag-gateway-bench-"))
     try:
         proxy = proxy_benchmark(args, work) if args.targets else []

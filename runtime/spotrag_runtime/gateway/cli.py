@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import sys
 
 from spotrag_runtime.gateway.config import ConfigError, GatewayConfig, load_config
@@ -16,6 +17,15 @@ SHUTDOWN_GRACE_SECONDS = 25
 def _default_host() -> str:
     # In a pod the Service must reach us; on a laptop, stay on loopback.
     return "0.0.0.0" if os.environ.get("KUBERNETES_SERVICE_HOST") else "127.0.0.1"
+
+
+def raise_open_file_limit() -> None:
+    """Two sockets per streaming request (client and engine) run past the
+    usual soft limit of 1024 descriptors at a few hundred streams; take the
+    hard limit, as vLLM's server does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +83,7 @@ def cli(argv: list[str]) -> int:
 
     from spotrag_runtime.gateway.app import create_app
 
+    raise_open_file_limit()
     app = create_app(config, kubeconfig=args.kubeconfig)
     server = uvicorn.Server(
         uvicorn.Config(
