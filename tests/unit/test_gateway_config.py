@@ -6,11 +6,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
+from spotrag_operator import render
+from spotrag_operator.crd import defaulted_spec
 from spotrag_runtime.gateway.cli import build_parser, config_from_args
 from spotrag_runtime.gateway.config import ConfigError, GatewayConfig, load_config
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 # The shape the operator renders (docs/gateway.md).
 RENDERED = {
@@ -96,7 +102,7 @@ def test_only_the_model_name_is_required() -> None:
         ({"servedModelName": "m", "engines": {"urls": "http://a:1"}}, "engines.urls: must be a list, not str"),
         ({"servedModelName": "m", "admission": {"defaultMaxTokens": 5000}},
          "admission.defaultMaxTokens (5000) is above admission.maxTokensLimit (4096)"),
-        ({"servedModelName": "m", "maxModelLen": 4096},
+        ({"servedModelName": "m", "maxModelLen": 4096, "admission": {"maxTokensLimit": 4096}},
          "admission.maxTokensLimit (4096) leaves no room for a prompt in maxModelLen (4096)"),
         ({"servedModelName": ""}, "servedModelName: must not be empty"),
     ],
@@ -105,6 +111,33 @@ def test_bad_configs_are_refused_naming_the_key(mapping: object, message: str) -
     with pytest.raises(ConfigError) as raised:
         GatewayConfig.from_mapping(mapping)
     assert message in str(raised.value)
+
+
+def test_token_limits_follow_the_context_length_unless_set() -> None:
+    small = GatewayConfig.from_mapping({"servedModelName": "m", "maxModelLen": 2048})
+    assert (small.max_tokens_limit, small.default_max_tokens) == (1024, 512)
+    tiny = GatewayConfig.from_mapping({"servedModelName": "m", "maxModelLen": 512})
+    assert (tiny.max_tokens_limit, tiny.default_max_tokens) == (256, 256)
+    large = GatewayConfig.from_mapping({"servedModelName": "m", "maxModelLen": 131072})
+    assert (large.max_tokens_limit, large.default_max_tokens) == (4096, 512)
+    chosen = GatewayConfig.from_mapping(
+        {"servedModelName": "m", "admission": {"maxTokensLimit": 100, "defaultMaxTokens": 50}}
+    )
+    assert (chosen.max_tokens_limit, chosen.default_max_tokens) == (100, 50)
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda path: path.name)
+def test_what_the_operator_renders_for_every_example_loads(example: Path) -> None:
+    # The contract between the operator and the gateway: gateway.json as rendered.
+    documents = [d for d in yaml.safe_load_all(example.read_text()) if d and d.get("kind") == "RAGDeployment"]
+    assert documents, f"{example.name} holds no RAGDeployment"
+    for body in documents:
+        body["metadata"].setdefault("namespace", "default")
+        body["metadata"]["uid"] = "0000-uid"  # as the API server would have set it
+        rendered = json.loads(render.gateway_configmap(body, defaulted_spec(body))["data"]["gateway.json"])
+        config = GatewayConfig.from_mapping(rendered)
+        assert config.engines.discovery == "endpointslices" and config.engines.service
+        assert config.max_tokens_limit < config.max_model_len
 
 
 def test_load_config_reads_the_mounted_file_and_names_it_in_errors(tmp_path) -> None:

@@ -110,8 +110,10 @@ class AdmissionConfig:
     )
     max_queued_requests: int = field(default=1024, metadata=_key("maxQueuedRequests", check=_non_negative))
     queue_timeout_seconds: float = field(default=30.0, metadata=_key("queueTimeoutSeconds", check=_positive))
-    max_tokens_limit: int = field(default=4096, metadata=_key("maxTokensLimit", check=_positive))
-    default_max_tokens: int = field(default=512, metadata=_key("defaultMaxTokens", check=_positive))
+    # null: min(4096, maxModelLen / 2), so any context length leaves room for a prompt.
+    max_tokens_limit: int | None = field(default=None, metadata=_key("maxTokensLimit", check=_positive))
+    # null: min(512, the limit).
+    default_max_tokens: int | None = field(default=None, metadata=_key("defaultMaxTokens", check=_positive))
     prefix_affinity: bool = field(default=True, metadata=_key("prefixAffinity"))
     max_body_bytes: int = field(default=1_048_576, metadata=_key("maxBodyBytes", check=_positive))
     # "engine": exact counts from the engine's /tokenize (chat template applied);
@@ -152,18 +154,27 @@ class GatewayConfig:
     failover: FailoverConfig = field(default_factory=FailoverConfig, metadata=_key("failover"))
     auth: AuthConfig = field(default_factory=AuthConfig, metadata=_key("auth"))
 
+    @property
+    def max_tokens_limit(self) -> int:
+        """The highest max_tokens a client may ask for."""
+        return self.admission.max_tokens_limit or max(1, min(4096, self.max_model_len // 2))
+
+    @property
+    def default_max_tokens(self) -> int:
+        """max_tokens for a request that gives none (lowered further to fit the context)."""
+        return self.admission.default_max_tokens or min(512, self.max_tokens_limit)
+
     def __post_init__(self) -> None:
         if not self.served_model_name:
             raise ConfigError("servedModelName: must not be empty")
-        admission = self.admission
-        if admission.default_max_tokens > admission.max_tokens_limit:
+        if self.default_max_tokens > self.max_tokens_limit:
             raise ConfigError(
-                f"admission.defaultMaxTokens ({admission.default_max_tokens}) is above "
-                f"admission.maxTokensLimit ({admission.max_tokens_limit})"
+                f"admission.defaultMaxTokens ({self.default_max_tokens}) is above "
+                f"admission.maxTokensLimit ({self.max_tokens_limit})"
             )
-        if admission.max_tokens_limit >= self.max_model_len:
+        if self.max_tokens_limit >= self.max_model_len:
             raise ConfigError(
-                f"admission.maxTokensLimit ({admission.max_tokens_limit}) leaves no room for a prompt "
+                f"admission.maxTokensLimit ({self.max_tokens_limit}) leaves no room for a prompt "
                 f"in maxModelLen ({self.max_model_len})"
             )
         engines = self.engines

@@ -144,7 +144,7 @@ class Gateway:
             )
 
     def check_max_tokens(self, requested: int | None) -> None:
-        limit = self.config.admission.max_tokens_limit
+        limit = self.config.max_tokens_limit
         if requested is not None and requested > limit:
             raise InvalidRequest(
                 f"max_tokens is {requested}, above this endpoint's limit of {limit}.", param="max_tokens"
@@ -163,9 +163,11 @@ class Gateway:
         *,
         rag: bool,
         passages: Sequence[RetrievedPassage] | None = None,
+        arrived_at: float | None = None,
     ) -> PreparedChat:
         """Check the request, ground it in the documents (when ``rag``), count
-        its prompt and fit it into the model's context."""
+        its prompt and fit it into the model's context. ``arrived_at``
+        (``time.perf_counter()``) is where time to first token starts."""
         self.check_model(request.model)
         requested = request.requested_max_tokens
         self.check_max_tokens(requested)
@@ -195,7 +197,7 @@ class Gateway:
                 + (" or lower max_tokens." if requested else "."),
                 param="messages",
             )
-        max_tokens = requested or min(self.config.admission.default_max_tokens, max_model_len - prompt_tokens)
+        max_tokens = requested or min(self.config.default_max_tokens, max_model_len - prompt_tokens)
         body: dict[str, Any] = request.model_dump(exclude_unset=True, exclude=_GATEWAY_FIELDS)
         body["model"] = self.config.served_model_name
         affinity: tuple[bytes, ...] = ()
@@ -208,6 +210,7 @@ class Gateway:
             max_tokens=max_tokens,
             served_model=self.config.served_model_name,
             affinity=affinity,
+            arrived_at=time.perf_counter() if arrived_at is None else arrived_at,
         )
         return PreparedChat(job, contexts)
 

@@ -50,7 +50,7 @@ async def chat_completions(
     gateway: Gateway = request.app.state.gateway
     started = time.perf_counter()
     rag = wants_rag(gateway, body.rag, x_spotrag_rag)
-    prepared = await until_disconnect(request, gateway.prepare_chat(body, rag=rag))
+    prepared = await until_disconnect(request, gateway.prepare_chat(body, rag=rag, arrived_at=started))
     job, outcome = prepared.job, ChatOutcome()
     options = body.stream_options
     job.continuous_usage = bool(body.stream and options and options.continuous_usage_stats)

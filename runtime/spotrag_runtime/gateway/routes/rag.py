@@ -62,7 +62,7 @@ async def rag_query(body: RagQueryRequest, request: Request) -> dict[str, Any]:
         )
     except ValidationError as error:  # a sampling option of the wrong shape
         raise RequestValidationError(error.errors()) from None
-    prepared = await until_disconnect(request, gateway.prepare_chat(chat, rag=True, passages=found))
+    prepared = await until_disconnect(request, gateway.prepare_chat(chat, rag=True, passages=found, arrived_at=started))
     outcome = ChatOutcome()
     await until_disconnect(request, collect(gateway.relay.chunks(prepared.job, outcome)))
     gateway.record(started, None)
