@@ -247,7 +247,8 @@ def test_jobs_complete_or_fail_after_their_retries(e2e, namespace):
     e2e.apply([job("works", ["spotrag", "--help"]), job("breaks", ["spotrag", "no-such-command"])])
 
     def finished(name: str):
-        conditions = e2e.batch.read_namespaced_job(name, namespace).status.conditions or []
+        status = e2e.batch.read_namespaced_job(name, namespace).status  # None until the controller writes it
+        conditions = (status.conditions if status else None) or []
         return next((c for c in conditions if c.type in ("Complete", "Failed") and c.status == "True"), None)
 
     assert e2e.wait_for(lambda: finished("works"), what="Job works to finish", namespace=namespace).type == "Complete"
