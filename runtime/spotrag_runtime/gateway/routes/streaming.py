@@ -7,11 +7,11 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
-import orjson
 from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from spotrag_runtime.gateway import fastjson
 from spotrag_runtime.gateway.errors import ClientClosedRequest
 from spotrag_runtime.gateway.relay import ChatJob, ChatOutcome
 
@@ -43,7 +43,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 def sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
+    return b"data: " + fastjson.dumps(payload) + b"\n\n"
 
 
 class EventStreamResponse(StreamingResponse):
