@@ -1,0 +1,81 @@
+"""`spotrag gateway` as a process: it serves from the command line alone, and
+on SIGTERM it stops taking requests but lets the answer in flight finish."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import httpx
+import openai
+
+from .gateway_fixtures import SERVED_MODEL, direct_answer, running_engines, wait_until
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_gateway_command_serves_and_drains_on_sigterm(tmp_path) -> None:
+    question = [{"role": "user", "content": "Describe the fleet."}]
+    with running_engines(1, itl_ms=25, answer_words_min=200, answer_words_max=200) as (engine,):
+        port = free_port()
+        log = (tmp_path / "gateway.log").open("w")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "spotrag_runtime.gateway.cli", "--served-model-name", SERVED_MODEL,
+             "--engine-url", engine.url, "--no-retrieval", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "warning"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+
+            def ready() -> bool:
+                try:
+                    return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return process.poll() is not None  # exited: fail below, not by timeout
+
+            wait_until(ready, "the gateway to be ready", timeout=30)
+            assert process.poll() is None, (tmp_path / "gateway.log").read_text()
+            received: list[str] = []
+            finished = threading.Event()
+
+            def stream() -> None:
+                with openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0) as client:
+                    for chunk in client.chat.completions.create(
+                        model=SERVED_MODEL, messages=question, max_tokens=40, stream=True
+                    ):
+                        if chunk.choices and chunk.choices[0].delta.content:
+                            received.append(chunk.choices[0].delta.content)
+                finished.set()
+
+            reader = threading.Thread(target=stream)
+            reader.start()
+            wait_until(lambda: len(received) >= 5, "the answer to start")
+            process.send_signal(signal.SIGTERM)
+
+            def refused() -> bool:
+                try:
+                    httpx.get(f"{url}/healthz", timeout=1)
+                except httpx.ConnectError:
+                    return True
+                return False
+
+            wait_until(refused, "the gateway to stop taking connections")
+            assert not finished.is_set()  # still streaming when new connections were already refused
+            reader.join(timeout=30)
+            assert finished.is_set()
+            assert "".join(received) == direct_answer(engine, question, max_tokens=40)
+            # Drained, then gone: uvicorn re-raises the SIGTERM it caught once it is done.
+            assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            log.close()
