@@ -195,15 +195,16 @@ class E2E:
                 lines.append(f"  {condition['type']}={condition['status']} {condition.get('reason', '')}: {condition.get('message', '')}")
         troubled = []
         for pod in self.pods(namespace):
-            conditions = {c.type: c for c in pod.status.conditions or []}
+            status = pod.status or kubernetes.client.V1PodStatus()
+            conditions = {c.type: c for c in status.conditions or []}
             ready = conditions.get("Ready")
-            line = f"pod {pod.metadata.name} on {pod.spec.node_name or '-'}: {pod.status.phase}"
+            line = f"pod {pod.metadata.name} on {pod.spec.node_name or '-'}: {status.phase}"
             if pod.metadata.deletion_timestamp:
                 line += " (terminating)"
             for kind, condition in conditions.items():
                 if condition.status != "True":
                     line += f"; {kind}=False {condition.reason or ''} {condition.message or ''}".rstrip()
-            for container in pod.status.container_statuses or []:
+            for container in status.container_statuses or []:
                 if container.state.waiting:
                     line += f"; {container.name} waiting: {container.state.waiting.reason} {container.state.waiting.message or ''}".rstrip()
                 if container.state.terminated:
@@ -234,8 +235,14 @@ class E2E:
             conditions = {c["type"]: c for c in ((ragd or {}).get("status") or {}).get("conditions") or []}
             if conditions.get("Ready", {}).get("status") != "True":
                 return None
-            gateway = self.apps.read_namespaced_deployment(f"{name}-gateway", namespace)
-            return ragd if (gateway.status.ready_replicas or 0) >= (gateway.spec.replicas or 1) else None
+            try:
+                gateway = self.apps.read_namespaced_deployment(f"{name}-gateway", namespace)
+            except kubernetes.client.ApiException as error:
+                if error.status == 404:
+                    return None
+                raise
+            ready = (gateway.status.ready_replicas if gateway.status else None) or 0
+            return ragd if ready >= (gateway.spec.replicas or 1) else None
 
         return self.wait_for(ready, what=f"RAGDeployment {namespace}/{name} to be Ready with its gateways", namespace=namespace, timeout=timeout)
 

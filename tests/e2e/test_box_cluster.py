@@ -47,14 +47,22 @@ def service(namespace: str, name: str, selector: dict) -> dict:
     }
 
 
+def condition_of(pod, kind: str):
+    conditions = (pod.status.conditions if pod.status else None) or []  # no status until a kubelet or scheduler writes one
+    return next((c for c in conditions if c.type == kind), None)
+
+
 def pod_condition(e2e, namespace: str, name: str, kind: str):
-    pod = e2e.core.read_namespaced_pod(name, namespace)
-    return next((c for c in pod.status.conditions or [] if c.type == kind), None)
+    return condition_of(e2e.core.read_namespaced_pod(name, namespace), kind)
+
+
+def ready(pod) -> bool:
+    condition = condition_of(pod, "Ready")
+    return condition is not None and condition.status == "True"
 
 
 def is_ready(e2e, namespace: str, name: str) -> bool:
-    condition = pod_condition(e2e, namespace, name, "Ready")
-    return condition is not None and condition.status == "True"
+    return ready(e2e.core.read_namespaced_pod(name, namespace))
 
 
 def pod_gone(e2e, namespace: str, name: str) -> bool:
@@ -221,10 +229,10 @@ def test_deployment_rolls_with_no_gap_in_ready_pods(e2e, namespace):
     def rolled() -> bool:
         nonlocal fewest_ready
         pods = e2e.pods(namespace, "app=web")
-        ready = [p for p in pods if not p.metadata.deletion_timestamp and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
-        fewest_ready = min(fewest_ready, len(ready))
+        serving = [p for p in pods if not p.metadata.deletion_timestamp and ready(p)]
+        fewest_ready = min(fewest_ready, len(serving))
         names = {p.metadata.name for p in pods}
-        return not (names & first) and len(ready) == 2
+        return not (names & first) and len(serving) == 2
 
     e2e.wait_for(rolled, what="the rollout to replace both pods", namespace=namespace, interval=0.1)
     assert fewest_ready == 2  # maxUnavailable 0: never fewer ready pods than replicas
@@ -266,7 +274,8 @@ def test_a_container_the_box_cannot_run_says_so(e2e, namespace):
                "spec": {"containers": [{"name": "shell", "image": "busybox:1.36", "command": ["sleep", "3600"]}]}})
 
     def waiting():
-        statuses = e2e.core.read_namespaced_pod("shell", namespace).status.container_statuses or []
+        status = e2e.core.read_namespaced_pod("shell", namespace).status
+        statuses = (status.container_statuses if status else None) or []
         return statuses[0].state.waiting if statuses and statuses[0].state.waiting and statuses[0].state.waiting.reason != "ContainerCreating" else None
 
     state = e2e.wait_for(waiting, what="the container to fail to start", namespace=namespace)
