@@ -214,9 +214,12 @@ class E2E:
             lines.append(line)
             if not ready or ready.status != "True":
                 troubled.append(pod.metadata.name)
+        warnings: dict[str, int] = {}
         for event in self.core.list_namespaced_event(namespace).items:
             if event.type == "Warning":
-                lines.append(f"event {event.involved_object.kind}/{event.involved_object.name}: {event.reason}: {event.message}")
+                text = f"event {event.involved_object.kind}/{event.involved_object.name}: {event.reason}: {event.message}"
+                warnings[text] = warnings.get(text, 0) + (event.count or 1)
+        lines += [f"{text} (x{count})" if count > 1 else text for text, count in warnings.items()]
         for name in troubled[:4]:
             if self.cluster is not None:
                 lines.append(self.cluster.pod_log(namespace, name, lines=15))
