@@ -11,7 +11,7 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("spotrag_operator.main:cli", "run the operator against a cluster"),
-    "gateway": ("spotrag_runtime.gateway.server:cli", "run the RAG gateway (OpenAI-compatible API)"),
+    "gateway": ("spotrag_runtime.gateway.cli:cli", "run the RAG gateway (OpenAI-compatible API)"),
     "index": ("spotrag_runtime.index.cli:cli", "build, query and inspect a retrieval index"),
     "node-agent": ("spotrag_runtime.node_agent.main:cli", "mark this node when the cloud gives a spot notice"),
     "engine-emulator": ("spotrag_runtime.engine_emulator.cli:cli", "run a vLLM API emulator (no GPU needed)"),
