@@ -233,8 +233,3 @@ class Cloud(Controller):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def pool_of(self, node: str) -> NodePool | None:
-        name = self.instances.get(node)
-        return self.pools.get(name) if name else None
-

@@ -461,7 +461,7 @@ class Kubelet(Controller):
         self.events = EventRecorder(client, "kubelet")
         self.workers: dict[str, PodWorker] = {}
         self.ips = PodIPs()
-        # Every process started, for stop() and for measuring; never reused.
+        # Processes started and not yet seen to exit, for shutdown() to be sure.
         self.processes: dict[tuple[str, str], subprocess.Popen] = {}
         self._http = httpx.AsyncClient(timeout=PROBE_TIMEOUT_SECONDS)
         pods.subscribe(self._on_pod)
@@ -524,6 +524,9 @@ class Kubelet(Controller):
                     worker.object_gone()
             if worker.done and not (worker.crashed and uid in present):
                 del self.workers[uid]
+        for key, process in list(self.processes.items()):
+            if process.poll() is not None:
+                del self.processes[key]
 
     def node_lost(self, node: str) -> None:
         """The instance is gone: SIGKILL everything on it now."""
@@ -552,9 +555,6 @@ class Kubelet(Controller):
             _signal(process, signal.SIGKILL)
             _reap(process)
         await self._http.aclose()
-
-    def running_processes(self) -> list[subprocess.Popen]:
-        return [p for p in self.processes.values() if p.poll() is None]
 
 
 def _as_pod(pod: dict) -> dict:
