@@ -53,7 +53,7 @@ def find_problems(kube: Kube, body: dict, spec: dict) -> list[str]:
     if token and kube.get("v1", "Secret", token["name"], namespace) is None:
         problems.append(f"model.hfTokenSecret names Secret {token['name']!r}, which does not exist in namespace {namespace!r}")
     corpus = spec["retrieval"].get("corpus") or {}
-    if corpus.get("configMap") and kube.get("v1", "ConfigMap", corpus["configMap"], namespace) is None:
+    if spec["retrieval"]["enabled"] and corpus.get("configMap") and kube.get("v1", "ConfigMap", corpus["configMap"], namespace) is None:
         problems.append(f"retrieval.corpus.configMap names ConfigMap {corpus['configMap']!r}, which does not exist in namespace {namespace!r}")
     if problem := gpu_fit_problem(spec):
         problems.append(problem)
