@@ -37,7 +37,6 @@ pytestmark = pytest.mark.box_only
 
 DEPLOYMENT = "spotty"
 SERVED_MODEL = "qwen2.5-7b"  # examples/basic.yaml's servedModelName
-ENGINE_SELECTOR = f"spotrag.io/deployment={DEPLOYMENT},spotrag.io/component=engine"
 # Every wait below ends long before this unless something is broken.
 SCENARIO_TIMEOUT = 90.0
 
@@ -215,37 +214,41 @@ def ready(pod: Any) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
 
 
-def live_engines(e2e: Any, namespace: str) -> list[Any]:
-    return [p for p in e2e.pods(namespace, ENGINE_SELECTOR) if not p.metadata.deletion_timestamp]
+def engine_selector(deployment: str = DEPLOYMENT) -> str:
+    return f"spotrag.io/deployment={deployment},spotrag.io/component=engine"
 
 
-def serving_engines(e2e: Any, namespace: str, capacity: str | None = None) -> list[Any]:
+def live_engines(e2e: Any, namespace: str, deployment: str = DEPLOYMENT) -> list[Any]:
+    return [p for p in e2e.pods(namespace, engine_selector(deployment)) if not p.metadata.deletion_timestamp]
+
+
+def serving_engines(e2e: Any, namespace: str, capacity: str | None = None, deployment: str = DEPLOYMENT) -> list[Any]:
     return [
-        p for p in live_engines(e2e, namespace)
+        p for p in live_engines(e2e, namespace, deployment)
         if p.metadata.labels.get("spotrag.io/serving") == "true" and ready(p)
         and (capacity is None or p.metadata.labels.get("spotrag.io/capacity") == capacity)
     ]
 
 
-def steady(e2e: Any, namespace: str, *, spot: int, on_demand: int) -> Callable[[], bool]:
+def steady(e2e: Any, namespace: str, *, spot: int, on_demand: int, deployment: str = DEPLOYMENT) -> Callable[[], bool]:
     """The deployment at rest: exactly the engines wanted, all serving and
     Ready, none draining or terminating, status agreeing."""
 
     def check() -> bool:
-        pods = e2e.pods(namespace, ENGINE_SELECTOR)
+        pods = e2e.pods(namespace, engine_selector(deployment))
         if len(pods) != spot + on_demand or any(p.metadata.deletion_timestamp for p in pods):
             return False
-        if len(serving_engines(e2e, namespace, "spot")) != spot or len(serving_engines(e2e, namespace, "on-demand")) != on_demand:
+        if len(serving_engines(e2e, namespace, "spot", deployment)) != spot or len(serving_engines(e2e, namespace, "on-demand", deployment)) != on_demand:
             return False
-        status = (e2e.get_ragdeployment(namespace, DEPLOYMENT) or {}).get("status") or {}
+        status = (e2e.get_ragdeployment(namespace, deployment) or {}).get("status") or {}
         return status.get("readyReplicas") == status.get("desiredReplicas") == spot + on_demand
 
     return check
 
 
-def wait_steady(e2e: Any, namespace: str, *, spot: int, on_demand: int, timeout: float = SCENARIO_TIMEOUT) -> None:
-    e2e.wait_for(steady(e2e, namespace, spot=spot, on_demand=on_demand), namespace=namespace, timeout=timeout,
-                 what=f"{on_demand} on-demand and {spot} spot engines serving, none draining or terminating")
+def wait_steady(e2e: Any, namespace: str, *, spot: int, on_demand: int, deployment: str = DEPLOYMENT, timeout: float = SCENARIO_TIMEOUT) -> None:
+    e2e.wait_for(steady(e2e, namespace, spot=spot, on_demand=on_demand, deployment=deployment), namespace=namespace, timeout=timeout,
+                 what=f"{on_demand} on-demand and {spot} spot engines of {deployment} serving, none draining or terminating")
 
 
 def wait_served(e2e: Any, load: Load, namespace: str, more: int, what: str) -> None:
@@ -256,29 +259,29 @@ def wait_served(e2e: Any, load: Load, namespace: str, more: int, what: str) -> N
 
 def wait_out_of_serving(e2e: Any, namespace: str, names: set[str]) -> None:
     def out() -> bool:
-        pods = {p.metadata.name: p for p in e2e.pods(namespace, ENGINE_SELECTOR)}
+        pods = {p.metadata.name: p for p in e2e.pods(namespace, engine_selector())}
         return all(name not in pods or pods[name].metadata.labels.get("spotrag.io/serving") == "false" for name in names)
 
     e2e.wait_for(out, namespace=namespace, timeout=30, what=f"engines {sorted(names)} to be labelled spotrag.io/serving=false")
 
 
 def wait_gone(e2e: Any, namespace: str, names: set[str]) -> None:
-    e2e.wait_for(lambda: not names & {p.metadata.name for p in e2e.pods(namespace, ENGINE_SELECTOR)}, namespace=namespace,
+    e2e.wait_for(lambda: not names & {p.metadata.name for p in e2e.pods(namespace, engine_selector())}, namespace=namespace,
                  timeout=SCENARIO_TIMEOUT, what=f"engines {sorted(names)} to be deleted")
 
 
-def ragd_events(e2e: Any, namespace: str) -> list[Any]:
-    return [e for e in e2e.core.list_namespaced_event(namespace).items if e.involved_object.kind == "RAGDeployment" and e.involved_object.name == DEPLOYMENT]
+def ragd_events(e2e: Any, namespace: str, deployment: str = DEPLOYMENT) -> list[Any]:
+    return [e for e in e2e.core.list_namespaced_event(namespace).items if e.involved_object.kind == "RAGDeployment" and e.involved_object.name == deployment]
 
 
-def wait_event(e2e: Any, namespace: str, reason: str, *needles: str) -> Any:
+def wait_event(e2e: Any, namespace: str, reason: str, *needles: str, deployment: str = DEPLOYMENT) -> Any:
     """The RAGDeployment's Event of `reason` whose message holds every needle."""
 
     def find() -> Any:
-        return next((e for e in ragd_events(e2e, namespace) if e.reason == reason and all(n in (e.message or "") for n in needles)), None)
+        return next((e for e in ragd_events(e2e, namespace, deployment) if e.reason == reason and all(n in (e.message or "") for n in needles)), None)
 
     def diagnose() -> str:
-        return "; ".join(f"{e.reason}: {e.message}" for e in ragd_events(e2e, namespace)[-12:])
+        return "; ".join(f"{e.reason}: {e.message}" for e in ragd_events(e2e, namespace, deployment)[-12:])
 
     found = e2e.wait_for(find, namespace=namespace, timeout=30, what=f"an Event {reason} mentioning {needles} (last events: {diagnose()})")
     return found
@@ -342,7 +345,7 @@ def spotty(e2e, module_namespace):
         e2e.kubectl("delete", "ragdeployment", DEPLOYMENT, "-n", namespace, "--wait=false", check=False)
         wait_cluster_whole(e2e, namespace)
         # GPUs free for the next module: wait for the engines to be gone.
-        e2e.wait_for(lambda: not e2e.pods(namespace, ENGINE_SELECTOR), namespace=namespace, timeout=60, what="the engines to be deleted")
+        e2e.wait_for(lambda: not e2e.pods(namespace, engine_selector()), namespace=namespace, timeout=60, what="the engines to be deleted")
 
 
 def _gateway_ready(url: str) -> bool:
@@ -374,6 +377,7 @@ def check_drain_events(e2e: Any, namespace: str, victims: dict[str, str], signal
             event = wait_event(e2e, namespace, "EngineDeleted", pod)
             assert re.search(r"after draining \d+s", event.message), event.message
     described = e2e.kubectl("describe", "ragd", DEPLOYMENT, "-n", namespace).stdout
+    print(described[described.find("Events:"):])  # shown with -rA: what a user reads
     assert "EngineInterrupted" in described, described
     for pod, node in victims.items():
         assert pod in described and node in described, described
