@@ -223,7 +223,8 @@ class Demo:
         nodes = self.cluster.nodes()
         self.say(f"[cyan]simulated[/cyan] cluster: {len(nodes)} nodes in {', '.join(self.cluster.profile.zones)} "
                  f"({', '.join(f'{pool.size}x {pool.instance_type} {pool.capacity_type}' for pool in self.cluster.profile.pools)})")
-        operator = Program("operator", ["operator", "--kubeconfig", str(kubeconfig), "--standalone", "--liveness", "", "--reconcile-interval", "2"],
+        # No liveness or metrics port: nothing fixed that another program may hold.
+        operator = Program("operator", ["operator", "--kubeconfig", str(kubeconfig), "--standalone", "--liveness", "", "--metrics-port", "0", "--reconcile-interval", "2"],
                            self.workdir / "operator.log")
         self.programs.append(operator)
         self.say("[green]real[/green] spotrag operator started (logs: " + str(operator.log_path) + ")")

@@ -344,7 +344,10 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
             if REAL_KUBECONFIG:
                 subprocess.run([kubectl_binary(), "--kubeconfig", str(kubeconfig), "apply", "--server-side", "-f", str(CRD_FILE)], check=True, capture_output=True)
             operator = Program(
-                "operator", spotrag("operator", "--kubeconfig", str(kubeconfig), "--standalone", "--liveness", "", "--reconcile-interval", "1"), workdir / "operator.log"
+                "operator",
+                # No fixed ports: other test sessions may share this machine.
+                spotrag("operator", "--kubeconfig", str(kubeconfig), "--standalone", "--liveness", "", "--metrics-port", "0", "--reconcile-interval", "1"),
+                workdir / "operator.log",
             )
         programs = [p for p in (api, operator) if p is not None]
         yield E2E(kubeconfig=kubeconfig, workdir=workdir, cluster=cluster, programs=programs)
