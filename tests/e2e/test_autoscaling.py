@@ -89,7 +89,7 @@ def test_load_rises_spot_runs_out_load_falls(e2e, namespace):
         assert (status["desiredReplicas"], status["onDemandReplicas"], status["spotReplicas"]) == (1, 1, 0), status
         [baseline] = e2e.pods(namespace, engine_selector(DEPLOYMENT))
         assert baseline.metadata.labels["spotrag.io/capacity"] == "on-demand"
-        print("\n".join(f"{e.reason}: {e.message}" for e in ragd_events(e2e, namespace, DEPLOYMENT)))
+        print("\n".join(f"{e.reason}: {e.message}" for e in sorted(ragd_events(e2e, namespace, DEPLOYMENT), key=lambda e: e.metadata.creation_timestamp)))
     finally:
         wait_cluster_whole(e2e, namespace)
         e2e.kubectl("delete", "ragdeployment", DEPLOYMENT, "-n", namespace, "--wait=false", check=False)

@@ -511,10 +511,10 @@ def test_the_last_spot_engine_goes_while_spot_is_short(e2e, spotty):
     on-demand engine takes its place. Nothing fails meanwhile."""
     namespace = spotty.namespace
     wait_steady(e2e, namespace, spot=2, on_demand=1)
-    # Earlier notices must have run out, so the spot nodes left are known.
-    e2e.wait_for(lambda: not e2e.cluster.interruptions(), namespace=namespace, timeout=60, what=f"earlier notices to run out ({e2e.cluster.interruptions()})")
     e2e.kubectl("patch", "ragdeployment", DEPLOYMENT, "-n", namespace, "--type=merge", "-p", json.dumps({"spec": {"scaling": {"minReplicas": 2, "maxReplicas": 2}}}))
     wait_steady(e2e, namespace, spot=1, on_demand=1)
+    # Earlier notices must have run out, so the spot nodes left are known.
+    e2e.wait_for(lambda: not e2e.cluster.interruptions(), namespace=namespace, timeout=60, what=f"earlier notices to run out ({e2e.cluster.interruptions()})")
     [victim] = serving_engines(e2e, namespace, "spot")
     name, node = victim.metadata.name, victim.spec.node_name
     try:
