@@ -35,7 +35,7 @@ DEPLOYMENT = "handbook"
 CORPUS_CONFIGMAP = "handbook-docs"
 DEMO_MANIFEST = Path(__file__).with_name("demo_ragdeployment.yaml")
 DEFAULT_DURATION = 40.0  # seconds of traffic after the first answer
-NOTICE_SECONDS = 20.0  # AWS gives 120 s; shortened so the tour stays short
+DEFAULT_NOTICE_SECONDS = 20.0  # AWS gives 120 s; shortened so the tour stays short
 READY_TIMEOUT = 300.0
 QUESTIONS_ASKED = 3
 BURST_REQUESTS = 48
@@ -392,11 +392,11 @@ class Demo:
         node = spot_nodes[0]
         self.interrupted_node = node
         self.phase = "interruption"
-        self.say(f"\n[bold]Spot interruption[/bold]: the cloud takes {node} back in {NOTICE_SECONDS:.0f}s. "
+        self.say(f"\n[bold]Spot interruption[/bold]: the cloud takes {node} back in {self.args.notice_seconds:.0f}s. "
                  "AWS Node Termination Handler taints and cordons it; the operator drains its engine, starts a replacement, "
                  "and the gateway keeps every request alive.")
         before = {e.name for e in snapshot.engines}
-        self.cluster.interrupt_node(node, style="aws", notice_seconds=NOTICE_SECONDS)
+        self.cluster.interrupt_node(node, style="aws", notice_seconds=self.args.notice_seconds)
         self.timeline.notice = time.monotonic()
 
         def recovered(snapshot) -> bool:
@@ -408,7 +408,7 @@ class Demo:
             ready = sum(1 for e in snapshot.engines if e.state == "Ready")
             return timeline.node_gone is not None and ready >= snapshot.desired and time.monotonic() >= end
 
-        self._watch_until(recovered, what=f"engines to recover after {node} went", timeout=max(self.args.duration, NOTICE_SECONDS) + 90)
+        self._watch_until(recovered, what=f"engines to recover after {node} went", timeout=max(self.args.duration, self.args.notice_seconds) + 90)
 
     def _summary(self) -> int:
         counts = self.traffic.snapshot()
@@ -452,12 +452,16 @@ def cli(argv: list[str]) -> int:
     )
     parser.add_argument("--duration", type=float, default=DEFAULT_DURATION, help="seconds of traffic after the first answer (default: %(default)s)")
     parser.add_argument("--no-interrupt", action="store_true", help="do not take a spot node away")
+    parser.add_argument("--notice-seconds", type=float, default=DEFAULT_NOTICE_SECONDS,
+                        help="notice the cloud gives before it takes the spot node (default: %(default)s; AWS gives 120, GCE 30)")
     parser.add_argument("--kubeconfig", help="run on this cluster instead of the box: nothing is simulated, and no node is taken away")
     parser.add_argument("--namespace", default="default", help="namespace of the RAGDeployment (default: %(default)s)")
     parser.add_argument("--api-port", type=int, default=0, help="port of the box's API stand-in on 127.0.0.1 (default: a free one)")
     args = parser.parse_args(argv)
     if args.duration <= 0:
         parser.error("--duration must be positive")
+    if args.notice_seconds < 0:
+        parser.error("--notice-seconds must not be negative")
     if args.kubeconfig and not Path(args.kubeconfig).is_file():
         parser.error(f"--kubeconfig {args.kubeconfig}: no such file")
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -20,7 +20,7 @@ def demo(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_tour_answers_every_request_through_a_spot_interruption():
-    done = demo("--duration", "15")
+    done = demo("--duration", "10", "--notice-seconds", "8")
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert re.search(r"First answer [\d.]+s after `spotrag demo` started", output), output
