@@ -218,7 +218,8 @@ def engine_pod(body: dict, spec: dict, capacity: str) -> dict:
         claim = model["name"].removeprefix("pvc://").split("/", 1)[0]
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": PVC_MODEL_MOUNT, "readOnly": True})
-    resources = {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {}}
+    # Fits the smallest GPU instances (g6.xlarge: 3920m / 14.5Gi allocatable); raise it in model.resources.
+    resources = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {}}
     user_resources = model.get("resources") or {}
     resources["requests"].update(user_resources.get("requests") or {})
     resources["limits"].update(user_resources.get("limits") or {})
