@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -326,17 +327,19 @@ def gateway_counter(url: str, name: str) -> float:
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
+    """Nearest rank: the smallest value at least `fraction` of the values do not exceed."""
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))]
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 def summary(values: list[float]) -> dict[str, Any]:
     values = [v for v in values if v is not None]
     if not values:
         return {"n": 0}
-    return {"n": len(values), "p50_ms": round(1000 * statistics.median(values)), "p99_ms": round(1000 * percentile(values, 0.99)), "max_ms": round(1000 * max(values))}
+    return {"n": len(values), "p50_ms": round(1000 * statistics.median(values)), "p90_ms": round(1000 * percentile(values, 0.9)),
+            "p99_ms": round(1000 * percentile(values, 0.99)), "max_ms": round(1000 * max(values))}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -469,13 +472,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     def cell(s: dict[str, Any]) -> str:
-        return f"{s['p50_ms']} / {s['p99_ms']} / {s['max_ms']} ms (n={s['n']})" if s.get("n") else "-"
+        return f"{s['p50_ms']} / {s['p90_ms']} / {s['p99_ms']} / {s['max_ms']} ms (n={s['n']})" if s.get("n") else "-"
 
     out = result["out_of_serving"]
     lines = [
         f"{result['interruptions']} interruptions ({result['by_style']['aws']} AWS NTH-style, {result['by_style']['gke']} GKE-style) in {result['wall_s']} s",
         "",
-        "| from the notice to | p50 / p99 / max |",
+        "| from the notice to | p50 / p90 / p99 / max |",
         "|---|---|",
         f"| the engine labelled `spotrag.io/serving=false` | {cell(out['label'])} |",
         f"| its endpoint gone from the engine Service's EndpointSlices | {cell(out['endpointslice'])} |",
