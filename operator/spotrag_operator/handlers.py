@@ -222,10 +222,12 @@ def observe_node_signals(kube: Kube, pods: list[dict], now: datetime.datetime) -
 
 
 def observe_engines(http: httpx.Client, pods: list[dict]) -> list[Engine]:
-    """Engines as planning sees them; only draining ones are asked for their load."""
+    """Engines as planning sees them; only draining ones are asked for their load,
+    never a pod already being deleted (planning ignores it, and one on a node
+    that is gone would hold the reconcile, and every drain, for the timeout)."""
     engines = []
     for pod in pods:
-        draining = (pod["metadata"].get("labels") or {}).get(render.LABEL_SERVING) != "true"
+        draining = (pod["metadata"].get("labels") or {}).get(render.LABEL_SERVING) != "true" and not pod["metadata"].get("deletionTimestamp")
         engines.append(Engine.from_pod(pod, running_requests(http, pod) if draining else None))
     return engines
 
