@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import kubernetes
+from spotrag_runtime.kubeconfig import load_configuration
 
 logger = logging.getLogger(__name__)
 
@@ -113,15 +115,7 @@ def resource_for(api_version: str, kind: str) -> Resource:
 
 def load_api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
     """In-cluster config when running in a pod, else the kubeconfig (or $KUBECONFIG)."""
-    configuration = kubernetes.client.Configuration()
-    if kubeconfig is None:
-        try:
-            kubernetes.config.load_incluster_config(client_configuration=configuration)
-            return kubernetes.client.ApiClient(configuration)
-        except kubernetes.config.ConfigException:
-            pass
-    kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-    return kubernetes.client.ApiClient(configuration)
+    return kubernetes.client.ApiClient(load_configuration(kubeconfig))
 
 
 class Kube:

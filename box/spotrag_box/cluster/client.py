@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -40,23 +39,13 @@ class WatchExpired(Exception):
 def _connection(kubeconfig: str) -> tuple[str, dict[str, str], dict[str, Any]]:
     """Server URL, headers and httpx options from a kubeconfig, through the
     kubernetes package's loader (tokens, client certificates, exec plugins)."""
-    from kubernetes import config as kube_config
-    from kubernetes.client import Configuration
+    from spotrag_runtime.kubeconfig import httpx_options, load_configuration
 
-    configuration = Configuration()
-    kube_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    configuration = load_configuration(kubeconfig)
     headers = {}
     if token := configuration.api_key.get("authorization"):
         headers["Authorization"] = token if token.startswith("Bearer ") else f"Bearer {token}"
-    options: dict[str, Any] = {}
-    if configuration.host.startswith("https"):
-        context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
-        if not configuration.verify_ssl:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if configuration.cert_file:
-            context.load_cert_chain(configuration.cert_file, configuration.key_file)
-        options["verify"] = context
+    options = httpx_options(configuration)
     return configuration.host, headers, options
 
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import httpx
 
 from spotrag_runtime.gateway.config import EnginesConfig
+from spotrag_runtime.kubeconfig import httpx_options, load_configuration
 
 log = logging.getLogger(__name__)
 
@@ -64,27 +64,8 @@ class StaticDiscovery:
 
 def _kube_connection(kubeconfig: str | None) -> tuple[Any, dict[str, Any]]:
     """The kubernetes package's Configuration and the httpx options it implies."""
-    from kubernetes import config as kube_config
-    from kubernetes.client import Configuration
-
-    configuration = Configuration()
-    if kubeconfig:
-        kube_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-    else:
-        try:
-            kube_config.load_incluster_config(client_configuration=configuration)
-        except kube_config.ConfigException:
-            kube_config.load_kube_config(client_configuration=configuration)  # $KUBECONFIG or ~/.kube/config
-    options: dict[str, Any] = {}
-    if configuration.host.startswith("https"):
-        context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
-        if not configuration.verify_ssl:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if configuration.cert_file:
-            context.load_cert_chain(configuration.cert_file, configuration.key_file)
-        options["verify"] = context
-    return configuration, options
+    configuration = load_configuration(kubeconfig)
+    return configuration, httpx_options(configuration)
 
 
 def _engine_urls(slices: Iterable[dict[str, Any]], config: EnginesConfig) -> list[str]:
