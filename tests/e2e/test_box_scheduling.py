@@ -106,15 +106,14 @@ def test_a_full_node_takes_no_second_gpu_engine():
     assert schedule(first, nodes, {}).node == "gpu-1"
     decision = schedule(engine("spot"), nodes, {"gpu-1": [first]})
     assert decision.node is None
-    assert decision.message == "0/1 nodes are available: 1 Insufficient cpu, 1 Insufficient memory, 1 Insufficient nvidia.com/gpu."
+    assert decision.message == "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
 
 
-def test_engine_requests_do_not_fit_the_smallest_l4_instance():
-    # g6.xlarge (4 vCPU, 16 GiB) allocates less than the engine's default 4 CPU / 16Gi request.
+def test_engine_default_requests_fit_the_smallest_l4_instance():
+    # g6.xlarge allocates 3920m / 14.5Gi; the engine asks 2 CPU / 8Gi by default.
     pool = NodePool(name="small", instance_type="g6.xlarge", zone="us-east-1a", capacity_type="spot")
     decision = schedule(engine("spot"), [node_manifest(pool, "small-1")], {})
-    assert decision.node is None
-    assert "Insufficient cpu" in decision.message and "Insufficient memory" in decision.message
+    assert decision.node == "small-1", decision.message
 
 
 def test_unschedulable_message_counts_each_reason():
