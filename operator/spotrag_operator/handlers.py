@@ -23,17 +23,40 @@ import httpx
 import kopf
 
 from . import metrics, render
+from .autoscale import AutoscalerState, Observation, ScalingPolicy, decide
 from .checks import find_problems
 from .crd import API_VERSION, GROUP, KIND, PLURAL, VERSION, defaulted_spec
+from .engine_load import running_requests
 from .index import reconcile_index
 from .kube import Kube, KubeError, label_selector, load_api_client
-from .engine_load import running_requests
-from .autoscale import AutoscalerState, Observation, ScalingPolicy, decide
-from .placement import DRAINING, PENDING, READY, STARTING, EngineView, PlacementState, SpotSettings, place
+from .placement import (
+    DRAINING,
+    PENDING,
+    READY,
+    STARTING,
+    EngineView,
+    PlacementState,
+    SpotSettings,
+    place,
+)
+from .plan import (
+    ANNOTATION_DRAIN_DEADLINE,
+    ANNOTATION_DRAIN_REASON,
+    ANNOTATION_DRAIN_SINCE,
+    DrainTiming,
+    Engine,
+    EnginePlan,
+    plan_engines,
+)
 from .queued_tokens import read_queued_tokens
-from .plan import ANNOTATION_DRAIN_DEADLINE, ANNOTATION_DRAIN_REASON, ANNOTATION_DRAIN_SINCE, DrainTiming, Engine, EnginePlan, plan_engines
 from .signals import node_signal
-from .status import cost_per_hour, engines_status, now_iso, set_condition, status_changed
+from .status import (
+    cost_per_hour,
+    engines_status,
+    now_iso,
+    set_condition,
+    status_changed,
+)
 
 RAGD = (GROUP, VERSION, PLURAL)
 
@@ -195,6 +218,12 @@ def _reconcile_engines_locked(kube: Kube, memo: kopf.Memo, body: dict, logger: l
     meta = body["metadata"]
     with _lock(memo, meta["namespace"], meta["name"]):
         try:
+            # kopf's cached body can trail the status the previous reconcile wrote;
+            # planning against it would post the same Events again.
+            fresh = kube.get(API_VERSION, KIND, meta["name"], meta["namespace"])
+            if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+                return
+            body = fresh
             reconcile_engines(kube, body, logger=logger, now=datetime.datetime.now(datetime.UTC), memory=memo["scaling"])
         except KubeError as error:
             raise _temporary(error, "reconciling engines", kube, body) from error
@@ -208,17 +237,6 @@ def drain_timing(spec: dict) -> DrainTiming:
         # The pod needs its preStop wait plus a moment to stop before the node goes.
         margin=interruption["preStopSeconds"] + 5,
     )
-
-
-def observe_node_signals(kube: Kube, pods: list[dict], now: datetime.datetime) -> dict[str, NodeSignal]:
-    signals: dict[str, NodeSignal] = {}
-    for node_name in sorted({p["spec"].get("nodeName") for p in pods if (p.get("spec") or {}).get("nodeName")}):
-        node = kube.get("v1", "Node", node_name)
-        if node is None:
-            continue
-        if (signal := node_signal(node, now)) is not None:
-            signals[node_name] = signal
-    return signals
 
 
 def observe_engines(http: httpx.Client, pods: list[dict]) -> list[Engine]:
