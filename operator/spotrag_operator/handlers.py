@@ -74,6 +74,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
+    # kopf holds a deleted RAGDeployment (its finalizer) until the timer stops;
+    # by default it then checks only every 60 s, delaying the garbage collection.
+    settings.background.instant_exit_timeout = 5.0
+    settings.background.cancellation_polling = 2.0
     if "kube" not in memo:
         memo["kube"] = Kube(load_api_client(os.environ.get("KUBECONFIG")))
     memo.setdefault("locks", {})
