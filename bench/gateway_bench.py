@@ -420,7 +420,7 @@ def discovery_benchmark(args: argparse.Namespace, work: Path) -> dict:
     serving-engine gauge showing one engine fewer (polled every 5 ms)."""
     import kubernetes
 
-    from spotrag_box.kube_api import KubeAPIServer
+    from spotrag_box.apiserver.server import KubeAPIServer
 
     def slice_body(name: str, port: int, ready: bool) -> dict:
         return {

@@ -16,11 +16,11 @@ import pathlib
 import sys
 import time
 
-from spotrag_box.simulate.profile import load_profile
-from spotrag_box.simulate.report import table
-from spotrag_box.simulate.run import KUBEAI, PEAK, POLICIES, SPOTRAG, compare
-from spotrag_box.simulate.sizing import TARGET_UTILIZATION
-from spotrag_box.simulate.trace import generate_trace
+from spotrag_simulator.presets import load_profile
+from spotrag_simulator.report import table
+from spotrag_simulator.run import KUBEAI, PEAK, POLICIES, SPOTRAG, compare
+from spotrag_simulator.sizing import TARGET_UTILIZATION
+from spotrag_simulator.trace import generate_trace
 
 PROFILE = pathlib.Path(__file__).with_name("simulate-profile.yaml")
 HOURS, SEED = 24, 1

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from collections.abc import Iterable, Iterator
 
-from spotrag_box.kube_api import KubeAPIServer
+from spotrag_box.apiserver.server import KubeAPIServer
 
 __all__ = ['running_kube_api', 'kubectl', 'helm', 'KubectlError', 'kubectl_binary', 'helm_binary']
 

@@ -27,7 +27,7 @@ from .autoscale import AutoscalerState, Observation, ScalingPolicy, decide
 from .checks import find_problems
 from .crd import API_VERSION, GROUP, KIND, PLURAL, VERSION, defaulted_spec
 from .engine_load import running_requests
-from .index import reconcile_index
+from .index_job import reconcile_index
 from .kube import Kube, KubeError, label_selector, load_api_client
 from .placement import (
     DRAINING,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 
 from . import render
-from .index import IndexState
+from .index_job import IndexState
 from .plan import Engine
 
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "IndexReady", "ScalingActive")

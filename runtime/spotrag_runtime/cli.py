@@ -15,9 +15,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "index": ("spotrag_runtime.index.cli:cli", "build, query and inspect a retrieval index"),
     "node-agent": ("spotrag_runtime.node_agent.main:cli", "mark this node when the cloud gives a spot notice"),
     "engine-emulator": ("spotrag_runtime.engine_emulator.cli:cli", "run a vLLM API emulator (no GPU needed)"),
-    "api-server": ("spotrag_box.kube_api:cli", "run the Kubernetes API stand-in"),
+    "api-server": ("spotrag_box.apiserver.server:cli", "run the Kubernetes API stand-in"),
     "demo": ("spotrag_box.demo:cli", "the tour: operator, gateway and engines in a simulated cluster"),
-    "simulate": ("spotrag_box.simulate.cli:cli", "simulate a traffic trace under spotrag's autoscaling and its alternatives"),
+    "simulate": ("spotrag_simulator.cli:cli", "simulate a traffic trace under spotrag's autoscaling and its alternatives"),
 }
 
 

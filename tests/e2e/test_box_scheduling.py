@@ -12,7 +12,7 @@ import yaml
 
 from spotrag_box.cluster import ClusterProfile, NodePool
 from spotrag_box.cluster.cloud import NTH_SPOT_TAINT, node_manifest
-from spotrag_box.cluster.scheduling import expression_matches, schedule, tolerates
+from spotrag_box.cluster.scheduler_plugins import expression_matches, schedule, tolerates
 from spotrag_operator import render
 from spotrag_operator.crd import defaulted_spec
 

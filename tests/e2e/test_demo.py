@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from spotrag_box.kube_api import KubeAPIServer
+from spotrag_box.apiserver.server import KubeAPIServer
 
 pytestmark = pytest.mark.box_only
 

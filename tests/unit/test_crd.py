@@ -9,7 +9,7 @@ import copy
 import pytest
 import yaml
 
-from spotrag_box.admission import check_crd, validate_custom_resource
+from spotrag_box.apiserver.crd_admission import check_crd, validate_custom_resource
 from spotrag_operator.crd import CRD_PATH, defaulted_spec
 
 from .operator_fixtures import EXAMPLES, ROOT, load_example

@@ -11,7 +11,7 @@ import httpx
 import kubernetes
 import pytest
 
-from spotrag_box.kube_api import KubeAPIServer
+from spotrag_box.apiserver.server import KubeAPIServer
 from spotrag_runtime.gateway.config import EnginesConfig
 from spotrag_runtime.gateway.discovery import _engine_urls
 

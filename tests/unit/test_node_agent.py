@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 import jsonpatch
 import kubernetes
 import pytest
-from spotrag_box.kube_api import KubeAPIServer
+from spotrag_box.apiserver.server import KubeAPIServer
 from spotrag_box.metadata_server import MetadataServer
 from spotrag_operator.signals import Action, node_signal
 from spotrag_runtime.node_agent import (

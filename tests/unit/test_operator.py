@@ -20,7 +20,7 @@ import kubernetes
 import prometheus_client
 import pytest
 
-from spotrag_box.kube_api import KubeAPIServer
+from spotrag_box.apiserver.server import KubeAPIServer
 from spotrag_box.testing import kubectl
 from spotrag_operator import render
 from spotrag_operator.crd import API_VERSION, KIND

@@ -10,7 +10,7 @@ lists what is simulated and how).
 """
 
 from .cloud import INTERRUPTION_STYLES, Interruption
-from .profile import (
+from .node_pools import (
     EKS_MANAGED,
     INSTANCE_TYPES,
     KARPENTER,

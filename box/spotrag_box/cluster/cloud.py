@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from .client import ApiError, Informer, KubeClient, collection_path, object_path
 from .controller import Controller, EventRecorder, now_iso
 from .kubelet import HOST_IP, Kubelet
-from .profile import GPU_RESOURCE, ON_DEMAND, SPOT, ClusterProfile, NodePool, Timing
+from .node_pools import GPU_RESOURCE, ON_DEMAND, SPOT, ClusterProfile, NodePool, Timing
 
 log = logging.getLogger(__name__)
 

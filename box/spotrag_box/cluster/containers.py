@@ -38,7 +38,7 @@ from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .profile import Timing
+from .node_pools import Timing
 
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # the Kubernetes default
 SPOTRAG_CLI = [sys.executable, "-m", "spotrag_runtime.cli"]

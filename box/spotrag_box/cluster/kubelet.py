@@ -40,7 +40,7 @@ import httpx
 from .client import ApiError, Informer, KubeClient, object_path
 from .containers import ContainerConfigError, ContainerError, LocalRuntime, PreparedContainer, bound_socket, declared_ports, ports_free
 from .controller import Controller, EventRecorder, now_iso
-from .profile import SIMULATED_LABEL, Timing
+from .node_pools import SIMULATED_LABEL, Timing
 
 log = logging.getLogger(__name__)
 

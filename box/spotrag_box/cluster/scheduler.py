@@ -9,7 +9,7 @@ import logging
 
 from .client import ApiError, Informer, KubeClient, object_path
 from .controller import Controller, EventRecorder, now_iso
-from .scheduling import schedule
+from .scheduler_plugins import schedule
 
 log = logging.getLogger(__name__)
 

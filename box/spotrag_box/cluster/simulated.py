@@ -30,7 +30,7 @@ from .deployments import DeploymentController
 from .endpointslices import EndpointSliceController
 from .jobs import JobController
 from .kubelet import Kubelet
-from .profile import ClusterProfile, Timing
+from .node_pools import ClusterProfile, Timing
 from .scheduler import Scheduler
 from .storage import VolumeProvisioner
 

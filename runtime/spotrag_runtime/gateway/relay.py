@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from spotrag_runtime.gateway.admission import AdmissionController, Ticket
+from spotrag_runtime.gateway.token_queue import AdmissionController, Ticket
 from spotrag_runtime.gateway.config import FailoverConfig
 from spotrag_runtime.gateway.errors import EnginesFailed
 from spotrag_runtime.gateway.metrics import GatewayMetrics

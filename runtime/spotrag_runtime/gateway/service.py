@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from spotrag_runtime.gateway.admission import AdmissionController, prefix_keys
+from spotrag_runtime.gateway.token_queue import AdmissionController, prefix_keys
 from spotrag_runtime.gateway.auth import APIKeyStore
 from spotrag_runtime.gateway.config import GatewayConfig
 from spotrag_runtime.gateway.discovery import Discovery, EndpointSliceDiscovery, StaticDiscovery

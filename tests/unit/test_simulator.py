@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from spotrag_box.simulate import cli, compare
-from spotrag_box.simulate.engine import Engine, Request
-from spotrag_box.simulate.policies import SpotragController, Target
-from spotrag_box.simulate.profile import EngineSpec, ProfileError, build_profile, load_profile
-from spotrag_box.simulate.report import minute_percentiles
-from spotrag_box.simulate.sim import Simulation
-from spotrag_box.simulate.sizing import engine_load
-from spotrag_box.simulate.trace import TraceError, TraceRequest, generate_trace, load_trace
+from spotrag_simulator import cli, compare
+from spotrag_simulator.engine_model import Engine, Request
+from spotrag_simulator.policies import SpotragController, Target
+from spotrag_simulator.presets import EngineSpec, ProfileError, build_profile, load_profile
+from spotrag_simulator.report import minute_percentiles
+from spotrag_simulator.sim import Simulation
+from spotrag_simulator.sizing import engine_load
+from spotrag_simulator.trace import TraceError, TraceRequest, generate_trace, load_trace
 
 SPEC = EngineSpec(decode_step_seconds=0.05, seconds_per_token=0.001, seconds_per_context_token=1e-6, kv_cache_tokens=10_000, max_model_len=8192)
 

@@ -8,7 +8,7 @@ import pathlib
 import sys
 import time
 
-from .profile import GPUS, MODELS, ProfileError, build_profile, load_profile
+from .presets import GPUS, MODELS, ProfileError, build_profile, load_profile
 from .report import plot, table, write_json
 from .run import POLICIES, compare
 from .sizing import TARGET_UTILIZATION

@@ -11,7 +11,7 @@ import numpy as np
 
 from spotrag_operator.placement import ON_DEMAND, SPOT
 
-from .profile import Profile
+from .presets import Profile
 from .sim import RunResult
 
 

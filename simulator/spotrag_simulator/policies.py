@@ -29,7 +29,7 @@ from spotrag_operator import autoscale, placement
 from spotrag_operator.autoscale import AutoscalerState, Observation, ScalingPolicy
 from spotrag_operator.placement import EngineView, PlacementState, SpotSettings
 
-from .profile import KedaSettings, KubeAISettings
+from .presets import KedaSettings, KubeAISettings
 
 
 @dataclass(frozen=True)

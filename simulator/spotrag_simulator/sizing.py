@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .profile import EngineSpec
+from .presets import EngineSpec
 from .trace import TraceRequest
 
 # The fixed fleet runs its engines this busy in the busiest minute.

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from kubernetes.client import ApiException
 
-from spotrag_box.kube_api import KubeAPIServer, cli
+from spotrag_box.apiserver.server import KubeAPIServer, cli
 from spotrag_box.testing import helm, kubectl, running_kube_api
 
 GROUP, VERSION, PLURAL = 'example.test', 'v1', 'widgets'
@@ -658,7 +658,7 @@ def test_api_server_command_serves_until_terminated(tmp_path):
     crd_file = tmp_path / 'crd.yaml'
     crd_file.write_text(yaml.safe_dump(WIDGET_CRD))
     kubeconfig = tmp_path / 'kubeconfig'
-    command = [sys.executable, '-c', 'import sys; from spotrag_box.kube_api import cli; sys.exit(cli(sys.argv[1:]))',
+    command = [sys.executable, '-c', 'import sys; from spotrag_box.apiserver.server import cli; sys.exit(cli(sys.argv[1:]))',
                '--port', '0', '--kubeconfig-out', str(kubeconfig), '--crd', str(crd_file), '--version', 'v1.35.2']
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env={**os.environ, 'PYTHONUNBUFFERED': '1'}) as server:

@@ -9,7 +9,7 @@ and targets), run (compare policies), report (summary, table, PNG), cli.
 """
 
 from .cli import cli
-from .profile import Profile, ProfileError, build_profile, load_profile
+from .presets import Profile, ProfileError, build_profile, load_profile
 from .run import POLICIES, Comparison, compare
 from .trace import TraceError, TraceRequest, generate_trace, load_trace
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
-from .profile import EngineSpec
+from .presets import EngineSpec
 
 PENDING, STARTING, READY, DRAINING, GONE = "Pending", "Starting", "Ready", "Draining", "Gone"
 TOKEN_EPSILON = 1e-3

@@ -1,6 +1,6 @@
 """How many engine emulators the box runs before the machine's cores are used up.
 
-    python -m spotrag_box.cluster.capacity --engines 2,4,8,16 --seconds 10
+    python -m bench.box_capacity_bench --engines 2,4,8,16 --seconds 10
 
 For each count: a Deployment of that many `vllm serve` pods in the box (each
 an engine emulator process on a GPU node of its own), then, per engine, the
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import httpx
 
-from spotrag_box.kube_api import KubeAPIServer
+from spotrag_box.apiserver.server import KubeAPIServer
 
-from .profile import ClusterProfile, NodePool, Timing
-from .simulated import SimulatedCluster
+from spotrag_box.cluster.node_pools import ClusterProfile, NodePool, Timing
+from spotrag_box.cluster.simulated import SimulatedCluster
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -78,7 +78,7 @@ async def load(urls: list[str], streams: int, seconds: float) -> int:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m spotrag_box.cluster.capacity", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.box_capacity_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", default="2,4,8,16", help="engine counts to try, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="measuring window per step")
     parser.add_argument("--streams", type=int, default=4, help="concurrent streams per engine under load")

@@ -37,9 +37,9 @@ import numpy as np
 from spotrag_operator import placement
 from spotrag_operator.placement import EngineView
 
-from .engine import DRAINING, GONE, PENDING, READY, STARTING, Engine, Request
+from .engine_model import DRAINING, GONE, PENDING, READY, STARTING, Engine, Request
 from .policies import ClusterView, Target
-from .profile import Profile
+from .presets import Profile
 from .trace import TraceRequest
 
 ON_DEMAND, SPOT = placement.ON_DEMAND, placement.SPOT

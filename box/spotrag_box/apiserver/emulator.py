@@ -42,7 +42,7 @@ import kmock
 import multidict
 import yaml
 
-from spotrag_box import admission, kube_patches, kube_protobuf, kube_selectors, kube_tables
+from spotrag_box.apiserver import crd_admission as admission, patches as kube_patches, protobuf as kube_protobuf, selectors as kube_selectors, tables as kube_tables
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import Any, Self, TypeVar
 import aiohttp.web
 import yaml
 
-from spotrag_box.kube_emulator import DEFAULT_REQUEST_LOG_SIZE, ApiError, KubeEmulator, RecordedRequest
+from spotrag_box.apiserver.emulator import DEFAULT_REQUEST_LOG_SIZE, ApiError, KubeEmulator, RecordedRequest
 
 __all__ = ['KubeAPIServer', 'RecordedRequest', 'ApiError', 'cli']
 

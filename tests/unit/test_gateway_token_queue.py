@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from spotrag_runtime.gateway.admission import (
+from spotrag_runtime.gateway.token_queue import (
     AFFINITY_BLOCK_CHARS,
     AdmissionController,
     Ticket,

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from spotrag_box.admission import FieldError, check_crd, invalid_message, validate_custom_resource
+from spotrag_box.apiserver.crd_admission import FieldError, check_crd, invalid_message, validate_custom_resource
 from spotrag_box.testing import running_kube_api
 
 SCHEMA: dict[str, Any] = {

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .policies import FixedController, KedaController, KubeAIController, SpotragController
-from .profile import Profile
+from .presets import Profile
 from .report import Summary, summarize
 from .sim import RunResult, Simulation
 from .sizing import TARGET_UTILIZATION, peak_engines, suggested_targets
