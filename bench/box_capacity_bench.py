@@ -24,7 +24,6 @@ from pathlib import Path
 import httpx
 
 from spotrag_box.apiserver.server import KubeAPIServer
-
 from spotrag_box.cluster.node_pools import ClusterProfile, NodePool, Timing
 from spotrag_box.cluster.simulated import SimulatedCluster
 
@@ -46,15 +45,30 @@ def rss_mib(pid: int) -> float:
 def deployment(replicas: int) -> dict:
     labels = {"app": "capacity"}
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "capacity", "namespace": "default"},
-        "spec": {"replicas": replicas, "selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}, "spec": {
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-            "containers": [{"name": "vllm", "image": "vllm/vllm-openai", "command": ["vllm", "serve"],
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "capacity", "namespace": "default"},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                    "containers": [
+                        {
+                            "name": "vllm",
+                            "image": "vllm/vllm-openai",
+                            "command": ["vllm", "serve"],
                             "args": ["model", "--port", "8000", "--served-model-name", "m", "--max-model-len", "4096"],
                             "ports": [{"name": "http", "containerPort": 8000}],
                             "resources": {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}},
-                            "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}}}],
-        }}},
+                            "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
+                        }
+                    ],
+                },
+            },
+        },
     }
 
 
@@ -66,7 +80,13 @@ async def load(urls: list[str], streams: int, seconds: float) -> int:
     async def stream(client: httpx.AsyncClient, url: str) -> None:
         nonlocal tokens
         while time.monotonic() < deadline:
-            body = {"model": "m", "prompt": "Tell me about ferries.", "max_tokens": 64, "ignore_eos": True, "stream": True}
+            body = {
+                "model": "m",
+                "prompt": "Tell me about ferries.",
+                "max_tokens": 64,
+                "ignore_eos": True,
+                "stream": True,
+            }
             async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
                 async for line in response.aiter_lines():
                     if line.startswith("data: {"):
@@ -84,12 +104,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--streams", type=int, default=4, help="concurrent streams per engine under load")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.engines.split(",")]
-    profile = ClusterProfile(pools=(NodePool(name="gpu", instance_type="g6.2xlarge", zone="us-east-1a", capacity_type="on-demand", size=max(counts)),))
+    profile = ClusterProfile(
+        pools=(
+            NodePool(
+                name="gpu", instance_type="g6.2xlarge", zone="us-east-1a", capacity_type="on-demand", size=max(counts)
+            ),
+        )
+    )
     with tempfile.TemporaryDirectory() as tmp, KubeAPIServer() as api:
         kubeconfig = api.write_kubeconfig(Path(tmp) / "kubeconfig")
-        with SimulatedCluster(kubeconfig, profile=profile, workdir=Path(tmp) / "box", timing=Timing(image_pull=0, model_load=0)) as cluster:
+        with SimulatedCluster(
+            kubeconfig, profile=profile, workdir=Path(tmp) / "box", timing=Timing(image_pull=0, model_load=0)
+        ) as cluster:
             print(f"{os.cpu_count()} CPUs; {args.streams} streams per engine under load; {args.seconds:.0f}s windows")
-            print(f"{'engines':>7} {'idle cores':>10} {'load cores':>10} {'tokens/s':>9} {'client cores':>12} {'MiB/engine':>10}")
+            print(
+                f"{'engines':>7} {'idle cores':>10} {'load cores':>10} {'tokens/s':>9} {'client cores':>12} {'MiB/engine':>10}"
+            )
             for count in counts:
                 api.apply(deployment(count))
                 while len(ready := _ready_pods(kubeconfig)) < count:
@@ -105,7 +135,10 @@ def main(argv: list[str]) -> int:
                 busy = (sum(cpu_seconds(pid) for pid in pids) - before) / elapsed
                 client = (time.process_time() - client_before) / elapsed
                 memory = sum(rss_mib(pid) for pid in pids) / len(pids)
-                print(f"{count:>7} {idle:>10.2f} {busy:>10.2f} {tokens / elapsed:>9.0f} {client:>12.2f} {memory:>10.0f}", flush=True)
+                print(
+                    f"{count:>7} {idle:>10.2f} {busy:>10.2f} {tokens / elapsed:>9.0f} {client:>12.2f} {memory:>10.0f}",
+                    flush=True,
+                )
     return 0
 
 
@@ -114,7 +147,11 @@ def _ready_pods(kubeconfig: Path) -> list[str]:
 
     with kubernetes.config.new_client_from_config(config_file=str(kubeconfig)) as client:
         pods = kubernetes.client.CoreV1Api(client).list_namespaced_pod("default", label_selector="app=capacity").items
-    return [p.status.pod_ip for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
+    return [
+        p.status.pod_ip
+        for p in pods
+        if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+    ]
 
 
 def _cpu_window(pids: list[int], seconds: float) -> float:

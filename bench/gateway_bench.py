@@ -121,7 +121,9 @@ class Cell:
             "ttft_p50_ms": round(percentile(self.ttft, 0.5) * 1000, 1),
             "ttft_p99_ms": round(percentile(self.ttft, 0.99) * 1000, 1),
             "proxy_cpu_ms_per_request": (
-                round(self.cpu_seconds * 1000 / self.requests, 2) if self.cpu_seconds is not None and self.requests else None
+                round(self.cpu_seconds * 1000 / self.requests, 2)
+                if self.cpu_seconds is not None and self.requests
+                else None
             ),
         }
 
@@ -168,8 +170,9 @@ async def one_request(session: aiohttp.ClientSession, url: str, number: int, hea
     return first_token or float("nan"), None
 
 
-async def run_cell(target: str, url: str, concurrency: int, *, warmup: float, duration: float,
-                   proxy_pid: int | None, headers: dict) -> Cell:
+async def run_cell(
+    target: str, url: str, concurrency: int, *, warmup: float, duration: float, proxy_pid: int | None, headers: dict
+) -> Cell:
     cell = Cell(target, concurrency)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=120)
@@ -184,7 +187,7 @@ async def run_cell(target: str, url: str, concurrency: int, *, warmup: float, du
             while loop.time() < window_end:
                 try:
                     ttft, problem = await one_request(session, url, next(counter), headers)
-                except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                except (TimeoutError, aiohttp.ClientError) as error:
                     ttft, problem = float("nan"), type(error).__name__
                 ended = loop.time()
                 # Steady state: what finished inside the window, whenever it started.
@@ -231,8 +234,15 @@ def wait_http(url: str, process: subprocess.Popen | None, timeout: float, header
 
 
 @contextlib.contextmanager
-def proxy_process(argv: list[str], ready_url: str, *, log: Path, env: dict | None = None,
-                  timeout: float = 180, headers: dict | None = None) -> Iterator[subprocess.Popen]:
+def proxy_process(
+    argv: list[str],
+    ready_url: str,
+    *,
+    log: Path,
+    env: dict | None = None,
+    timeout: float = 180,
+    headers: dict | None = None,
+) -> Iterator[subprocess.Popen]:
     with log.open("w") as output:
         process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     try:
@@ -248,8 +258,9 @@ def proxy_process(argv: list[str], ready_url: str, *, log: Path, env: dict | Non
 
 
 @contextlib.contextmanager
-def start_target(name: str, engines: list[EmulatorProcess], work: Path,
-                 args: argparse.Namespace) -> Iterator[tuple[str, int | None, dict]]:
+def start_target(
+    name: str, engines: list[EmulatorProcess], work: Path, args: argparse.Namespace
+) -> Iterator[tuple[str, int | None, dict]]:
     """(base URL, proxy pid or None, request headers) for a target."""
     urls = [engine.url for engine in engines]
     port = free_port()
@@ -259,35 +270,65 @@ def start_target(name: str, engines: list[EmulatorProcess], work: Path,
     elif name in ("spotrag", "spotrag-estimate"):
         config = work / f"{name}.json"
         counting = "estimate" if name == "spotrag-estimate" else "engine"
-        config.write_text(json.dumps({
-            "servedModelName": MODEL,
-            "retrieval": {"enabled": False},
-            "engines": {"discovery": "static", "urls": urls},
-            "admission": {"maxQueuedRequests": 4096, "tokenCounting": counting},
-        }))
-        argv = [sys.executable, "-m", "spotrag_runtime.gateway.cli", "--config", str(config),
-                "--port", str(port), "--log-level", "warning"]
+        config.write_text(
+            json.dumps(
+                {
+                    "servedModelName": MODEL,
+                    "retrieval": {"enabled": False},
+                    "engines": {"discovery": "static", "urls": urls},
+                    "admission": {"maxQueuedRequests": 4096, "tokenCounting": counting},
+                }
+            )
+        )
+        argv = [
+            sys.executable,
+            "-m",
+            "spotrag_runtime.gateway.cli",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [args.gateway_pythonpath, os.environ.get("PYTHONPATH")]))}
         with proxy_process(argv, f"{base}/readyz", log=work / f"{name}.log", env=env) as process:
             yield base, process.pid, {}
     elif name.startswith("vllm-router"):
         policy = {"vllm-router-rr": "round_robin", "vllm-router-cache": "cache_aware"}[name]
-        argv = [args.vllm_router, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls,
-                "--policy", policy, "--log-level", "warning", "--prometheus-host", "127.0.0.1",
-                "--prometheus-port", str(free_port())]
+        argv = [
+            args.vllm_router,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--worker-urls",
+            *urls,
+            "--policy",
+            policy,
+            "--log-level",
+            "warning",
+            "--prometheus-host",
+            "127.0.0.1",
+            "--prometheus-port",
+            str(free_port()),
+        ]
         with proxy_process(argv, f"{base}/v1/models", log=work / f"{name}.log") as process:
             yield base, process.pid, {}
     elif name == "litellm":
         config = work / "litellm.yaml"
         deployments = "".join(
-            f"  - model_name: {MODEL}\n    litellm_params: {{model: hosted_vllm/{MODEL}, api_base: \"{url}/v1\", "
-            f"api_key: none}}\n" for url in urls
+            f'  - model_name: {MODEL}\n    litellm_params: {{model: hosted_vllm/{MODEL}, api_base: "{url}/v1", '
+            f"api_key: none}}\n"
+            for url in urls
         )
         config.write_text(f"model_list:\n{deployments}litellm_settings: {{telemetry: false}}\n")
         headers = {"Authorization": "Bearer sk-bench"}
         env = {"LITELLM_MASTER_KEY": "sk-bench", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"}
         argv = [args.litellm, "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
-        with proxy_process(argv, f"{base}/health/liveliness", log=work / "litellm.log", env=env, timeout=300) as process:
+        with proxy_process(
+            argv, f"{base}/health/liveliness", log=work / "litellm.log", env=env, timeout=300
+        ) as process:
             yield base, process.pid, headers
     else:
         raise ValueError(f"unknown target {name!r}")
@@ -297,8 +338,14 @@ def proxy_benchmark(args: argparse.Namespace, work: Path) -> list[dict]:
     targets = [t for t in args.targets.split(",") if t]
     missing = {"vllm-router-rr": args.vllm_router, "vllm-router-cache": args.vllm_router, "litellm": args.litellm}
     results = []
-    engine_options = dict(served_model_name=MODEL, ttft_ms=20, itl_ms=5, max_num_seqs=256,
-                          answer_words_min=4 * ANSWER_TOKENS, answer_words_max=4 * ANSWER_TOKENS)
+    engine_options = dict(
+        served_model_name=MODEL,
+        ttft_ms=20,
+        itl_ms=5,
+        max_num_seqs=256,
+        answer_words_min=4 * ANSWER_TOKENS,
+        answer_words_max=4 * ANSWER_TOKENS,
+    )
     engines = [start_engine_emulator(**engine_options) for _ in range(2)]
     try:
         for engine in engines:
@@ -309,8 +356,17 @@ def proxy_benchmark(args: argparse.Namespace, work: Path) -> list[dict]:
                 continue
             with start_target(target, engines, work, args) as (url, pid, headers):
                 for concurrency in (int(c) for c in args.concurrency.split(",")):
-                    cell = asyncio.run(run_cell(target, url, concurrency, warmup=args.warmup,
-                                                duration=args.duration, proxy_pid=pid, headers=headers))
+                    cell = asyncio.run(
+                        run_cell(
+                            target,
+                            url,
+                            concurrency,
+                            warmup=args.warmup,
+                            duration=args.duration,
+                            proxy_pid=pid,
+                            headers=headers,
+                        )
+                    )
                     results.append(cell.summary())
                     print(json.dumps(results[-1]), flush=True)
     finally:
@@ -330,7 +386,14 @@ def synthetic_index(root: Path, count: int, dimension: int, model: str) -> str:
 
     from spotrag_runtime.index.vector_index import build_vector_index, choose_index_type
     from spotrag_runtime.retrieval.store import (
-        CURRENT_FILE, INDEX_FILE, MANIFEST_FILE, PASSAGES_FILE, VERSIONS_DIR, Manifest, Passage, file_checksum,
+        CURRENT_FILE,
+        INDEX_FILE,
+        MANIFEST_FILE,
+        PASSAGES_FILE,
+        VERSIONS_DIR,
+        Manifest,
+        Passage,
+        file_checksum,
     )
 
     vectors = np.random.default_rng(7).standard_normal((count, dimension)).astype(np.float32)
@@ -342,12 +405,23 @@ def synthetic_index(root: Path, count: int, dimension: int, model: str) -> str:
     faiss.write_index(built.index, str(folder / INDEX_FILE))
     with (folder / PASSAGES_FILE).open("w") as stream:
         for number in range(count):
-            stream.write(Passage(number, f"Synthetic passage {number} about ferries.", "synthetic", number).to_json() + "\n")
+            stream.write(
+                Passage(number, f"Synthetic passage {number} about ferries.", "synthetic", number).to_json() + "\n"
+            )
     manifest = Manifest(
-        model=model, dimension=dimension, query_prefix="", passage_prefix="", count=count,
-        index_type=built.index_type, metric="inner_product", normalized=True,
-        checksum=file_checksum([folder / INDEX_FILE, folder / PASSAGES_FILE]), version=version,
-        created_at="2026-01-01T00:00:00+00:00", recall_at_10=built.recall_at_10, chunking={},
+        model=model,
+        dimension=dimension,
+        query_prefix="",
+        passage_prefix="",
+        count=count,
+        index_type=built.index_type,
+        metric="inner_product",
+        normalized=True,
+        checksum=file_checksum([folder / INDEX_FILE, folder / PASSAGES_FILE]),
+        version=version,
+        created_at="2026-01-01T00:00:00+00:00",
+        recall_at_10=built.recall_at_10,
+        chunking={},
         search_params=built.search_params,
     )
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict()))
@@ -355,8 +429,9 @@ def synthetic_index(root: Path, count: int, dimension: int, model: str) -> str:
     return f"{built.index_type} {built.search_params or ''}".strip()
 
 
-async def retrieval_cells(root: Path, embedder, questions: list[str], duration: float,
-                          concurrencies: list[int]) -> list[dict]:
+async def retrieval_cells(
+    root: Path, embedder, questions: list[str], duration: float, concurrencies: list[int]
+) -> list[dict]:
     from spotrag_runtime.gateway.config import RetrievalConfig
     from spotrag_runtime.gateway.metrics import GatewayMetrics
     from spotrag_runtime.gateway.retrieval_service import RetrievalService
@@ -378,12 +453,14 @@ async def retrieval_cells(root: Path, embedder, questions: list[str], duration: 
                     latencies.append(time.perf_counter() - began)
 
             await asyncio.gather(*(client() for _ in range(concurrency)))
-            results.append({
-                "concurrency": concurrency,
-                "queries_per_second": round(len(latencies) / duration, 1),
-                "p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
-                "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
-            })
+            results.append(
+                {
+                    "concurrency": concurrency,
+                    "queries_per_second": round(len(latencies) / duration, 1),
+                    "p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
+                    "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+                }
+            )
     finally:
         await service.close()
     return results
@@ -424,9 +501,11 @@ def discovery_benchmark(args: argparse.Namespace, work: Path) -> dict:
 
     def slice_body(name: str, port: int, ready: bool) -> dict:
         return {
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
             "metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": "engines"}},
-            "addressType": "IPv4", "ports": [{"name": "http", "port": port}],
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": port}],
             "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": ready}}],
         }
 
@@ -452,21 +531,39 @@ def discovery_benchmark(args: argparse.Namespace, work: Path) -> dict:
             for name, port in (("engines-a", 18001), ("engines-b", 18002)):
                 discovery.create_namespaced_endpoint_slice("default", slice_body(name, port, True))
             config = work / "discovery.json"
-            config.write_text(json.dumps({
-                "servedModelName": MODEL, "retrieval": {"enabled": False},
-                "engines": {"discovery": "endpointslices", "service": "engines", "namespace": "default"},
-            }))
+            config.write_text(
+                json.dumps(
+                    {
+                        "servedModelName": MODEL,
+                        "retrieval": {"enabled": False},
+                        "engines": {"discovery": "endpointslices", "service": "engines", "namespace": "default"},
+                    }
+                )
+            )
             port = free_port()
-            argv = [sys.executable, "-m", "spotrag_runtime.gateway.cli", "--config", str(config), "--port", str(port),
-                    "--kubeconfig", str(kubeconfig), "--log-level", "warning"]
+            argv = [
+                sys.executable,
+                "-m",
+                "spotrag_runtime.gateway.cli",
+                "--config",
+                str(config),
+                "--port",
+                str(port),
+                "--kubeconfig",
+                str(kubeconfig),
+                "--log-level",
+                "warning",
+            ]
             metrics_url = f"http://127.0.0.1:{port}/metrics"
             with proxy_process(argv, f"http://127.0.0.1:{port}/readyz", log=work / "discovery.log"):
                 for _ in range(args.discovery_flips):
                     discovery.replace_namespaced_endpoint_slice(
-                        "engines-a", "default", slice_body("engines-a", 18001, False))
+                        "engines-a", "default", slice_body("engines-a", 18001, False)
+                    )
                     latencies.append(wait_for(metrics_url, 1))
                     discovery.replace_namespaced_endpoint_slice(
-                        "engines-a", "default", slice_body("engines-a", 18001, True))
+                        "engines-a", "default", slice_body("engines-a", 18001, True)
+                    )
                     wait_for(metrics_url, 2)
     result = {
         "flips": len(latencies),
@@ -484,20 +581,33 @@ def discovery_benchmark(args: argparse.Namespace, work: Path) -> dict:
 def markdown(proxy: list[dict], retrieval: list[dict], discovery: dict | None) -> str:
     lines = []
     if proxy:
-        lines += ["| target | C | req/s | TTFT p50 ms | TTFT p99 ms | proxy CPU ms/req | errors |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "| target | C | req/s | TTFT p50 ms | TTFT p99 ms | proxy CPU ms/req | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for row in proxy:
             cpu = "–" if row["proxy_cpu_ms_per_request"] is None else row["proxy_cpu_ms_per_request"]
-            lines.append(f"| {row['target']} | {row['concurrency']} | {row['requests_per_second']} | "
-                         f"{row['ttft_p50_ms']} | {row['ttft_p99_ms']} | {cpu} | {row['errors']} |")
+            lines.append(
+                f"| {row['target']} | {row['concurrency']} | {row['requests_per_second']} | "
+                f"{row['ttft_p50_ms']} | {row['ttft_p99_ms']} | {cpu} | {row['errors']} |"
+            )
     if retrieval:
-        lines += ["", "| passages | index | concurrent | queries/s | p50 ms | p99 ms |", "|---:|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| passages | index | concurrent | queries/s | p50 ms | p99 ms |",
+            "|---:|---|---:|---:|---:|---:|",
+        ]
         for row in retrieval:
-            lines.append(f"| {row['passages']} | {row['index']} | {row['concurrency']} | {row['queries_per_second']} | "
-                         f"{row['p50_ms']} | {row['p99_ms']} |")
+            lines.append(
+                f"| {row['passages']} | {row['index']} | {row['concurrency']} | {row['queries_per_second']} | "
+                f"{row['p50_ms']} | {row['p99_ms']} |"
+            )
     if discovery:
-        lines += ["", f"EndpointSlice not ready -> out of the gateway's serving set, over {discovery['flips']} flips: "
-                      f"p50 {discovery['p50_ms']} ms, p99 {discovery['p99_ms']} ms, max {discovery['max_ms']} ms"]
+        lines += [
+            "",
+            f"EndpointSlice not ready -> out of the gateway's serving set, over {discovery['flips']} flips: "
+            f"p50 {discovery['p50_ms']} ms, p99 {discovery['p99_ms']} ms, max {discovery['max_ms']} ms",
+        ]
     return "\n".join(lines)
 
 
@@ -509,12 +619,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each cell's window")
     parser.add_argument("--vllm-router", default=shutil.which("vllm-router"), help="the vllm-router command")
     parser.add_argument("--litellm", default=shutil.which("litellm"), help="the litellm command")
-    parser.add_argument("--gateway-pythonpath", default="",
-                        help="prepended to the gateway's PYTHONPATH only (e.g. a folder with uvloop and httptools)")
+    parser.add_argument(
+        "--gateway-pythonpath",
+        default="",
+        help="prepended to the gateway's PYTHONPATH only (e.g. a folder with uvloop and httptools)",
+    )
     parser.add_argument("--retrieval-sizes", default="10000,100000", help="'' to skip the retrieval part")
     parser.add_argument("--retrieval-concurrency", default="1,8,32")
-    parser.add_argument("--discovery-flips", type=int, default=50,
-                        help="EndpointSlice readiness flips to time (0 to skip)")
+    parser.add_argument(
+        "--discovery-flips", type=int, default=50, help="EndpointSlice readiness flips to time (0 to skip)"
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here too")
     args = parser.parse_args(argv)
     # 512 clients and their proxied connections need more than the usual 1024

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -46,11 +45,18 @@ def synthetic_corpus(folder: Path, passages: int, tokenizer, rng: np.random.Gene
     sentences = []
     for document in load_documents([SAMPLE_CORPUS_DIR / "handbook"]):
         for paragraph in document.text.split("\n\n"):
-            sentences += [s for s in re.split(r"(?<=[.!?])\s+", paragraph.replace("\n", " ")) if len(s) > 30 and not s.startswith("#")]
+            sentences += [
+                s
+                for s in re.split(r"(?<=[.!?])\s+", paragraph.replace("\n", " "))
+                if len(s) > 30 and not s.startswith("#")
+            ]
 
     def document(number: int) -> dict:
         picked = rng.choice(len(sentences), size=16)  # 4 paragraphs of 4 sentences
-        return {"source": f"synthetic/{number}", "text": "\n\n".join(" ".join(sentences[i] for i in picked[p : p + 4]) for p in range(0, 16, 4))}
+        return {
+            "source": f"synthetic/{number}",
+            "text": "\n\n".join(" ".join(sentences[i] for i in picked[p : p + 4]) for p in range(0, 16, 4)),
+        }
 
     # Calibrate documents per passage on a small batch, chunked for real, then write that many.
     probe = [document(n) for n in range(100)]
@@ -98,7 +104,7 @@ def compare_index_types(vectors: np.ndarray, queries: np.ndarray) -> list[dict]:
             latencies.append((time.perf_counter() - started) * 1000)
             found.append(ids[0])
         faiss.omp_set_num_threads(THREADS)
-        recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth[:LATENCY_QUERIES])])
+        recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth[:LATENCY_QUERIES], strict=False)])
         rows.append({
             "type": index_type,
             "params": built.search_params,
@@ -124,7 +130,9 @@ def gpu_embedding_efficiency(embedder: Embedder, chunks: list, batch_size: int) 
         for row, values in enumerate(rows):
             ids[row, : len(values)] = torch.tensor(values)
             mask[row, : len(values)] = 1
-        batches.append({"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "token_type_ids": torch.zeros_like(ids).cuda()})
+        batches.append(
+            {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "token_type_ids": torch.zeros_like(ids).cuda()}
+        )
     model = embedder.model
 
     def forward_only() -> None:
@@ -153,7 +161,10 @@ def gpu_embedding_efficiency(embedder: Embedder, chunks: list, batch_size: int) 
         ),
     }
     results["embed_share_of_forward_only"] = results["embed_token_ids"] / results["forward_only"]
-    return {key: round(value, 3) if key.endswith("share_of_forward_only") else round(value, 1) for key, value in results.items()}
+    return {
+        key: round(value, 3) if key.endswith("share_of_forward_only") else round(value, 1)
+        for key, value in results.items()
+    }
 
 
 def chunk_size_quality(embedder: Embedder, sizes: list[tuple[int, int]]) -> list[dict]:
@@ -163,12 +174,20 @@ def chunk_size_quality(embedder: Embedder, sizes: list[tuple[int, int]]) -> list
     documents = load_documents([SAMPLE_CORPUS_DIR])
     rows = []
     for chunk_tokens, overlap in sizes:
-        chunks = list(Chunker(embedder.tokenizer, chunk_tokens=chunk_tokens, overlap_tokens=overlap).chunk_documents(documents))
+        chunks = list(
+            Chunker(embedder.tokenizer, chunk_tokens=chunk_tokens, overlap_tokens=overlap).chunk_documents(documents)
+        )
         scores = query_vectors @ embedder.embed_token_ids([chunk.token_ids for chunk in chunks]).T
         ranks = []
-        for question, row in zip(questions, scores):
+        for question, row in zip(questions, scores, strict=False):
             ranked = np.argsort(-row)
-            ranks.append(next(r for r, i in enumerate(ranked) if chunks[i].source == question.source and question.answer in chunks[i].text))
+            ranks.append(
+                next(
+                    r
+                    for r, i in enumerate(ranked)
+                    if chunks[i].source == question.source and question.answer in chunks[i].text
+                )
+            )
         ranks = np.asarray(ranks)
         rows.append({
             "chunk_tokens": chunk_tokens, "overlap": overlap, "passages": len(chunks),
@@ -184,9 +203,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="name or path (e.g. a copy of the weights in fp16)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--sizes", default="10000,100000", help="corpus sizes in passages (load, chunk and index at full size)")
+    parser.add_argument(
+        "--sizes", default="10000,100000", help="corpus sizes in passages (load, chunk and index at full size)"
+    )
     parser.add_argument("--full-builds", default="", help="sizes to also build end to end with real embeddings (GPU)")
-    parser.add_argument("--sample-passages", type=int, default=400, help="passages built end to end to measure the embed rate")
+    parser.add_argument(
+        "--sample-passages", type=int, default=400, help="passages built end to end to measure the embed rate"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--index-vectors", type=int, default=100_000)
     parser.add_argument("--json-out", type=Path)
@@ -214,7 +237,11 @@ def main(argv: list[str]) -> int:
         sample_corpus = synthetic_corpus(scratch, args.sample_passages, embedder.tokenizer, rng)
         sample = build_index([sample_corpus], scratch / "sample-index", embedder=embedder, shard_size=1 << 30)
         embed_rate = sample.count / sample.seconds["embed"]
-        report["sample_build"] = {"passages": sample.count, "seconds": sample.seconds, "embed_passages_per_s": round(embed_rate, 1)}
+        report["sample_build"] = {
+            "passages": sample.count,
+            "seconds": sample.seconds,
+            "embed_passages_per_s": round(embed_rate, 1),
+        }
         print(json.dumps(report["sample_build"]), flush=True)
         anchors = LoadedIndex.load(scratch / "sample-index").faiss_index.reconstruct_n(0, sample.count)
 
@@ -230,7 +257,12 @@ def main(argv: list[str]) -> int:
                 count, load_s, chunk_s, _ = time_load_and_chunk(corpus, embedder.tokenizer)
                 started = time.perf_counter()
                 build_vector_index(scattered_vectors(anchors, count, rng), choose_index_type(count))
-                seconds = {"load": load_s, "chunk": chunk_s, "embed": count / embed_rate, "index": time.perf_counter() - started}
+                seconds = {
+                    "load": load_s,
+                    "chunk": chunk_s,
+                    "embed": count / embed_rate,
+                    "index": time.perf_counter() - started,
+                }
                 measured = "embed extrapolated from the sample; index on synthetic vectors"
             total = sum(seconds.values())
             row = {
@@ -244,16 +276,25 @@ def main(argv: list[str]) -> int:
 
         # 3. Index types at 100k vectors. Synthetic ones: the synthetic corpus repeats ~150
         # sentences, so its real embeddings are near-duplicates whose top 10 is mostly ties.
-        vectors, origin = scattered_vectors(anchors, args.index_vectors, rng), "synthetic vectors around real embeddings"
+        vectors, origin = (
+            scattered_vectors(anchors, args.index_vectors, rng),
+            "synthetic vectors around real embeddings",
+        )
         # New questions from the same generator the builder tunes on, other passages, other noise:
         # checks that the recall recorded at build time predicts recall on queries it never saw.
         queries = synthetic_queries(vectors[rng.choice(len(vectors), size=LATENCY_QUERIES, replace=False)], rng)
-        report["index_types"] = {"vectors": len(vectors), "origin": origin, "rows": compare_index_types(vectors, queries)}
+        report["index_types"] = {
+            "vectors": len(vectors),
+            "origin": origin,
+            "rows": compare_index_types(vectors, queries),
+        }
         print(json.dumps(report["index_types"]), flush=True)
 
         # 4. On a GPU: how much of the model's forward-only throughput embedding reaches.
         if args.device.startswith("cuda"):
-            _, _, _, chunks = time_load_and_chunk(synthetic_corpus(scratch, 20_000, embedder.tokenizer, rng), embedder.tokenizer)
+            _, _, _, chunks = time_load_and_chunk(
+                synthetic_corpus(scratch, 20_000, embedder.tokenizer, rng), embedder.tokenizer
+            )
             report["gpu_embedding"] = gpu_embedding_efficiency(embedder, chunks, args.batch_size)
             print(json.dumps(report["gpu_embedding"]), flush=True)
 

@@ -82,12 +82,16 @@ def expected_answer(question: str, *, max_tokens: int, ignore_eos: bool, answer_
     """What the engine emulator answers (seed 0, no retrieval): the reference text."""
     from spotrag_runtime.engine_emulator import text
 
-    continuation = text.chat_answer([text.Message("user", question)], seed=0, answer_words=answer_words, continue_final_message=False)
+    continuation = text.chat_answer(
+        [text.Message("user", question)], seed=0, answer_words=answer_words, continue_final_message=False
+    )
     count = max_tokens if ignore_eos else min(continuation.natural_remaining, max_tokens)
     return "".join(itertools.islice(continuation.deltas, count))
 
 
-async def run_load(url: str, *, short_clients: int, long_clients: int, long_tokens: int, answer_words: tuple[int, int], out: Path) -> None:
+async def run_load(
+    url: str, *, short_clients: int, long_clients: int, long_tokens: int, answer_words: tuple[int, int], out: Path
+) -> None:
     """Closed-loop streaming clients (official openai client) until stdin closes."""
     import openai
 
@@ -96,8 +100,11 @@ async def run_load(url: str, *, short_clients: int, long_clients: int, long_toke
     loop = asyncio.get_running_loop()
     threading.Thread(target=lambda: (sys.stdin.read(), loop.call_soon_threadsafe(stop.set)), daemon=True).start()
     kinds = [("short", 64, False)] * short_clients + [("long", long_tokens, True)] * long_clients
-    expected = {(kind, q): expected_answer(q, max_tokens=tokens, ignore_eos=eos, answer_words=answer_words)
-                for kind, tokens, eos in set(kinds) for q in SHORT_QUESTIONS}
+    expected = {
+        (kind, q): expected_answer(q, max_tokens=tokens, ignore_eos=eos, answer_words=answer_words)
+        for kind, tokens, eos in set(kinds)
+        for q in SHORT_QUESTIONS
+    }
     stats: dict[str, Any] = {"requests": 0, "ok": 0, "by_kind": {}, "failures": []}
 
     async def worker(index: int, kind: str, tokens: int, ignore_eos: bool) -> None:
@@ -108,7 +115,10 @@ async def run_load(url: str, *, short_clients: int, long_clients: int, long_toke
             stats["requests"] += 1
             try:
                 stream = await client.chat.completions.create(
-                    model=SERVED_MODEL, stream=True, max_tokens=tokens, messages=[{"role": "user", "content": question}],
+                    model=SERVED_MODEL,
+                    stream=True,
+                    max_tokens=tokens,
+                    messages=[{"role": "user", "content": question}],
                     extra_body={"rag": False, **({"ignore_eos": True} if ignore_eos else {})},
                 )
                 parts, finish = [], None
@@ -123,7 +133,7 @@ async def run_load(url: str, *, short_clients: int, long_clients: int, long_toke
                     raise RuntimeError(f"text differs from the uninterrupted answer ({len(text.split())} words)")
                 stats["ok"] += 1
                 stats["by_kind"][kind] = stats["by_kind"].get(kind, 0) + 1
-            except Exception as error:  # noqa: BLE001 - every failure is counted, whatever it is
+            except Exception as error:
                 stats["failures"].append(f"{time.time():.3f} {kind}: {type(error).__name__}: {error}")
 
     await asyncio.gather(*(worker(i, *kind) for i, kind in enumerate(kinds)))
@@ -141,7 +151,10 @@ class Program:
         with open(log, "ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "spotrag_box.cluster.launch", str(os.getpid()), "--", *argv],
-                stdout=out, stderr=subprocess.STDOUT, stdin=stdin, start_new_session=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=stdin,
+                start_new_session=True,
             )
 
     def check(self) -> None:
@@ -183,14 +196,44 @@ def box(work: Path, args: argparse.Namespace) -> Iterator[tuple[Path, Any, list[
     programs: list[Program] = []
     cluster = None
     try:
-        api = Program("api-server", spotrag("api-server", "--port", "0", "--kubeconfig-out", str(kubeconfig), "--crd", str(CRD_FILE)), work / "api-server.log")
+        api = Program(
+            "api-server",
+            spotrag("api-server", "--port", "0", "--kubeconfig-out", str(kubeconfig), "--crd", str(CRD_FILE)),
+            work / "api-server.log",
+        )
         programs.append(api)
         wait(kubeconfig.exists, "the API stand-in's kubeconfig", 60, programs)
-        timing = Timing(image_pull=args.image_pull, model_load=args.model_load, node_provision=args.node_provision, probe_period=0.5, resync=2.0)
-        profile = ClusterProfile.default().with_pool_size("gpu-spot-a", args.spot_nodes_per_zone).with_pool_size("gpu-spot-b", args.spot_nodes_per_zone)
+        timing = Timing(
+            image_pull=args.image_pull,
+            model_load=args.model_load,
+            node_provision=args.node_provision,
+            probe_period=0.5,
+            resync=2.0,
+        )
+        profile = (
+            ClusterProfile.default()
+            .with_pool_size("gpu-spot-a", args.spot_nodes_per_zone)
+            .with_pool_size("gpu-spot-b", args.spot_nodes_per_zone)
+        )
         cluster = SimulatedCluster(kubeconfig, workdir=work / "cluster", timing=timing, profile=profile).start()
-        programs.append(Program("operator", spotrag("operator", "--kubeconfig", str(kubeconfig), "--standalone", "--liveness", "", "--metrics-port", "0",
-                                                     "--reconcile-interval", "1"), work / "operator.log"))
+        programs.append(
+            Program(
+                "operator",
+                spotrag(
+                    "operator",
+                    "--kubeconfig",
+                    str(kubeconfig),
+                    "--standalone",
+                    "--liveness",
+                    "",
+                    "--metrics-port",
+                    "0",
+                    "--reconcile-interval",
+                    "1",
+                ),
+                work / "operator.log",
+            )
+        )
         yield kubeconfig, cluster, programs
     finally:
         for program in reversed(programs[1:]):
@@ -206,7 +249,11 @@ def manifest() -> list[dict]:
     body["metadata"] = {"name": NAME, "namespace": NAMESPACE}
     spec = body["spec"]
     spec["retrieval"] = {"enabled": False}
-    spec["scaling"] = {"minReplicas": SPOT_ENGINES + ON_DEMAND_ENGINES, "maxReplicas": SPOT_ENGINES + ON_DEMAND_ENGINES, "onDemandBaseline": ON_DEMAND_ENGINES}
+    spec["scaling"] = {
+        "minReplicas": SPOT_ENGINES + ON_DEMAND_ENGINES,
+        "maxReplicas": SPOT_ENGINES + ON_DEMAND_ENGINES,
+        "onDemandBaseline": ON_DEMAND_ENGINES,
+    }
     spec["spot"] = {"fallbackAfterSeconds": 10, "retryAfterSeconds": 30}
     spec["interruption"] = {"preStopSeconds": 2, "drainTimeoutSeconds": 30}
     spec["gateway"] = {"replicas": 1}
@@ -239,8 +286,10 @@ class Watcher:
         self._in_slices: set[str] = set()
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(self._watch_pods,), daemon=True),
-                        threading.Thread(target=self._run, args=(self._watch_slices,), daemon=True)]
+        self.threads = [
+            threading.Thread(target=self._run, args=(self._watch_pods,), daemon=True),
+            threading.Thread(target=self._run, args=(self._watch_slices,), daemon=True),
+        ]
         for thread in self.threads:
             thread.start()
 
@@ -251,15 +300,22 @@ class Watcher:
         while not self._stop.is_set():
             try:
                 watch()
-            except Exception:  # noqa: BLE001 - a broken watch is restarted, as informers do
+            except Exception:
                 time.sleep(0.2)
 
     def _watch_pods(self) -> None:
-        listed = self.core.list_namespaced_pod(NAMESPACE, label_selector=f"spotrag.io/deployment={NAME},spotrag.io/component=engine")
+        listed = self.core.list_namespaced_pod(
+            NAMESPACE, label_selector=f"spotrag.io/deployment={NAME},spotrag.io/component=engine"
+        )
         for pod in listed.items:
             self._pod(pod, "ADDED", time.time())
-        stream = kubernetes.watch.Watch().stream(self.core.list_namespaced_pod, NAMESPACE, label_selector=f"spotrag.io/deployment={NAME},spotrag.io/component=engine",
-                                                 resource_version=listed.metadata.resource_version, timeout_seconds=300)
+        stream = kubernetes.watch.Watch().stream(
+            self.core.list_namespaced_pod,
+            NAMESPACE,
+            label_selector=f"spotrag.io/deployment={NAME},spotrag.io/component=engine",
+            resource_version=listed.metadata.resource_version,
+            timeout_seconds=300,
+        )
         for event in stream:
             self._pod(event["object"], event["type"], time.time())
             if self._stop.is_set():
@@ -285,8 +341,13 @@ class Watcher:
         listed = self.discovery.list_namespaced_endpoint_slice(NAMESPACE, label_selector=selector)
         slices = {s.metadata.name: s for s in listed.items}
         self._slices(slices, time.time())
-        stream = kubernetes.watch.Watch().stream(self.discovery.list_namespaced_endpoint_slice, NAMESPACE, label_selector=selector,
-                                                 resource_version=listed.metadata.resource_version, timeout_seconds=300)
+        stream = kubernetes.watch.Watch().stream(
+            self.discovery.list_namespaced_endpoint_slice,
+            NAMESPACE,
+            label_selector=selector,
+            resource_version=listed.metadata.resource_version,
+            timeout_seconds=300,
+        )
         for event in stream:
             item = event["object"]
             if event["type"] == "DELETED":
@@ -298,7 +359,12 @@ class Watcher:
                 return
 
     def _slices(self, slices: dict[str, Any], now: float) -> None:
-        ready = {e.target_ref.name for s in slices.values() for e in s.endpoints or [] if e.target_ref and e.conditions and e.conditions.ready}
+        ready = {
+            e.target_ref.name
+            for s in slices.values()
+            for e in s.endpoints or []
+            if e.target_ref and e.conditions and e.conditions.ready
+        }
         with self._lock:
             for name in self._in_slices - ready:
                 self.endpoint_gone.setdefault(name, now)
@@ -320,7 +386,11 @@ def gateway_engines(url: str, http: httpx.Client) -> int | None:
 
 def gateway_counter(url: str, name: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=5).text
-    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith(name) and not line.startswith("#"))
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
 
 
 # The run -------------------------------------------------------------------------------
@@ -338,8 +408,13 @@ def summary(values: list[float]) -> dict[str, Any]:
     values = [v for v in values if v is not None]
     if not values:
         return {"n": 0}
-    return {"n": len(values), "p50_ms": round(1000 * statistics.median(values)), "p90_ms": round(1000 * percentile(values, 0.9)),
-            "p99_ms": round(1000 * percentile(values, 0.99)), "max_ms": round(1000 * max(values))}
+    return {
+        "n": len(values),
+        "p50_ms": round(1000 * statistics.median(values)),
+        "p90_ms": round(1000 * percentile(values, 0.9)),
+        "p99_ms": round(1000 * percentile(values, 0.99)),
+        "max_ms": round(1000 * max(values)),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -350,34 +425,78 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         api_client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
         core = kubernetes.client.CoreV1Api(api_client)
         kubectl = [str(Path(sys.executable).parent / "kubectl"), "--kubeconfig", str(kubeconfig)]
-        subprocess.run([*kubectl, "apply", "--validate=false", "-f", "-"], input=yaml.safe_dump_all(manifest()), text=True, check=True, capture_output=True)
+        subprocess.run(
+            [*kubectl, "apply", "--validate=false", "-f", "-"],
+            input=yaml.safe_dump_all(manifest()),
+            text=True,
+            check=True,
+            capture_output=True,
+        )
 
         def engines() -> list[Any]:
-            pods = core.list_namespaced_pod(NAMESPACE, label_selector=f"spotrag.io/deployment={NAME},spotrag.io/component=engine").items
+            pods = core.list_namespaced_pod(
+                NAMESPACE, label_selector=f"spotrag.io/deployment={NAME},spotrag.io/component=engine"
+            ).items
             return [p for p in pods if not p.metadata.deletion_timestamp]
 
         def serving(capacity: str) -> list[Any]:
-            return [p for p in engines() if p.metadata.labels.get("spotrag.io/capacity") == capacity and p.metadata.labels.get("spotrag.io/serving") == "true"
-                    and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
+            return [
+                p
+                for p in engines()
+                if p.metadata.labels.get("spotrag.io/capacity") == capacity
+                and p.metadata.labels.get("spotrag.io/serving") == "true"
+                and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+            ]
 
         def gateway_url() -> str | None:
-            pods = core.list_namespaced_pod(NAMESPACE, label_selector=f"spotrag.io/deployment={NAME},spotrag.io/component=gateway").items
+            pods = core.list_namespaced_pod(
+                NAMESPACE, label_selector=f"spotrag.io/deployment={NAME},spotrag.io/component=gateway"
+            ).items
             for pod in pods:
-                if pod.status.pod_ip and any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []):
+                if pod.status.pod_ip and any(
+                    c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []
+                ):
                     return f"http://{pod.status.pod_ip}:8080"
             return None
 
         url = wait(gateway_url, "a Ready gateway", 180, programs, interval=0.5)
         http = httpx.Client()
         total = SPOT_ENGINES + ON_DEMAND_ENGINES
-        wait(lambda: len(serving("spot")) == SPOT_ENGINES and len(serving("on-demand")) == ON_DEMAND_ENGINES and gateway_engines(url, http) == total,
-             "every engine serving", 120, programs, interval=0.5)
+        wait(
+            lambda: (
+                len(serving("spot")) == SPOT_ENGINES
+                and len(serving("on-demand")) == ON_DEMAND_ENGINES
+                and gateway_engines(url, http) == total
+            ),
+            "every engine serving",
+            120,
+            programs,
+            interval=0.5,
+        )
         watcher = Watcher(api_client)
         words = tuple(int(w) for w in cluster.timing.engine_answer_words.split(":"))
         load_out = work / "load.json"
-        load = Program("load", [sys.executable, __file__, "--load-url", url, "--load-out", str(load_out), "--short-clients", str(args.short_clients),
-                                "--long-clients", str(args.long_clients), "--long-tokens", str(args.long_tokens), "--answer-words", f"{words[0]}:{words[1]}"],
-                       work / "load.log", stdin=subprocess.PIPE)
+        load = Program(
+            "load",
+            [
+                sys.executable,
+                __file__,
+                "--load-url",
+                url,
+                "--load-out",
+                str(load_out),
+                "--short-clients",
+                str(args.short_clients),
+                "--long-clients",
+                str(args.long_clients),
+                "--long-tokens",
+                str(args.long_tokens),
+                "--answer-words",
+                f"{words[0]}:{words[1]}",
+            ],
+            work / "load.log",
+            stdin=subprocess.PIPE,
+        )
         programs.append(load)
         time.sleep(3)  # the load reaches its steady state
         resumed_before = gateway_counter(url, "spotrag_resumed_streams_total")
@@ -389,7 +508,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             def victim() -> Any:
                 pending = cluster.interruptions()
-                if len(serving("spot")) != SPOT_ENGINES or len(serving("on-demand")) != ON_DEMAND_ENGINES or gateway_engines(url, http) != total:
+                if (
+                    len(serving("spot")) != SPOT_ENGINES
+                    or len(serving("on-demand")) != ON_DEMAND_ENGINES
+                    or gateway_engines(url, http) != total
+                ):
                     return None
                 candidates = [p for p in serving("spot") if p.spec.node_name not in pending]
                 return rng.choice(candidates) if candidates else None
@@ -407,19 +530,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     gateway_at = time.time()
                     break
                 time.sleep(0.01)
-            records.append({"i": i, "style": style, "notice_s": notice, "node": node, "pod": name, "t0": t0, "gateway_s": None if gateway_at is None else gateway_at - t0})
-            print(f"[{time.monotonic() - started:6.1f}s] {i + 1}/{args.interruptions} {style} {node} {name}: gateway "
-                  f"{'-' if gateway_at is None else f'{1000 * (gateway_at - t0):.0f} ms'}", flush=True)
+            records.append(
+                {
+                    "i": i,
+                    "style": style,
+                    "notice_s": notice,
+                    "node": node,
+                    "pod": name,
+                    "t0": t0,
+                    "gateway_s": None if gateway_at is None else gateway_at - t0,
+                }
+            )
+            print(
+                f"[{time.monotonic() - started:6.1f}s] {i + 1}/{args.interruptions} {style} {node} {name}: gateway "
+                f"{'-' if gateway_at is None else f'{1000 * (gateway_at - t0):.0f} ms'}",
+                flush=True,
+            )
 
         # The last replacements Ready, then stop the load and let the last answers end.
-        wait(lambda: len(serving("spot")) == SPOT_ENGINES, "the last replacement to be serving", 120, programs, interval=0.2)
+        wait(
+            lambda: len(serving("spot")) == SPOT_ENGINES,
+            "the last replacement to be serving",
+            120,
+            programs,
+            interval=0.2,
+        )
         time.sleep(1)
         resumed = gateway_counter(url, "spotrag_resumed_streams_total") - resumed_before
         retries = gateway_counter(url, "spotrag_retries_total") - retries_before
         assert load.process.stdin is not None
         load.process.stdin.close()
         load.process.wait(180)
-        outcomes = {o: gateway_counter(url, f'spotrag_requests_total{{outcome="{o}"}}') for o in ("success", "engine_failed", "unavailable", "queue_full", "error")}
+        outcomes = {
+            o: gateway_counter(url, f'spotrag_requests_total{{outcome="{o}"}}')
+            for o in ("success", "engine_failed", "unavailable", "queue_full", "error")
+        }
         programs.remove(load)
         watcher.stop()
         load_stats = json.loads(load_out.read_text())
@@ -456,7 +601,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "gateway": summary(column("gateway_s")),
         },
         "replacement_ready": summary(column("replacement_ready_s")),
-        "replacements_on": {c: sum(1 for r in records if r.get("replacement_capacity") == c) for c in ("spot", "on-demand")},
+        "replacements_on": {
+            c: sum(1 for r in records if r.get("replacement_capacity") == c) for c in ("spot", "on-demand")
+        },
         "victim_deleted": {s: summary(column("deleted_s", s)) for s in ("aws", "gke")},
         "requests": load_stats["requests"],
         "requests_ok": load_stats["ok"],
@@ -487,22 +634,38 @@ def markdown(result: dict[str, Any]) -> str:
         f"| the interrupted engine's pod gone, AWS-style | {cell(result['victim_deleted']['aws'])} |",
         f"| the interrupted engine's pod gone, GKE-style | {cell(result['victim_deleted']['gke'])} |",
         "",
-        (f"requests: {result['requests']} sent, {result['requests_ok']} complete and exact ({result['requests_by_kind']}), "
-         f"**{result['requests_failed']} failed**; streams resumed on another engine: {result['streams_resumed']:.0f}; "
-         f"retried before the first token: {result['retried_before_first_token']:.0f}; replacements on {result['replacements_on']}"),
+        (
+            f"requests: {result['requests']} sent, {result['requests_ok']} complete and exact ({result['requests_by_kind']}), "
+            f"**{result['requests_failed']} failed**; streams resumed on another engine: {result['streams_resumed']:.0f}; "
+            f"retried before the first token: {result['retried_before_first_token']:.0f}; replacements on {result['replacements_on']}"
+        ),
     ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("-n", "--interruptions", type=int, default=100)
     parser.add_argument("--aws-notice", type=float, default=12.0, help="seconds of an AWS-style notice (AWS: 120)")
     parser.add_argument("--gcp-notice", type=float, default=6.0, help="seconds of a GKE-style notice (GCE spot: 30)")
-    parser.add_argument("--gap", type=float, default=0.5, help="at most this many seconds (uniform) between all engines serving again and the next notice")
-    parser.add_argument("--short-clients", type=int, default=4, help="clients streaming short answers (natural length, <= 64 tokens)")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=0.5,
+        help="at most this many seconds (uniform) between all engines serving again and the next notice",
+    )
+    parser.add_argument(
+        "--short-clients", type=int, default=4, help="clients streaming short answers (natural length, <= 64 tokens)"
+    )
     parser.add_argument("--long-clients", type=int, default=3, help="clients streaming long answers (ignore_eos)")
-    parser.add_argument("--long-tokens", type=int, default=1500, help="tokens of a long answer (8 ms each or more: longer than a GKE-style notice)")
+    parser.add_argument(
+        "--long-tokens",
+        type=int,
+        default=1500,
+        help="tokens of a long answer (8 ms each or more: longer than a GKE-style notice)",
+    )
     parser.add_argument("--image-pull", type=float, default=0.2)
     parser.add_argument("--model-load", type=float, default=0.5)
     parser.add_argument("--node-provision", type=float, default=3.0)
@@ -515,8 +678,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.load_url:
         low, _, high = args.answer_words.partition(":")
-        asyncio.run(run_load(args.load_url, short_clients=args.short_clients, long_clients=args.long_clients, long_tokens=args.long_tokens,
-                             answer_words=(int(low), int(high)), out=args.load_out))
+        asyncio.run(
+            run_load(
+                args.load_url,
+                short_clients=args.short_clients,
+                long_clients=args.long_clients,
+                long_tokens=args.long_tokens,
+                answer_words=(int(low), int(high)),
+                out=args.load_out,
+            )
+        )
         return 0
     result = run(args)
     if args.out:

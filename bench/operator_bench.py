@@ -82,7 +82,21 @@ def main() -> int:
     kubeconfig = workdir / "kubeconfig"
     port = free_port()
     spotrag = [sys.executable, "-m", "spotrag_runtime.cli"]
-    api = subprocess.Popen([*spotrag, "api-server", "--port", str(port), "--kubeconfig-out", str(kubeconfig), "--crd", str(ROOT / "crds" / "spotrag.io_ragdeployments.yaml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    api = subprocess.Popen(
+        [
+            *spotrag,
+            "api-server",
+            "--port",
+            str(port),
+            "--kubeconfig-out",
+            str(kubeconfig),
+            "--crd",
+            str(ROOT / "crds" / "spotrag.io_ragdeployments.yaml"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     operator = None
     try:
         deadline = time.monotonic() + 30
@@ -94,8 +108,21 @@ def main() -> int:
         kube = Kube(load_api_client(str(kubeconfig)))
         env = os.environ | {"KUBECONFIG": str(kubeconfig)}
         operator = subprocess.Popen(
-            [*spotrag, "operator", "--standalone", "--liveness", "", "--metrics-port", "0", "--reconcile-interval", str(args.reconcile_interval)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                *spotrag,
+                "operator",
+                "--standalone",
+                "--liveness",
+                "",
+                "--metrics-port",
+                "0",
+                "--reconcile-interval",
+                str(args.reconcile_interval),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         # Warm up: the operator's first reconcile includes its start.
         kube.create(ragd("warmup"))
@@ -113,7 +140,9 @@ def main() -> int:
             latencies.append(time.perf_counter() - start)
         latencies.sort()
         p95 = latencies[max(0, int(round(0.95 * len(latencies))) - 1)]
-        print(f"create → all children ({args.creates} creates, 2 engines each): median {statistics.median(latencies) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms")
+        print(
+            f"create → all children ({args.creates} creates, 2 engines each): median {statistics.median(latencies) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
+        )
 
         existing = args.creates + 1
         for i in range(existing, args.fleet):
@@ -122,9 +151,13 @@ def main() -> int:
         for i in range(existing, args.fleet):
             while not all_children(kube, f"fleet{i}", 2):
                 time.sleep(0.05)
-        print(f"fleet of {args.fleet} RAGDeployments reconciled ({time.perf_counter() - start:.1f}s after the last create)")
+        print(
+            f"fleet of {args.fleet} RAGDeployments reconciled ({time.perf_counter() - start:.1f}s after the last create)"
+        )
         time.sleep(3 * args.reconcile_interval)  # a few timer rounds over the whole fleet
-        print(f"operator RSS: {rss_idle:.0f} MiB with 1 RAGDeployment, {rss_mib(operator.pid):.0f} MiB with {args.fleet} after {3 * args.reconcile_interval:.0f}s of timers")
+        print(
+            f"operator RSS: {rss_idle:.0f} MiB with 1 RAGDeployment, {rss_mib(operator.pid):.0f} MiB with {args.fleet} after {3 * args.reconcile_interval:.0f}s of timers"
+        )
     finally:
         for process in (operator, api):
             if process is not None and process.poll() is None:

@@ -37,30 +37,40 @@ def main() -> int:
     headline = run(profile)
     meta = headline.meta
     default_up = run(profile.with_scaling(scaleUpStabilizationSeconds=0), policies=(PEAK, SPOTRAG))
-    rows = headline.summaries + [dataclasses.replace(default_up.summaries[1], policy="spotrag, scaleUpStabilization 0 s")]
-    print(f"Trace: bursty, {HOURS} h, seed {SEED}: {meta['requests']} requests. {meta['gpu']} / Mistral-7B; "
-          f"on-demand for peak = {meta['peak_engines']} engines; autoscalers up to {meta['max_replicas']}; "
-          f"spotrag target {meta['target_queued_tokens_per_replica']} queued tokens/engine, KubeAI target "
-          f"{meta['kubeai_target_requests']} requests, KEDA threshold {meta['keda_waiting_threshold']:g} waiting "
-          f"(all sized for engines {TARGET_UTILIZATION:.0%} busy); spot outages (h) {meta['spot_outages_hours']}; "
-          f"${meta['prices_per_gpu_hour']['on-demand']:.4f} on-demand, ${meta['prices_per_gpu_hour']['spot']:.4f} spot per GPU-hour.\n")
+    rows = headline.summaries + [
+        dataclasses.replace(default_up.summaries[1], policy="spotrag, scaleUpStabilization 0 s")
+    ]
+    print(
+        f"Trace: bursty, {HOURS} h, seed {SEED}: {meta['requests']} requests. {meta['gpu']} / Mistral-7B; "
+        f"on-demand for peak = {meta['peak_engines']} engines; autoscalers up to {meta['max_replicas']}; "
+        f"spotrag target {meta['target_queued_tokens_per_replica']} queued tokens/engine, KubeAI target "
+        f"{meta['kubeai_target_requests']} requests, KEDA threshold {meta['keda_waiting_threshold']:g} waiting "
+        f"(all sized for engines {TARGET_UTILIZATION:.0%} busy); spot outages (h) {meta['spot_outages_hours']}; "
+        f"${meta['prices_per_gpu_hour']['on-demand']:.4f} on-demand, ${meta['prices_per_gpu_hour']['spot']:.4f} spot per GPU-hour.\n"
+    )
     print(table(rows))
 
     print("\nCost/SLO frontier: targets sized for engines u busy (lower u = more engines).\n")
-    print("| u | KubeAI target | KubeAI × peak | KubeAI SLO min | KubeAI lost | spotrag target | spotrag × peak | spotrag SLO min | spotrag lost |")
+    print(
+        "| u | KubeAI target | KubeAI × peak | KubeAI SLO min | KubeAI lost | spotrag target | spotrag × peak | spotrag SLO min | spotrag lost |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for utilization in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
         point = run(profile, policies=(PEAK, KUBEAI, SPOTRAG), utilization=utilization)
         _, kubeai, spotrag = point.summaries
-        print(f"| {utilization:.1f} | {point.meta['kubeai_target_requests']:g} | {kubeai.cost_vs_peak:.3f} | {kubeai.slo_minutes:.2%} | {kubeai.lost} "
-              f"| {point.meta['target_queued_tokens_per_replica']} | {spotrag.cost_vs_peak:.3f} | {spotrag.slo_minutes:.2%} | {spotrag.lost} |")
+        print(
+            f"| {utilization:.1f} | {point.meta['kubeai_target_requests']:g} | {kubeai.cost_vs_peak:.3f} | {kubeai.slo_minutes:.2%} | {kubeai.lost} "
+            f"| {point.meta['target_queued_tokens_per_replica']} | {spotrag.cost_vs_peak:.3f} | {spotrag.slo_minutes:.2%} | {spotrag.lost} |"
+        )
 
     print(f"\nOther seeds (same profile, u = {TARGET_UTILIZATION}).\n")
     print("| seed | policy | × peak | SLO min | lost | served after the queue timeout |")
     print("|---|---|---|---|---|---|")
     for seed in (2, 3):
         for s in run(profile, seed=seed, policies=(PEAK, KUBEAI, SPOTRAG)).summaries[1:]:
-            print(f"| {seed} | {s.policy} | {s.cost_vs_peak:.3f} | {s.slo_minutes:.2%} | {s.lost} | {s.ttft_over_timeout} |")
+            print(
+                f"| {seed} | {s.policy} | {s.cost_vs_peak:.3f} | {s.slo_minutes:.2%} | {s.lost} | {s.ttft_over_timeout} |"
+            )
 
     short = dataclasses.replace(profile, notice_seconds=30.0, interruptions_per_hour=0.2)
     print("\n30 s notices (GCE spot, Azure) at 20%/hour, seed 1.\n")

@@ -50,7 +50,13 @@ def _constraints(schema: dict, required: bool) -> str:
         notes.append("**required**")
     if "enum" in schema:
         notes.append("one of " + ", ".join(_literal(v) for v in schema["enum"]))
-    for key, label in (("minimum", "≥"), ("maximum", "≤"), ("minLength", "length ≥"), ("maxLength", "length ≤"), ("maxItems", "items ≤")):
+    for key, label in (
+        ("minimum", "≥"),
+        ("maximum", "≤"),
+        ("minLength", "length ≥"),
+        ("maxLength", "length ≤"),
+        ("maxItems", "items ≤"),
+    ):
         if key in schema:
             notes.append(f"{label} {schema[key]}")
     if "pattern" in schema:
@@ -77,7 +83,9 @@ def _table(schema: dict, prefix: str) -> list[str]:
     lines = ["| Field | Type | Default | Description | Validation |", "|---|---|---|---|---|"]
     for path, sub, required in _fields(schema, prefix):
         default = _literal(sub["default"]) if "default" in sub else ""
-        lines.append(f"| `{path}` | {_type(sub)} | {_cell(default)} | {_cell(sub.get('description', ''))} | {_cell(_constraints(sub, required))} |")
+        lines.append(
+            f"| `{path}` | {_type(sub)} | {_cell(default)} | {_cell(sub.get('description', ''))} | {_cell(_constraints(sub, required))} |"
+        )
     return lines
 
 
@@ -113,13 +121,18 @@ def render(crd: dict) -> str:
         if section.get("properties"):
             out += _table(section, f"spec.{name}")
         else:
-            out += [f"Type: {_type(section)}." + (f" Default: {_literal(section['default'])}." if "default" in section else "")]
+            out += [
+                f"Type: {_type(section)}."
+                + (f" Default: {_literal(section['default'])}." if "default" in section else "")
+            ]
         out.append("")
     out += ["## status", "", _cell(status.get("description", "")), "", *_table(status, "status"), ""]
     out += ["## kubectl get columns", "", "| Column | Type | Shows | From |", "|---|---|---|---|"]
     for column in version.get("additionalPrinterColumns", []):
         wide = " (with `-o wide`)" if column.get("priority", 0) > 0 else ""
-        out.append(f"| {column['name']} | {column['type']} | {_cell(column.get('description', ''))}{wide} | `{column['jsonPath']}` |")
+        out.append(
+            f"| {column['name']} | {column['type']} | {_cell(column.get('description', ''))}{wide} | `{column['jsonPath']}` |"
+        )
     return "\n".join(out) + "\n"
 
 

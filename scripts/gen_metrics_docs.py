@@ -46,7 +46,9 @@ def gateway_rows() -> list[tuple[str, str, str, str]]:
     for family in gateway.registry.collect():
         if family.name in wrapped:
             continue
-        labels = getattr(family, "_labelnames", ()) or sorted({key for sample in family.samples for key in sample.labels})
+        labels = getattr(family, "_labelnames", ()) or sorted(
+            {key for sample in family.samples for key in sample.labels}
+        )
         rows.append((family.name, family.type, ", ".join(labels), family.documentation))
     return rows
 
@@ -60,8 +62,16 @@ def render() -> str:
         "",
     ]
     for title, where, rows in (
-        ("Operator", "`spotrag operator --metrics-port 9090`, path `/metrics`; one series per RAGDeployment (labels `namespace`, `ragdeployment`).", operator_rows()),
-        ("Gateway", "each gateway pod, port `http` (8080), path `/metrics`. The operator scales on `spotrag_queued_tokens` (docs/gateway.md defines it).", gateway_rows()),
+        (
+            "Operator",
+            "`spotrag operator --metrics-port 9090`, path `/metrics`; one series per RAGDeployment (labels `namespace`, `ragdeployment`).",
+            operator_rows(),
+        ),
+        (
+            "Gateway",
+            "each gateway pod, port `http` (8080), path `/metrics`. The operator scales on `spotrag_queued_tokens` (docs/gateway.md defines it).",
+            gateway_rows(),
+        ),
     ):
         lines += [f"## {title}", "", where, "", "| metric | type | labels | meaning |", "|---|---|---|---|"]
         for name, kind, labels, doc in sorted(rows):

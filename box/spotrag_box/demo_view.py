@@ -27,7 +27,13 @@ NOTICE_TAINTS = {
     "spotrag.io/interruption": "node agent notice",
 }
 CAPACITY_LABELS = ("karpenter.sh/capacity-type", "eks.amazonaws.com/capacityType", "spotrag.io/capacity")
-STATE_STYLES = {"Ready": "green", "Starting": "yellow", "Pending": "red", "Draining": "magenta", "Stopping": "bright_black"}
+STATE_STYLES = {
+    "Ready": "green",
+    "Starting": "yellow",
+    "Pending": "red",
+    "Draining": "magenta",
+    "Stopping": "bright_black",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +77,9 @@ def engine_state(pod: kubernetes.client.V1Pod) -> tuple[str, str]:
         return "Draining", (pod.metadata.annotations or {}).get("spotrag.io/drain-reason", "")
     scheduled = conditions.get("PodScheduled")
     if not pod.spec.node_name:
-        return "Pending", (scheduled.message if scheduled is not None and scheduled.status == "False" else "waiting for the scheduler") or ""
+        return "Pending", (
+            scheduled.message if scheduled is not None and scheduled.status == "False" else "waiting for the scheduler"
+        ) or ""
     ready = conditions.get("Ready")
     if ready is not None and ready.status == "True":
         return "Ready", ""
@@ -108,8 +116,15 @@ def queued_tokens(gateway_url: str | None) -> int | None:
 class Observer:
     """Reads the cluster and turns changes into log lines."""
 
-    def __init__(self, api_client: kubernetes.client.ApiClient, namespace: str, deployment: str, *,
-                 started: float, deadlines: Callable[[], dict[str, datetime.datetime]] = dict):
+    def __init__(
+        self,
+        api_client: kubernetes.client.ApiClient,
+        namespace: str,
+        deployment: str,
+        *,
+        started: float,
+        deadlines: Callable[[], dict[str, datetime.datetime]] = dict,
+    ):
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.apps = kubernetes.client.AppsV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
@@ -156,8 +171,16 @@ class Observer:
             self._last_notices[node.metadata.name] = notice
             if notice and node.metadata.name in deadlines:
                 notice += f", gone in {max(0, (deadlines[node.metadata.name] - now).total_seconds()):.0f}s"
-            node_rows.append(NodeRow(node.metadata.name, node_capacity(labels), labels.get("topology.kubernetes.io/zone", "?"),
-                                     labels.get("node.kubernetes.io/instance-type", "?"), per_node.get(node.metadata.name, 0), notice))
+            node_rows.append(
+                NodeRow(
+                    node.metadata.name,
+                    node_capacity(labels),
+                    labels.get("topology.kubernetes.io/zone", "?"),
+                    labels.get("node.kubernetes.io/instance-type", "?"),
+                    per_node.get(node.metadata.name, 0),
+                    notice,
+                )
+            )
         names = {n.metadata.name for n in nodes}
         if self._known_nodes is not None:
             for name in sorted(self._known_nodes - names):
@@ -186,7 +209,9 @@ class Observer:
 
     def _ragdeployment(self) -> dict | None:
         try:
-            return self.custom.get_namespaced_custom_object("spotrag.io", "v1alpha1", self.namespace, "ragdeployments", self.deployment)
+            return self.custom.get_namespaced_custom_object(
+                "spotrag.io", "v1alpha1", self.namespace, "ragdeployments", self.deployment
+            )
         except kubernetes.client.ApiException:
             return None
 
@@ -198,23 +223,39 @@ def render(snapshot: Snapshot, log_lines: list[str], phase: str, simulated: bool
     counts = snapshot.counts
     queued = "-" if snapshot.queued_tokens is None else f"{snapshot.queued_tokens:,}"
     header = Text.assemble(
-        (f" {phase} ", "bold reverse"), f"  {snapshot.elapsed:5.0f}s   ",
-        ("engines ", "bold"), f"{ready}/{snapshot.desired} ready ({on_demand} on-demand, {spot} spot)   ",
-        ("gateways ", "bold"), f"{snapshot.gateways_ready}/{snapshot.gateways}   ",
-        ("index ", "bold"), f"{snapshot.index}   ",
-        ("queued tokens ", "bold"), f"{queued}   ",
-        ("requests ", "bold"), f"{counts.served} served, ", (f"{counts.failed} failed", "red bold" if counts.failed else "green"),
+        (f" {phase} ", "bold reverse"),
+        f"  {snapshot.elapsed:5.0f}s   ",
+        ("engines ", "bold"),
+        f"{ready}/{snapshot.desired} ready ({on_demand} on-demand, {spot} spot)   ",
+        ("gateways ", "bold"),
+        f"{snapshot.gateways_ready}/{snapshot.gateways}   ",
+        ("index ", "bold"),
+        f"{snapshot.index}   ",
+        ("queued tokens ", "bold"),
+        f"{queued}   ",
+        ("requests ", "bold"),
+        f"{counts.served} served, ",
+        (f"{counts.failed} failed", "red bold" if counts.failed else "green"),
         f", {counts.in_flight} in flight",
     )
     engines = Table(title="engines (pods the operator runs)", expand=True, title_justify="left")
     for column in ("pod", "capacity", "node", "state", "why"):
         engines.add_column(column, overflow="fold")
     for row in snapshot.engines:
-        engines.add_row(row.name, row.capacity, row.node, Text(row.state, style=STATE_STYLES.get(row.state, "")), row.detail)
+        engines.add_row(
+            row.name, row.capacity, row.node, Text(row.state, style=STATE_STYLES.get(row.state, "")), row.detail
+        )
     nodes = Table(title="GPU nodes" + (" (simulated)" if simulated else ""), expand=True, title_justify="left")
     for column in ("node", "capacity", "zone", "instance", "engines", "notice"):
         nodes.add_column(column)
     for row in snapshot.nodes:
-        nodes.add_row(row.name, row.capacity, row.zone, row.instance, str(row.engines), Text(row.notice, style="bold red" if row.notice else ""))
+        nodes.add_row(
+            row.name,
+            row.capacity,
+            row.zone,
+            row.instance,
+            str(row.engines),
+            Text(row.notice, style="bold red" if row.notice else ""),
+        )
     events = Text("\n".join(log_lines[-8:]) or "-", style="dim")
     return Group(header, engines, nodes, Text("recent changes", style="bold"), events)

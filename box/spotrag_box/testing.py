@@ -22,15 +22,16 @@ from collections.abc import Iterable, Iterator
 
 from spotrag_box.apiserver.server import KubeAPIServer
 
-__all__ = ['running_kube_api', 'kubectl', 'helm', 'KubectlError', 'kubectl_binary', 'helm_binary']
+__all__ = ["running_kube_api", "kubectl", "helm", "KubectlError", "kubectl_binary", "helm_binary"]
 
 # kubectl subcommands that validate what they send.
-_VALIDATING_SUBCOMMANDS = frozenset({'apply', 'create', 'replace'})
+_VALIDATING_SUBCOMMANDS = frozenset({"apply", "create", "replace"})
 
 
 @contextlib.contextmanager
-def running_kube_api(*, crds: Iterable[str | pathlib.Path] = (), version: str = 'v1.36.0',
-                     graceful_pod_deletion: bool = True) -> Iterator[KubeAPIServer]:
+def running_kube_api(
+    *, crds: Iterable[str | pathlib.Path] = (), version: str = "v1.36.0", graceful_pod_deletion: bool = True
+) -> Iterator[KubeAPIServer]:
     """A started KubeAPIServer on a free port with the given CRD files applied; stopped on exit."""
     with KubeAPIServer(version=version, graceful_pod_deletion=graceful_pod_deletion) as api:
         for crd in crds:
@@ -45,20 +46,26 @@ def _binary(name: str) -> str:
         return str(beside_python)
     found = shutil.which(name)
     if found is None:
-        raise FileNotFoundError(f'{name} is neither beside {sys.executable} nor on PATH')
+        raise FileNotFoundError(f"{name} is neither beside {sys.executable} nor on PATH")
     return found
 
 
 def kubectl_binary() -> str:
-    return _binary('kubectl')
+    return _binary("kubectl")
 
 
 def helm_binary() -> str:
-    return _binary('helm')
+    return _binary("helm")
 
 
-def kubectl(kubeconfig: str | pathlib.Path, *args: str, check: bool = True, input: str | None = None,
-            timeout: float = 60, validate: bool = True) -> subprocess.CompletedProcess[str]:
+def kubectl(
+    kubeconfig: str | pathlib.Path,
+    *args: str,
+    check: bool = True,
+    input: str | None = None,
+    timeout: float = 60,
+    validate: bool = True,
+) -> subprocess.CompletedProcess[str]:
     """Run the real kubectl against the kubeconfig's server and capture its output.
 
     Each kubeconfig gets its own discovery cache (KUBECACHEDIR beside it), so a new
@@ -73,37 +80,40 @@ def kubectl(kubeconfig: str | pathlib.Path, *args: str, check: bool = True, inpu
     kubeconfig = pathlib.Path(kubeconfig)
     arguments = list(args)
     if not validate and arguments and arguments[0] in _VALIDATING_SUBCOMMANDS:
-        arguments.insert(1, '--validate=false')
+        arguments.insert(1, "--validate=false")
     environment = {
         **os.environ,
-        'KUBECONFIG': str(kubeconfig),
-        'KUBECACHEDIR': str(kubeconfig.with_name(kubeconfig.name + '.kubecache')),
-        'HOME': str(kubeconfig.parent),  # kubectl must not read or write the user's ~/.kube
+        "KUBECONFIG": str(kubeconfig),
+        "KUBECACHEDIR": str(kubeconfig.with_name(kubeconfig.name + ".kubecache")),
+        "HOME": str(kubeconfig.parent),  # kubectl must not read or write the user's ~/.kube
     }
     return _run([kubectl_binary(), *arguments], environment, input=input, timeout=timeout, check=check)
 
 
-def helm(kubeconfig: str | pathlib.Path, *args: str, check: bool = True,
-         timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def helm(
+    kubeconfig: str | pathlib.Path, *args: str, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run the real helm against the kubeconfig's server, with its cache, config and data beside it."""
     kubeconfig = pathlib.Path(kubeconfig)
-    state = kubeconfig.with_name(kubeconfig.name + '.helm')
+    state = kubeconfig.with_name(kubeconfig.name + ".helm")
     environment = {
         **os.environ,
-        'KUBECONFIG': str(kubeconfig),
-        'KUBECACHEDIR': str(kubeconfig.with_name(kubeconfig.name + '.kubecache')),
-        'HELM_CACHE_HOME': str(state / 'cache'),
-        'HELM_CONFIG_HOME': str(state / 'config'),
-        'HELM_DATA_HOME': str(state / 'data'),
-        'HOME': str(kubeconfig.parent),
+        "KUBECONFIG": str(kubeconfig),
+        "KUBECACHEDIR": str(kubeconfig.with_name(kubeconfig.name + ".kubecache")),
+        "HELM_CACHE_HOME": str(state / "cache"),
+        "HELM_CONFIG_HOME": str(state / "config"),
+        "HELM_DATA_HOME": str(state / "data"),
+        "HOME": str(kubeconfig.parent),
     }
     return _run([helm_binary(), *args], environment, input=None, timeout=timeout, check=check)
 
 
-def _run(command: list[str], environment: dict[str, str], *, input: str | None, timeout: float,
-         check: bool) -> subprocess.CompletedProcess[str]:
-    completed = subprocess.run(command, env=environment, input=input, capture_output=True, text=True,
-                               timeout=timeout, check=False)
+def _run(
+    command: list[str], environment: dict[str, str], *, input: str | None, timeout: float, check: bool
+) -> subprocess.CompletedProcess[str]:
+    completed = subprocess.run(
+        command, env=environment, input=input, capture_output=True, text=True, timeout=timeout, check=False
+    )
     if check and completed.returncode != 0:
         raise KubectlError(completed.returncode, completed.args, completed.stdout, completed.stderr)
     return completed
@@ -113,4 +123,4 @@ class KubectlError(subprocess.CalledProcessError):
     """A failed kubectl or helm, with what it said (CalledProcessError alone hides stderr)."""
 
     def __str__(self) -> str:
-        return f'{super().__str__()}\nstdout: {self.stdout}\nstderr: {self.stderr}'
+        return f"{super().__str__()}\nstdout: {self.stdout}\nstderr: {self.stderr}"

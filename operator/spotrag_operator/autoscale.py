@@ -72,9 +72,13 @@ class ScalingPolicy:
         if self.min_replicas > self.max_replicas:
             problems.append(f"minReplicas {self.min_replicas} exceeds maxReplicas {self.max_replicas}")
         if not 0 <= self.on_demand_baseline <= self.max_replicas:
-            problems.append(f"onDemandBaseline must be in 0..maxReplicas ({self.max_replicas}), got {self.on_demand_baseline}")
+            problems.append(
+                f"onDemandBaseline must be in 0..maxReplicas ({self.max_replicas}), got {self.on_demand_baseline}"
+            )
         if not self.target_queued_tokens_per_replica > 0:
-            problems.append(f"targetQueuedTokensPerReplica must be positive (got {self.target_queued_tokens_per_replica})")
+            problems.append(
+                f"targetQueuedTokensPerReplica must be positive (got {self.target_queued_tokens_per_replica})"
+            )
         if self.scale_up_stabilization_seconds < 0 or self.scale_down_stabilization_seconds < 0:
             problems.append("stabilization windows must not be negative")
         if self.max_scale_up_step < 1:
@@ -87,7 +91,7 @@ class ScalingPolicy:
             raise InvalidScalingPolicy("invalid scaling settings: " + "; ".join(problems))
 
     @classmethod
-    def from_spec(cls, spec: dict, **overrides: float) -> "ScalingPolicy":
+    def from_spec(cls, spec: dict, **overrides: float) -> ScalingPolicy:
         """From a RAGDeployment spec whose CRD defaults are filled in (crd.defaulted_spec)."""
         scaling = spec["scaling"]
         return cls(
@@ -152,7 +156,7 @@ class AutoscalerState:
         }
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> "AutoscalerState":
+    def from_dict(cls, data: dict | None) -> AutoscalerState:
         """Read a stored state; anything malformed raises ValueError (the caller starts afresh)."""
         if not data:
             return cls()
@@ -164,7 +168,9 @@ class AutoscalerState:
             try:
                 return [(float(t), int(n)) for t, n in raw]
             except (TypeError, ValueError):
-                raise ValueError(f"autoscaler state {key!r} must be a list of [time, count] pairs, got {raw!r}") from None
+                raise ValueError(
+                    f"autoscaler state {key!r} must be a list of [time, count] pairs, got {raw!r}"
+                ) from None
 
         desired = data.get("desired")
         last = data.get("lastScaleTime")
@@ -172,7 +178,9 @@ class AutoscalerState:
             raise ValueError(f"autoscaler state 'desired' must be a non-negative integer, got {desired!r}")
         if last is not None and not isinstance(last, (int, float)):
             raise ValueError(f"autoscaler state 'lastScaleTime' must be a number, got {last!r}")
-        return cls(desired=desired, last_scale_time=last, highs=pairs("highs"), lows=pairs("lows"), scale_ups=pairs("scaleUps"))
+        return cls(
+            desired=desired, last_scale_time=last, highs=pairs("highs"), lows=pairs("lows"), scale_ups=pairs("scaleUps")
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,7 +217,9 @@ def _prune(queue: list[tuple[float, int]], now: float, window: float) -> list[tu
     return [(t, n) for t, n in queue if now - window <= t <= now]
 
 
-def decide(policy: ScalingPolicy, observed: Observation, state: AutoscalerState | None = None) -> tuple[Decision, AutoscalerState]:
+def decide(
+    policy: ScalingPolicy, observed: Observation, state: AutoscalerState | None = None
+) -> tuple[Decision, AutoscalerState]:
     """One autoscaling decision and the state to keep for the next one."""
     state = state or AutoscalerState()
     now = observed.now
@@ -220,8 +230,20 @@ def decide(policy: ScalingPolicy, observed: Observation, state: AutoscalerState 
     if observed.queued_tokens is None:
         why = f" ({observed.metric_problem})" if observed.metric_problem else ""
         held = min(max(current, policy.floor), policy.max_replicas)
-        new_state = AutoscalerState(desired=held, last_scale_time=state.last_scale_time, highs=list(state.highs), lows=list(state.lows), scale_ups=list(state.scale_ups))
-        return Decision(desired=held, previous=current, reason=METRIC_UNAVAILABLE, message=f"queued tokens unavailable{why}; holding {held} engines", recommendation=None), new_state
+        new_state = AutoscalerState(
+            desired=held,
+            last_scale_time=state.last_scale_time,
+            highs=list(state.highs),
+            lows=list(state.lows),
+            scale_ups=list(state.scale_ups),
+        )
+        return Decision(
+            desired=held,
+            previous=current,
+            reason=METRIC_UNAVAILABLE,
+            message=f"queued tokens unavailable{why}; holding {held} engines",
+            recommendation=None,
+        ), new_state
 
     queued = observed.queued_tokens
     raw, in_band = recommend(queued, current, policy)
@@ -237,26 +259,51 @@ def decide(policy: ScalingPolicy, observed: Observation, state: AutoscalerState 
         need += f" ({observed.starting} of {capacity} still starting, counted as capacity)"
     if lowest > current:
         wanted, reason = lowest, SCALE_UP
-        detail = need if lowest == raw else f"{need}; lowest over the last {policy.scale_up_stabilization_seconds:g}s is {lowest}"
+        detail = (
+            need
+            if lowest == raw
+            else f"{need}; lowest over the last {policy.scale_up_stabilization_seconds:g}s is {lowest}"
+        )
     elif highest < current:
         wanted, reason = highest, SCALE_DOWN
-        detail = need if highest == raw else f"{need}; highest over the last {policy.scale_down_stabilization_seconds:g}s is {highest}"
+        detail = (
+            need
+            if highest == raw
+            else f"{need}; highest over the last {policy.scale_down_stabilization_seconds:g}s is {highest}"
+        )
     else:
         wanted = current
         if in_band:
-            reason, detail = WITHIN_TOLERANCE, f"{queued:.0f} queued tokens are within {policy.tolerance:.0%} of the target for {current} engines"
+            reason, detail = (
+                WITHIN_TOLERANCE,
+                f"{queued:.0f} queued tokens are within {policy.tolerance:.0%} of the target for {current} engines",
+            )
         elif raw < current:
-            reason, detail = SCALE_DOWN_STABILIZING, f"{need}, but {highest} were needed within the last {policy.scale_down_stabilization_seconds:g}s"
+            reason, detail = (
+                SCALE_DOWN_STABILIZING,
+                f"{need}, but {highest} were needed within the last {policy.scale_down_stabilization_seconds:g}s",
+            )
         elif raw > current:
-            reason, detail = SCALE_UP_LIMITED, f"{need}, but only {lowest} over the last {policy.scale_up_stabilization_seconds:g}s"
+            reason, detail = (
+                SCALE_UP_LIMITED,
+                f"{need}, but only {lowest} over the last {policy.scale_up_stabilization_seconds:g}s",
+            )
         else:
             reason, detail = STEADY, need
 
     desired = wanted
     if desired > policy.max_replicas:
-        desired, reason, detail = policy.max_replicas, AT_MAXIMUM, f"{detail}; capped at maxReplicas {policy.max_replicas}"
+        desired, reason, detail = (
+            policy.max_replicas,
+            AT_MAXIMUM,
+            f"{detail}; capped at maxReplicas {policy.max_replicas}",
+        )
     if desired < policy.floor:
-        desired, reason, detail = policy.floor, AT_FLOOR, f"{detail}; kept at {policy.floor} (minReplicas {policy.min_replicas}, on-demand baseline {policy.on_demand_baseline})"
+        desired, reason, detail = (
+            policy.floor,
+            AT_FLOOR,
+            f"{detail}; kept at {policy.floor} (minReplicas {policy.min_replicas}, on-demand baseline {policy.on_demand_baseline})",
+        )
     if desired > current:
         room = policy.max_scale_up_step - sum(n for _, n in scale_ups)
         allowed = current + max(0, room)

@@ -14,17 +14,70 @@ from .kube import Kube
 # not listed here is not judged.
 INSTANCE_GPUS: dict[str, int] = {
     # AWS
-    "g4dn.xlarge": 1, "g4dn.2xlarge": 1, "g4dn.4xlarge": 1, "g4dn.8xlarge": 1, "g4dn.12xlarge": 4, "g4dn.16xlarge": 1, "g4dn.metal": 8,
-    "g5.xlarge": 1, "g5.2xlarge": 1, "g5.4xlarge": 1, "g5.8xlarge": 1, "g5.12xlarge": 4, "g5.16xlarge": 1, "g5.24xlarge": 4, "g5.48xlarge": 8,
-    "g6.xlarge": 1, "g6.2xlarge": 1, "g6.4xlarge": 1, "g6.8xlarge": 1, "g6.12xlarge": 4, "g6.16xlarge": 1, "g6.24xlarge": 4, "g6.48xlarge": 8,
-    "g6e.xlarge": 1, "g6e.2xlarge": 1, "g6e.4xlarge": 1, "g6e.8xlarge": 1, "g6e.12xlarge": 4, "g6e.16xlarge": 1, "g6e.24xlarge": 4, "g6e.48xlarge": 8,
-    "p4d.24xlarge": 8, "p4de.24xlarge": 8, "p5.48xlarge": 8, "p5e.48xlarge": 8, "p5en.48xlarge": 8,
+    "g4dn.xlarge": 1,
+    "g4dn.2xlarge": 1,
+    "g4dn.4xlarge": 1,
+    "g4dn.8xlarge": 1,
+    "g4dn.12xlarge": 4,
+    "g4dn.16xlarge": 1,
+    "g4dn.metal": 8,
+    "g5.xlarge": 1,
+    "g5.2xlarge": 1,
+    "g5.4xlarge": 1,
+    "g5.8xlarge": 1,
+    "g5.12xlarge": 4,
+    "g5.16xlarge": 1,
+    "g5.24xlarge": 4,
+    "g5.48xlarge": 8,
+    "g6.xlarge": 1,
+    "g6.2xlarge": 1,
+    "g6.4xlarge": 1,
+    "g6.8xlarge": 1,
+    "g6.12xlarge": 4,
+    "g6.16xlarge": 1,
+    "g6.24xlarge": 4,
+    "g6.48xlarge": 8,
+    "g6e.xlarge": 1,
+    "g6e.2xlarge": 1,
+    "g6e.4xlarge": 1,
+    "g6e.8xlarge": 1,
+    "g6e.12xlarge": 4,
+    "g6e.16xlarge": 1,
+    "g6e.24xlarge": 4,
+    "g6e.48xlarge": 8,
+    "p4d.24xlarge": 8,
+    "p4de.24xlarge": 8,
+    "p5.48xlarge": 8,
+    "p5e.48xlarge": 8,
+    "p5en.48xlarge": 8,
     # GCP
-    "g2-standard-4": 1, "g2-standard-8": 1, "g2-standard-12": 1, "g2-standard-16": 1, "g2-standard-24": 2, "g2-standard-32": 1, "g2-standard-48": 4, "g2-standard-96": 8,
-    "a2-highgpu-1g": 1, "a2-highgpu-2g": 2, "a2-highgpu-4g": 4, "a2-highgpu-8g": 8, "a2-ultragpu-1g": 1, "a2-ultragpu-2g": 2, "a2-ultragpu-4g": 4, "a2-ultragpu-8g": 8,
-    "a3-highgpu-1g": 1, "a3-highgpu-2g": 2, "a3-highgpu-4g": 4, "a3-highgpu-8g": 8, "a3-megagpu-8g": 8,
+    "g2-standard-4": 1,
+    "g2-standard-8": 1,
+    "g2-standard-12": 1,
+    "g2-standard-16": 1,
+    "g2-standard-24": 2,
+    "g2-standard-32": 1,
+    "g2-standard-48": 4,
+    "g2-standard-96": 8,
+    "a2-highgpu-1g": 1,
+    "a2-highgpu-2g": 2,
+    "a2-highgpu-4g": 4,
+    "a2-highgpu-8g": 8,
+    "a2-ultragpu-1g": 1,
+    "a2-ultragpu-2g": 2,
+    "a2-ultragpu-4g": 4,
+    "a2-ultragpu-8g": 8,
+    "a3-highgpu-1g": 1,
+    "a3-highgpu-2g": 2,
+    "a3-highgpu-4g": 4,
+    "a3-highgpu-8g": 8,
+    "a3-megagpu-8g": 8,
     # Azure
-    "Standard_NC24ads_A100_v4": 1, "Standard_NC48ads_A100_v4": 2, "Standard_NC96ads_A100_v4": 4, "Standard_ND96asr_v4": 8, "Standard_ND96isr_H100_v5": 8,
+    "Standard_NC24ads_A100_v4": 1,
+    "Standard_NC48ads_A100_v4": 2,
+    "Standard_NC96ads_A100_v4": 4,
+    "Standard_ND96asr_v4": 8,
+    "Standard_ND96isr_H100_v5": 8,
 }
 
 
@@ -48,13 +101,23 @@ def find_problems(kube: Kube, body: dict, spec: dict) -> list[str]:
     problems: list[str] = []
     secret = spec["gateway"].get("apiKeySecret")
     if secret and kube.get("v1", "Secret", secret, namespace) is None:
-        problems.append(f"gateway.apiKeySecret names Secret {secret!r}, which does not exist in namespace {namespace!r}: create it or remove the field")
+        problems.append(
+            f"gateway.apiKeySecret names Secret {secret!r}, which does not exist in namespace {namespace!r}: create it or remove the field"
+        )
     token = spec["model"].get("hfTokenSecret")
     if token and kube.get("v1", "Secret", token["name"], namespace) is None:
-        problems.append(f"model.hfTokenSecret names Secret {token['name']!r}, which does not exist in namespace {namespace!r}")
+        problems.append(
+            f"model.hfTokenSecret names Secret {token['name']!r}, which does not exist in namespace {namespace!r}"
+        )
     corpus = spec["retrieval"].get("corpus") or {}
-    if spec["retrieval"]["enabled"] and corpus.get("configMap") and kube.get("v1", "ConfigMap", corpus["configMap"], namespace) is None:
-        problems.append(f"retrieval.corpus.configMap names ConfigMap {corpus['configMap']!r}, which does not exist in namespace {namespace!r}")
+    if (
+        spec["retrieval"]["enabled"]
+        and corpus.get("configMap")
+        and kube.get("v1", "ConfigMap", corpus["configMap"], namespace) is None
+    ):
+        problems.append(
+            f"retrieval.corpus.configMap names ConfigMap {corpus['configMap']!r}, which does not exist in namespace {namespace!r}"
+        )
     if problem := gpu_fit_problem(spec):
         problems.append(problem)
     return problems

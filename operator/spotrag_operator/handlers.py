@@ -69,7 +69,9 @@ API_RETRY_DELAY = 5.0
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="spotrag.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="spotrag.io", key="last-handled-configuration")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="spotrag.io", key="last-handled-configuration"
+    )
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -126,9 +128,24 @@ def _temporary(error: KubeError, what: str, kube: Kube | None = None, body: dict
     previous = next((c for c in conditions if c.get("type") == "Degraded"), {})
     if previous.get("message") != message:
         kopf.warn(body, reason="Forbidden", message=message)
-        degraded = set_condition(conditions, "Degraded", True, "Forbidden", message, now=datetime.datetime.now(datetime.UTC), generation=body["metadata"].get("generation"))
+        degraded = set_condition(
+            conditions,
+            "Degraded",
+            True,
+            "Forbidden",
+            message,
+            now=datetime.datetime.now(datetime.UTC),
+            generation=body["metadata"].get("generation"),
+        )
         try:
-            kube.patch(API_VERSION, KIND, body["metadata"]["name"], {"status": {"conditions": degraded}}, body["metadata"]["namespace"], subresource="status")
+            kube.patch(
+                API_VERSION,
+                KIND,
+                body["metadata"]["name"],
+                {"status": {"conditions": degraded}},
+                body["metadata"]["namespace"],
+                subresource="status",
+            )
         except KubeError:
             pass  # may be forbidden too; the Event and the log still say it
     return kopf.TemporaryError(f"{what}: {message}", delay=FORBIDDEN_RETRY_DELAY)
@@ -199,7 +216,13 @@ def node_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
     kube: Kube = memo["kube"]
     node_name = body["metadata"]["name"]
     try:
-        pods = kube.list("v1", "Pod", None, label_selector=f"{render.LABEL_COMPONENT}=engine", field_selector=f"spec.nodeName={node_name}")
+        pods = kube.list(
+            "v1",
+            "Pod",
+            None,
+            label_selector=f"{render.LABEL_COMPONENT}=engine",
+            field_selector=f"spec.nodeName={node_name}",
+        )
     except KubeError as error:
         raise _temporary(error, f"listing engines on node {node_name}") from error
     owners = {
@@ -215,7 +238,13 @@ def node_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 
 
 def _plain(body: kopf.Body) -> dict:
-    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": dict(body["metadata"]), "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": dict(body["metadata"]),
+        "spec": dict(body.get("spec") or {}),
+        "status": dict(body.get("status") or {}),
+    }
 
 
 def _reconcile_engines_locked(kube: Kube, memo: kopf.Memo, body: dict, logger: logging.Logger | kopf.Logger) -> None:
@@ -228,7 +257,9 @@ def _reconcile_engines_locked(kube: Kube, memo: kopf.Memo, body: dict, logger: l
             if fresh is None or fresh["metadata"].get("deletionTimestamp"):
                 return
             body = fresh
-            reconcile_engines(kube, body, logger=logger, now=datetime.datetime.now(datetime.UTC), memory=memo["scaling"])
+            reconcile_engines(
+                kube, body, logger=logger, now=datetime.datetime.now(datetime.UTC), memory=memo["scaling"]
+            )
         except KubeError as error:
             raise _temporary(error, "reconciling engines", kube, body) from error
 
@@ -249,7 +280,9 @@ def observe_engines(http: httpx.Client, pods: list[dict]) -> list[Engine]:
     that is gone would hold the reconcile, and every drain, for the timeout)."""
     engines = []
     for pod in pods:
-        draining = (pod["metadata"].get("labels") or {}).get(render.LABEL_SERVING) != "true" and not pod["metadata"].get("deletionTimestamp")
+        draining = (pod["metadata"].get("labels") or {}).get(render.LABEL_SERVING) != "true" and not pod[
+            "metadata"
+        ].get("deletionTimestamp")
         engines.append(Engine.from_pod(pod, running_requests(http, pod) if draining else None))
     return engines
 
@@ -299,7 +332,9 @@ def _scaling_memory(memo: dict, body: dict) -> ScalingMemory:
     return memory
 
 
-def reconcile_engines(kube: Kube, body: dict, *, logger: Any, now: datetime.datetime, memory: dict, http: httpx.Client | None = None) -> EnginePlan:
+def reconcile_engines(
+    kube: Kube, body: dict, *, logger: Any, now: datetime.datetime, memory: dict, http: httpx.Client | None = None
+) -> EnginePlan:
     """observe → decide (autoscale, place) → plan → execute → status, once."""
     spec = defaulted_spec(body)
     meta = body["metadata"]
@@ -307,7 +342,11 @@ def reconcile_engines(kube: Kube, body: dict, *, logger: Any, now: datetime.date
     old_status = body.get("status") or {}
     selector = label_selector(render.engine_selector(body))
     pods = kube.list("v1", "Pod", namespace, label_selector=selector)
-    nodes = {name: node for name in sorted({(p.get("spec") or {}).get("nodeName") for p in pods} - {None}) if (node := kube.get("v1", "Node", name)) is not None}
+    nodes = {
+        name: node
+        for name in sorted({(p.get("spec") or {}).get("nodeName") for p in pods} - {None})
+        if (node := kube.get("v1", "Node", name)) is not None
+    }
     signals = {name: signal for name, node in nodes.items() if (signal := node_signal(node, now)) is not None}
     with http or httpx.Client() as client:
         engines = observe_engines(client, pods)
@@ -335,7 +374,9 @@ def reconcile_engines(kube: Kube, body: dict, *, logger: Any, now: datetime.date
     )
     if decision.changed:
         kopf.info(body, reason="Scaled", message=decision.message)
-        metrics.SCALE_EVENTS.labels(namespace, meta["name"], "up" if decision.desired > decision.previous else "down").inc()
+        metrics.SCALE_EVENTS.labels(
+            namespace, meta["name"], "up" if decision.desired > decision.previous else "down"
+        ).inc()
     old_scaling = old_status.get("scaling") or {}
     if placement.reason != old_scaling.get("placementReason"):
         post = kopf.warn if placement.reason == "SpotShort" else kopf.info
@@ -389,10 +430,20 @@ def reconcile_engines(kube: Kube, body: dict, *, logger: Any, now: datetime.date
         generation=meta.get("generation"),
     )
     if scaling.autoscaler.last_scale_time is not None:
-        status["lastScaleTime"] = now_iso(datetime.datetime.fromtimestamp(scaling.autoscaler.last_scale_time, datetime.UTC))
-    persist = decision.changed or placement.reason != old_scaling.get("placementReason") or now.timestamp() - scaling.persisted_at >= PERSIST_EVERY
+        status["lastScaleTime"] = now_iso(
+            datetime.datetime.fromtimestamp(scaling.autoscaler.last_scale_time, datetime.UTC)
+        )
+    persist = (
+        decision.changed
+        or placement.reason != old_scaling.get("placementReason")
+        or now.timestamp() - scaling.persisted_at >= PERSIST_EVERY
+    )
     status["scaling"] = (
-        {"autoscaler": scaling.autoscaler.to_dict(), "placement": scaling.placement.to_dict(), "placementReason": placement.reason}
+        {
+            "autoscaler": scaling.autoscaler.to_dict(),
+            "placement": scaling.placement.to_dict(),
+            "placementReason": placement.reason,
+        }
         if persist
         else old_scaling
     )
@@ -405,16 +456,28 @@ def reconcile_engines(kube: Kube, body: dict, *, logger: Any, now: datetime.date
     return plan
 
 
-def execute(kube: Kube, body: dict, spec: dict, plan: EnginePlan, engines: list[Engine], *, now: datetime.datetime, logger: Any) -> None:
+def execute(
+    kube: Kube, body: dict, spec: dict, plan: EnginePlan, engines: list[Engine], *, now: datetime.datetime, logger: Any
+) -> None:
     namespace = body["metadata"]["namespace"]
     by_name = {e.name: e for e in engines}
     for note in plan.notes:
         logger.info(note)
     for drain in plan.drain:
         # Out of serving first: the replacement below must not wait on a slow API.
-        annotations = {ANNOTATION_DRAIN_SINCE: now_iso(now), ANNOTATION_DRAIN_REASON: drain.reason, ANNOTATION_DRAIN_DEADLINE: now_iso(drain.deadline)}
+        annotations = {
+            ANNOTATION_DRAIN_SINCE: now_iso(now),
+            ANNOTATION_DRAIN_REASON: drain.reason,
+            ANNOTATION_DRAIN_DEADLINE: now_iso(drain.deadline),
+        }
         try:
-            kube.patch("v1", "Pod", drain.name, {"metadata": {"labels": {render.LABEL_SERVING: "false"}, "annotations": annotations}}, namespace)
+            kube.patch(
+                "v1",
+                "Pod",
+                drain.name,
+                {"metadata": {"labels": {render.LABEL_SERVING: "false"}, "annotations": annotations}},
+                namespace,
+            )
         except KubeError as error:
             if not error.not_found:
                 raise
@@ -425,7 +488,11 @@ def execute(kube: Kube, body: dict, spec: dict, plan: EnginePlan, engines: list[
             metrics.INTERRUPTIONS.labels(namespace, body["metadata"]["name"], drain.interruption.source).inc()
             if drain.interruption.warning:
                 kopf.warn(body, reason="InterruptionTimeUnparseable", message=drain.interruption.warning)
-            kopf.warn(body, reason="EngineInterrupted", message=f"{drain.name}: {drain.reason}; out of serving, replacement started, deleted by {now_iso(drain.deadline)} at the latest")
+            kopf.warn(
+                body,
+                reason="EngineInterrupted",
+                message=f"{drain.name}: {drain.reason}; out of serving, replacement started, deleted by {now_iso(drain.deadline)} at the latest",
+            )
         else:
             kopf.info(body, reason="EngineDraining", message=f"{drain.name}: {drain.reason}")
     created = []
@@ -437,6 +504,10 @@ def execute(kube: Kube, body: dict, spec: dict, plan: EnginePlan, engines: list[
     for name in plan.delete:
         if kube.delete("v1", "Pod", name, namespace):
             engine = by_name.get(name)
-            took = f" after draining {int((now - engine.drain_since).total_seconds())}s" if engine and engine.drain_since else ""
+            took = (
+                f" after draining {int((now - engine.drain_since).total_seconds())}s"
+                if engine and engine.drain_since
+                else ""
+            )
             idle = " (idle)" if engine and engine.running_requests == 0 else ""
             kopf.info(body, reason="EngineDeleted", message=f"deleted {name}{took}{idle}")

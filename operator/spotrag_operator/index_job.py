@@ -57,22 +57,39 @@ def reconcile_index(kube: Kube, body: dict, spec: dict) -> IndexState:
         return IndexState(True, "RetrievalDisabled", "retrieval is off: the gateway answers without passages")
     corpus = retrieval.get("corpus")
     if not corpus:
-        return IndexState(None, "NoCorpus", f"retrieval.corpus is not set: gateways serve the index found on claim {claim} (build one with `spotrag index build`)")
+        return IndexState(
+            None,
+            "NoCorpus",
+            f"retrieval.corpus is not set: gateways serve the index found on claim {claim} (build one with `spotrag index build`)",
+        )
     if corpus.get("uri"):
-        return IndexState(False, "UnsupportedCorpus", "retrieval.corpus.uri: the index Job of this version reads ConfigMaps and claims only; copy the documents to a claim and use corpus.persistentVolumeClaim")
+        return IndexState(
+            False,
+            "UnsupportedCorpus",
+            "retrieval.corpus.uri: the index Job of this version reads ConfigMaps and claims only; copy the documents to a claim and use corpus.persistentVolumeClaim",
+        )
     content = ""
     if name := corpus.get("configMap"):
         config_map = kube.get("v1", "ConfigMap", name, namespace)
         if config_map is None:
-            return IndexState(False, "CorpusNotFound", f"ConfigMap {name!r} named by retrieval.corpus.configMap does not exist")
+            return IndexState(
+                False, "CorpusNotFound", f"ConfigMap {name!r} named by retrieval.corpus.configMap does not exist"
+            )
         content = json.dumps([config_map.get("data") or {}, config_map.get("binaryData") or {}], sort_keys=True)
     digest = render.corpus_hash(spec, content)
     jobs = kube.list("batch/v1", "Job", namespace, label_selector=_index_labels(body))
-    current = next((j for j in jobs if (j["metadata"].get("annotations") or {}).get("spotrag.io/corpus-hash") == digest), None)
+    current = next(
+        (j for j in jobs if (j["metadata"].get("annotations") or {}).get("spotrag.io/corpus-hash") == digest), None
+    )
     if current is None:
         job = render.index_job(body, spec, digest)
         kube.create(job)
-        return IndexState(False, "Building", f"index Job {job['metadata']['name']} started for the current corpus", started_job=job["metadata"]["name"])
+        return IndexState(
+            False,
+            "Building",
+            f"index Job {job['metadata']['name']} started for the current corpus",
+            started_job=job["metadata"]["name"],
+        )
     job_name = current["metadata"]["name"]
     if (current.get("status") or {}).get("succeeded"):
         result = _job_result(kube, current)
@@ -88,5 +105,7 @@ def reconcile_index(kube: Kube, body: dict, spec: dict) -> IndexState:
         detail = f"version {version}, {passages} passages" if version else "built"
         return IndexState(True, "IndexBuilt", f"index {detail} (Job {job_name})", status)
     if failure := _job_failed(current):
-        return IndexState(False, "IndexJobFailed", f"index Job {job_name} failed: {failure}; see kubectl logs job/{job_name}")
+        return IndexState(
+            False, "IndexJobFailed", f"index Job {job_name} failed: {failure}; see kubectl logs job/{job_name}"
+        )
     return IndexState(False, "Building", f"index Job {job_name} is running")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kubernetes
+
 from spotrag_runtime.kubeconfig import load_configuration
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,9 @@ VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DEL
 class KubeError(Exception):
     """An error answer from the Kubernetes API, with its status and reason."""
 
-    def __init__(self, status: int, reason: str, message: str, body: dict | None = None, *, method: str = "", path: str = ""):
+    def __init__(
+        self, status: int, reason: str, message: str, body: dict | None = None, *, method: str = "", path: str = ""
+    ):
         super().__init__(f"{status} {reason}: {message}")
         self.status = status
         self.reason = reason

@@ -8,16 +8,38 @@ import os
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="spotrag operator", description="Run the spotrag operator (kopf) against a cluster.")
+    parser = argparse.ArgumentParser(
+        prog="spotrag operator", description="Run the spotrag operator (kopf) against a cluster."
+    )
     scope = parser.add_mutually_exclusive_group()
-    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch RAGDeployments in every namespace (the default)")
+    scope.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="watch RAGDeployments in every namespace (the default)"
+    )
     scope.add_argument("-n", "--namespace", action="append", default=[], help="watch only this namespace (repeatable)")
-    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else $KUBECONFIG or ~/.kube/config)")
-    parser.add_argument("--standalone", action="store_true", help="no peering: run as the only operator (no leader election)")
-    parser.add_argument("--peering", default="spotrag", help="kopf peering name shared by the replicas for HA (default: spotrag)")
-    parser.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL, or '' to disable")
-    parser.add_argument("--metrics-port", type=int, default=9090, help="port of the Prometheus /metrics endpoint (0 to disable; default 9090)")
-    parser.add_argument("--reconcile-interval", type=float, default=None, help="seconds between periodic reconciles of each RAGDeployment (default 10)")
+    parser.add_argument(
+        "--kubeconfig", help="kubeconfig file (default: in-cluster config, else $KUBECONFIG or ~/.kube/config)"
+    )
+    parser.add_argument(
+        "--standalone", action="store_true", help="no peering: run as the only operator (no leader election)"
+    )
+    parser.add_argument(
+        "--peering", default="spotrag", help="kopf peering name shared by the replicas for HA (default: spotrag)"
+    )
+    parser.add_argument(
+        "--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL, or '' to disable"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9090,
+        help="port of the Prometheus /metrics endpoint (0 to disable; default 9090)",
+    )
+    parser.add_argument(
+        "--reconcile-interval",
+        type=float,
+        default=None,
+        help="seconds between periodic reconciles of each RAGDeployment (default 10)",
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
 
@@ -27,7 +49,9 @@ def cli(argv: list[str]) -> int:
         if args.reconcile_interval <= 0:
             parser.error("--reconcile-interval must be positive")
         os.environ["SPOTRAG_RECONCILE_INTERVAL"] = str(args.reconcile_interval)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     import secrets
 

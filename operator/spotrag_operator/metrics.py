@@ -12,11 +12,21 @@ LABELS = ("namespace", "ragdeployment")
 
 ENGINES = Gauge("spotrag_operator_engines", "Engine pods by capacity type and state.", LABELS + ("capacity", "state"))
 DESIRED = Gauge("spotrag_operator_desired_engines", "Engines the autoscaler wants.", LABELS)
-QUEUED_TOKENS = Gauge("spotrag_operator_queued_tokens", "Queued tokens summed over the gateways, as last read (-1: unavailable).", LABELS)
-COST_PER_HOUR = Gauge("spotrag_operator_cost_per_hour", "Estimated cost per hour of engines on nodes, from spec.pricing.", LABELS)
+QUEUED_TOKENS = Gauge(
+    "spotrag_operator_queued_tokens", "Queued tokens summed over the gateways, as last read (-1: unavailable).", LABELS
+)
+COST_PER_HOUR = Gauge(
+    "spotrag_operator_cost_per_hour", "Estimated cost per hour of engines on nodes, from spec.pricing.", LABELS
+)
 DRAINS = Counter("spotrag_operator_drains_total", "Engines taken out of serving, by why.", LABELS + ("cause",))
-INTERRUPTIONS = Counter("spotrag_operator_interruptions_total", "Engines drained because their node announced it was going, by signal source.", LABELS + ("source",))
-SCALE_EVENTS = Counter("spotrag_operator_scale_events_total", "Changes of the desired engine count.", LABELS + ("direction",))
+INTERRUPTIONS = Counter(
+    "spotrag_operator_interruptions_total",
+    "Engines drained because their node announced it was going, by signal source.",
+    LABELS + ("source",),
+)
+SCALE_EVENTS = Counter(
+    "spotrag_operator_scale_events_total", "Changes of the desired engine count.", LABELS + ("direction",)
+)
 
 STATES = ("ready", "starting", "pending", "draining")
 
@@ -29,7 +39,9 @@ def engine_state(engine: Engine) -> str:
     return "starting" if engine.node else "pending"
 
 
-def record_engines(namespace: str, name: str, engines: list[Engine], desired: int, queued: float | None, cost: float | None) -> None:
+def record_engines(
+    namespace: str, name: str, engines: list[Engine], desired: int, queued: float | None, cost: float | None
+) -> None:
     counts = {(c, s): 0 for c in render.CAPACITY_TYPES for s in STATES}
     for engine in engines:
         if not engine.terminating and not engine.failed:

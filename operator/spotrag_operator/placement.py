@@ -78,10 +78,14 @@ class SpotSettings:
             raise ValueError("spot fallbackAfterSeconds and retryAfterSeconds must be positive")
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "SpotSettings":
+    def from_spec(cls, spec: dict) -> SpotSettings:
         """From a RAGDeployment spec whose CRD defaults are filled in."""
         spot = spec["spot"]
-        return cls(enabled=spot["enabled"], fallback_after_seconds=spot["fallbackAfterSeconds"], retry_after_seconds=spot["retryAfterSeconds"])
+        return cls(
+            enabled=spot["enabled"],
+            fallback_after_seconds=spot["fallbackAfterSeconds"],
+            retry_after_seconds=spot["retryAfterSeconds"],
+        )
 
 
 @dataclass
@@ -94,7 +98,7 @@ class PlacementState:
         return {"shortUntil": dict(sorted(self.short_until.items()))}
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> "PlacementState":
+    def from_dict(cls, data: dict | None) -> PlacementState:
         if not data:
             return cls()
         raw = data.get("shortUntil") if isinstance(data, dict) else None
@@ -138,13 +142,19 @@ def place(
     state = state or PlacementState()
     on_demand_base = min(baseline, desired)
     if not settings.enabled:
-        return Placement(on_demand=desired, spot=0, reason=SPOT_DISABLED, message=f"spot is off: all {desired} engines on on-demand"), PlacementState()
+        return Placement(
+            on_demand=desired, spot=0, reason=SPOT_DISABLED, message=f"spot is off: all {desired} engines on on-demand"
+        ), PlacementState()
 
     expired = sorted(pool for pool, until in state.short_until.items() if until <= now)
     short = {pool: until for pool, until in state.short_until.items() if until > now}
     give_up = []
     for engine in engines:
-        if engine.capacity == SPOT and engine.phase == PENDING and now - engine.since >= settings.fallback_after_seconds:
+        if (
+            engine.capacity == SPOT
+            and engine.phase == PENDING
+            and now - engine.since >= settings.fallback_after_seconds
+        ):
             give_up.append(engine.name)
             # An engine still waiting in a pool already marked does not extend the mark.
             short.setdefault(engine.pool, now + settings.retry_after_seconds)
@@ -157,12 +167,23 @@ def place(
         spot = min(spot_wanted, placed)
         pools = tuple(sorted(short))
         until = min(short.values())
-        why = f"spot pending over {settings.fallback_after_seconds:g}s: gave up {', '.join(sorted(give_up))}; " if give_up else ""
+        why = (
+            f"spot pending over {settings.fallback_after_seconds:g}s: gave up {', '.join(sorted(give_up))}; "
+            if give_up
+            else ""
+        )
         message = (
             f"{why}spot short in {', '.join(pools)} (retry in {until - now:.0f}s): "
             f"{desired - spot} on-demand ({on_demand_base} baseline), {spot} spot already placed"
         )
-        return Placement(on_demand=desired - spot, spot=spot, reason=SPOT_SHORT, message=message, give_up=tuple(sorted(give_up)), short_pools=pools), new_state
+        return Placement(
+            on_demand=desired - spot,
+            spot=spot,
+            reason=SPOT_SHORT,
+            message=message,
+            give_up=tuple(sorted(give_up)),
+            short_pools=pools,
+        ), new_state
 
     if expired:
         above = sum(1 for e in engines if e.capacity == ON_DEMAND and e.phase != DRAINING) - on_demand_base

@@ -57,7 +57,7 @@ class Engine:
     running_requests: int | None = None  # from the engine's /metrics, for draining engines; None: unknown
 
     @classmethod
-    def from_pod(cls, pod: dict, running_requests: int | None = None) -> "Engine":
+    def from_pod(cls, pod: dict, running_requests: int | None = None) -> Engine:
         meta = pod["metadata"]
         labels = meta.get("labels") or {}
         annotations = meta.get("annotations") or {}
@@ -174,12 +174,16 @@ def plan_engines(
     serving: list[Engine] = []
     for engine in (e for e in live if e.serving):
         if engine.name in (give_up or ()):
-            plan.drain.append(Drain(engine.name, "spot short: pending past spot.fallbackAfterSeconds, replaced on on-demand", now))
+            plan.drain.append(
+                Drain(engine.name, "spot short: pending past spot.fallbackAfterSeconds, replaced on on-demand", now)
+            )
             continue
         signal = signal_of(engine)
         if signal is not None and signal.action is Action.DRAIN:
             # With a node deadline, running answers get all the time the node has left.
-            deadline = now + _seconds(timing.timeout) if signal.deadline is None else signal.deadline - _seconds(timing.margin)
+            deadline = (
+                now + _seconds(timing.timeout) if signal.deadline is None else signal.deadline - _seconds(timing.margin)
+            )
             plan.drain.append(Drain(engine.name, f"interruption: {signal.describe()}", max(deadline, now), signal))
         else:
             serving.append(engine)
@@ -200,7 +204,9 @@ def plan_engines(
         want_here = want + sum(1 for e in have if e.name in at_risk)
         if len(have) < want_here:
             plan.create += [capacity] * (want_here - len(have))
-        excess += [(victim, f"scale-in: {capacity} engines above {want}") for victim in have[: max(0, len(have) - want_here)]]
+        excess += [
+            (victim, f"scale-in: {capacity} engines above {want}") for victim in have[: max(0, len(have) - want_here)]
+        ]
 
     ready_left = sum(1 for e in current if e.ready)
     for victim, reason in sorted(excess, key=lambda pair: victim_order(pair[0])):
@@ -216,7 +222,9 @@ def plan_engines(
     ready_current = sum(1 for e in current if e.ready)
     if outdated and ready_current >= desired:
         for engine in outdated:
-            plan.drain.append(Drain(engine.name, "rollout: replaced by engines of the new spec", now + _seconds(timing.timeout)))
+            plan.drain.append(
+                Drain(engine.name, "rollout: replaced by engines of the new spec", now + _seconds(timing.timeout))
+            )
     elif outdated:
         plan.notes.append(f"rollout: {ready_current}/{desired} new engines ready, {len(outdated)} old still serving")
     return plan

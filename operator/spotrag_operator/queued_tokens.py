@@ -35,7 +35,11 @@ def parse_gauge(text: str, name: str = METRIC) -> float | None:
 
 def from_gateways(kube: Kube, http: httpx.Client, body: dict) -> tuple[float | None, str]:
     namespace = body["metadata"]["namespace"]
-    pods = [p for p in kube.list("v1", "Pod", namespace, label_selector=label_selector(render.gateway_selector(body))) if _ready(p)]
+    pods = [
+        p
+        for p in kube.list("v1", "Pod", namespace, label_selector=label_selector(render.gateway_selector(body)))
+        if _ready(p)
+    ]
     if not pods:
         return None, "no ready gateway to read queued tokens from"
     total = 0.0

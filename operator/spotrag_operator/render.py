@@ -141,14 +141,22 @@ def engine_args(body: dict, spec: dict) -> list[str]:
             # vLLM streams weights from object storage with the Run:ai streamer.
             args += ["--load-format", "runai_streamer"]
     args += [
-        "--host", "0.0.0.0",
-        "--port", str(ENGINE_PORT),
-        "--served-model-name", served_model_name(body, spec),
-        "--tensor-parallel-size", str(model["tensorParallelSize"]),
-        "--gpu-memory-utilization", str(model["gpuMemoryUtilization"]),
-        "--max-model-len", str(model["maxModelLen"]),
-        "--dtype", model["dtype"],
-        "--shutdown-timeout", str(model["shutdownTimeoutSeconds"]),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(ENGINE_PORT),
+        "--served-model-name",
+        served_model_name(body, spec),
+        "--tensor-parallel-size",
+        str(model["tensorParallelSize"]),
+        "--gpu-memory-utilization",
+        str(model["gpuMemoryUtilization"]),
+        "--max-model-len",
+        str(model["maxModelLen"]),
+        "--dtype",
+        model["dtype"],
+        "--shutdown-timeout",
+        str(model["shutdownTimeoutSeconds"]),
         "--enable-prefix-caching" if model["enablePrefixCaching"] else "--no-enable-prefix-caching",
     ]
     if model.get("quantization"):
@@ -172,16 +180,32 @@ def _engine_affinity(spec: dict, capacity: str) -> dict:
     if gpu.get("products"):
         narrowing.append({"key": "nvidia.com/gpu.product", "operator": "In", "values": list(gpu["products"])})
     if gpu.get("instanceTypes"):
-        narrowing.append({"key": "node.kubernetes.io/instance-type", "operator": "In", "values": list(gpu["instanceTypes"])})
+        narrowing.append(
+            {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": list(gpu["instanceTypes"])}
+        )
     terms = [{"matchExpressions": term + narrowing} for term in CAPACITY_NODE_TERMS[capacity]]
     return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
 
 
 def _engine_spread(body: dict, spec: dict) -> list[dict]:
     selector = {"matchLabels": engine_selector(body)}
-    spread = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": selector}]
+    spread = [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": selector,
+        }
+    ]
     if spec["gpu"]["spreadOverZones"]:
-        spread.append({"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": selector})
+        spread.append(
+            {
+                "maxSkew": 1,
+                "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": selector,
+            }
+        )
     return spread
 
 
@@ -247,9 +271,21 @@ def engine_pod(body: dict, spec: dict, capacity: str) -> dict:
                 "resources": resources,
                 "volumeMounts": mounts,
                 # Loading weights can take many minutes; only then do the other probes start.
-                "startupProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 180},
-                "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3},
-                "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6},
+                "startupProbe": {
+                    "httpGet": {"path": "/health", "port": "http"},
+                    "periodSeconds": 10,
+                    "failureThreshold": 180,
+                },
+                "readinessProbe": {
+                    "httpGet": {"path": "/health", "port": "http"},
+                    "periodSeconds": 5,
+                    "failureThreshold": 3,
+                },
+                "livenessProbe": {
+                    "httpGet": {"path": "/health", "port": "http"},
+                    "periodSeconds": 10,
+                    "failureThreshold": 6,
+                },
                 # Keep serving while every endpoint list in the cluster catches up with the
                 # pod's removal; vLLM's --shutdown-timeout then finishes running requests.
                 "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(spec["interruption"]["preStopSeconds"])]}}},
@@ -360,7 +396,9 @@ def gateway_role(body: dict) -> dict:
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": _metadata(body, resource_name(body, "gateway"), "gateway"),
-        "rules": [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}],
+        "rules": [
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+        ],
     }
 
 
@@ -413,20 +451,44 @@ def gateway_deployment(body: dict, spec: dict) -> dict:
                 "metadata": {
                     "labels": labels,
                     # A new config rolls the gateways (a subPath mount never updates in place).
-                    "annotations": {"spotrag.io/config-hash": config_hash, "prometheus.io/scrape": "true", "prometheus.io/port": str(GATEWAY_PORT)},
+                    "annotations": {
+                        "spotrag.io/config-hash": config_hash,
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(GATEWAY_PORT),
+                    },
                 },
                 "spec": {
                     "serviceAccountName": name,
                     "enableServiceLinks": False,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 10001,
+                        "runAsGroup": 10001,
+                        "fsGroup": 10001,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
                     "topologySpreadConstraints": [
-                        {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": gateway_selector(body)}}
+                        {
+                            "maxSkew": 1,
+                            "topologyKey": "topology.kubernetes.io/zone",
+                            "whenUnsatisfiable": "ScheduleAnyway",
+                            "labelSelector": {"matchLabels": gateway_selector(body)},
+                        }
                     ],
                     "containers": [
                         {
                             "name": "gateway",
                             "image": gateway["image"],
-                            "command": ["spotrag", "gateway", "--config", GATEWAY_CONFIG_PATH, "--host", "0.0.0.0", "--port", str(GATEWAY_PORT)],
+                            "command": [
+                                "spotrag",
+                                "gateway",
+                                "--config",
+                                GATEWAY_CONFIG_PATH,
+                                "--host",
+                                "0.0.0.0",
+                                "--port",
+                                str(GATEWAY_PORT),
+                            ],
                             "env": [
                                 {"name": "HF_HOME", "value": "/var/cache/spotrag"},
                                 {"name": "OMP_NUM_THREADS", "value": "1"},
@@ -434,10 +496,22 @@ def gateway_deployment(body: dict, spec: dict) -> dict:
                             "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
                             "resources": resources,
                             "volumeMounts": mounts,
-                            "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 60},
+                            "startupProbe": {
+                                "httpGet": {"path": "/healthz", "port": "http"},
+                                "periodSeconds": 5,
+                                "failureThreshold": 60,
+                            },
                             "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
-                            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
-                            "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
+                            "livenessProbe": {
+                                "httpGet": {"path": "/healthz", "port": "http"},
+                                "periodSeconds": 10,
+                                "failureThreshold": 3,
+                            },
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
                         }
                     ],
                     "volumes": volumes,
@@ -518,8 +592,6 @@ def static_children(body: dict, spec: dict) -> list[dict]:
     return children
 
 
-
-
 CORPUS_MOUNT = "/var/lib/spotrag/corpus"
 INDEX_RESULT_PATH = "/dev/termination-log"
 
@@ -553,8 +625,16 @@ def index_job(body: dict, spec: dict, corpus_digest: str) -> dict:
     retrieval = spec["retrieval"]
     corpus = retrieval["corpus"]
     gateway = spec["gateway"]
-    volumes: list[dict] = [{"name": "index", "persistentVolumeClaim": {"claimName": index_claim_name(body, spec)}}, {"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
-    mounts = [{"name": "index", "mountPath": INDEX_MOUNT}, {"name": "cache", "mountPath": "/var/cache/spotrag"}, {"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict] = [
+        {"name": "index", "persistentVolumeClaim": {"claimName": index_claim_name(body, spec)}},
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts = [
+        {"name": "index", "mountPath": INDEX_MOUNT},
+        {"name": "cache", "mountPath": "/var/cache/spotrag"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
     source = CORPUS_MOUNT
     if corpus.get("configMap"):
         volumes.append({"name": "corpus", "configMap": {"name": corpus["configMap"]}})
@@ -565,16 +645,27 @@ def index_job(body: dict, spec: dict, corpus_digest: str) -> dict:
         mounts.append({"name": "corpus", "mountPath": CORPUS_MOUNT, "readOnly": True})
         source = f"{CORPUS_MOUNT}/{claim['path'].strip('/')}".rstrip("/")
     command = [
-        "spotrag", "index", "build", source,
-        "--out", INDEX_MOUNT,
-        "--model", retrieval["embeddingModel"],
-        "--query-prefix", retrieval["queryPrefix"],
-        "--passage-prefix", retrieval["passagePrefix"],
-        "--chunk-tokens", str(corpus["chunkTokens"]),
-        "--overlap", str(corpus["chunkOverlap"]),
+        "spotrag",
+        "index",
+        "build",
+        source,
+        "--out",
+        INDEX_MOUNT,
+        "--model",
+        retrieval["embeddingModel"],
+        "--query-prefix",
+        retrieval["queryPrefix"],
+        "--passage-prefix",
+        retrieval["passagePrefix"],
+        "--chunk-tokens",
+        str(corpus["chunkTokens"]),
+        "--overlap",
+        str(corpus["chunkOverlap"]),
         # Embeddings are checkpointed here, so a retried Pod resumes.
-        "--work-dir", f"{INDEX_MOUNT}/.work-{corpus_digest[:8]}",
-        "--result-file", INDEX_RESULT_PATH,
+        "--work-dir",
+        f"{INDEX_MOUNT}/.work-{corpus_digest[:8]}",
+        "--result-file",
+        INDEX_RESULT_PATH,
     ]
     resources: dict[str, Any] = {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "8Gi"}}
     tolerations: list[dict] = []
@@ -588,7 +679,8 @@ def index_job(body: dict, spec: dict, corpus_digest: str) -> dict:
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(body, index_job_name(body, corpus_digest), "index") | {"annotations": {"spotrag.io/corpus-hash": corpus_digest}},
+        "metadata": _metadata(body, index_job_name(body, corpus_digest), "index")
+        | {"annotations": {"spotrag.io/corpus-hash": corpus_digest}},
         "spec": {
             "backoffLimit": 4,
             "template": {
@@ -596,7 +688,13 @@ def index_job(body: dict, spec: dict, corpus_digest: str) -> dict:
                 "spec": {
                     "restartPolicy": "Never",
                     "enableServiceLinks": False,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 10001,
+                        "runAsGroup": 10001,
+                        "fsGroup": 10001,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
                     "tolerations": tolerations,
                     "containers": [
                         {
@@ -608,7 +706,11 @@ def index_job(body: dict, spec: dict, corpus_digest: str) -> dict:
                             "volumeMounts": mounts,
                             "terminationMessagePath": INDEX_RESULT_PATH,
                             "terminationMessagePolicy": "FallbackToLogsOnError",
-                            "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
                         }
                     ],
                     "volumes": volumes,

@@ -37,10 +37,18 @@ class Rule:
 
 # Taint key → what it means. One readable table; order does not matter.
 TAINT_RULES: dict[str, Rule] = {
-    "aws-node-termination-handler/spot-itn": Rule("aws-node-termination-handler", "spot-interruption", Action.DRAIN, 120),
-    "aws-node-termination-handler/asg-lifecycle-termination": Rule("aws-node-termination-handler", "asg-termination", Action.DRAIN, 120),
-    "aws-node-termination-handler/scheduled-maintenance": Rule("aws-node-termination-handler", "scheduled-maintenance", Action.DRAIN, None),
-    "aws-node-termination-handler/rebalance-recommendation": Rule("aws-node-termination-handler", "rebalance-recommendation", Action.PREWARM, None),
+    "aws-node-termination-handler/spot-itn": Rule(
+        "aws-node-termination-handler", "spot-interruption", Action.DRAIN, 120
+    ),
+    "aws-node-termination-handler/asg-lifecycle-termination": Rule(
+        "aws-node-termination-handler", "asg-termination", Action.DRAIN, 120
+    ),
+    "aws-node-termination-handler/scheduled-maintenance": Rule(
+        "aws-node-termination-handler", "scheduled-maintenance", Action.DRAIN, None
+    ),
+    "aws-node-termination-handler/rebalance-recommendation": Rule(
+        "aws-node-termination-handler", "rebalance-recommendation", Action.PREWARM, None
+    ),
     "karpenter.sh/disrupted": Rule("karpenter", "disrupted", Action.DRAIN, 120),
     "cloud.google.com/impending-node-termination": Rule("gke", "impending-termination", Action.DRAIN, 30),
     "ToBeDeletedByClusterAutoscaler": Rule("cluster-autoscaler", "scale-down", Action.DRAIN, None),
@@ -127,7 +135,9 @@ def _node_agent_signal(name: str, annotations: dict, now: datetime.datetime) -> 
         notice = parse_node_mark(annotations, now=now)
     except InvalidNodeMark as error:
         # A mark that cannot be read still says the node is going: drain now.
-        return NodeSignal(name, "node-agent", "interruption", Action.DRAIN, now, f"{error}; treated as an interruption now")
+        return NodeSignal(
+            name, "node-agent", "interruption", Action.DRAIN, now, f"{error}; treated as an interruption now"
+        )
     if notice is None:
         return None
     action = NODE_AGENT_ACTIONS[notice.kind]

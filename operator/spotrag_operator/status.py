@@ -29,12 +29,18 @@ def set_condition(
     the status does."""
     value = "Unknown" if status is None else "True" if status else "False"
     previous = next((c for c in conditions if c.get("type") == type_), None)
-    transition = previous["lastTransitionTime"] if previous and previous.get("status") == value and previous.get("lastTransitionTime") else now_iso(now)
+    transition = (
+        previous["lastTransitionTime"]
+        if previous and previous.get("status") == value and previous.get("lastTransitionTime")
+        else now_iso(now)
+    )
     updated = {"type": type_, "status": value, "reason": reason, "message": message, "lastTransitionTime": transition}
     if generation is not None:
         updated["observedGeneration"] = generation
     others = [c for c in conditions if c.get("type") != type_]
-    return sorted(others + [updated], key=lambda c: CONDITION_TYPES.index(c["type"]) if c["type"] in CONDITION_TYPES else 99)
+    return sorted(
+        others + [updated], key=lambda c: CONDITION_TYPES.index(c["type"]) if c["type"] in CONDITION_TYPES else 99
+    )
 
 
 def cost_per_hour(engines: list[Engine], spec: dict) -> float | None:
@@ -84,20 +90,50 @@ def engines_status(
     rolled = all(e.spec_hash == spec_hash for e in serving)
     is_ready = len(ready) >= desired and not problems and index.ready is not False
     if problems:
-        conditions = set_condition(conditions, "Degraded", True, "InvalidConfiguration", "; ".join(problems), now=now, generation=generation)
+        conditions = set_condition(
+            conditions, "Degraded", True, "InvalidConfiguration", "; ".join(problems), now=now, generation=generation
+        )
     else:
         conditions = set_condition(conditions, "Degraded", False, "AsExpected", "", now=now, generation=generation)
     if is_ready:
-        conditions = set_condition(conditions, "Ready", True, "EnginesReady", f"{len(ready)} of {desired} engines ready", now=now, generation=generation)
+        conditions = set_condition(
+            conditions,
+            "Ready",
+            True,
+            "EnginesReady",
+            f"{len(ready)} of {desired} engines ready",
+            now=now,
+            generation=generation,
+        )
     else:
         reason = "Degraded" if problems else "EnginesStarting" if len(ready) < desired else "IndexNotReady"
-        conditions = set_condition(conditions, "Ready", False, reason, f"{len(ready)} of {desired} engines ready", now=now, generation=generation)
-    conditions = set_condition(conditions, "IndexReady", index.ready, index.reason, index.message, now=now, generation=generation)
+        conditions = set_condition(
+            conditions,
+            "Ready",
+            False,
+            reason,
+            f"{len(ready)} of {desired} engines ready",
+            now=now,
+            generation=generation,
+        )
+    conditions = set_condition(
+        conditions, "IndexReady", index.ready, index.reason, index.message, now=now, generation=generation
+    )
     if index.status:
         status["index"] = index.status
     progressing = not rolled or len(serving) != desired or len(ready) < desired
-    message = rollout_note or ("rolling out a new engine spec" if not rolled else f"{len(serving)} engines serving, {desired} desired")
-    conditions = set_condition(conditions, "Progressing", progressing, "RollingOut" if not rolled else "Scaling" if progressing else "Stable", message if progressing else "", now=now, generation=generation)
+    message = rollout_note or (
+        "rolling out a new engine spec" if not rolled else f"{len(serving)} engines serving, {desired} desired"
+    )
+    conditions = set_condition(
+        conditions,
+        "Progressing",
+        progressing,
+        "RollingOut" if not rolled else "Scaling" if progressing else "Stable",
+        message if progressing else "",
+        now=now,
+        generation=generation,
+    )
     status["conditions"] = conditions
     return status
 

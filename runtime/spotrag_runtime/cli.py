@@ -17,7 +17,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "engine-emulator": ("spotrag_runtime.engine_emulator.cli:cli", "run a vLLM API emulator (no GPU needed)"),
     "api-server": ("spotrag_box.apiserver.server:cli", "run the Kubernetes API stand-in"),
     "demo": ("spotrag_box.demo:cli", "the tour: operator, gateway and engines in a simulated cluster"),
-    "simulate": ("spotrag_simulator.cli:cli", "simulate a traffic trace under spotrag's autoscaling and its alternatives"),
+    "simulate": (
+        "spotrag_simulator.cli:cli",
+        "simulate a traffic trace under spotrag's autoscaling and its alternatives",
+    ),
 }
 
 

@@ -28,18 +28,31 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--trace", type=pathlib.Path, help="a .jsonl or .csv trace: arrival (s), prompt_tokens, output_tokens")
+    source.add_argument(
+        "--trace", type=pathlib.Path, help="a .jsonl or .csv trace: arrival (s), prompt_tokens, output_tokens"
+    )
     source.add_argument("--generate", choices=GENERATORS, help="generate a trace instead (default: bursty)")
     parser.add_argument("--hours", type=float, default=24.0, help="length of a generated trace")
     parser.add_argument("--seed", type=int, default=1, help="seeds the generated trace, interruptions and outages")
-    parser.add_argument("--peak-rps", type=float, default=2.0, help="requests/s of a generated trace at the busiest hour, before bursts")
+    parser.add_argument(
+        "--peak-rps", type=float, default=2.0, help="requests/s of a generated trace at the busiest hour, before bursts"
+    )
     parser.add_argument("--profile", type=pathlib.Path, help="cluster profile YAML (docs/autoscaling.md describes it)")
     parser.add_argument("--gpu", choices=sorted(GPUS), help="GPU preset (overrides the profile's)")
     parser.add_argument("--model", choices=sorted(MODELS), help="model preset (overrides the profile's)")
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policies to run")
-    parser.add_argument("--utilization", type=float, default=TARGET_UTILIZATION,
-                        help="engine busyness the autoscalers' targets are sized for, where the profile sets none")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("simulate-out"), help="where report.json, report.md and timeline.png go")
+    parser.add_argument(
+        "--utilization",
+        type=float,
+        default=TARGET_UTILIZATION,
+        help="engine busyness the autoscalers' targets are sized for, where the profile sets none",
+    )
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path("simulate-out"),
+        help="where report.json, report.md and timeline.png go",
+    )
     parser.add_argument("--no-png", action="store_true", help="skip the timeline PNG")
     return parser
 
@@ -48,7 +61,11 @@ def cli(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     started = time.monotonic()
     try:
-        profile = load_profile(args.profile, gpu=args.gpu, model=args.model) if args.profile else build_profile(gpu=args.gpu, model=args.model)
+        profile = (
+            load_profile(args.profile, gpu=args.gpu, model=args.model)
+            if args.profile
+            else build_profile(gpu=args.gpu, model=args.model)
+        )
         if args.trace:
             trace = load_trace(args.trace)
             horizon = None
@@ -56,17 +73,25 @@ def cli(argv: list[str]) -> int:
             trace = generate_trace(args.generate or "bursty", hours=args.hours, seed=args.seed, peak_rps=args.peak_rps)
             horizon = args.hours * 3600.0
             if not trace:
-                raise TraceError(f"the generated trace has no requests (--hours {args.hours}, --peak-rps {args.peak_rps})")
+                raise TraceError(
+                    f"the generated trace has no requests (--hours {args.hours}, --peak-rps {args.peak_rps})"
+                )
         if not 0 < args.utilization < 1:
             raise ValueError(f"--utilization must be between 0 and 1, got {args.utilization}")
         policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
-        comparison = compare(profile, trace, seed=args.seed, horizon=horizon, policies=policies, utilization=args.utilization)
+        comparison = compare(
+            profile, trace, seed=args.seed, horizon=horizon, policies=policies, utilization=args.utilization
+        )
     except (ProfileError, TraceError, ValueError) as error:
         print(f"spotrag simulate: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = comparison.meta | {"trace": str(args.trace) if args.trace else f"generated {args.generate or 'bursty'}, {args.hours:g} h, peak {args.peak_rps:g} req/s"}
+    meta = comparison.meta | {
+        "trace": str(args.trace)
+        if args.trace
+        else f"generated {args.generate or 'bursty'}, {args.hours:g} h, peak {args.peak_rps:g} req/s"
+    }
     rendered = table(comparison.summaries)
     write_json(args.out / "report.json", comparison.summaries, meta)
     (args.out / "report.md").write_text(f"{rendered}\n", encoding="utf-8")

@@ -30,7 +30,21 @@ TOKEN_EPSILON = 1e-3
 
 
 class Request:
-    __slots__ = ("id", "arrival", "prompt", "output", "first_token", "done", "lost", "prefill_left", "finish_v", "queued_at", "resumes", "retries", "reserved")
+    __slots__ = (
+        "id",
+        "arrival",
+        "prompt",
+        "output",
+        "first_token",
+        "done",
+        "lost",
+        "prefill_left",
+        "finish_v",
+        "queued_at",
+        "resumes",
+        "retries",
+        "reserved",
+    )
 
     def __init__(self, rid: int, arrival: float, prompt: int, output: int) -> None:
         self.id = rid
@@ -104,7 +118,9 @@ class Engine:
         spec = self.spec
         n = len(self.running)
         chunk = min(spec.max_num_batched_tokens - n, self.prefill_total) if self.prefill else 0.0
-        return spec.decode_step_seconds + spec.seconds_per_token * (n + chunk) + spec.seconds_per_context_token * self.kv_used, chunk
+        return spec.decode_step_seconds + spec.seconds_per_token * (
+            n + chunk
+        ) + spec.seconds_per_context_token * self.kv_used, chunk
 
     def advance(self, now: float) -> None:
         elapsed = now - self.last
@@ -138,7 +154,11 @@ class Engine:
 
     def admit(self) -> None:
         spec = self.spec
-        while self.waiting and len(self.running) + len(self.prefill) < spec.max_num_seqs and self.kv_used + self.waiting[0].need <= spec.kv_cache_tokens:
+        while (
+            self.waiting
+            and len(self.running) + len(self.prefill) < spec.max_num_seqs
+            and self.kv_used + self.waiting[0].need <= spec.kv_cache_tokens
+        ):
             request = self.waiting.popleft()
             self.waiting_tokens -= request.need
             request.reserved = request.need

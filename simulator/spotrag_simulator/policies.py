@@ -88,8 +88,12 @@ class SpotragController:
 
     def _split(self, desired: int, engines: list[EngineView], now: float) -> Target:
         result, self.placement_state = placement.place(
-            desired=desired, baseline=self.policy.on_demand_baseline, settings=self.spot,
-            engines=engines, state=self.placement_state, now=now,
+            desired=desired,
+            baseline=self.policy.on_demand_baseline,
+            settings=self.spot,
+            engines=engines,
+            state=self.placement_state,
+            now=now,
         )
         self.log.placements[result.reason] += 1
         self.log.give_ups += len(result.give_up)
@@ -104,7 +108,8 @@ class SpotragController:
     def control(self, view: ClusterView) -> Target:
         live = [e for e in view.engines if e.phase != placement.DRAINING]
         observed = Observation(
-            now=view.now, queued_tokens=view.queued_tokens,
+            now=view.now,
+            queued_tokens=view.queued_tokens,
             ready=sum(1 for e in live if e.phase == placement.READY),
             starting=sum(1 for e in live if e.phase != placement.READY),
             draining=len(view.engines) - len(live),
@@ -203,7 +208,10 @@ class KedaController:
             recommendation = math.ceil(metric / threshold)
         recommendation = min(max(recommendation, self.min_replicas), self.max_replicas)
         self.recommendations.append((view.now, recommendation))
-        while self.recommendations and self.recommendations[0][0] < view.now - self.settings.scale_down_stabilization_seconds:
+        while (
+            self.recommendations
+            and self.recommendations[0][0] < view.now - self.settings.scale_down_stabilization_seconds
+        ):
             self.recommendations.popleft()
         if recommendation > current:
             wanted = min(recommendation, max(current + self.SCALE_UP_PODS, 2 * current))

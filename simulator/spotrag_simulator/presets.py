@@ -115,9 +115,13 @@ class EngineSpec:
         if self.max_num_seqs < 1:
             found.append("engine.maxNumSeqs must be at least 1")
         if self.max_num_batched_tokens <= self.max_num_seqs:
-            found.append(f"engine.maxNumBatchedTokens ({self.max_num_batched_tokens}) must exceed maxNumSeqs ({self.max_num_seqs}) so prefill can progress")
+            found.append(
+                f"engine.maxNumBatchedTokens ({self.max_num_batched_tokens}) must exceed maxNumSeqs ({self.max_num_seqs}) so prefill can progress"
+            )
         if self.kv_cache_tokens < self.max_model_len:
-            found.append(f"the KV cache holds {self.kv_cache_tokens} tokens, less than maxModelLen {self.max_model_len}: vLLM would refuse to start")
+            found.append(
+                f"the KV cache holds {self.kv_cache_tokens} tokens, less than maxModelLen {self.max_model_len}: vLLM would refuse to start"
+            )
         return found
 
     @property
@@ -198,7 +202,7 @@ class Profile:
     def gpus_per_engine(self) -> int:
         return 1
 
-    def with_scaling(self, **fields: float) -> "Profile":
+    def with_scaling(self, **fields: float) -> Profile:
         """This profile with some `scaling` fields of the spec replaced (camelCase names)."""
         return dataclasses.replace(self, spec={**self.spec, "scaling": {**self.spec["scaling"], **fields}})
 
@@ -209,10 +213,28 @@ class Profile:
         return SpotSettings.from_spec(self.spec)
 
 
-def build_profile(data: dict | None = None, *, gpu: str | None = None, model: str | None = None, source: str = "profile") -> Profile:
+def build_profile(
+    data: dict | None = None, *, gpu: str | None = None, model: str | None = None, source: str = "profile"
+) -> Profile:
     """A Profile from a YAML-shaped dict (camelCase keys); --gpu/--model override it."""
     data = dict(data or {})
-    _check_keys(data, {"gpu", "model", "engine", "pricing", "spot", "nodes", "slo", "controlIntervalSeconds", "terminationGracePeriodSeconds", "deployment", "baselines"}, source)
+    _check_keys(
+        data,
+        {
+            "gpu",
+            "model",
+            "engine",
+            "pricing",
+            "spot",
+            "nodes",
+            "slo",
+            "controlIntervalSeconds",
+            "terminationGracePeriodSeconds",
+            "deployment",
+            "baselines",
+        },
+        source,
+    )
     gpu_name = gpu or data.get("gpu", "L4")
     model_name = model or data.get("model", "7b")
     if gpu_name not in GPUS:
@@ -223,7 +245,13 @@ def build_profile(data: dict | None = None, *, gpu: str | None = None, model: st
 
     deployment = _section(data, "deployment", {"scaling", "spot", "gateway", "interruption", "model"}, source)
     scaling = dict(deployment.get("scaling") or {})
-    body = {"spec": {**deployment, "model": {"name": the_model.hf_id, **(deployment.get("model") or {})}, "scaling": scaling}}
+    body = {
+        "spec": {
+            **deployment,
+            "model": {"name": the_model.hf_id, **(deployment.get("model") or {})},
+            "scaling": scaling,
+        }
+    }
     spec = defaulted_spec(body)
     problems = []
     try:
@@ -235,7 +263,12 @@ def build_profile(data: dict | None = None, *, gpu: str | None = None, model: st
         problems.append(f"deployment: bad scaling or spot settings ({error})")
 
     engine = engine_spec_for(the_gpu, the_model, max_model_len=spec["model"]["maxModelLen"])
-    overrides = _section(data, "engine", {"prefillTokensPerSecond", "decodeTokensPerSecond", "kvCacheTokens", "maxNumSeqs", "maxNumBatchedTokens"}, source)
+    overrides = _section(
+        data,
+        "engine",
+        {"prefillTokensPerSecond", "decodeTokensPerSecond", "kvCacheTokens", "maxNumSeqs", "maxNumBatchedTokens"},
+        source,
+    )
     engine = _override_engine(engine, overrides, problems)
     problems += engine.problems()
 
@@ -246,7 +279,9 @@ def build_profile(data: dict | None = None, *, gpu: str | None = None, model: st
         if value < 0:
             problems.append(f"{name} must not be negative (got {value:g})")
 
-    spot = _section(data, "spot", {"interruptionsPerHour", "noticeSeconds", "outages", "outagesPerDay", "outageMinutes"}, source)
+    spot = _section(
+        data, "spot", {"interruptionsPerHour", "noticeSeconds", "outages", "outagesPerDay", "outageMinutes"}, source
+    )
     interruptions = _number(spot, "interruptionsPerHour", 0.05, problems, "spot")
     notice = _number(spot, "noticeSeconds", 120.0, problems, "spot")
     outages_per_day = _number(spot, "outagesPerDay", 0.0, problems, "spot")
@@ -261,13 +296,21 @@ def build_profile(data: dict | None = None, *, gpu: str | None = None, model: st
     interval = _number(data, "controlIntervalSeconds", 10.0, problems, "")
     grace = _number(data, "terminationGracePeriodSeconds", 30.0, problems, "")
     not_negative = {
-        "spot.interruptionsPerHour": interruptions, "spot.outagesPerDay": outages_per_day, "nodes.startSeconds": node_start,
-        "nodes.modelLoadSeconds": model_load, "terminationGracePeriodSeconds": grace,
+        "spot.interruptionsPerHour": interruptions,
+        "spot.outagesPerDay": outages_per_day,
+        "nodes.startSeconds": node_start,
+        "nodes.modelLoadSeconds": model_load,
+        "terminationGracePeriodSeconds": grace,
     }
     for name, value in not_negative.items():
         if value < 0:
             problems.append(f"{name} must not be negative (got {value:g})")
-    for name, value in (("spot.noticeSeconds", notice), ("spot.outageMinutes", outage_minutes), ("slo.ttftSeconds", slo_ttft), ("controlIntervalSeconds", interval)):
+    for name, value in (
+        ("spot.noticeSeconds", notice),
+        ("spot.outageMinutes", outage_minutes),
+        ("slo.ttftSeconds", slo_ttft),
+        ("controlIntervalSeconds", interval),
+    ):
         if not value > 0:
             problems.append(f"{name} must be positive (got {value:g})")
     if not 0 < slo_percentile <= 100:
@@ -276,18 +319,36 @@ def build_profile(data: dict | None = None, *, gpu: str | None = None, model: st
     baselines = _section(data, "baselines", {"kubeai", "keda"}, source)
     kubeai_keys = {"targetRequests", "intervalSeconds", "timeWindowSeconds", "scaleDownDelaySeconds"}
     keda_keys = {"waitingThreshold", "pollingIntervalSeconds", "scaleDownStabilizationSeconds"}
-    kubeai = _settings(KubeAISettings, _section(baselines, "kubeai", kubeai_keys, f"{source}: baselines"), problems, "baselines.kubeai")
-    keda = _settings(KedaSettings, _section(baselines, "keda", keda_keys, f"{source}: baselines"), problems, "baselines.keda")
+    kubeai = _settings(
+        KubeAISettings, _section(baselines, "kubeai", kubeai_keys, f"{source}: baselines"), problems, "baselines.kubeai"
+    )
+    keda = _settings(
+        KedaSettings, _section(baselines, "keda", keda_keys, f"{source}: baselines"), problems, "baselines.keda"
+    )
     if problems:
         raise ProfileError(f"{source}: " + "; ".join(problems))
     return Profile(
-        gpu=gpu_name, model=model_name, engine=engine, on_demand_price=on_demand, spot_price=spot_price,
-        interruptions_per_hour=interruptions, notice_seconds=notice, spot_outages=outages,
-        outages_per_day=outages_per_day, outage_minutes=outage_minutes, node_start_seconds=node_start,
-        model_load_seconds=model_load, slo_ttft_seconds=slo_ttft, slo_percentile=slo_percentile,
-        control_interval_seconds=interval, termination_grace_seconds=grace, spec=spec,
-        max_replicas_set="maxReplicas" in scaling, target_set="targetQueuedTokensPerReplica" in scaling,
-        kubeai=kubeai, keda=keda,
+        gpu=gpu_name,
+        model=model_name,
+        engine=engine,
+        on_demand_price=on_demand,
+        spot_price=spot_price,
+        interruptions_per_hour=interruptions,
+        notice_seconds=notice,
+        spot_outages=outages,
+        outages_per_day=outages_per_day,
+        outage_minutes=outage_minutes,
+        node_start_seconds=node_start,
+        model_load_seconds=model_load,
+        slo_ttft_seconds=slo_ttft,
+        slo_percentile=slo_percentile,
+        control_interval_seconds=interval,
+        termination_grace_seconds=grace,
+        spec=spec,
+        max_replicas_set="maxReplicas" in scaling,
+        target_set="targetQueuedTokensPerReplica" in scaling,
+        kubeai=kubeai,
+        keda=keda,
     )
 
 
@@ -343,7 +404,11 @@ def _override_engine(engine: EngineSpec, overrides: dict, problems: list[str]) -
             problems.append(f"engine.decodeTokensPerSecond ({rate:g}, one stream) must be below the prefill speed")
         else:
             changes["decode_step_seconds"] = 1.0 / rate - per_token
-    for key, attribute in (("kvCacheTokens", "kv_cache_tokens"), ("maxNumSeqs", "max_num_seqs"), ("maxNumBatchedTokens", "max_num_batched_tokens")):
+    for key, attribute in (
+        ("kvCacheTokens", "kv_cache_tokens"),
+        ("maxNumSeqs", "max_num_seqs"),
+        ("maxNumBatchedTokens", "max_num_batched_tokens"),
+    ):
         if key in overrides:
             value = overrides[key]
             if isinstance(value, bool) or not isinstance(value, int):
@@ -363,7 +428,11 @@ def _outages(raw: Any, problems: list[str]) -> tuple[tuple[float, float], ...]:
             problems.append(f"spot.outages[{index}] must be {{startHour: H, hours: N}}, got {item!r}")
             continue
         start, hours = item["startHour"], item["hours"]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (start, hours)) or start < 0 or hours <= 0:
+        if (
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (start, hours))
+            or start < 0
+            or hours <= 0
+        ):
             problems.append(f"spot.outages[{index}]: startHour must be >= 0 and hours > 0, got {item!r}")
             continue
         windows.append((start * 3600.0, (start + hours) * 3600.0))

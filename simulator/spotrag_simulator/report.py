@@ -74,7 +74,9 @@ def minute_percentiles(arrivals: np.ndarray, ttft: np.ndarray, horizon: float, p
 def summarize(result: RunResult, profile: Profile) -> Summary:
     requests = [r for r in result.requests if r.arrival < result.horizon]
     arrivals = np.array([r.arrival for r in requests])
-    ttft = np.array([(r.first_token - r.arrival) if (r.first_token is not None and r.lost is None) else np.inf for r in requests])
+    ttft = np.array(
+        [(r.first_token - r.arrival) if (r.first_token is not None and r.lost is None) else np.inf for r in requests]
+    )
     done = ttft[np.isfinite(ttft)]
     per_minute = minute_percentiles(arrivals, ttft, result.horizon, profile.slo_percentile)
     met = np.isnan(per_minute) | (per_minute <= profile.slo_ttft_seconds)
@@ -125,8 +127,14 @@ def table(summaries: list[Summary]) -> str:
 
 def write_json(path: pathlib.Path, summaries: list[Summary], meta: dict) -> None:
     # NaN (no request completed) is not JSON: write null instead.
-    policies = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in (asdict(s) | {"lost": s.lost}).items()} for s in summaries]
-    path.write_text(json.dumps({"meta": meta, "policies": policies}, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+    policies = [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in (asdict(s) | {"lost": s.lost}).items()}
+        for s in summaries
+    ]
+    path.write_text(
+        json.dumps({"meta": meta, "policies": policies}, indent=2, sort_keys=True, allow_nan=False) + "\n",
+        encoding="utf-8",
+    )
 
 
 def plot(path: pathlib.Path, results: dict[str, RunResult], profile: Profile, focus: str = "spotrag") -> None:
@@ -146,15 +154,36 @@ def plot(path: pathlib.Path, results: dict[str, RunResult], profile: Profile, fo
     target = profile.spec["scaling"]["targetQueuedTokensPerReplica"]
     queue.set_ylabel(f"queued tokens ({focus})")
     queue.annotate(f"target {target} per engine", xy=(0.01, 0.9), xycoords="axes fraction", fontsize=8)
-    engines.stackplot(hours, main.samples["ready_on_demand"], main.samples["ready_spot"], labels=[f"{focus}: on-demand ready", f"{focus}: spot ready"], colors=["tab:blue", "tab:orange"], alpha=0.6)
+    engines.stackplot(
+        hours,
+        main.samples["ready_on_demand"],
+        main.samples["ready_spot"],
+        labels=[f"{focus}: on-demand ready", f"{focus}: spot ready"],
+        colors=["tab:blue", "tab:orange"],
+        alpha=0.6,
+    )
     # Line colours apart from the blue and orange of the stacked areas.
     colours = iter(["black", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:olive"])
     for name, result in results.items():
         if name != focus:
-            engines.step(np.array(result.samples["time"]) / 3600.0, result.samples["ready"], where="post", linewidth=0.7, alpha=0.8, color=next(colours, "gray"), label=f"{name}: ready")
+            engines.step(
+                np.array(result.samples["time"]) / 3600.0,
+                result.samples["ready"],
+                where="post",
+                linewidth=0.7,
+                alpha=0.8,
+                color=next(colours, "gray"),
+                label=f"{name}: ready",
+            )
     for axes in (load, queue, engines):
         for number, (start, end) in enumerate(main.outages):
-            axes.axvspan(start / 3600.0, end / 3600.0, color="tab:red", alpha=0.12, label="no spot to be had" if axes is engines and number == 0 else None)
+            axes.axvspan(
+                start / 3600.0,
+                end / 3600.0,
+                color="tab:red",
+                alpha=0.12,
+                label="no spot to be had" if axes is engines and number == 0 else None,
+            )
     engines.set_ylabel("engines")
     engines.set_xlabel("hours")
     engines.legend(loc="upper left", fontsize=7, ncol=3)

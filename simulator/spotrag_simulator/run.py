@@ -48,14 +48,20 @@ def controller_for(name: str, profile: Profile, *, peak: int):
     if name == PEAK:
         return FixedController(name=name, engines=peak)
     if name == KUBEAI:
-        return KubeAIController(name=name, settings=profile.kubeai, min_replicas=policy.floor, max_replicas=policy.max_replicas)
+        return KubeAIController(
+            name=name, settings=profile.kubeai, min_replicas=policy.floor, max_replicas=policy.max_replicas
+        )
     if name == KEDA:
-        return KedaController(name=name, settings=profile.keda, min_replicas=policy.floor, max_replicas=policy.max_replicas)
+        return KedaController(
+            name=name, settings=profile.keda, min_replicas=policy.floor, max_replicas=policy.max_replicas
+        )
     if name == SPOTRAG_NO_SPOT:
         spot = dataclasses.replace(profile.spot_settings(), enabled=False)
         return SpotragController(name=name, policy=policy, spot=spot, interval=profile.control_interval_seconds)
     if name == SPOTRAG:
-        return SpotragController(name=name, policy=policy, spot=profile.spot_settings(), interval=profile.control_interval_seconds)
+        return SpotragController(
+            name=name, policy=policy, spot=profile.spot_settings(), interval=profile.control_interval_seconds
+        )
     raise ValueError(f"unknown policy {name!r} (known: {', '.join(POLICIES)})")
 
 
@@ -67,9 +73,13 @@ def sized(profile: Profile, trace: list[TraceRequest], peak: int, utilization: f
     if not profile.target_set:
         profile = profile.with_scaling(targetQueuedTokensPerReplica=max(1, round(load.queued_tokens)))
     if not profile.max_replicas_set:
-        profile = profile.with_scaling(maxReplicas=max(math.ceil(1.5 * peak), scaling["onDemandBaseline"], scaling["minReplicas"], 1))
+        profile = profile.with_scaling(
+            maxReplicas=max(math.ceil(1.5 * peak), scaling["onDemandBaseline"], scaling["minReplicas"], 1)
+        )
     if profile.kubeai.target_requests is None:
-        profile = dataclasses.replace(profile, kubeai=dataclasses.replace(profile.kubeai, target_requests=max(1, round(load.in_flight_requests))))
+        profile = dataclasses.replace(
+            profile, kubeai=dataclasses.replace(profile.kubeai, target_requests=max(1, round(load.in_flight_requests)))
+        )
     return profile
 
 

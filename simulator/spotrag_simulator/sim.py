@@ -110,7 +110,10 @@ class Simulation:
         self.interruptions = 0
         self.resumed = 0
         self.retried = 0
-        self.samples: dict[str, list[float]] = {k: [] for k in ("time", "queued_tokens", "ready_spot", "ready_on_demand", "ready", "engines", "arrived_tokens")}
+        self.samples: dict[str, list[float]] = {
+            k: []
+            for k in ("time", "queued_tokens", "ready_spot", "ready_on_demand", "ready", "engines", "arrived_tokens")
+        }
         self.arrived_tokens = 0
         self.scripted_notices = list(notices)
 
@@ -246,11 +249,22 @@ class Simulation:
         for engine in self.engines:
             if engine.phase == GONE:
                 continue
-            phase = {PENDING: placement.PENDING, STARTING: placement.STARTING, READY: placement.READY, DRAINING: placement.DRAINING}[engine.phase]
+            phase = {
+                PENDING: placement.PENDING,
+                STARTING: placement.STARTING,
+                READY: placement.READY,
+                DRAINING: placement.DRAINING,
+            }[engine.phase]
             views.append(EngineView(name=engine.name, capacity=engine.capacity, phase=phase, since=engine.since))
             waiting += len(engine.waiting)
             in_flight += engine.requests
-        return ClusterView(now=self.now, engines=views, queued_tokens=self.queued_tokens(), in_flight_requests=in_flight, waiting_requests=waiting)
+        return ClusterView(
+            now=self.now,
+            engines=views,
+            queued_tokens=self.queued_tokens(),
+            in_flight_requests=in_flight,
+            waiting_requests=waiting,
+        )
 
     def queued_tokens(self) -> float:
         total = float(self.queue_tokens)
@@ -279,7 +293,9 @@ class Simulation:
                 excess += sorted(have, key=self._victim_order)[: max(0, len(have) - want)]
         else:
             for _ in range(target.desired - len(live)):
-                on_demand = sum(1 for e in self.engines if e.phase in (PENDING, STARTING, READY) and e.capacity == ON_DEMAND)
+                on_demand = sum(
+                    1 for e in self.engines if e.phase in (PENDING, STARTING, READY) and e.capacity == ON_DEMAND
+                )
                 baseline = self.profile.spec["scaling"]["onDemandBaseline"]
                 # The node pool: the baseline on on-demand; then spot when there is any, else on-demand.
                 self._create(ON_DEMAND if on_demand < baseline or not self.spot_available(self.now) else SPOT)
@@ -326,7 +342,11 @@ class Simulation:
                 self._dispatch()
             else:
                 # The pod is deleted now; vLLM has its termination grace, at most the notice.
-                self._at(self.now + min(self.profile.termination_grace_seconds, self.profile.notice_seconds), _DEADLINE, engine)
+                self._at(
+                    self.now + min(self.profile.termination_grace_seconds, self.profile.notice_seconds),
+                    _DEADLINE,
+                    engine,
+                )
         # The replacement is asked for at once (a ReplicaSet, or the operator's node watch).
         if self.target is not None:
             self._apply(self.target)
@@ -444,9 +464,16 @@ class Simulation:
                 request.lost = "unfinished"
         records = [EngineRecord(e.capacity, e.launched, e.gone_at, e.interrupted) for e in self.engines]
         return RunResult(
-            name=self.controller.name, horizon=self.horizon, requests=self.requests, engines=records,
-            samples=self.samples, interruptions=self.interruptions, resumed=self.resumed, retried=self.retried,
-            log=getattr(self.controller, "log", None), outages=list(self.outages),
+            name=self.controller.name,
+            horizon=self.horizon,
+            requests=self.requests,
+            engines=records,
+            samples=self.samples,
+            interruptions=self.interruptions,
+            resumed=self.resumed,
+            retried=self.retried,
+            log=getattr(self.controller, "log", None),
+            outages=list(self.outages),
         )
 
     def _all_done(self) -> bool:

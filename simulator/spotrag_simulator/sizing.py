@@ -59,7 +59,11 @@ def engine_load(spec: EngineSpec, prompt: float, output: float, utilization: flo
     rate = utilization / engine_seconds_per_request(spec, prompt, output)
     running = 1.0
     for _ in range(100):  # the batch and the step time decide each other: iterate to the fixed point
-        step = spec.decode_step_seconds + spec.seconds_per_token * running + spec.seconds_per_context_token * running * (prompt + output)
+        step = (
+            spec.decode_step_seconds
+            + spec.seconds_per_token * running
+            + spec.seconds_per_context_token * running * (prompt + output)
+        )
         running = max(rate * output * step, 1e-6)
     prefill_seconds = prompt * spec.seconds_per_token
     decode_seconds = output * step
@@ -71,7 +75,9 @@ def engine_load(spec: EngineSpec, prompt: float, output: float, utilization: flo
     )
 
 
-def suggested_targets(spec: EngineSpec, trace: list[TraceRequest], utilization: float = TARGET_UTILIZATION) -> EngineLoad:
+def suggested_targets(
+    spec: EngineSpec, trace: list[TraceRequest], utilization: float = TARGET_UTILIZATION
+) -> EngineLoad:
     prompt = float(np.mean([r.prompt_tokens for r in trace]))
     output = float(np.mean([r.output_tokens for r in trace]))
     return engine_load(spec, prompt, output, utilization)

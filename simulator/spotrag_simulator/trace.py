@@ -64,7 +64,9 @@ def _read_jsonl(path: pathlib.Path):
             except json.JSONDecodeError as error:
                 raise TraceError(f"{path} line {number}: not valid JSON ({error.msg})") from None
             if not isinstance(row, dict):
-                raise TraceError(f"{path} line {number}: expected an object with {', '.join(FIELDS)}, got {type(row).__name__}")
+                raise TraceError(
+                    f"{path} line {number}: expected an object with {', '.join(FIELDS)}, got {type(row).__name__}"
+                )
             yield _request(row, f"{path} line {number}", number)
 
 
@@ -148,8 +150,12 @@ def generate_trace(kind: str, *, hours: float, seed: int, peak_rps: float = 2.0)
         rate[inside] *= multiplier
     arrivals = candidates[rng.uniform(0, ceiling, candidates.size) < rate]
 
-    prompts = np.clip(np.round(rng.lognormal(np.log(PROMPT_MEDIAN), PROMPT_SIGMA, arrivals.size)), *PROMPT_RANGE).astype(int)
-    outputs = np.clip(np.round(rng.lognormal(np.log(OUTPUT_MEDIAN), OUTPUT_SIGMA, arrivals.size)), *OUTPUT_RANGE).astype(int)
+    prompts = np.clip(
+        np.round(rng.lognormal(np.log(PROMPT_MEDIAN), PROMPT_SIGMA, arrivals.size)), *PROMPT_RANGE
+    ).astype(int)
+    outputs = np.clip(
+        np.round(rng.lognormal(np.log(OUTPUT_MEDIAN), OUTPUT_SIGMA, arrivals.size)), *OUTPUT_RANGE
+    ).astype(int)
     return [
         TraceRequest(arrival=float(a), prompt_tokens=int(p), output_tokens=int(o), row=i + 1)
         for i, (a, p, o) in enumerate(zip(arrivals, prompts, outputs, strict=True))
@@ -160,4 +166,9 @@ def write_trace(requests: list[TraceRequest], path: str | pathlib.Path) -> None:
     """Write JSONL, so a generated trace can be replayed or edited."""
     with pathlib.Path(path).open("w", encoding="utf-8") as out:
         for r in requests:
-            out.write(json.dumps({"arrival": round(r.arrival, 3), "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens}) + "\n")
+            out.write(
+                json.dumps(
+                    {"arrival": round(r.arrival, 3), "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens}
+                )
+                + "\n"
+            )

@@ -142,13 +142,23 @@ class E2E:
 
     # kubectl ---------------------------------------------------------------
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         """The real kubectl. The stand-in serves no OpenAPI, so only there is validation off."""
         argv = list(args)
         if self.in_box and argv and argv[0] in ("apply", "create", "replace"):
             argv.insert(1, "--validate=false")
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBECACHEDIR": str(self.workdir / "kubecache")}
-        done = subprocess.run([kubectl_binary(), *argv], input=input, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+        done = subprocess.run(
+            [kubectl_binary(), *argv],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
         if check and done.returncode != 0:
             pytest.fail(f"kubectl {' '.join(argv)} failed ({done.returncode}):\n{done.stderr}{done.stdout}")
         return done
@@ -172,7 +182,15 @@ class E2E:
 
     # Waiting ----------------------------------------------------------------
 
-    def wait_for(self, check: Callable[[], Any], *, what: str, namespace: str, timeout: float = READY_TIMEOUT, interval: float = 0.5) -> Any:
+    def wait_for(
+        self,
+        check: Callable[[], Any],
+        *,
+        what: str,
+        namespace: str,
+        timeout: float = READY_TIMEOUT,
+        interval: float = 0.5,
+    ) -> Any:
         """Poll `check` until truthy; fail with a diagnosis of `namespace` if it never is."""
         deadline = time.monotonic() + timeout
         while True:
@@ -182,17 +200,23 @@ class E2E:
             if result:
                 return result
             if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}.\n{self.diagnose(namespace)}", pytrace=False)
+                pytest.fail(
+                    f"timed out after {timeout:.0f}s waiting for {what}.\n{self.diagnose(namespace)}", pytrace=False
+                )
             time.sleep(interval)
 
     def diagnose(self, namespace: str) -> str:
         """What is wrong in `namespace`: unready pods and why, Warning events, logs."""
         lines = [f"--- namespace {namespace}"]
-        for ragd in self.custom.list_namespaced_custom_object("spotrag.io", "v1alpha1", namespace, "ragdeployments").get("items", []):
+        for ragd in self.custom.list_namespaced_custom_object(
+            "spotrag.io", "v1alpha1", namespace, "ragdeployments"
+        ).get("items", []):
             status = ragd.get("status") or {}
             lines.append(f"RAGDeployment {ragd['metadata']['name']}: engines {status.get('engines')}")
             for condition in status.get("conditions") or []:
-                lines.append(f"  {condition['type']}={condition['status']} {condition.get('reason', '')}: {condition.get('message', '')}")
+                lines.append(
+                    f"  {condition['type']}={condition['status']} {condition.get('reason', '')}: {condition.get('message', '')}"
+                )
         troubled = []
         for pod in self.pods(namespace):
             status = pod.status or kubernetes.client.V1PodStatus()
@@ -217,14 +241,18 @@ class E2E:
         warnings: dict[str, int] = {}
         for event in self.core.list_namespaced_event(namespace).items:
             if event.type == "Warning":
-                text = f"event {event.involved_object.kind}/{event.involved_object.name}: {event.reason}: {event.message}"
+                text = (
+                    f"event {event.involved_object.kind}/{event.involved_object.name}: {event.reason}: {event.message}"
+                )
                 warnings[text] = warnings.get(text, 0) + (event.count or 1)
         lines += [f"{text} (x{count})" if count > 1 else text for text, count in warnings.items()]
         for name in troubled[:4]:
             if self.cluster is not None:
                 lines.append(self.cluster.pod_log(namespace, name, lines=15))
             else:
-                lines.append(self.kubectl("logs", "-n", namespace, name, "--all-containers", "--tail=15", check=False).stdout)
+                lines.append(
+                    self.kubectl("logs", "-n", namespace, name, "--all-containers", "--tail=15", check=False).stdout
+                )
         for program in self.programs:
             if program.name == "operator":
                 lines.append(f"--- operator log\n{program.tail(15)}")
@@ -247,7 +275,12 @@ class E2E:
             ready = (gateway.status.ready_replicas if gateway.status else None) or 0
             return ragd if ready >= (gateway.spec.replicas or 1) else None
 
-        return self.wait_for(ready, what=f"RAGDeployment {namespace}/{name} to be Ready with its gateways", namespace=namespace, timeout=timeout)
+        return self.wait_for(
+            ready,
+            what=f"RAGDeployment {namespace}/{name} to be Ready with its gateways",
+            namespace=namespace,
+            timeout=timeout,
+        )
 
     # What scenarios deploy ----------------------------------------------------
 
@@ -258,7 +291,12 @@ class E2E:
         for folder in sorted((CORPUS / "docs").iterdir()):
             for path in sorted(folder.iterdir()):
                 data[path.name] = path.read_text()
-        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": namespace}, "data": data}
+        return {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": namespace},
+            "data": data,
+        }
 
     @staticmethod
     def questions() -> list[dict]:
@@ -285,7 +323,6 @@ class E2E:
         _merge(spec, overrides)
         return manifest
 
-
     # Reaching the gateway ------------------------------------------------------
 
     @contextlib.contextmanager
@@ -293,8 +330,11 @@ class E2E:
         """A base URL for a Service: its ready endpoint in the box (pod IPs are
         loopback addresses there), `kubectl port-forward` on a real cluster."""
         if self.in_box:
+
             def endpoint() -> str | None:
-                slices = self.discovery.list_namespaced_endpoint_slice(namespace, label_selector=f"kubernetes.io/service-name={service}").items
+                slices = self.discovery.list_namespaced_endpoint_slice(
+                    namespace, label_selector=f"kubernetes.io/service-name={service}"
+                ).items
                 for endpoint_slice in slices:
                     port = next((p.port for p in endpoint_slice.ports or [] if p.port), None)
                     for endpoint in endpoint_slice.endpoints or []:
@@ -302,19 +342,27 @@ class E2E:
                             return f"http://{endpoint.addresses[0]}:{port}"
                 return None
 
-            yield self.wait_for(endpoint, what=f"a ready endpoint of Service {namespace}/{service}", namespace=namespace)
+            yield self.wait_for(
+                endpoint, what=f"a ready endpoint of Service {namespace}/{service}", namespace=namespace
+            )
             return
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         forward = subprocess.Popen(
             [kubectl_binary(), "port-forward", "-n", namespace, f"svc/{service}", ":80"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
         )
         try:
             assert forward.stdout is not None
             line = forward.stdout.readline()
             match = re.search(r"127\.0\.0\.1:(\d+)", line)
             if not match:
-                pytest.fail(f"kubectl port-forward to {namespace}/{service} failed: {line}{forward.stdout.read(2000) if forward.poll() is not None else ''}")
+                pytest.fail(
+                    f"kubectl port-forward to {namespace}/{service} failed: {line}{forward.stdout.read(2000) if forward.poll() is not None else ''}"
+                )
             yield f"http://127.0.0.1:{match.group(1)}"
         finally:
             os.killpg(forward.pid, signal.SIGTERM)
@@ -332,7 +380,11 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
             kubeconfig = Path(REAL_KUBECONFIG)
         else:
             kubeconfig = workdir / "kubeconfig"
-            api = Program("api-server", spotrag("api-server", "--port", "0", "--kubeconfig-out", str(kubeconfig), "--crd", str(CRD_FILE)), workdir / "api-server.log")
+            api = Program(
+                "api-server",
+                spotrag("api-server", "--port", "0", "--kubeconfig-out", str(kubeconfig), "--crd", str(CRD_FILE)),
+                workdir / "api-server.log",
+            )
             deadline = time.monotonic() + START_TIMEOUT
             while not kubeconfig.exists():
                 api.check_alive()
@@ -342,11 +394,26 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
             cluster = SimulatedCluster(kubeconfig, workdir=workdir / "cluster", timing=BOX_TIMING).start()
         if not REAL_KUBECONFIG or os.environ.get("SPOTRAG_E2E_OPERATOR", "local") == "local":
             if REAL_KUBECONFIG:
-                subprocess.run([kubectl_binary(), "--kubeconfig", str(kubeconfig), "apply", "--server-side", "-f", str(CRD_FILE)], check=True, capture_output=True)
+                subprocess.run(
+                    [kubectl_binary(), "--kubeconfig", str(kubeconfig), "apply", "--server-side", "-f", str(CRD_FILE)],
+                    check=True,
+                    capture_output=True,
+                )
             operator = Program(
                 "operator",
                 # No fixed ports: other test sessions may share this machine.
-                spotrag("operator", "--kubeconfig", str(kubeconfig), "--standalone", "--liveness", "", "--metrics-port", "0", "--reconcile-interval", "1"),
+                spotrag(
+                    "operator",
+                    "--kubeconfig",
+                    str(kubeconfig),
+                    "--standalone",
+                    "--liveness",
+                    "",
+                    "--metrics-port",
+                    "0",
+                    "--reconcile-interval",
+                    "1",
+                ),
                 workdir / "operator.log",
             )
         programs = [p for p in (api, operator) if p is not None]

@@ -39,12 +39,16 @@ TIMEOUT = 90.0
 
 def test_load_rises_spot_runs_out_load_falls(e2e, namespace):
     manifest = e2e.ragdeployment_manifest(
-        namespace, DEPLOYMENT,
+        namespace,
+        DEPLOYMENT,
         retrieval={"enabled": False},  # scaling is about generation; no index needed
         scaling={
-            "minReplicas": 1, "maxReplicas": 3, "onDemandBaseline": 1,
+            "minReplicas": 1,
+            "maxReplicas": 3,
+            "onDemandBaseline": 1,
             "targetQueuedTokensPerReplica": TARGET_PER_ENGINE,
-            "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 10,
+            "scaleUpStabilizationSeconds": 0,
+            "scaleDownStabilizationSeconds": 10,
         },
         spot={"fallbackAfterSeconds": 10, "retryAfterSeconds": 30},
     )
@@ -71,29 +75,49 @@ def test_load_rises_spot_runs_out_load_falls(e2e, namespace):
                 # Load rises again: the third engine asked for on spot cannot be
                 # placed; after fallbackAfterSeconds an on-demand engine replaces it.
                 load.add(3)
-                e2e.wait_for(lambda: (_status(e2e, namespace).get("desiredReplicas") or 0) >= 3, namespace=namespace, timeout=TIMEOUT,
-                             what=f"the autoscaler to want 3 engines (status: {_status(e2e, namespace).get('engines')}, queued {_status(e2e, namespace).get('queuedTokens')})")
+                e2e.wait_for(
+                    lambda: (_status(e2e, namespace).get("desiredReplicas") or 0) >= 3,
+                    namespace=namespace,
+                    timeout=TIMEOUT,
+                    what=f"the autoscaler to want 3 engines (status: {_status(e2e, namespace).get('engines')}, queued {_status(e2e, namespace).get('queuedTokens')})",
+                )
                 wait_event(e2e, namespace, "SpotShort", deployment=DEPLOYMENT)
                 wait_steady(e2e, namespace, spot=1, on_demand=2, deployment=DEPLOYMENT)
-                assert spot_engine.metadata.name in {p.metadata.name for p in serving_engines(e2e, namespace, "spot", DEPLOYMENT)}, "the placed spot engine was moved"
+                assert spot_engine.metadata.name in {
+                    p.metadata.name for p in serving_engines(e2e, namespace, "spot", DEPLOYMENT)
+                }, "the placed spot engine was moved"
                 wait_served(e2e, load, namespace, 4, "with the on-demand fallback serving")
                 load.stop()
                 assert load.failures == []
 
             # Load falls: after the scale-down window, back to the baseline alone.
-            e2e.wait_for(steady(e2e, namespace, spot=0, on_demand=1, deployment=DEPLOYMENT), namespace=namespace, timeout=TIMEOUT,
-                         what="the engines above the on-demand baseline to be drained and deleted once the load is gone")
+            e2e.wait_for(
+                steady(e2e, namespace, spot=0, on_demand=1, deployment=DEPLOYMENT),
+                namespace=namespace,
+                timeout=TIMEOUT,
+                what="the engines above the on-demand baseline to be drained and deleted once the load is gone",
+            )
             wait_event(e2e, namespace, "Scaled", "→ 1", deployment=DEPLOYMENT)
             assert gateway_counter(url, 'spotrag_requests_total{outcome="engine_failed"}') == 0
         status = _status(e2e, namespace)
         assert (status["desiredReplicas"], status["onDemandReplicas"], status["spotReplicas"]) == (1, 1, 0), status
         [baseline] = e2e.pods(namespace, engine_selector(DEPLOYMENT))
         assert baseline.metadata.labels["spotrag.io/capacity"] == "on-demand"
-        print("\n".join(f"{e.reason}: {e.message}" for e in sorted(ragd_events(e2e, namespace, DEPLOYMENT), key=lambda e: e.metadata.creation_timestamp)))
+        print(
+            "\n".join(
+                f"{e.reason}: {e.message}"
+                for e in sorted(ragd_events(e2e, namespace, DEPLOYMENT), key=lambda e: e.metadata.creation_timestamp)
+            )
+        )
     finally:
         wait_cluster_whole(e2e, namespace)
         e2e.kubectl("delete", "ragdeployment", DEPLOYMENT, "-n", namespace, "--wait=false", check=False)
-        e2e.wait_for(lambda: not e2e.pods(namespace, engine_selector(DEPLOYMENT)), namespace=namespace, timeout=60, what="the engines to be deleted")
+        e2e.wait_for(
+            lambda: not e2e.pods(namespace, engine_selector(DEPLOYMENT)),
+            namespace=namespace,
+            timeout=60,
+            what="the engines to be deleted",
+        )
 
 
 def _status(e2e, namespace: str) -> dict:

@@ -37,7 +37,12 @@ def engine(capacity: str, **spec_overrides: object) -> dict:
 def gateway() -> dict:
     body = example_body()
     template = render.gateway_deployment(body, defaulted_spec(body))["spec"]["template"]
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "gateway", "namespace": "default", **template["metadata"]}, "spec": template["spec"]}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "gateway", "namespace": "default", **template["metadata"]},
+        "spec": template["spec"],
+    }
 
 
 def cluster_nodes(profile: ClusterProfile) -> list[dict]:
@@ -142,10 +147,22 @@ def test_interrupted_and_cordoned_nodes_take_nothing_new():
 @pytest.mark.parametrize(
     ("toleration", "taint", "expected"),
     [
-        ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}, {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}, True),
-        ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute"}, {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}, False),
+        (
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+            {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"},
+            True,
+        ),
+        (
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute"},
+            {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"},
+            False,
+        ),
         ({"key": "k", "operator": "Equal", "value": "a"}, {"key": "k", "value": "b", "effect": "NoSchedule"}, False),
-        ({"key": "k", "value": "a"}, {"key": "k", "value": "a", "effect": "NoExecute"}, True),  # Equal is the default operator
+        (
+            {"key": "k", "value": "a"},
+            {"key": "k", "value": "a", "effect": "NoExecute"},
+            True,
+        ),  # Equal is the default operator
         ({"operator": "Exists"}, {"key": "anything", "effect": "NoSchedule"}, True),  # empty key + Exists: all taints
         ({"key": "", "operator": "Equal", "value": ""}, {"key": "k", "effect": "NoSchedule"}, False),
     ],

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.box_only
 
 
 def demo(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "spotrag_runtime.cli", "demo", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "spotrag_runtime.cli", "demo", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_the_tour_answers_every_request_through_a_spot_interruption():
@@ -24,7 +26,10 @@ def test_the_tour_answers_every_request_through_a_spot_interruption():
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert re.search(r"First answer [\d.]+s after `spotrag demo` started", output), output
-    assert re.search(r"interruption of gpu-spot-\S+: notice at [\d.]+s, its replacement engine ready at [\d.]+s, the node gone at [\d.]+s", output), output
+    assert re.search(
+        r"interruption of gpu-spot-\S+: notice at [\d.]+s, its replacement engine ready at [\d.]+s, the node gone at [\d.]+s",
+        output,
+    ), output
     served = int(re.search(r"requests: (\d+) served", output).group(1))
     assert served > 0
     assert "0 failed" in output

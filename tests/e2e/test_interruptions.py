@@ -30,6 +30,7 @@ from typing import Any, Self
 import httpx
 import openai
 import pytest
+
 from spotrag_runtime.engine_emulator import text as emulator_text
 from spotrag_runtime.node_agent.mark import Notice
 
@@ -82,7 +83,12 @@ def plain_requests(e2e: Any, *, max_tokens: int = 64) -> list[Request]:
     """Chat without retrieval: the answer is checkable word for word in the box."""
     words = answer_words(e2e)
     return [
-        Request(f"plain-{i}", q, max_tokens, expected=expected_answer(q, max_tokens=max_tokens, ignore_eos=False, answer_words=words) if words else None)
+        Request(
+            f"plain-{i}",
+            q,
+            max_tokens,
+            expected=expected_answer(q, max_tokens=max_tokens, ignore_eos=False, answer_words=words) if words else None,
+        )
         for i, q in enumerate(PLAIN_QUESTIONS)
     ]
 
@@ -91,7 +97,13 @@ def long_requests(e2e: Any, *, max_tokens: int) -> list[Request]:
     """Answers that run `max_tokens` tokens (ignore_eos), longer than a short notice."""
     words = answer_words(e2e)
     return [
-        Request(f"long-{i}", q, max_tokens, ignore_eos=True, expected=expected_answer(q, max_tokens=max_tokens, ignore_eos=True, answer_words=words) if words else None)
+        Request(
+            f"long-{i}",
+            q,
+            max_tokens,
+            ignore_eos=True,
+            expected=expected_answer(q, max_tokens=max_tokens, ignore_eos=True, answer_words=words) if words else None,
+        )
         for i, q in enumerate(PLAIN_QUESTIONS)
     ]
 
@@ -109,8 +121,11 @@ def chat(client: openai.OpenAI, request: Request) -> tuple[str, str | None]:
     if request.ignore_eos:
         extra["ignore_eos"] = True
     stream = client.chat.completions.create(
-        model=SERVED_MODEL, stream=True, max_tokens=request.max_tokens,
-        messages=[{"role": "user", "content": request.question}], extra_body=extra,
+        model=SERVED_MODEL,
+        stream=True,
+        max_tokens=request.max_tokens,
+        messages=[{"role": "user", "content": request.question}],
+        extra_body=extra,
     )
     parts, finish = [], None
     for chunk in stream:
@@ -148,7 +163,9 @@ class Load:
 
     def add(self, threads: int, requests: list[Request] | None = None) -> None:
         for _ in range(threads):
-            thread = threading.Thread(target=self._loop, args=(len(self._threads), requests or self.requests), daemon=True)
+            thread = threading.Thread(
+                target=self._loop, args=(len(self._threads), requests or self.requests), daemon=True
+            )
             self._threads.append(thread)
             thread.start()
 
@@ -158,7 +175,9 @@ class Load:
             thread.join(self.timeout + 30)
         alive = [t.name for t in self._threads if t.is_alive()]
         if alive:
-            self.failures.append(f"{len(alive)} client thread(s) still waiting for an answer {self.timeout + 30:.0f}s after the load stopped")
+            self.failures.append(
+                f"{len(alive)} client thread(s) still waiting for an answer {self.timeout + 30:.0f}s after the load stopped"
+            )
 
     def _loop(self, index: int, requests: list[Request]) -> None:
         client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="not-needed", max_retries=0, timeout=self.timeout)
@@ -178,8 +197,10 @@ class Load:
             elif not text:
                 self._fail(f"{request.name}: an empty answer")
             elif request.expected is not None and text != request.expected:
-                self._fail(f"{request.name}: the answer differs from the uninterrupted one at character {_first_difference(text, request.expected)}: "
-                           f"got {len(text.split())} words, expected {len(request.expected.split())}")
+                self._fail(
+                    f"{request.name}: the answer differs from the uninterrupted one at character {_first_difference(text, request.expected)}: "
+                    f"got {len(text.split())} words, expected {len(request.expected.split())}"
+                )
             else:
                 with self._lock:
                     self.served += 1
@@ -191,7 +212,7 @@ class Load:
 
 
 def _first_difference(a: str, b: str) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def gateway_counter(url: str, name: str) -> float:
@@ -224,8 +245,10 @@ def live_engines(e2e: Any, namespace: str, deployment: str = DEPLOYMENT) -> list
 
 def serving_engines(e2e: Any, namespace: str, capacity: str | None = None, deployment: str = DEPLOYMENT) -> list[Any]:
     return [
-        p for p in live_engines(e2e, namespace, deployment)
-        if p.metadata.labels.get("spotrag.io/serving") == "true" and ready(p)
+        p
+        for p in live_engines(e2e, namespace, deployment)
+        if p.metadata.labels.get("spotrag.io/serving") == "true"
+        and ready(p)
         and (capacity is None or p.metadata.labels.get("spotrag.io/capacity") == capacity)
     ]
 
@@ -238,7 +261,10 @@ def steady(e2e: Any, namespace: str, *, spot: int, on_demand: int, deployment: s
         pods = e2e.pods(namespace, engine_selector(deployment))
         if len(pods) != spot + on_demand or any(p.metadata.deletion_timestamp for p in pods):
             return False
-        if len(serving_engines(e2e, namespace, "spot", deployment)) != spot or len(serving_engines(e2e, namespace, "on-demand", deployment)) != on_demand:
+        if (
+            len(serving_engines(e2e, namespace, "spot", deployment)) != spot
+            or len(serving_engines(e2e, namespace, "on-demand", deployment)) != on_demand
+        ):
             return False
         status = (e2e.get_ragdeployment(namespace, deployment) or {}).get("status") or {}
         return status.get("readyReplicas") == status.get("desiredReplicas") == spot + on_demand
@@ -246,44 +272,84 @@ def steady(e2e: Any, namespace: str, *, spot: int, on_demand: int, deployment: s
     return check
 
 
-def wait_steady(e2e: Any, namespace: str, *, spot: int, on_demand: int, deployment: str = DEPLOYMENT, timeout: float = SCENARIO_TIMEOUT) -> None:
-    e2e.wait_for(steady(e2e, namespace, spot=spot, on_demand=on_demand, deployment=deployment), namespace=namespace, timeout=timeout,
-                 what=f"{on_demand} on-demand and {spot} spot engines of {deployment} serving, none draining or terminating")
+def wait_steady(
+    e2e: Any,
+    namespace: str,
+    *,
+    spot: int,
+    on_demand: int,
+    deployment: str = DEPLOYMENT,
+    timeout: float = SCENARIO_TIMEOUT,
+) -> None:
+    e2e.wait_for(
+        steady(e2e, namespace, spot=spot, on_demand=on_demand, deployment=deployment),
+        namespace=namespace,
+        timeout=timeout,
+        what=f"{on_demand} on-demand and {spot} spot engines of {deployment} serving, none draining or terminating",
+    )
 
 
 def wait_served(e2e: Any, load: Load, namespace: str, more: int, what: str) -> None:
     target = load.served + more
-    e2e.wait_for(lambda: load.served >= target or bool(load.failures), namespace=namespace, timeout=SCENARIO_TIMEOUT,
-                 what=f"{more} more answers {what} (served {load.served}, failures {load.failures[:3]})")
+    e2e.wait_for(
+        lambda: load.served >= target or bool(load.failures),
+        namespace=namespace,
+        timeout=SCENARIO_TIMEOUT,
+        what=f"{more} more answers {what} (served {load.served}, failures {load.failures[:3]})",
+    )
 
 
 def wait_out_of_serving(e2e: Any, namespace: str, names: set[str]) -> None:
     def out() -> bool:
         pods = {p.metadata.name: p for p in e2e.pods(namespace, engine_selector())}
-        return all(name not in pods or pods[name].metadata.labels.get("spotrag.io/serving") == "false" for name in names)
+        return all(
+            name not in pods or pods[name].metadata.labels.get("spotrag.io/serving") == "false" for name in names
+        )
 
-    e2e.wait_for(out, namespace=namespace, timeout=30, what=f"engines {sorted(names)} to be labelled spotrag.io/serving=false")
+    e2e.wait_for(
+        out, namespace=namespace, timeout=30, what=f"engines {sorted(names)} to be labelled spotrag.io/serving=false"
+    )
 
 
 def wait_gone(e2e: Any, namespace: str, names: set[str]) -> None:
-    e2e.wait_for(lambda: not names & {p.metadata.name for p in e2e.pods(namespace, engine_selector())}, namespace=namespace,
-                 timeout=SCENARIO_TIMEOUT, what=f"engines {sorted(names)} to be deleted")
+    e2e.wait_for(
+        lambda: not names & {p.metadata.name for p in e2e.pods(namespace, engine_selector())},
+        namespace=namespace,
+        timeout=SCENARIO_TIMEOUT,
+        what=f"engines {sorted(names)} to be deleted",
+    )
 
 
 def ragd_events(e2e: Any, namespace: str, deployment: str = DEPLOYMENT) -> list[Any]:
-    return [e for e in e2e.core.list_namespaced_event(namespace).items if e.involved_object.kind == "RAGDeployment" and e.involved_object.name == deployment]
+    return [
+        e
+        for e in e2e.core.list_namespaced_event(namespace).items
+        if e.involved_object.kind == "RAGDeployment" and e.involved_object.name == deployment
+    ]
 
 
 def wait_event(e2e: Any, namespace: str, reason: str, *needles: str, deployment: str = DEPLOYMENT) -> Any:
     """The RAGDeployment's Event of `reason` whose message holds every needle."""
 
     def find() -> Any:
-        return next((e for e in ragd_events(e2e, namespace, deployment) if e.reason == reason and all(n in (e.message or "") for n in needles)), None)
+        return next(
+            (
+                e
+                for e in ragd_events(e2e, namespace, deployment)
+                if e.reason == reason and all(n in (e.message or "") for n in needles)
+            ),
+            None,
+        )
 
     def diagnose() -> str:
         return "; ".join(f"{e.reason}: {e.message}" for e in ragd_events(e2e, namespace, deployment)[-12:])
 
-    found = e2e.wait_for(find, namespace=namespace, timeout=30, what=f"an Event {reason} mentioning {needles} (last events: {diagnose()})")
+    found = e2e.wait_for(
+        find,
+        namespace=namespace,
+        timeout=30,
+        what=f"an Event {reason} mentioning {needles} (last events: {diagnose()})",
+    )
     return found
 
 
@@ -302,7 +368,12 @@ def wait_cluster_whole(e2e: Any, namespace: str) -> None:
         counts = {name: sum(1 for pool in nodes.values() if pool == name) for name in pools}
         return counts == pools and not e2e.cluster.interruptions()
 
-    e2e.wait_for(whole, namespace=namespace, timeout=60, what=f"every node pool back at its size {pools} with no notice pending (nodes: {e2e.cluster.nodes()})")
+    e2e.wait_for(
+        whole,
+        namespace=namespace,
+        timeout=60,
+        what=f"every node pool back at its size {pools} with no notice pending (nodes: {e2e.cluster.nodes()})",
+    )
 
 
 # The deployment ---------------------------------------------------------------------
@@ -321,7 +392,8 @@ def spotty(e2e, module_namespace):
     on spot), a quick spot fallback, Ready and answering."""
     namespace = module_namespace
     manifest = e2e.ragdeployment_manifest(
-        namespace, DEPLOYMENT,
+        namespace,
+        DEPLOYMENT,
         scaling={"minReplicas": 3, "maxReplicas": 3, "onDemandBaseline": 1},
         spot={"fallbackAfterSeconds": 10, "retryAfterSeconds": 30},
         interruption={"drainTimeoutSeconds": 30},
@@ -345,7 +417,12 @@ def spotty(e2e, module_namespace):
         e2e.kubectl("delete", "ragdeployment", DEPLOYMENT, "-n", namespace, "--wait=false", check=False)
         wait_cluster_whole(e2e, namespace)
         # GPUs free for the next module: wait for the engines to be gone.
-        e2e.wait_for(lambda: not e2e.pods(namespace, engine_selector()), namespace=namespace, timeout=60, what="the engines to be deleted")
+        e2e.wait_for(
+            lambda: not e2e.pods(namespace, engine_selector()),
+            namespace=namespace,
+            timeout=60,
+            what="the engines to be deleted",
+        )
 
 
 def _gateway_ready(url: str) -> bool:
@@ -364,11 +441,15 @@ def interrupted_engine(e2e: Any, namespace: str) -> Any:
     """A serving spot engine whose node has no notice yet."""
     pending = e2e.cluster.interruptions()
     candidates = [p for p in serving_engines(e2e, namespace, "spot") if p.spec.node_name not in pending]
-    assert candidates, f"no serving spot engine on a node without a notice: {[(p.metadata.name, p.spec.node_name) for p in live_engines(e2e, namespace)]}"
+    assert candidates, (
+        f"no serving spot engine on a node without a notice: {[(p.metadata.name, p.spec.node_name) for p in live_engines(e2e, namespace)]}"
+    )
     return candidates[0]
 
 
-def check_drain_events(e2e: Any, namespace: str, victims: dict[str, str], signal: str, *, deleted_by_operator: bool = True) -> None:
+def check_drain_events(
+    e2e: Any, namespace: str, victims: dict[str, str], signal: str, *, deleted_by_operator: bool = True
+) -> None:
     """What `kubectl describe ragd` shows: the interruption (engine, node,
     signal) and, when the operator deleted the engine itself, how long it drained."""
     for pod, node in victims.items():
@@ -377,7 +458,7 @@ def check_drain_events(e2e: Any, namespace: str, victims: dict[str, str], signal
             event = wait_event(e2e, namespace, "EngineDeleted", pod)
             assert re.search(r"after draining \d+s", event.message), event.message
     described = e2e.kubectl("describe", "ragd", DEPLOYMENT, "-n", namespace).stdout
-    print(described[described.find("Events:"):])  # shown with -rA: what a user reads
+    print(described[described.find("Events:") :])  # shown with -rA: what a user reads
     assert "EngineInterrupted" in described, described
     for pod, node in victims.items():
         assert pod in described and node in described, described
@@ -406,7 +487,9 @@ def test_a_two_minute_notice_drains_the_engine_before_the_node_goes(e2e, spotty,
         wait_out_of_serving(e2e, namespace, {name})
         wait_gone(e2e, namespace, {name})
         wait_steady(e2e, namespace, spot=2, on_demand=1)
-        assert node in e2e.cluster.interruptions(), f"node {node} went before the drain ended: the scenario cannot tell a drain from a loss"
+        assert node in e2e.cluster.interruptions(), (
+            f"node {node} went before the drain ended: the scenario cannot tell a drain from a loss"
+        )
         wait_served(e2e, load, namespace, 3, "after the replacement is serving")
     assert load.failures == []
     assert {p.spec.node_name for p in live_engines(e2e, namespace)}.isdisjoint({node})
@@ -427,15 +510,33 @@ def test_a_short_gke_notice_resumes_the_answers_still_running_on_another_engine(
 
         def victim_busy() -> Any:
             pending = e2e.cluster.interruptions()
-            return next((p for p in serving_engines(e2e, namespace, "spot") if p.spec.node_name not in pending and _running(p) > 0), None)
+            return next(
+                (
+                    p
+                    for p in serving_engines(e2e, namespace, "spot")
+                    if p.spec.node_name not in pending and _running(p) > 0
+                ),
+                None,
+            )
 
-        victim = e2e.wait_for(victim_busy, namespace=namespace, timeout=30, what="a spot engine running one of the long answers")
+        victim = e2e.wait_for(
+            victim_busy, namespace=namespace, timeout=30, what="a spot engine running one of the long answers"
+        )
         name, node = victim.metadata.name, victim.spec.node_name
         e2e.cluster.interrupt_node(node, style="gke", notice_seconds=8)
         wait_out_of_serving(e2e, namespace, {name})
-        e2e.wait_for(lambda: node not in e2e.cluster.nodes(), namespace=namespace, timeout=30, what=f"node {node} to be taken away after its notice")
-        e2e.wait_for(lambda: gateway_counter(spotty.url, "spotrag_resumed_streams_total") > resumed_before, namespace=namespace, timeout=30,
-                     what=f"the gateway to resume the answers cut on {name} (spotrag_resumed_streams_total still {resumed_before})")
+        e2e.wait_for(
+            lambda: node not in e2e.cluster.nodes(),
+            namespace=namespace,
+            timeout=30,
+            what=f"node {node} to be taken away after its notice",
+        )
+        e2e.wait_for(
+            lambda: gateway_counter(spotty.url, "spotrag_resumed_streams_total") > resumed_before,
+            namespace=namespace,
+            timeout=30,
+            what=f"the gateway to resume the answers cut on {name} (spotrag_resumed_streams_total still {resumed_before})",
+        )
         wait_gone(e2e, namespace, {name})
         wait_steady(e2e, namespace, spot=2, on_demand=1)
         wait_served(e2e, load, namespace, 4, "after the node went")
@@ -449,7 +550,9 @@ def _running(pod: Any) -> float:
         text = httpx.get(f"http://{pod.status.pod_ip}:8000/metrics", timeout=2).text
     except httpx.HTTPError:
         return 0
-    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith("vllm:num_requests_running"))
+    return sum(
+        float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith("vllm:num_requests_running")
+    )
 
 
 def test_the_node_agents_mark_drains_like_any_other_signal(e2e, spotty):
@@ -464,10 +567,22 @@ def test_the_node_agents_mark_drains_like_any_other_signal(e2e, spotty):
     with Load(spotty.url, mixed(e2e, spotty)) as load:
         wait_served(e2e, load, namespace, 3, "before the notice")
         detected = datetime.datetime.now(datetime.UTC)
-        notice = Notice(kind="interruption", cloud="gcp", deadline=detected + datetime.timedelta(seconds=10), detected=detected, ref="preempted=TRUE")
+        notice = Notice(
+            kind="interruption",
+            cloud="gcp",
+            deadline=detected + datetime.timedelta(seconds=10),
+            detected=detected,
+            ref="preempted=TRUE",
+        )
         current = e2e.core.read_node(node)
         taints = [t.to_dict() for t in current.spec.taints or []] + [notice.taint()]
-        e2e.core.patch_node(node, {"metadata": {"annotations": {"spotrag.io/interruption": notice.to_annotation()}}, "spec": {"taints": taints}})
+        e2e.core.patch_node(
+            node,
+            {
+                "metadata": {"annotations": {"spotrag.io/interruption": notice.to_annotation()}},
+                "spec": {"taints": taints},
+            },
+        )
         instance_gone = threading.Timer(10, e2e.cluster.terminate_node, args=(node,))
         instance_gone.start()
         try:
@@ -488,11 +603,15 @@ def test_two_nodes_at_once(e2e, spotty):
     namespace = spotty.namespace
     wait_steady(e2e, namespace, spot=2, on_demand=1)
     pending = e2e.cluster.interruptions()
-    victims = {p.metadata.name: p.spec.node_name for p in serving_engines(e2e, namespace, "spot") if p.spec.node_name not in pending}
+    victims = {
+        p.metadata.name: p.spec.node_name
+        for p in serving_engines(e2e, namespace, "spot")
+        if p.spec.node_name not in pending
+    }
     assert len(victims) == 2, f"expected two spot engines on nodes without a notice: {victims}"
     with Load(spotty.url, mixed(e2e, spotty), threads=4) as load:
         wait_served(e2e, load, namespace, 4, "before the notices")
-        for (name, node), style in zip(victims.items(), ("aws", "karpenter")):
+        for node, style in zip(victims.values(), ("aws", "karpenter"), strict=False):
             e2e.cluster.interrupt_node(node, style=style, notice_seconds=20)
         wait_out_of_serving(e2e, namespace, set(victims))
         wait_gone(e2e, namespace, set(victims))
@@ -500,7 +619,7 @@ def test_two_nodes_at_once(e2e, spotty):
         wait_served(e2e, load, namespace, 4, "after both replacements are serving")
     assert load.failures == []
     assert not set(victims.values()) & {p.spec.node_name for p in live_engines(e2e, namespace)}
-    for (name, node), signal in zip(victims.items(), ("aws-node-termination-handler", "karpenter")):
+    for (name, node), signal in zip(victims.items(), ("aws-node-termination-handler", "karpenter"), strict=False):
         check_drain_events(e2e, namespace, {name: node}, signal)
 
 
@@ -511,10 +630,24 @@ def test_the_last_spot_engine_goes_while_spot_is_short(e2e, spotty):
     on-demand engine takes its place. Nothing fails meanwhile."""
     namespace = spotty.namespace
     wait_steady(e2e, namespace, spot=2, on_demand=1)
-    e2e.kubectl("patch", "ragdeployment", DEPLOYMENT, "-n", namespace, "--type=merge", "-p", json.dumps({"spec": {"scaling": {"minReplicas": 2, "maxReplicas": 2}}}))
+    e2e.kubectl(
+        "patch",
+        "ragdeployment",
+        DEPLOYMENT,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"scaling": {"minReplicas": 2, "maxReplicas": 2}}}),
+    )
     wait_steady(e2e, namespace, spot=1, on_demand=1)
     # Earlier notices must have run out, so the spot nodes left are known.
-    e2e.wait_for(lambda: not e2e.cluster.interruptions(), namespace=namespace, timeout=60, what=f"earlier notices to run out ({e2e.cluster.interruptions()})")
+    e2e.wait_for(
+        lambda: not e2e.cluster.interruptions(),
+        namespace=namespace,
+        timeout=60,
+        what=f"earlier notices to run out ({e2e.cluster.interruptions()})",
+    )
     [victim] = serving_engines(e2e, namespace, "spot")
     name, node = victim.metadata.name, victim.spec.node_name
     try:
@@ -530,8 +663,12 @@ def test_the_last_spot_engine_goes_while_spot_is_short(e2e, spotty):
             def on_demand_replacement() -> bool:
                 return len(serving_engines(e2e, namespace, "on-demand")) == 2
 
-            e2e.wait_for(on_demand_replacement, namespace=namespace, timeout=SCENARIO_TIMEOUT,
-                         what="an on-demand engine to replace the spot engine whose replacement cannot be placed")
+            e2e.wait_for(
+                on_demand_replacement,
+                namespace=namespace,
+                timeout=SCENARIO_TIMEOUT,
+                what="an on-demand engine to replace the spot engine whose replacement cannot be placed",
+            )
             wait_gone(e2e, namespace, {name})
             wait_steady(e2e, namespace, spot=0, on_demand=2)
             wait_served(e2e, load, namespace, 3, "by the on-demand replacement")

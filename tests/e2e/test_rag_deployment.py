@@ -50,7 +50,11 @@ def _ready(url: str) -> bool:
 
 
 def engine_pods(e2e, namespace: str) -> list:
-    return [p for p in e2e.pods(namespace, f"spotrag.io/deployment={DEPLOYMENT},spotrag.io/component=engine") if not p.metadata.deletion_timestamp]
+    return [
+        p
+        for p in e2e.pods(namespace, f"spotrag.io/deployment={DEPLOYMENT},spotrag.io/component=engine")
+        if not p.metadata.deletion_timestamp
+    ]
 
 
 def test_engines_are_ready_and_answers_cite_the_documents_that_hold_them(e2e, handbook):
@@ -69,7 +73,9 @@ def test_engines_are_ready_and_answers_cite_the_documents_that_hold_them(e2e, ha
     questions = e2e.questions()
     misses, ungrounded = [], []
     for item in questions:
-        answer = client.post("/rag/query", body={"model": SERVED_MODEL, "question": item["question"], "max_tokens": 96}, cast_to=object)
+        answer = client.post(
+            "/rag/query", body={"model": SERVED_MODEL, "question": item["question"], "max_tokens": 96}, cast_to=object
+        )
         sources = {PurePosixPath(p["source"]).name for p in answer["passages"]}
         numbers = {p["number"] for p in answer["passages"]}
         expected = PurePosixPath(item["source"]).name
@@ -78,12 +84,16 @@ def test_engines_are_ready_and_answers_cite_the_documents_that_hold_them(e2e, ha
         # Grounded: the answer cites, and cites only passages it was given.
         cited = {int(n) for n in re.findall(r"\[(\d+)\]", answer["answer"] or "")}
         if not cited or not cited <= numbers:
-            ungrounded.append(f"{item['question']!r}: cites {sorted(cited)} of passages {sorted(numbers)}: {answer['answer']!r}")
+            ungrounded.append(
+                f"{item['question']!r}: cites {sorted(cited)} of passages {sorted(numbers)}: {answer['answer']!r}"
+            )
     assert ungrounded == []
     assert len(misses) <= (1 - MIN_RETRIEVAL_RECALL) * len(questions), "\n".join(misses)
 
     completion = client.chat.completions.create(
-        model=SERVED_MODEL, messages=[{"role": "user", "content": "At what wind speed are sailings cancelled?"}], max_tokens=64
+        model=SERVED_MODEL,
+        messages=[{"role": "user", "content": "At what wind speed are sailings cancelled?"}],
+        max_tokens=64,
     )
     assert completion.choices[0].message.content
     assert completion.usage.completion_tokens > 0
@@ -100,7 +110,7 @@ class Traffic:
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(REQUEST_THREADS)]
 
-    def __enter__(self) -> "Traffic":
+    def __enter__(self) -> Traffic:
         for thread in self._threads:
             thread.start()
         return self
@@ -115,8 +125,12 @@ class Traffic:
         while not self._stop.is_set():
             try:
                 stream = client.chat.completions.create(
-                    model=SERVED_MODEL, stream=True, max_tokens=48,
-                    messages=[{"role": "user", "content": f"How many pets can one passenger bring on board? ({index})"}],
+                    model=SERVED_MODEL,
+                    stream=True,
+                    max_tokens=48,
+                    messages=[
+                        {"role": "user", "content": f"How many pets can one passenger bring on board? ({index})"}
+                    ],
                 )
                 text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
                 with self._lock:
@@ -138,8 +152,22 @@ def test_a_spec_change_rolls_the_engines_without_failing_a_request(e2e, handbook
     gateways = {p.metadata.name for p in e2e.pods(namespace, "spotrag.io/component=gateway")}
 
     with Traffic(handbook.url) as traffic:
-        e2e.wait_for(lambda: traffic.served >= 3, what="requests to be answered before the change", namespace=namespace, timeout=60)
-        e2e.kubectl("patch", "ragdeployment", DEPLOYMENT, "-n", namespace, "--type=merge", "-p", json.dumps({"spec": {"model": {"extraArgs": extra_args}}}))
+        e2e.wait_for(
+            lambda: traffic.served >= 3,
+            what="requests to be answered before the change",
+            namespace=namespace,
+            timeout=60,
+        )
+        e2e.kubectl(
+            "patch",
+            "ragdeployment",
+            DEPLOYMENT,
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": {"model": {"extraArgs": extra_args}}}),
+        )
 
         def rolled() -> bool:
             ragd = e2e.get_ragdeployment(namespace, DEPLOYMENT)
@@ -153,31 +181,59 @@ def test_a_spec_change_rolls_the_engines_without_failing_a_request(e2e, handbook
 
         e2e.wait_for(rolled, what="the engines to be replaced by engines of the new spec", namespace=namespace)
         served_during_roll = traffic.served
-        e2e.wait_for(lambda: traffic.served >= served_during_roll + 3, what="requests to be answered by the new engines", namespace=namespace, timeout=60)
+        e2e.wait_for(
+            lambda: traffic.served >= served_during_roll + 3,
+            what="requests to be answered by the new engines",
+            namespace=namespace,
+            timeout=60,
+        )
 
     assert traffic.failures == []
     new_engines = engine_pods(e2e, namespace)
     assert all(extra_args[0] in p.spec.containers[0].args for p in new_engines)
-    assert {p.metadata.name for p in e2e.pods(namespace, "spotrag.io/component=gateway")} == gateways  # the gateways did not restart
+    assert {
+        p.metadata.name for p in e2e.pods(namespace, "spotrag.io/component=gateway")
+    } == gateways  # the gateways did not restart
 
 
 def test_delete_leaves_nothing_behind(e2e, namespace):
     # Retrieval off: this scenario is about the children, not the index.
-    e2e.apply([e2e.corpus_configmap(namespace), e2e.ragdeployment_manifest(namespace, "short-lived", retrieval={"enabled": False})])
+    e2e.apply(
+        [
+            e2e.corpus_configmap(namespace),
+            e2e.ragdeployment_manifest(namespace, "short-lived", retrieval={"enabled": False}),
+        ]
+    )
     e2e.wait_ready(namespace, "short-lived")
     selector = "spotrag.io/deployment=short-lived"
 
     def children() -> list[str]:
         found = [f"pod/{p.metadata.name}" for p in e2e.pods(namespace, selector)]
-        found += [f"service/{s.metadata.name}" for s in e2e.core.list_namespaced_service(namespace, label_selector=selector).items]
-        found += [f"configmap/{c.metadata.name}" for c in e2e.core.list_namespaced_config_map(namespace, label_selector=selector).items]
-        found += [f"deployment/{d.metadata.name}" for d in e2e.apps.list_namespaced_deployment(namespace, label_selector=selector).items]
-        found += [f"pvc/{c.metadata.name}" for c in e2e.core.list_namespaced_persistent_volume_claim(namespace, label_selector=selector).items]
-        found += [f"endpointslice/{s.metadata.name}" for s in e2e.discovery.list_namespaced_endpoint_slice(namespace).items]
+        found += [
+            f"service/{s.metadata.name}"
+            for s in e2e.core.list_namespaced_service(namespace, label_selector=selector).items
+        ]
+        found += [
+            f"configmap/{c.metadata.name}"
+            for c in e2e.core.list_namespaced_config_map(namespace, label_selector=selector).items
+        ]
+        found += [
+            f"deployment/{d.metadata.name}"
+            for d in e2e.apps.list_namespaced_deployment(namespace, label_selector=selector).items
+        ]
+        found += [
+            f"pvc/{c.metadata.name}"
+            for c in e2e.core.list_namespaced_persistent_volume_claim(namespace, label_selector=selector).items
+        ]
+        found += [
+            f"endpointslice/{s.metadata.name}" for s in e2e.discovery.list_namespaced_endpoint_slice(namespace).items
+        ]
         return found
 
     assert any(c.startswith("pod/") for c in children())
     e2e.kubectl("delete", "ragdeployment", "short-lived", "-n", namespace, "--wait=true", "--timeout=120s", timeout=130)
-    e2e.wait_for(lambda: not children(), what="every child of the RAGDeployment to be gone", namespace=namespace, timeout=120)
+    e2e.wait_for(
+        lambda: not children(), what="every child of the RAGDeployment to be gone", namespace=namespace, timeout=120
+    )
     if e2e.in_box:
         assert [p for p in e2e.cluster.processes() if p.namespace == namespace] == []

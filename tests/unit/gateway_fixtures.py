@@ -68,8 +68,10 @@ def gateway_config(engine_urls: list[str] = (), **sections: dict[str, Any]) -> G
         "servedModelName": SERVED_MODEL,
         "maxModelLen": 8192,
         # The corpus index is built only for a gateway that retrieves.
-        "retrieval": {"indexPath": str(corpus_index()) if retrieval_on else "/nonexistent",
-                      "reloadIntervalSeconds": 0.2},
+        "retrieval": {
+            "indexPath": str(corpus_index()) if retrieval_on else "/nonexistent",
+            "reloadIntervalSeconds": 0.2,
+        },
         "engines": {"discovery": "static", "urls": list(engine_urls)},
         "failover": {"engineCooldownSeconds": 0.5, "readTimeoutSeconds": 10},
     }
@@ -97,7 +99,7 @@ class RunningGateway:
         )
 
     @property
-    def gateway(self):  # noqa: ANN201 - spotrag_runtime.gateway.service.Gateway
+    def gateway(self):
         return self.app.state.gateway
 
     def start(self) -> RunningGateway:
@@ -122,11 +124,12 @@ class RunningGateway:
 
     def client(self, **options: Any) -> openai.OpenAI:
         # No retries: every test sees exactly what the gateway answered.
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=options.pop("api_key", API_KEY), max_retries=0, **options)
+        return openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key=options.pop("api_key", API_KEY), max_retries=0, **options
+        )
 
     def metric(self, name: str, **labels: str) -> float:
         return scrape(f"{self.url}/metrics", name, **labels)
-
 
     async def metric_async(self, name: str, **labels: str) -> float:
         async with httpx.AsyncClient(timeout=5) as http:

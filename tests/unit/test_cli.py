@@ -17,7 +17,9 @@ def test_every_subcommand_points_at_a_cli_function(name):
 
 @pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
 def test_every_subcommand_has_help(name):
-    result = subprocess.run([sys.executable, "-m", "spotrag_runtime.cli", name, "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "spotrag_runtime.cli", name, "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
 

@@ -35,7 +35,19 @@ def _every_property(schema: dict, path: str = ""):
 
 def test_every_spec_field_is_described_for_kubectl_explain():
     spec = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    undocumented = [path for path, sub in _every_property(spec) if not sub.get("description") and path not in {".scaling.prometheus.url", ".retrieval.corpus.persistentVolumeClaim.name", ".retrieval.corpus.persistentVolumeClaim.path", ".pricing.onDemandPerGpuHour", ".pricing.spotPerGpuHour"}]
+    undocumented = [
+        path
+        for path, sub in _every_property(spec)
+        if not sub.get("description")
+        and path
+        not in {
+            ".scaling.prometheus.url",
+            ".retrieval.corpus.persistentVolumeClaim.name",
+            ".retrieval.corpus.persistentVolumeClaim.path",
+            ".pricing.onDemandPerGpuHour",
+            ".pricing.spotPerGpuHour",
+        }
+    ]
     assert undocumented == []
 
 

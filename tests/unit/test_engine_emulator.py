@@ -51,16 +51,32 @@ def started(**options: object) -> EmulatorProcess:
 @pytest.fixture(scope="module")
 def engine() -> Iterator[EmulatorProcess]:
     # Fast clock and short answers: these tests check behaviour, not speed.
-    with started(seed=7, ttft_ms=1, itl_ms=1, max_model_len=256, block_size=16,
-                 num_gpu_blocks=64, answer_words_min=12, answer_words_max=30) as process:
+    with started(
+        seed=7,
+        ttft_ms=1,
+        itl_ms=1,
+        max_model_len=256,
+        block_size=16,
+        num_gpu_blocks=64,
+        answer_words_min=12,
+        answer_words_max=30,
+    ) as process:
         yield process
 
 
 @pytest.fixture(scope="module")
 def twin_engine() -> Iterator[EmulatorProcess]:
     """A second engine with the same seed: where a broken stream is resumed."""
-    with started(seed=7, ttft_ms=1, itl_ms=1, max_model_len=256, block_size=16,
-                 num_gpu_blocks=64, answer_words_min=12, answer_words_max=30) as process:
+    with started(
+        seed=7,
+        ttft_ms=1,
+        itl_ms=1,
+        max_model_len=256,
+        block_size=16,
+        num_gpu_blocks=64,
+        answer_words_min=12,
+        answer_words_max=30,
+    ) as process:
         yield process
 
 
@@ -91,8 +107,9 @@ def metric(engine: EmulatorProcess, name: str, **labels: str) -> float:
 def stream_chat(engine: EmulatorProcess, messages: list[dict], **params: object) -> tuple[list[str], str, object]:
     """The content deltas, the finish reason and the usage of one streamed chat."""
     with client(engine) as api:
-        stream = api.chat.completions.create(model=MODEL, messages=messages, stream=True,
-                                             stream_options={"include_usage": True}, **params)
+        stream = api.chat.completions.create(
+            model=MODEL, messages=messages, stream=True, stream_options={"include_usage": True}, **params
+        )
         deltas, finish_reason, usage, roles = [], None, None, []
         for chunk in stream:
             if chunk.usage is not None:
@@ -127,8 +144,9 @@ def test_chat_stream_and_whole_answer_agree(engine: EmulatorProcess) -> None:
 def test_answer_stops_at_its_natural_end_unless_told_to_go_on(engine: EmulatorProcess) -> None:
     with client(engine) as api:
         natural = api.chat.completions.create(model=MODEL, messages=QUESTION)
-        forced = api.chat.completions.create(model=MODEL, messages=QUESTION, max_completion_tokens=50,
-                                             extra_body={"ignore_eos": True})
+        forced = api.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_completion_tokens=50, extra_body={"ignore_eos": True}
+        )
 
     assert natural.choices[0].finish_reason == "stop"
     assert 12 <= natural.usage.completion_tokens <= 30
@@ -140,30 +158,36 @@ def test_answer_stops_at_its_natural_end_unless_told_to_go_on(engine: EmulatorPr
 
 def test_answer_cites_the_first_numbered_context(engine: EmulatorProcess) -> None:
     with client(engine) as api:
-        reply = api.chat.completions.create(model=MODEL, max_tokens=20,
-                                            messages=[{"role": "user", "content": RAG_PROMPT}])
-    assert reply.choices[0].message.content.startswith(
-        "According to [1], the tower stands in Paris, by the river. ")
+        reply = api.chat.completions.create(
+            model=MODEL, max_tokens=20, messages=[{"role": "user", "content": RAG_PROMPT}]
+        )
+    assert reply.choices[0].message.content.startswith("According to [1], the tower stands in Paris, by the river. ")
 
 
-@pytest.mark.parametrize(("prompt", "sentence"), [
-    ("Contexts:\n[1] The tower is tall. It is old.\n[2] Other.", "the tower is tall."),
-    ("[1]: Paris has a tower!  More text", "Paris has a tower!"),
-    ("  [1]\nNo final stop here", "No final stop here."),
-    ("A reference like [1] inside a sentence is not a context.", None),
-    ("[2] Only a second passage.", None),
-])
+@pytest.mark.parametrize(
+    ("prompt", "sentence"),
+    [
+        ("Contexts:\n[1] The tower is tall. It is old.\n[2] Other.", "the tower is tall."),
+        ("[1]: Paris has a tower!  More text", "Paris has a tower!"),
+        ("  [1]\nNo final stop here", "No final stop here."),
+        ("A reference like [1] inside a sentence is not a context.", None),
+        ("[2] Only a second passage.", None),
+    ],
+)
 def test_cited_sentence_is_the_first_sentence_of_passage_one(prompt: str, sentence: str | None) -> None:
     assert cited_sentence(prompt) == sentence
 
 
-def test_text_is_a_function_of_seed_and_conversation(engine: EmulatorProcess, twin_engine: EmulatorProcess,
-                                                     narrow_engine: EmulatorProcess) -> None:
+def test_text_is_a_function_of_seed_and_conversation(
+    engine: EmulatorProcess, twin_engine: EmulatorProcess, narrow_engine: EmulatorProcess
+) -> None:
     def text(on: EmulatorProcess, content: str) -> str:
         with client(on) as api:
-            return api.chat.completions.create(
-                model=MODEL, max_tokens=10, messages=[{"role": "user", "content": content}]
-            ).choices[0].message.content
+            return (
+                api.chat.completions.create(model=MODEL, max_tokens=10, messages=[{"role": "user", "content": content}])
+                .choices[0]
+                .message.content
+            )
 
     assert text(engine, "hello") == text(twin_engine, "hello")
     assert text(engine, "hello") != text(engine, "hello again")
@@ -173,8 +197,9 @@ def test_text_is_a_function_of_seed_and_conversation(engine: EmulatorProcess, tw
 async def test_text_completions_stream_and_whole(engine: EmulatorProcess) -> None:
     async with async_client(engine) as api:
         whole = await api.completions.create(model=MODEL, prompt=RAG_PROMPT, max_tokens=12)
-        stream = await api.completions.create(model=MODEL, prompt=RAG_PROMPT, max_tokens=12, stream=True,
-                                              stream_options={"include_usage": True})
+        stream = await api.completions.create(
+            model=MODEL, prompt=RAG_PROMPT, max_tokens=12, stream=True, stream_options={"include_usage": True}
+        )
         pieces, usage, finish_reason = [], None, None
         async for chunk in stream:
             usage = chunk.usage or usage
@@ -202,9 +227,11 @@ def test_stream_resumed_on_another_engine_equals_one_engine_answer(
     # conversation with the partial answer to the twin and asks it to go on.
     partial = "".join(one_engine[:sent_deltas])
     resumed, finish_reason, usage = stream_chat(
-        twin_engine, [*messages, {"role": "assistant", "content": partial}],
+        twin_engine,
+        [*messages, {"role": "assistant", "content": partial}],
         max_tokens=budget - sent_deltas,
-        extra_body={"continue_final_message": True, "add_generation_prompt": False, "ignore_eos": True})
+        extra_body={"continue_final_message": True, "add_generation_prompt": False, "ignore_eos": True},
+    )
 
     assert partial + "".join(resumed) == "".join(one_engine)
     assert finish_reason == "length"
@@ -219,9 +246,11 @@ def test_resume_from_inside_a_word_continues_from_that_character(
     partial = full[: full.index(" ", 10) - 2]  # cut two characters before a word ends
     with client(twin_engine) as api:
         rest = api.chat.completions.create(
-            model=MODEL, messages=[*QUESTION, {"role": "assistant", "content": partial}],
+            model=MODEL,
+            messages=[*QUESTION, {"role": "assistant", "content": partial}],
             max_tokens=10 - count_tokens(partial) + 1,
-            extra_body={"continue_final_message": True, "add_generation_prompt": False})
+            extra_body={"continue_final_message": True, "add_generation_prompt": False},
+        )
     assert partial + rest.choices[0].message.content == full
 
 
@@ -232,8 +261,9 @@ def test_tokenize_counts_what_generation_counts_as_prompt(engine: EmulatorProces
     with client(engine) as api:
         reply = api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=1)
     chat = httpx.post(engine.url + "/tokenize", json={"model": MODEL, "messages": QUESTION}).json()
-    plain = httpx.post(engine.url + "/tokenize",
-                       json={"model": MODEL, "prompt": "one two  three\nfour", "return_token_strs": True}).json()
+    plain = httpx.post(
+        engine.url + "/tokenize", json={"model": MODEL, "prompt": "one two  three\nfour", "return_token_strs": True}
+    ).json()
 
     assert chat["count"] == reply.usage.prompt_tokens == len(chat["tokens"])
     assert chat["max_model_len"] == 256
@@ -275,8 +305,9 @@ def test_prompt_longer_than_the_context_is_400(engine: EmulatorProcess) -> None:
         api.chat.completions.create(model=MODEL, messages=long_question, stream=True)
     error = error_of(caught.value.response)
     assert error["type"] == "BadRequestError" and error["param"] == "input_tokens"
-    assert error["message"].startswith("This model's maximum context length is 256 tokens. "
-                                       "However, your request has 303 input tokens.")
+    assert error["message"].startswith(
+        "This model's maximum context length is 256 tokens. However, your request has 303 input tokens."
+    )
 
 
 def test_max_tokens_past_the_context_is_400(engine: EmulatorProcess) -> None:
@@ -284,25 +315,35 @@ def test_max_tokens_past_the_context_is_400(engine: EmulatorProcess) -> None:
         api.completions.create(model=MODEL, prompt="a b c", max_tokens=254)
     error = error_of(caught.value.response)
     assert error["param"] == "max_tokens"
-    assert error["message"] == ("'max_tokens' or 'max_completion_tokens' is too large: 254. This model's "
-                                "maximum context length is 256 tokens and your request has 3 input tokens "
-                                "(254 > 256 - 3).")
+    assert error["message"] == (
+        "'max_tokens' or 'max_completion_tokens' is too large: 254. This model's "
+        "maximum context length is 256 tokens and your request has 3 input tokens "
+        "(254 > 256 - 3)."
+    )
 
 
-@pytest.mark.parametrize(("body", "expected"), [
-    (b"{not json", "not valid JSON"),
-    (b"[1, 2]", "must be a JSON object"),
-    (b'{"model": "emu-model"}', "messages: Field required"),
-    (b'{"messages": []}', "messages: List should have at least 1 item"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "max_tokens: Input should be greater"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "continue_final_message": true}',
-     "Cannot set both `continue_final_message` and `add_generation_prompt` to True."),
-    (b'{"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": true}}',
-     "Stream options can only be defined when `stream=True`."),
-])
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"model": "emu-model"}', "messages: Field required"),
+        (b'{"messages": []}', "messages: List should have at least 1 item"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "max_tokens: Input should be greater"),
+        (
+            b'{"messages": [{"role": "user", "content": "x"}], "continue_final_message": true}',
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": true}}',
+            "Stream options can only be defined when `stream=True`.",
+        ),
+    ],
+)
 def test_bad_bodies_are_400_in_the_error_envelope(engine: EmulatorProcess, body: bytes, expected: str) -> None:
-    response = httpx.post(engine.url + "/v1/chat/completions", content=body,
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        engine.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400
     error = error_of(response)
     assert error["type"] == "BadRequestError"
@@ -345,40 +386,68 @@ async def test_requests_beyond_max_num_seqs_wait_and_a_disconnect_frees_the_slot
         # Endless answers (ignore_eos, a huge budget) that only a disconnect ends.
         holders = [
             await api.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": f"question {i}"}], max_tokens=8000,
-                stream=True, extra_body={"ignore_eos": True})
+                model=MODEL,
+                messages=[{"role": "user", "content": f"question {i}"}],
+                max_tokens=8000,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
             for i in range(4)
         ]
-        await asyncio.to_thread(wait_until, lambda: (
-            metric(narrow_engine, "vllm:num_requests_running", **labels),
-            metric(narrow_engine, "vllm:num_requests_waiting", **labels)) == (2, 2),
-            "2 running and 2 waiting")
+        await asyncio.to_thread(
+            wait_until,
+            lambda: (
+                (
+                    metric(narrow_engine, "vllm:num_requests_running", **labels),
+                    metric(narrow_engine, "vllm:num_requests_waiting", **labels),
+                )
+                == (2, 2)
+            ),
+            "2 running and 2 waiting",
+        )
         assert metric(narrow_engine, "vllm:kv_cache_usage_perc", **labels) > 0
 
         # A short request queues behind them; closing a running stream makes room.
         short = asyncio.ensure_future(api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3))
-        await asyncio.to_thread(wait_until, lambda: metric(
-            narrow_engine, "vllm:num_requests_waiting", **labels) == 3, "the short request queued")
+        await asyncio.to_thread(
+            wait_until,
+            lambda: metric(narrow_engine, "vllm:num_requests_waiting", **labels) == 3,
+            "the short request queued",
+        )
         for holder in holders:
             await holder.close()
         reply = await short
 
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
-    await asyncio.to_thread(wait_until, lambda: (
-        metric(narrow_engine, "vllm:num_requests_running", **labels),
-        metric(narrow_engine, "vllm:num_requests_waiting", **labels)) == (0, 0), "engine idle")
-    assert metric(narrow_engine, "vllm:request_success_total", finished_reason="abort", **labels) \
-        == aborted_before + 4
+    await asyncio.to_thread(
+        wait_until,
+        lambda: (
+            (
+                metric(narrow_engine, "vllm:num_requests_running", **labels),
+                metric(narrow_engine, "vllm:num_requests_waiting", **labels),
+            )
+            == (0, 0)
+        ),
+        "engine idle",
+    )
+    assert metric(narrow_engine, "vllm:request_success_total", finished_reason="abort", **labels) == aborted_before + 4
 
 
 def test_a_client_giving_up_on_a_whole_answer_aborts_it(narrow_engine: EmulatorProcess) -> None:
     labels = {"model_name": MODEL}
     aborted_before = metric(narrow_engine, "vllm:request_success_total", finished_reason="abort", **labels)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(narrow_engine.url + "/v1/chat/completions", timeout=httpx.Timeout(10, read=0.3),
-                   json={"messages": QUESTION, "max_tokens": 8000, "ignore_eos": True})
-    wait_until(lambda: metric(narrow_engine, "vllm:request_success_total", finished_reason="abort", **labels)
-               == aborted_before + 1, "the abandoned request aborted")
+        httpx.post(
+            narrow_engine.url + "/v1/chat/completions",
+            timeout=httpx.Timeout(10, read=0.3),
+            json={"messages": QUESTION, "max_tokens": 8000, "ignore_eos": True},
+        )
+    wait_until(
+        lambda: (
+            metric(narrow_engine, "vllm:request_success_total", finished_reason="abort", **labels) == aborted_before + 1
+        ),
+        "the abandoned request aborted",
+    )
     assert metric(narrow_engine, "vllm:num_requests_running", **labels) == 0
 
 
@@ -386,17 +455,30 @@ def test_full_kv_cache_preempts_and_recomputes_without_changing_the_text() -> No
     # 20 blocks of 16 tokens hold 320 tokens: two 200-token answers cannot
     # both fit, so the later one is preempted and finishes after the first.
     with started(seed=3, ttft_ms=1, itl_ms=1, block_size=16, num_gpu_blocks=20, max_model_len=320) as small:
+
         async def both() -> list:
             async with async_client(small) as api:
-                return await asyncio.gather(*(
-                    api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}],
-                                                max_tokens=200, extra_body={"ignore_eos": True})
-                    for q in ("first question", "second question")))
+                return await asyncio.gather(
+                    *(
+                        api.chat.completions.create(
+                            model=MODEL,
+                            messages=[{"role": "user", "content": q}],
+                            max_tokens=200,
+                            extra_body={"ignore_eos": True},
+                        )
+                        for q in ("first question", "second question")
+                    )
+                )
+
         replies = asyncio.run(both())
         preemptions = metric(small, "vllm:num_preemptions_total", model_name=MODEL)
         with client(small) as api:
-            alone = api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "second question"}],
-                                                max_tokens=200, extra_body={"ignore_eos": True})
+            alone = api.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "second question"}],
+                max_tokens=200,
+                extra_body={"ignore_eos": True},
+            )
 
     assert preemptions >= 1
     assert [r.usage.completion_tokens for r in replies] == [200, 200]
@@ -421,9 +503,14 @@ def test_sigterm_with_shutdown_timeout_finishes_the_running_stream_then_exits() 
     process = started(seed=5, ttft_ms=1, itl_ms=20, shutdown_timeout=30)
     try:
         with client(process) as api:
-            stream = api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=60, stream=True,
-                                                 stream_options={"include_usage": True},
-                                                 extra_body={"ignore_eos": True})
+            stream = api.chat.completions.create(
+                model=MODEL,
+                messages=QUESTION,
+                max_tokens=60,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
             chunks = iter(stream)
             next(chunks)  # the role chunk: the request is running
             process.terminate()
@@ -446,8 +533,9 @@ def test_sigterm_without_shutdown_timeout_cuts_running_streams_at_once() -> None
     process = started(seed=5, ttft_ms=1, itl_ms=20)
     try:
         with client(process) as api:
-            stream = api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5000, stream=True,
-                                                 extra_body={"ignore_eos": True})
+            stream = api.chat.completions.create(
+                model=MODEL, messages=QUESTION, max_tokens=5000, stream=True, extra_body={"ignore_eos": True}
+            )
             chunks = iter(stream)
             next(chunks)
             process.terminate()
@@ -463,8 +551,9 @@ def test_sigterm_without_shutdown_timeout_cuts_running_streams_at_once() -> None
 def test_sigkill_mid_stream_breaks_the_stream() -> None:
     process = started(seed=5, ttft_ms=1, itl_ms=20)
     with client(process) as api:
-        stream = api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5000, stream=True,
-                                             extra_body={"ignore_eos": True})
+        stream = api.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=5000, stream=True, extra_body={"ignore_eos": True}
+        )
         chunks = iter(stream)
         next(chunks)
         process.kill()

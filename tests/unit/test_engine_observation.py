@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import httpx
+
 from spotrag_operator.handlers import observe_engines
 
 
 def engine_pod(name: str, ip: str, *, serving: bool, deleting: bool = False) -> dict:
-    meta = {"name": name, "labels": {"spotrag.io/serving": "true" if serving else "false", "spotrag.io/capacity": "spot"}}
+    meta = {
+        "name": name,
+        "labels": {"spotrag.io/serving": "true" if serving else "false", "spotrag.io/capacity": "spot"},
+    }
     if deleting:
         meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-    return {"metadata": meta, "spec": {"nodeName": "n"}, "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}}
+    return {
+        "metadata": meta,
+        "spec": {"nodeName": "n"},
+        "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]},
+    }
 
 
 def test_only_draining_engines_not_yet_being_deleted_are_asked_for_their_load():

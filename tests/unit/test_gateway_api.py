@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from spotrag_runtime.engine_emulator.text import cited_sentence
+
 from .gateway_fixtures import (
     SERVED_MODEL,
     RunningGateway,
@@ -107,9 +108,7 @@ def test_streamed_and_whole_answers_are_the_same(client: openai.OpenAI) -> None:
     assert whole.usage.completion_tokens == 30
 
 
-def test_without_rag_the_engine_gets_the_conversation_as_sent(
-    engines: list, client: openai.OpenAI
-) -> None:
+def test_without_rag_the_engine_gets_the_conversation_as_sent(engines: list, client: openai.OpenAI) -> None:
     conversation = [
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "Say something about ferries."},
@@ -163,18 +162,36 @@ def error_of(response: httpx.Response) -> dict:
         (b'{"model": "hfl-assistant"}', 400, {"param": "messages", "message": "messages: Field required"}),
         (b'{"model": "hfl-assistant", "messages": []}', 400, {"param": "messages"}),
         (b'{"messages": [{"role": "user", "content": "hi"}]}', 400, {"param": "model"}),
-        (b'{"model": "hfl-assistant", "messages": [{"role": "wizard", "content": "hi"}]}', 400,
-         {"param": "messages.0.role"}),
-        (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}', 404,
-         {"code": "model_not_found", "param": "model"}),
-        (b'{"model": "hfl-assistant", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}', 400,
-         {"param": "max_tokens", "message": "max_tokens is 5000, above this endpoint's limit of 1024."}),
-        (b'{"model": "hfl-assistant", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400,
-         {"param": "max_tokens"}),
-        (b'{"model": "hfl-assistant", "messages": [{"role": "user", "content": "hi"}], "n": 2}', 400,
-         {"param": "n", "message": "n: Value error, only n=1 is supported"}),
-        (b'{"model": "hfl-assistant", "messages": [{"role": "system", "content": "hi"}]}', 400,
-         {"param": "messages", "message": "Retrieval needs a user message with the question."}),
+        (
+            b'{"model": "hfl-assistant", "messages": [{"role": "wizard", "content": "hi"}]}',
+            400,
+            {"param": "messages.0.role"},
+        ),
+        (
+            b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}',
+            404,
+            {"code": "model_not_found", "param": "model"},
+        ),
+        (
+            b'{"model": "hfl-assistant", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}',
+            400,
+            {"param": "max_tokens", "message": "max_tokens is 5000, above this endpoint's limit of 1024."},
+        ),
+        (
+            b'{"model": "hfl-assistant", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}',
+            400,
+            {"param": "max_tokens"},
+        ),
+        (
+            b'{"model": "hfl-assistant", "messages": [{"role": "user", "content": "hi"}], "n": 2}',
+            400,
+            {"param": "n", "message": "n: Value error, only n=1 is supported"},
+        ),
+        (
+            b'{"model": "hfl-assistant", "messages": [{"role": "system", "content": "hi"}]}',
+            400,
+            {"param": "messages", "message": "Retrieval needs a user message with the question."},
+        ),
     ],
 )
 def test_bad_chat_requests_get_openai_errors(
@@ -201,8 +218,9 @@ def test_bad_rag_queries_get_openai_errors(gateway: RunningGateway) -> None:
 def test_oversized_bodies_are_refused_before_they_are_parsed(gateway: RunningGateway) -> None:
     # Not even JSON: were it parsed, the answer would be "not valid JSON".
     oversized = b"x" * (MAX_BODY_BYTES + 1)
-    declared = httpx.post(f"{gateway.url}/v1/chat/completions", content=oversized,
-                          headers={"Content-Type": "application/json"})
+    declared = httpx.post(
+        f"{gateway.url}/v1/chat/completions", content=oversized, headers={"Content-Type": "application/json"}
+    )
     assert declared.status_code == 413
     assert error_of(declared)["code"] == "request_too_large"
     assert f"limit of {MAX_BODY_BYTES} bytes" in error_of(declared)["message"]
@@ -211,8 +229,9 @@ def test_oversized_bodies_are_refused_before_they_are_parsed(gateway: RunningGat
         for _ in range(MAX_BODY_BYTES // 4096 + 2):
             yield b"x" * 4096
 
-    streamed = httpx.post(f"{gateway.url}/v1/chat/completions", content=chunked(),
-                          headers={"Content-Type": "application/json"})
+    streamed = httpx.post(
+        f"{gateway.url}/v1/chat/completions", content=chunked(), headers={"Content-Type": "application/json"}
+    )
     assert streamed.status_code == 413 and error_of(streamed)["code"] == "request_too_large"
 
 
@@ -228,10 +247,18 @@ def test_health_readiness_and_metrics(gateway: RunningGateway) -> None:
     assert httpx.get(f"{gateway.url}/readyz").json() == {"status": "ready", "engines": 2}
     page = httpx.get(f"{gateway.url}/metrics").text
     for name in (
-        "spotrag_queued_tokens", "spotrag_engine_inflight_tokens", "spotrag_requests_total",
-        "spotrag_retries_total", "spotrag_resumed_streams_total", "spotrag_time_to_first_token_seconds",
-        "spotrag_inter_token_latency_seconds", "spotrag_request_duration_seconds", "spotrag_retrieval_seconds",
-        "spotrag_index_passages", "spotrag_index_info", "spotrag_engines",
+        "spotrag_queued_tokens",
+        "spotrag_engine_inflight_tokens",
+        "spotrag_requests_total",
+        "spotrag_retries_total",
+        "spotrag_resumed_streams_total",
+        "spotrag_time_to_first_token_seconds",
+        "spotrag_inter_token_latency_seconds",
+        "spotrag_request_duration_seconds",
+        "spotrag_retrieval_seconds",
+        "spotrag_index_passages",
+        "spotrag_index_info",
+        "spotrag_engines",
     ):
         assert f"# TYPE {name} " in page, name
     index = gateway.gateway.retrieval.index

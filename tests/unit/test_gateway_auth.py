@@ -81,11 +81,14 @@ def test_requests_without_an_accepted_key_get_401_before_anything_else(secured_g
     assert raised.value.status_code == 401
     assert raised.value.body == {
         "message": "Missing or invalid API key. Send it as 'Authorization: Bearer <key>'.",
-        "type": "authentication_error", "param": None, "code": "invalid_api_key",
+        "type": "authentication_error",
+        "param": None,
+        "code": "invalid_api_key",
     }
     # Refused before the body is read: not even its JSON is looked at.
-    garbage = httpx.post(f"{gateway.url}/v1/chat/completions", content=b"{not json",
-                         headers={"Content-Type": "application/json"})
+    garbage = httpx.post(
+        f"{gateway.url}/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert garbage.status_code == 401 and garbage.headers["WWW-Authenticate"] == "Bearer"
     with gateway.client() as client:
         assert [model.id for model in client.models.list()] == [SERVED_MODEL]

@@ -27,10 +27,24 @@ def test_the_gateway_command_serves_and_drains_on_sigterm(tmp_path) -> None:
         port = free_port()
         log = (tmp_path / "gateway.log").open("w")
         process = subprocess.Popen(
-            [sys.executable, "-m", "spotrag_runtime.gateway.cli", "--served-model-name", SERVED_MODEL,
-             "--engine-url", engine.url, "--no-retrieval", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "spotrag_runtime.gateway.cli",
+                "--served-model-name",
+                SERVED_MODEL,
+                "--engine-url",
+                engine.url,
+                "--no-retrieval",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"
         try:

@@ -93,17 +93,27 @@ def test_only_the_model_name_is_required() -> None:
         ({"servedModelName": "m", "retrieval": "on"}, "retrieval: must be an object, not str"),
         ({"servedModelName": "m", "maxModelLen": "8k"}, 'maxModelLen: must be an integer, not "8k"'),
         ({"servedModelName": "m", "prompt": {"template": "{question}"}}, "prompt.template: must contain {contexts}"),
-        ({"servedModelName": "m", "engines": {"discovery": "dns"}},
-         "engines.discovery: must be 'static' or 'endpointslices', not 'dns'"),
-        ({"servedModelName": "m", "engines": {"discovery": "endpointslices"}},
-         "engines.service: required when engines.discovery is 'endpointslices'"),
-        ({"servedModelName": "m", "engines": {"urls": ["127.0.0.1:8000"]}},
-         "engines.urls: '127.0.0.1:8000' is not an http(s) URL"),
+        (
+            {"servedModelName": "m", "engines": {"discovery": "dns"}},
+            "engines.discovery: must be 'static' or 'endpointslices', not 'dns'",
+        ),
+        (
+            {"servedModelName": "m", "engines": {"discovery": "endpointslices"}},
+            "engines.service: required when engines.discovery is 'endpointslices'",
+        ),
+        (
+            {"servedModelName": "m", "engines": {"urls": ["127.0.0.1:8000"]}},
+            "engines.urls: '127.0.0.1:8000' is not an http(s) URL",
+        ),
         ({"servedModelName": "m", "engines": {"urls": "http://a:1"}}, "engines.urls: must be a list, not str"),
-        ({"servedModelName": "m", "admission": {"defaultMaxTokens": 5000}},
-         "admission.defaultMaxTokens (5000) is above admission.maxTokensLimit (4096)"),
-        ({"servedModelName": "m", "maxModelLen": 4096, "admission": {"maxTokensLimit": 4096}},
-         "admission.maxTokensLimit (4096) leaves no room for a prompt in maxModelLen (4096)"),
+        (
+            {"servedModelName": "m", "admission": {"defaultMaxTokens": 5000}},
+            "admission.defaultMaxTokens (5000) is above admission.maxTokensLimit (4096)",
+        ),
+        (
+            {"servedModelName": "m", "maxModelLen": 4096, "admission": {"maxTokensLimit": 4096}},
+            "admission.maxTokensLimit (4096) leaves no room for a prompt in maxModelLen (4096)",
+        ),
         ({"servedModelName": ""}, "servedModelName: must not be empty"),
     ],
 )
@@ -155,8 +165,16 @@ def test_command_line_overrides_the_config(tmp_path) -> None:
     path = tmp_path / "gateway.json"
     path.write_text(json.dumps(RENDERED))
     args = build_parser().parse_args(
-        ["--config", str(path), "--engine-url", "http://127.0.0.1:9001", "--engine-url", "http://127.0.0.1:9002",
-         "--index", str(tmp_path / "index")]
+        [
+            "--config",
+            str(path),
+            "--engine-url",
+            "http://127.0.0.1:9001",
+            "--engine-url",
+            "http://127.0.0.1:9002",
+            "--index",
+            str(tmp_path / "index"),
+        ]
     )
     config = config_from_args(args)
     assert config.engines.discovery == "static"
@@ -172,7 +190,9 @@ def test_the_gateway_cli_reports_a_bad_config_without_a_traceback(tmp_path) -> N
     path.write_text(json.dumps({"servedModelName": "m", "admission": {"maxQueuedRequest": 5}}))
     completed = subprocess.run(
         [sys.executable, "-m", "spotrag_runtime.gateway.cli", "--config", str(path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert completed.returncode == 2
     assert "admission.maxQueuedRequest: unknown key (did you mean 'maxQueuedRequests'?)" in completed.stderr

@@ -105,12 +105,23 @@ CONFIG = EnginesConfig(discovery="endpointslices", service=SERVICE, port=8000)
         ([endpoint_slice("a", 8001, ready=None)], []),
         ([{"endpoints": [{"addresses": ["10.0.0.7"], "conditions": {"ready": True, "terminating": True}}]}], []),
         # No ports in the slice: the configured port.
-        ([{"endpoints": [{"addresses": ["10.0.0.7", "10.0.0.8"], "conditions": {"ready": True}}]}],
-         ["http://10.0.0.7:8000"]),
-        ([{"ports": [{"name": "metrics", "port": 9000}, {"name": "http", "port": 8080}],
-           "endpoints": [{"addresses": ["fd00::7"], "conditions": {"ready": True}}]}], ["http://[fd00::7]:8080"]),
-        ([endpoint_slice("a", 8001, ready=True), endpoint_slice("b", 8002, ready=True),
-          {"endpoints": None}], ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]),
+        (
+            [{"endpoints": [{"addresses": ["10.0.0.7", "10.0.0.8"], "conditions": {"ready": True}}]}],
+            ["http://10.0.0.7:8000"],
+        ),
+        (
+            [
+                {
+                    "ports": [{"name": "metrics", "port": 9000}, {"name": "http", "port": 8080}],
+                    "endpoints": [{"addresses": ["fd00::7"], "conditions": {"ready": True}}],
+                }
+            ],
+            ["http://[fd00::7]:8080"],
+        ),
+        (
+            [endpoint_slice("a", 8001, ready=True), endpoint_slice("b", 8002, ready=True), {"endpoints": None}],
+            ["http://127.0.0.1:8001", "http://127.0.0.1:8002"],
+        ),
     ],
 )
 def test_slices_become_engine_urls(slices: list[dict], urls: list[str]) -> None:

@@ -46,7 +46,10 @@ async def engine_with_work(gateway: RunningGateway, engines: list) -> object:
 
 
 async def test_an_engine_killed_before_the_first_token_is_invisible_to_the_client() -> None:
-    with running_engines(2, ttft_ms=800, **LONG_ANSWERS) as engines, RunningGateway(config([e.url for e in engines])) as gateway:
+    with (
+        running_engines(2, ttft_ms=800, **LONG_ANSWERS) as engines,
+        RunningGateway(config([e.url for e in engines])) as gateway,
+    ):
         async with gateway.async_client() as client:
             # The gateway answers only once the first token is there, so the
             # client is still waiting for its response when the engine dies.
@@ -68,10 +71,16 @@ async def test_an_engine_killed_before_the_first_token_is_invisible_to_the_clien
 
 @pytest.mark.parametrize("how", ["killed", "drained"])
 async def test_a_stream_broken_mid_answer_is_resumed_as_one_uninterrupted_answer(how: str) -> None:
-    with running_engines(2, itl_ms=15, **LONG_ANSWERS) as engines, RunningGateway(config([e.url for e in engines])) as gateway:
+    with (
+        running_engines(2, itl_ms=15, **LONG_ANSWERS) as engines,
+        RunningGateway(config([e.url for e in engines])) as gateway,
+    ):
         async with gateway.async_client() as client:
             stream = await client.chat.completions.create(
-                model=SERVED_MODEL, messages=QUESTION, max_tokens=60, stream=True,
+                model=SERVED_MODEL,
+                messages=QUESTION,
+                max_tokens=60,
+                stream=True,
                 stream_options={"include_usage": True},
             )
             chunks = []

@@ -44,12 +44,11 @@ async def stream_text(client: openai.AsyncOpenAI, messages: list[dict], max_toke
 
 
 async def test_queued_tokens_are_exact_while_a_burst_waits_and_zero_after() -> None:
-    with running_engines(1, ttft_ms=STALL_MS) as (engine,), RunningGateway(
-        plain_config([engine.url], maxInflightRequestsPerEngine=2)
-    ) as gateway:
-        burst = [
-            ([{"role": "user", "content": "tell me " + "about ferries " * i}], 20 + 10 * i) for i in range(4)
-        ]
+    with (
+        running_engines(1, ttft_ms=STALL_MS) as (engine,),
+        RunningGateway(plain_config([engine.url], maxInflightRequestsPerEngine=2)) as gateway,
+    ):
+        burst = [([{"role": "user", "content": "tell me " + "about ferries " * i}], 20 + 10 * i) for i in range(4)]
         costs = [tokenize_count(engine, messages) + max_tokens for messages, max_tokens in burst]
         async with gateway.async_client() as client:
             tasks = []
@@ -76,9 +75,10 @@ async def _equals(gateway: RunningGateway, name: str, expected: float, **labels:
 
 
 async def test_requests_go_to_the_engine_with_the_least_outstanding_tokens() -> None:
-    with running_engines(2, ttft_ms=STALL_MS) as engines, RunningGateway(
-        plain_config([engine.url for engine in engines])
-    ) as gateway:
+    with (
+        running_engines(2, ttft_ms=STALL_MS) as engines,
+        RunningGateway(plain_config([engine.url for engine in engines])) as gateway,
+    ):
         first, second = engines
         question = [{"role": "user", "content": "Which ship is the oldest?"}]
         prompt = tokenize_count(first, question)
@@ -94,9 +94,7 @@ async def test_requests_go_to_the_engine_with_the_least_outstanding_tokens() -> 
             # All three short ones went to the second engine: even with three of
             # them it holds fewer outstanding tokens than the first.
             assert await gateway.metric_async("spotrag_engine_inflight_tokens", engine=first.url) == prompt + 400
-            assert await gateway.metric_async(
-                "spotrag_engine_inflight_tokens", engine=second.url
-            ) == 3 * (prompt + 50)
+            assert await gateway.metric_async("spotrag_engine_inflight_tokens", engine=second.url) == 3 * (prompt + 50)
 
             # The engines agree on where the requests are.
             async def engine_requests(engine) -> float:
@@ -111,17 +109,20 @@ async def test_requests_go_to_the_engine_with_the_least_outstanding_tokens() -> 
 
 
 async def test_a_full_queue_answers_429_and_a_request_no_engine_takes_in_time_503() -> None:
-    with running_engines(1, ttft_ms=2 * STALL_MS) as (engine,), RunningGateway(
-        plain_config(
-            [engine.url], maxInflightRequestsPerEngine=1, maxQueuedRequests=1, queueTimeoutSeconds=0.3
-        )
-    ) as gateway:
+    with (
+        running_engines(1, ttft_ms=2 * STALL_MS) as (engine,),
+        RunningGateway(
+            plain_config([engine.url], maxInflightRequestsPerEngine=1, maxQueuedRequests=1, queueTimeoutSeconds=0.3)
+        ) as gateway,
+    ):
         question = [{"role": "user", "content": "hello"}]
         cost = tokenize_count(engine, question) + 5
         async with gateway.async_client() as client:
             holder = asyncio.create_task(stream_text(client, question, 5))
-            await eventually(lambda: _equals(gateway, "spotrag_engine_inflight_tokens", cost, engine=engine.url),
-                             "the first request to be admitted")
+            await eventually(
+                lambda: _equals(gateway, "spotrag_engine_inflight_tokens", cost, engine=engine.url),
+                "the first request to be admitted",
+            )
             waiter = asyncio.create_task(
                 client.chat.completions.create(model=SERVED_MODEL, messages=question, max_tokens=5)
             )

@@ -8,14 +8,14 @@ import asyncio
 
 import pytest
 
+from spotrag_runtime.gateway.config import AdmissionConfig
+from spotrag_runtime.gateway.errors import QueueFull, Unavailable
 from spotrag_runtime.gateway.token_queue import (
     AFFINITY_BLOCK_CHARS,
     AdmissionController,
     Ticket,
     prefix_keys,
 )
-from spotrag_runtime.gateway.config import AdmissionConfig
-from spotrag_runtime.gateway.errors import QueueFull, Unavailable
 
 A, B = "http://engine-a:8000", "http://engine-b:8000"
 
@@ -32,9 +32,7 @@ class FakeClock:
 
 def controller(engines=(A, B), clock=None, **admission) -> AdmissionController:
     admission.setdefault("prefix_affinity", False)
-    control = AdmissionController(
-        AdmissionConfig(**admission), engine_cooldown_seconds=5.0, clock=clock or FakeClock()
-    )
+    control = AdmissionController(AdmissionConfig(**admission), engine_cooldown_seconds=5.0, clock=clock or FakeClock())
     control.set_engines(engines)
     return control
 

@@ -76,7 +76,9 @@ def test_sample_corpus_build_publishes_a_complete_version(sample_build):
     assert [stage for stage, _, _ in stages if stage != "embed"] == ["load", "chunk", "index", "write"]
     assert ("embed", result.count, result.count) in stages
     version_dir = root / VERSIONS_DIR / result.version
-    assert sorted(path.name for path in version_dir.iterdir()) == sorted([INDEX_FILE, MANIFEST_FILE, PASSAGES_FILE, RESULT_FILE])
+    assert sorted(path.name for path in version_dir.iterdir()) == sorted(
+        [INDEX_FILE, MANIFEST_FILE, PASSAGES_FILE, RESULT_FILE]
+    )
     assert (root / CURRENT_FILE).read_text() == f"{result.version}\n"
     assert json.loads((version_dir / RESULT_FILE).read_text())["version"] == result.version
     assert not any((root / ".work").iterdir())  # checkpoints are removed once published
@@ -107,14 +109,18 @@ def test_new_version_swaps_in_atomically_and_old_versions_are_pruned(tmp_path, e
     [hits] = serving.search(embedder.embed_queries(["Which ship is the relief vessel?"]), 1)
     assert hits[0].passage.source == "ships.md" and serving.version == first.version
     assert LoadedIndex.load(root).passages[0].source == "cafe.md"
-    third = build_index([write_corpus(tmp_path / "c", ships=SHIPS, cafe=CAFE)], root, embedder=embedder, keep_versions=2)
+    third = build_index(
+        [write_corpus(tmp_path / "c", ships=SHIPS, cafe=CAFE)], root, embedder=embedder, keep_versions=2
+    )
     assert published_state(root) == (third.version, sorted([second.version, third.version]))
 
 
 @pytest.mark.parametrize(("index_type", "real_questions"), [("hnsw", True), ("ivf", False)])
 def test_approximate_index_is_tuned_and_searchable(tmp_path, embedder, index_type, real_questions):
     questions = [question.question for question in load_sample_questions()] if real_questions else None
-    result = build_index([SAMPLE_CORPUS_DIR], tmp_path, embedder=embedder, index_type=index_type, eval_queries=questions)
+    result = build_index(
+        [SAMPLE_CORPUS_DIR], tmp_path, embedder=embedder, index_type=index_type, eval_queries=questions
+    )
     assert result.index_type == index_type and result.recall_at_10 is not None and result.recall_at_10 >= RECALL_TARGET
     assert set(result.manifest.search_params) == {"efSearch" if index_type == "hnsw" else "nprobe"}
     expected_queries = "33 given questions" if real_questions else f"{result.count} synthetic questions at cosine 0.6"
@@ -138,7 +144,13 @@ def test_tuning_reaches_the_recall_target_on_clustered_vectors(index_type, param
 
 
 def test_index_type_follows_corpus_size():
-    assert [choose_index_type(n) for n in (40, 49_999, 50_000, 1_999_999, 2_000_000)] == ["flat", "flat", "hnsw", "hnsw", "ivf"]
+    assert [choose_index_type(n) for n in (40, 49_999, 50_000, 1_999_999, 2_000_000)] == [
+        "flat",
+        "flat",
+        "hnsw",
+        "hnsw",
+        "ivf",
+    ]
     assert choose_index_type(10, "ivf") == "ivf"
     with pytest.raises(ValueError, match="unknown index type 'annoy'"):
         choose_index_type(10, "annoy")
@@ -150,7 +162,9 @@ def test_build_killed_midway_resumes_from_its_checkpoints(tmp_path, sample_build
         sys.executable, "-m", "spotrag_runtime.index", "build", str(SAMPLE_CORPUS_DIR), "--out", str(root),
         "--work-dir", str(work), "--shard-size", "2", "--device", "cpu", "--threads", "1", "--progress", "json",
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     try:
         deadline = time.monotonic() + 120
         while len(list(work.glob("*/shard-*.npy"))) < 3:
@@ -166,14 +180,31 @@ def test_build_killed_midway_resumes_from_its_checkpoints(tmp_path, sample_build
     assert current_version(root) is None  # nothing half-built was published
     checkpoints = len(list(work.glob("*/shard-*.npy")))
 
-    exit_code = cli(["build", str(SAMPLE_CORPUS_DIR), "--out", str(root), "--work-dir", str(work), "--shard-size", "2", "--device", "cpu", "--progress", "json"])
+    exit_code = cli(
+        [
+            "build",
+            str(SAMPLE_CORPUS_DIR),
+            "--out",
+            str(root),
+            "--work-dir",
+            str(work),
+            "--shard-size",
+            "2",
+            "--device",
+            "cpu",
+            "--progress",
+            "json",
+        ]
+    )
     assert exit_code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["ok"] and result["resumed_shards"] >= checkpoints >= 3
     assert result["resumed_shards"] + result["embedded_shards"] == -(-result["count"] // 2)
     # The resumed index holds the same vectors as an uninterrupted build.
     _, uninterrupted, _ = sample_build
-    resumed_vectors = faiss.read_index(str(root / VERSIONS_DIR / result["version"] / INDEX_FILE)).reconstruct_n(0, result["count"])
+    resumed_vectors = faiss.read_index(str(root / VERSIONS_DIR / result["version"] / INDEX_FILE)).reconstruct_n(
+        0, result["count"]
+    )
     reference_vectors = faiss.read_index(str(uninterrupted.path / INDEX_FILE)).reconstruct_n(0, uninterrupted.count)
     np.testing.assert_allclose(resumed_vectors, reference_vectors, atol=1e-5)
 
@@ -195,12 +226,19 @@ def test_bad_corpus_fails_naming_it_and_keeps_the_published_index(tmp_path, embe
 
 def test_chunks_longer_than_the_model_reads_are_refused(tmp_path, embedder):
     with pytest.raises(ValueError, match=r"chunks of 300 tokens do not fit .* at most 254"):
-        build_index([write_corpus(tmp_path / "docs", ships=SHIPS)], tmp_path / "index", embedder=embedder, chunk_tokens=300)
+        build_index(
+            [write_corpus(tmp_path / "docs", ships=SHIPS)], tmp_path / "index", embedder=embedder, chunk_tokens=300
+        )
 
 
 def test_settings_that_contradict_the_given_embedder_are_refused(tmp_path, embedder):
     with pytest.raises(ValueError, match="passage prefix 'passage: '"):
-        build_index([write_corpus(tmp_path / "docs", ships=SHIPS)], tmp_path / "index", embedder=embedder, passage_prefix="passage: ")
+        build_index(
+            [write_corpus(tmp_path / "docs", ships=SHIPS)],
+            tmp_path / "index",
+            embedder=embedder,
+            passage_prefix="passage: ",
+        )
 
 
 @pytest.fixture
@@ -208,7 +246,9 @@ def small_disk(tmp_path):
     """A real 1 MiB filesystem (tmpfs), so writes fail with a real ENOSPC."""
     mount_point = tmp_path / "small-disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
     try:
@@ -225,14 +265,19 @@ def fill(disk: Path, leave_bytes: int) -> Path:
 
 
 @pytest.mark.parametrize("checkpoints_on_the_full_disk", [True, False])
-def test_full_disk_fails_naming_the_file_and_keeps_the_published_index(tmp_path, embedder, small_disk, checkpoints_on_the_full_disk):
+def test_full_disk_fails_naming_the_file_and_keeps_the_published_index(
+    tmp_path, embedder, small_disk, checkpoints_on_the_full_disk
+):
     root = small_disk / "index"
     work_dir = None if checkpoints_on_the_full_disk else tmp_path / "work"
     good = build_index([write_corpus(tmp_path / "a", ships=SHIPS)], root, embedder=embedder, work_dir=work_dir)
     before = published_state(root)
     filler = fill(small_disk, leave_bytes=4096)
     bigger = write_corpus(tmp_path / "b", **{f"part{n}": f"{CAFE} Sailing {n} is listed." for n in range(20)})
-    with pytest.raises(IndexBuildError, match=r"cannot write .*(shard-|\.staging-).*: no space left on device; the published index is unchanged"):
+    with pytest.raises(
+        IndexBuildError,
+        match=r"cannot write .*(shard-|\.staging-).*: no space left on device; the published index is unchanged",
+    ):
         build_index([bigger], root, embedder=embedder, work_dir=work_dir)
     assert published_state(root) == before  # no staging folder left behind either
     assert LoadedIndex.load(root).version == good.version
@@ -242,12 +287,18 @@ def test_full_disk_fails_naming_the_file_and_keeps_the_published_index(tmp_path,
 
 def test_cli_reports_failure_as_json_and_in_the_result_file(tmp_path, capsys):
     result_file = tmp_path / "termination-log"
-    exit_code = cli(["build", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "index"), "--result-file", str(result_file)])
+    exit_code = cli(
+        ["build", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "index"), "--result-file", str(result_file)]
+    )
     assert exit_code == 1
     captured = capsys.readouterr()
     report = json.loads(captured.out.strip())
     assert report == json.loads(result_file.read_text())
-    assert report["ok"] is False and report["error_type"] == "CorpusError" and "nothing-here does not exist" in report["error"]
+    assert (
+        report["ok"] is False
+        and report["error_type"] == "CorpusError"
+        and "nothing-here does not exist" in report["error"]
+    )
     assert "nothing-here does not exist" in captured.err
 
 

@@ -6,7 +6,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -44,7 +43,9 @@ def test_sample_corpus_loads_every_format_with_relative_sources():
     assert "announcements/2025-06-wifi" in sources  # a JSONL record names its own source
     wifi = next(document for document in documents if document.source == "announcements/2025-06-wifi")
     assert wifi.metadata == {"date": "2025-06-01", "author": "IT"}
-    assert [document.source for document in documents] == [document.source for document in load_documents([SAMPLE_CORPUS_DIR])]
+    assert [document.source for document in documents] == [
+        document.source for document in load_documents([SAMPLE_CORPUS_DIR])
+    ]
 
 
 def test_html_keeps_visible_text_as_paragraphs():
@@ -58,7 +59,10 @@ def test_html_keeps_visible_text_as_paragraphs():
 
 def test_jsonl_text_field_is_configurable_and_unnamed_records_get_file_and_line(tmp_path):
     (tmp_path / "faq.jsonl").write_text(
-        json.dumps({"body": "Ferries leave hourly.", "lang": "en"}) + "\n\n" + json.dumps({"body": "Cafés open late."}) + "\n",
+        json.dumps({"body": "Ferries leave hourly.", "lang": "en"})
+        + "\n\n"
+        + json.dumps({"body": "Cafés open late."})
+        + "\n",
         encoding="utf-8",
     )
     documents = load_documents([tmp_path / "faq.jsonl"], text_field="body")
@@ -117,7 +121,9 @@ def test_missing_source_and_unsupported_file_are_named(tmp_path):
 
 
 def test_questions_are_read_from_jsonl_or_lines(tmp_path):
-    (tmp_path / "q.jsonl").write_text('{"question": "When?"}\n\n{"question": "Where?", "source": "x"}\n', encoding="utf-8")
+    (tmp_path / "q.jsonl").write_text(
+        '{"question": "When?"}\n\n{"question": "Where?", "source": "x"}\n', encoding="utf-8"
+    )
     (tmp_path / "q.txt").write_text("When?\n  \nWhere?\n", encoding="utf-8")
     assert read_questions(tmp_path / "q.jsonl") == read_questions(tmp_path / "q.txt") == ["When?", "Where?"]
     (tmp_path / "bad.jsonl").write_text('{"q": "When?"}\n', encoding="utf-8")
@@ -151,7 +157,7 @@ def test_chunks_end_on_sentence_boundaries(tokenizer):
 def test_overlap_repeats_whole_trailing_sentences(tokenizer):
     sentences = [f"Ship {n} sails at {n} o'clock." for n in range(20)]
     chunks = Chunker(tokenizer, chunk_tokens=40, overlap_tokens=14).chunk_text(" ".join(sentences))
-    for (previous, _), (following, _) in zip(chunks, chunks[1:]):
+    for (previous, _), (following, _) in zip(chunks, chunks[1:], strict=False):
         last_sentence = re.findall(r"Ship \d+ sails at \d+ o'clock\.", previous)[-1]
         assert following.startswith(last_sentence)
 

@@ -7,7 +7,9 @@ from .operator_fixtures import ROOT
 
 
 def test_metrics_reference_is_current():
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_metrics_docs.py"), "--check"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_metrics_docs.py"), "--check"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 

@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 import jsonpatch
 import kubernetes
 import pytest
+
 from spotrag_box.apiserver.server import KubeAPIServer
 from spotrag_box.metadata_server import MetadataServer
 from spotrag_operator.signals import Action, node_signal
@@ -52,70 +53,157 @@ def at(seconds: float) -> datetime:
 
 # --- each cloud's answers → Notice -------------------------------------------------------------
 
+
 def azure(*events: dict) -> str:
     return json.dumps({"DocumentIncarnation": 7, "Events": list(events)})
 
 
-def event(event_type: str, not_before: str = "Sat, 21 Nov 2026 12:00:30 GMT", resources=("spot-vm-0",),
-          status: str = "Scheduled", event_id: str = "E1") -> dict:
-    return {"EventId": event_id, "EventStatus": status, "EventType": event_type, "ResourceType": "VirtualMachine",
-            "Resources": list(resources), "NotBefore": not_before}
+def event(
+    event_type: str,
+    not_before: str = "Sat, 21 Nov 2026 12:00:30 GMT",
+    resources=("spot-vm-0",),
+    status: str = "Scheduled",
+    event_id: str = "E1",
+) -> dict:
+    return {
+        "EventId": event_id,
+        "EventStatus": status,
+        "EventType": event_type,
+        "ResourceType": "VirtualMachine",
+        "Resources": list(resources),
+        "NotBefore": not_before,
+    }
 
 
 # (what, parser, body, expected) where expected is None, an exception type, or
 # (kind, cloud, deadline, warns).
 PARSE_TABLE = [
     ("aws no notice (404)", parse_aws_instance_action, None, None),
-    ("aws terminate", parse_aws_instance_action, '{"action": "terminate", "time": "2026-11-21T12:02:00Z"}',
-     ("interruption", "aws", at(120), False)),
-    ("aws stop", parse_aws_instance_action, '{"action": "stop", "time": "2026-11-21T12:01:55Z"}',
-     ("interruption", "aws", at(115), False)),
-    ("aws hibernate", parse_aws_instance_action, '{"action": "hibernate", "time": "2026-11-21T12:02:00+00:00"}',
-     ("interruption", "aws", at(120), False)),
-    ("aws no time: 2 minutes", parse_aws_instance_action, '{"action": "terminate"}',
-     ("interruption", "aws", at(120), False)),
-    ("aws malformed time: now", parse_aws_instance_action, '{"action": "terminate", "time": "in two minutes"}',
-     ("interruption", "aws", NOW, True)),
-    ("aws time without zone: now", parse_aws_instance_action, '{"action": "terminate", "time": "2026-11-21T12:02:00"}',
-     ("interruption", "aws", NOW, True)),
+    (
+        "aws terminate",
+        parse_aws_instance_action,
+        '{"action": "terminate", "time": "2026-11-21T12:02:00Z"}',
+        ("interruption", "aws", at(120), False),
+    ),
+    (
+        "aws stop",
+        parse_aws_instance_action,
+        '{"action": "stop", "time": "2026-11-21T12:01:55Z"}',
+        ("interruption", "aws", at(115), False),
+    ),
+    (
+        "aws hibernate",
+        parse_aws_instance_action,
+        '{"action": "hibernate", "time": "2026-11-21T12:02:00+00:00"}',
+        ("interruption", "aws", at(120), False),
+    ),
+    (
+        "aws no time: 2 minutes",
+        parse_aws_instance_action,
+        '{"action": "terminate"}',
+        ("interruption", "aws", at(120), False),
+    ),
+    (
+        "aws malformed time: now",
+        parse_aws_instance_action,
+        '{"action": "terminate", "time": "in two minutes"}',
+        ("interruption", "aws", NOW, True),
+    ),
+    (
+        "aws time without zone: now",
+        parse_aws_instance_action,
+        '{"action": "terminate", "time": "2026-11-21T12:02:00"}',
+        ("interruption", "aws", NOW, True),
+    ),
     ("aws body not JSON: now", parse_aws_instance_action, "<html>terminate</html>", ("interruption", "aws", NOW, True)),
     ("aws no rebalance (404)", parse_aws_rebalance, None, None),
-    ("aws rebalance: a hint, 2 minutes at the soonest", parse_aws_rebalance, '{"noticeTime": "2026-11-21T11:50:00Z"}',
-     ("rebalance", "aws", at(120), False)),
+    (
+        "aws rebalance: a hint, 2 minutes at the soonest",
+        parse_aws_rebalance,
+        '{"noticeTime": "2026-11-21T11:50:00Z"}',
+        ("rebalance", "aws", at(120), False),
+    ),
     ("aws rebalance without noticeTime", parse_aws_rebalance, "{}", ("rebalance", "aws", at(120), True)),
     ("gce not preempted", parse_gce_preempted, "FALSE", None),
     ("gce preempted: 30 s", parse_gce_preempted, "TRUE\n", ("interruption", "gcp", at(30), False)),
     ("gce preempted garbage", parse_gce_preempted, "MAYBE", UnrecognisedResponse),
     ("gce no maintenance", parse_gce_maintenance_event, "NONE", None),
     ("gce live migration is no drain", parse_gce_maintenance_event, "MIGRATE_ON_HOST_MAINTENANCE", None),
-    ("gce terminate on maintenance: 60 s", parse_gce_maintenance_event, "TERMINATE_ON_HOST_MAINTENANCE",
-     ("maintenance", "gcp", at(60), False)),
+    (
+        "gce terminate on maintenance: 60 s",
+        parse_gce_maintenance_event,
+        "TERMINATE_ON_HOST_MAINTENANCE",
+        ("maintenance", "gcp", at(60), False),
+    ),
     ("gce maintenance garbage", parse_gce_maintenance_event, "<html>", UnrecognisedResponse),
     ("azure no events", parse_azure_scheduled_events, azure(), None),
-    ("azure preempt, RFC 1123 NotBefore", parse_azure_scheduled_events, azure(event("Preempt")),
-     ("interruption", "azure", at(30), False)),
-    ("azure preempt, RFC 3339 NotBefore", parse_azure_scheduled_events,
-     azure(event("Preempt", "2026-11-21T12:00:25Z")), ("interruption", "azure", at(25), False)),
-    ("azure preempt of another VM", parse_azure_scheduled_events, azure(event("Preempt", resources=["spot-vm-9"])),
-     None),
-    ("azure scale-set name with underscore", parse_azure_scheduled_events,
-     azure(event("Preempt", resources=["_spot-vm-0"])), ("interruption", "azure", at(30), False)),
-    ("azure event naming no VM is ours", parse_azure_scheduled_events, azure(event("Preempt", resources=[])),
-     ("interruption", "azure", at(30), False)),
-    ("azure terminate notification", parse_azure_scheduled_events, azure(event("Terminate")),
-     ("interruption", "azure", at(30), False)),
+    (
+        "azure preempt, RFC 1123 NotBefore",
+        parse_azure_scheduled_events,
+        azure(event("Preempt")),
+        ("interruption", "azure", at(30), False),
+    ),
+    (
+        "azure preempt, RFC 3339 NotBefore",
+        parse_azure_scheduled_events,
+        azure(event("Preempt", "2026-11-21T12:00:25Z")),
+        ("interruption", "azure", at(25), False),
+    ),
+    (
+        "azure preempt of another VM",
+        parse_azure_scheduled_events,
+        azure(event("Preempt", resources=["spot-vm-9"])),
+        None,
+    ),
+    (
+        "azure scale-set name with underscore",
+        parse_azure_scheduled_events,
+        azure(event("Preempt", resources=["_spot-vm-0"])),
+        ("interruption", "azure", at(30), False),
+    ),
+    (
+        "azure event naming no VM is ours",
+        parse_azure_scheduled_events,
+        azure(event("Preempt", resources=[])),
+        ("interruption", "azure", at(30), False),
+    ),
+    (
+        "azure terminate notification",
+        parse_azure_scheduled_events,
+        azure(event("Terminate")),
+        ("interruption", "azure", at(30), False),
+    ),
     ("azure freeze is no drain", parse_azure_scheduled_events, azure(event("Freeze")), None),
-    ("azure redeploy is maintenance", parse_azure_scheduled_events,
-     azure(event("Redeploy", "Sat, 21 Nov 2026 12:10:00 GMT")), ("maintenance", "azure", at(600), False)),
-    ("azure preempt wins over a reboot", parse_azure_scheduled_events,
-     azure(event("Reboot", "Sat, 21 Nov 2026 12:00:10 GMT", event_id="R"), event("Preempt", event_id="P")),
-     ("interruption", "azure", at(30), False)),
-    ("azure malformed NotBefore: now", parse_azure_scheduled_events, azure(event("Preempt", "soon")),
-     ("interruption", "azure", NOW, True)),
-    ("azure started, no NotBefore: now", parse_azure_scheduled_events, azure(event("Preempt", "", status="Started")),
-     ("interruption", "azure", NOW, False)),
-    ("azure scheduled, no NotBefore: 30 s", parse_azure_scheduled_events, azure(event("Preempt", "")),
-     ("interruption", "azure", at(30), False)),
+    (
+        "azure redeploy is maintenance",
+        parse_azure_scheduled_events,
+        azure(event("Redeploy", "Sat, 21 Nov 2026 12:10:00 GMT")),
+        ("maintenance", "azure", at(600), False),
+    ),
+    (
+        "azure preempt wins over a reboot",
+        parse_azure_scheduled_events,
+        azure(event("Reboot", "Sat, 21 Nov 2026 12:00:10 GMT", event_id="R"), event("Preempt", event_id="P")),
+        ("interruption", "azure", at(30), False),
+    ),
+    (
+        "azure malformed NotBefore: now",
+        parse_azure_scheduled_events,
+        azure(event("Preempt", "soon")),
+        ("interruption", "azure", NOW, True),
+    ),
+    (
+        "azure started, no NotBefore: now",
+        parse_azure_scheduled_events,
+        azure(event("Preempt", "", status="Started")),
+        ("interruption", "azure", NOW, False),
+    ),
+    (
+        "azure scheduled, no NotBefore: 30 s",
+        parse_azure_scheduled_events,
+        azure(event("Preempt", "")),
+        ("interruption", "azure", at(30), False),
+    ),
     ("azure not JSON", parse_azure_scheduled_events, "<html>", UnrecognisedResponse),
     ("azure without Events", parse_azure_scheduled_events, '{"DocumentIncarnation": 1}', UnrecognisedResponse),
 ]
@@ -148,11 +236,21 @@ def test_the_same_notice_polled_again_is_the_same_notice() -> None:
 
 # --- the mark on the Node: the operator's side of the contract --------------------------------
 
-INTERRUPTION = Notice(kind="interruption", cloud="aws", deadline=at(120), detected=NOW,
-                      ref="instance-action terminate 2026-11-21T12:02:00Z")
+INTERRUPTION = Notice(
+    kind="interruption",
+    cloud="aws",
+    deadline=at(120),
+    detected=NOW,
+    ref="instance-action terminate 2026-11-21T12:02:00Z",
+)
 REBALANCE = Notice(kind="rebalance", cloud="aws", deadline=at(120), detected=NOW, ref="rebalance 2026-11-21T11:50:00Z")
-MAINTENANCE = Notice(kind="maintenance", cloud="gcp", deadline=at(60), detected=NOW,
-                     ref="maintenance-event TERMINATE_ON_HOST_MAINTENANCE")
+MAINTENANCE = Notice(
+    kind="maintenance",
+    cloud="gcp",
+    deadline=at(60),
+    detected=NOW,
+    ref="maintenance-event TERMINATE_ON_HOST_MAINTENANCE",
+)
 
 
 @pytest.mark.parametrize("notice", [INTERRUPTION, REBALANCE, MAINTENANCE], ids=lambda n: n.kind)
@@ -166,26 +264,40 @@ def test_parse_node_mark_without_mark_is_none() -> None:
 
 
 def test_parse_node_mark_unreadable_deadline_is_now_with_warning() -> None:
-    mark = json.dumps({"kind": "interruption", "cloud": "gcp", "deadline": "soon", "detected": "2026-11-21T11:59:00Z",
-                       "source": "node-agent", "ref": "preempted"})
+    mark = json.dumps(
+        {
+            "kind": "interruption",
+            "cloud": "gcp",
+            "deadline": "soon",
+            "detected": "2026-11-21T11:59:00Z",
+            "source": "node-agent",
+            "ref": "preempted",
+        }
+    )
     notice = parse_node_mark({ANNOTATION: mark}, now=NOW)
     assert notice.deadline == NOW and notice.detected == at(-60)
     assert "soon" in notice.warning
 
 
-@pytest.mark.parametrize("raw, message", [
-    ("not json", "is not JSON"),
-    ("[1, 2]", "is not a JSON object"),
-    ('{"kind": "explosion", "cloud": "aws"}', "kind 'explosion'"),
-    ('{"kind": "interruption", "cloud": "ibm"}', "cloud 'ibm'"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ("not json", "is not JSON"),
+        ("[1, 2]", "is not a JSON object"),
+        ('{"kind": "explosion", "cloud": "aws"}', "kind 'explosion'"),
+        ('{"kind": "interruption", "cloud": "ibm"}', "cloud 'ibm'"),
+    ],
+)
 def test_parse_node_mark_rejects_what_is_not_a_mark(raw: str, message: str) -> None:
     with pytest.raises(InvalidNodeMark, match=message):
         parse_node_mark({ANNOTATION: raw})
 
 
-@pytest.mark.parametrize("notice, action", [(INTERRUPTION, Action.DRAIN), (MAINTENANCE, Action.DRAIN),
-                                            (REBALANCE, Action.PREWARM)], ids=lambda v: getattr(v, "kind", ""))
+@pytest.mark.parametrize(
+    "notice, action",
+    [(INTERRUPTION, Action.DRAIN), (MAINTENANCE, Action.DRAIN), (REBALANCE, Action.PREWARM)],
+    ids=lambda v: getattr(v, "kind", ""),
+)
 def test_the_operator_reads_what_the_agent_writes(notice: Notice, action: Action) -> None:
     node = jsonpatch.apply_patch(node_body(), mark_patch(node_body(), notice))
     signal = node_signal(node, NOW)
@@ -215,15 +327,36 @@ def ours(kind: str) -> dict:
 PATCH_TABLE = [
     ("bare node", node_body(), INTERRUPTION, INTERRUPTION.to_annotation(), [ours("interruption")]),
     ("node without spec", node_body(spec=False), INTERRUPTION, INTERRUPTION.to_annotation(), [ours("interruption")]),
-    ("others' taints and annotations kept", node_body(annotations={"a": "b"}, taints=[GPU_TAINT]), INTERRUPTION,
-     INTERRUPTION.to_annotation(), [GPU_TAINT, ours("interruption")]),
-    ("rebalance: annotation, no taint", node_body(taints=[GPU_TAINT]), REBALANCE, REBALANCE.to_annotation(),
-     [GPU_TAINT]),
-    ("rebalance then interruption", node_body(annotations={ANNOTATION: REBALANCE.to_annotation()}, taints=[GPU_TAINT]),
-     INTERRUPTION, INTERRUPTION.to_annotation(), [GPU_TAINT, ours("interruption")]),
-    ("clear: our taint goes, others stay",
-     node_body(annotations={ANNOTATION: MAINTENANCE.to_annotation(), "a": "b"}, taints=[ours("maintenance"), GPU_TAINT]),
-     None, None, [GPU_TAINT]),
+    (
+        "others' taints and annotations kept",
+        node_body(annotations={"a": "b"}, taints=[GPU_TAINT]),
+        INTERRUPTION,
+        INTERRUPTION.to_annotation(),
+        [GPU_TAINT, ours("interruption")],
+    ),
+    (
+        "rebalance: annotation, no taint",
+        node_body(taints=[GPU_TAINT]),
+        REBALANCE,
+        REBALANCE.to_annotation(),
+        [GPU_TAINT],
+    ),
+    (
+        "rebalance then interruption",
+        node_body(annotations={ANNOTATION: REBALANCE.to_annotation()}, taints=[GPU_TAINT]),
+        INTERRUPTION,
+        INTERRUPTION.to_annotation(),
+        [GPU_TAINT, ours("interruption")],
+    ),
+    (
+        "clear: our taint goes, others stay",
+        node_body(
+            annotations={ANNOTATION: MAINTENANCE.to_annotation(), "a": "b"}, taints=[ours("maintenance"), GPU_TAINT]
+        ),
+        None,
+        None,
+        [GPU_TAINT],
+    ),
 ]
 
 
@@ -236,7 +369,8 @@ def test_mark_patch_table(what: str, node: dict, notice: Notice | None, annotati
     assert patched["metadata"].get("annotations", {}).get(ANNOTATION) == annotation
     assert patched["spec"]["taints"] == taints
     assert {k: v for k, v in patched["metadata"].get("annotations", {}).items() if k != ANNOTATION} == {
-        k: v for k, v in node["metadata"].get("annotations", {}).items() if k != ANNOTATION}
+        k: v for k, v in node["metadata"].get("annotations", {}).items() if k != ANNOTATION
+    }
     assert mark_patch(patched, notice) == []  # marked once: nothing left to write
 
 
@@ -247,18 +381,32 @@ PLAN_TABLE = [
     ("nothing anywhere", None, [], True, ("keep", None)),
     ("a notice on a clean node", None, [INTERRUPTION], True, ("write", INTERRUPTION)),
     ("the same notice again", INTERRUPTION, [INTERRUPTION], True, ("keep", None)),
-    ("the same notice, later detection", INTERRUPTION, [dataclasses.replace(INTERRUPTION, detected=at(9))], True,
-     ("keep", None)),
+    (
+        "the same notice, later detection",
+        INTERRUPTION,
+        [dataclasses.replace(INTERRUPTION, detected=at(9))],
+        True,
+        ("keep", None),
+    ),
     ("a rebalance never hides an interruption", INTERRUPTION, [REBALANCE], True, ("keep", None)),
     ("an interruption after a rebalance", REBALANCE, [REBALANCE, INTERRUPTION], True, ("write", INTERRUPTION)),
-    ("an earlier deadline of the same kind", INTERRUPTION, [dataclasses.replace(INTERRUPTION, ref="b",
-                                                                     deadline=at(60))], True,
-     ("write", dataclasses.replace(INTERRUPTION, ref="b", deadline=at(60)))),
+    (
+        "an earlier deadline of the same kind",
+        INTERRUPTION,
+        [dataclasses.replace(INTERRUPTION, ref="b", deadline=at(60))],
+        True,
+        ("write", dataclasses.replace(INTERRUPTION, ref="b", deadline=at(60))),
+    ),
     ("survived its deadline, cloud shows nothing: clear", STALE, [], True, ("clear", None)),
     ("survived, but not every endpoint answered yet", STALE, [], False, ("keep", None)),
     ("survived, a rebalance remains: downgrade", STALE, [REBALANCE], True, ("write", REBALANCE)),
-    ("past its deadline, the cloud still shows it", STALE, [dataclasses.replace(STALE, detected=NOW)], True,
-     ("keep", None)),
+    (
+        "past its deadline, the cloud still shows it",
+        STALE,
+        [dataclasses.replace(STALE, detected=NOW)],
+        True,
+        ("keep", None),
+    ),
 ]
 
 
@@ -285,10 +433,18 @@ NODE = "spot-node-1"
 @pytest.fixture
 def kube_api():
     with KubeAPIServer() as api:
-        api.apply({"apiVersion": "v1", "kind": "Node",
-                   "metadata": {"name": NODE, "labels": {"karpenter.sh/capacity-type": "spot"},
-                                "annotations": {"node.alpha.kubernetes.io/ttl": "0"}},
-                   "spec": {"taints": [GPU_TAINT]}})
+        api.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": NODE,
+                    "labels": {"karpenter.sh/capacity-type": "spot"},
+                    "annotations": {"node.alpha.kubernetes.io/ttl": "0"},
+                },
+                "spec": {"taints": [GPU_TAINT]},
+            }
+        )
         yield api
 
 
@@ -325,8 +481,16 @@ async def wait_until(predicate: Callable, what: str, *, timeout: float = 15.0):
 
 
 def fast_config(kubeconfig: str, metadata_url: str, **overrides) -> AgentConfig:
-    settings = {"node_name": NODE, "metadata_url": metadata_url, "kubeconfig": kubeconfig, "poll_interval": 0.05,
-                "request_timeout": 0.5, "detect_timeout": 0.5, "max_backoff": 0.2, "long_poll_s": 5}
+    settings = {
+        "node_name": NODE,
+        "metadata_url": metadata_url,
+        "kubeconfig": kubeconfig,
+        "poll_interval": 0.05,
+        "request_timeout": 0.5,
+        "detect_timeout": 0.5,
+        "max_backoff": 0.2,
+        "long_poll_s": 5,
+    }
     return AgentConfig(**{**settings, **overrides})
 
 
@@ -369,17 +533,19 @@ NOTICES = [
 ]
 
 
-@pytest.mark.parametrize("cloud, announce, endpoint, kind", NOTICES,
-                         ids=[f"{row[0]}-{row[3]}" for row in NOTICES])
-async def test_agent_marks_its_node_when_the_cloud_gives_notice(cloud, announce, endpoint, kind, kube_api, core,
-                                                                kubeconfig) -> None:
+@pytest.mark.parametrize("cloud, announce, endpoint, kind", NOTICES, ids=[f"{row[0]}-{row[3]}" for row in NOTICES])
+async def test_agent_marks_its_node_when_the_cloud_gives_notice(
+    cloud, announce, endpoint, kind, kube_api, core, kubeconfig
+) -> None:
     with MetadataServer(cloud) as metadata:
         async with running(Agent(fast_config(kubeconfig, metadata.url))) as agent:
             # No notice yet: the agent reads the endpoint and leaves the node alone.
             # (GCE: the first read answers at once; the long-polls after it answer only on a change.)
             reads = 1 if cloud == "gcp" else 3
-            await wait_until(lambda: answered(metadata, endpoint, 404 if cloud == "aws" else 200) >= reads,
-                             f"the agent to read {endpoint}")
+            await wait_until(
+                lambda: answered(metadata, endpoint, 404 if cloud == "aws" else 200) >= reads,
+                f"the agent to read {endpoint}",
+            )
             assert agent.cloud == cloud  # found by --cloud auto
             assert our_mark(await read_node(core)) is None and node_patches(kube_api) == []
 
@@ -414,14 +580,16 @@ async def test_a_notice_seen_many_times_and_after_a_restart_marks_once(kube_api,
         async with running(Agent(fast_config(kubeconfig, metadata.url, cloud="aws"))):
             await wait_until(lambda: _marked(core), "the node to be marked")
             seen = answered(metadata, "spot/instance-action")
-            await wait_until(lambda: answered(metadata, "spot/instance-action") >= seen + 5,
-                             "the agent to read the notice again")
+            await wait_until(
+                lambda: answered(metadata, "spot/instance-action") >= seen + 5, "the agent to read the notice again"
+            )
         marked = await read_node(core)
         # A restarted agent finds its own mark and the same notice: nothing to write.
         async with running(Agent(fast_config(kubeconfig, metadata.url, cloud="aws"))):
             seen = answered(metadata, "spot/instance-action")
-            await wait_until(lambda: answered(metadata, "spot/instance-action") >= seen + 5,
-                             "the restarted agent to read the notice")
+            await wait_until(
+                lambda: answered(metadata, "spot/instance-action") >= seen + 5, "the restarted agent to read the notice"
+            )
     assert len(node_patches(kube_api)) == 1
     assert (await read_node(core))["metadata"]["resourceVersion"] == marked["metadata"]["resourceVersion"]
 
@@ -432,8 +600,10 @@ async def test_slow_metadata_times_out_quietly_and_recovers(kube_api, core, kube
         metadata.delay = 1.0  # longer than the agent's 0.5 s request timeout
         async with running(Agent(fast_config(kubeconfig, metadata.url, cloud="aws"))):
             # The token PUT is the first request of each try; several tries mean it backs off and goes on.
-            await wait_until(lambda: len([r for r in metadata.requests() if r.method == "PUT"]) >= 3,
-                             "the agent to retry the slow endpoint")
+            await wait_until(
+                lambda: len([r for r in metadata.requests() if r.method == "PUT"]) >= 3,
+                "the agent to retry the slow endpoint",
+            )
             metadata.delay = 0
             metadata.interrupt()
             node = await wait_until(lambda: _marked(core), "the node to be marked once metadata is fast again")
@@ -463,11 +633,17 @@ async def test_no_cloud_wait_keeps_running_until_stopped(caplog) -> None:
     caplog.set_level(logging.INFO, logger="spotrag.node_agent")
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
-        config = AgentConfig(node_name=NODE, metadata_url=f"http://127.0.0.1:{closed.getsockname()[1]}",
-                             detect_timeout=0.5, no_cloud="wait")
+        config = AgentConfig(
+            node_name=NODE,
+            metadata_url=f"http://127.0.0.1:{closed.getsockname()[1]}",
+            detect_timeout=0.5,
+            no_cloud="wait",
+        )
         async with running(Agent(config)) as agent:
-            await wait_until(lambda: any("not a cloud instance" in r.getMessage() for r in caplog.records),
-                             "the agent to find no cloud")
+            await wait_until(
+                lambda: any("not a cloud instance" in r.getMessage() for r in caplog.records),
+                "the agent to find no cloud",
+            )
             assert agent.cloud is None and agent.marker is None  # waiting, touching nothing
 
 
@@ -476,8 +652,9 @@ async def test_metadata_down_backs_off_without_crashing_and_recovers(kube_api, c
     with MetadataServer("gcp") as metadata:
         metadata.down = True
         async with running(Agent(fast_config(kubeconfig, metadata.url, cloud="gcp"))) as agent:
-            await wait_until(lambda: answered(metadata, "instance/preempted", None) >= 4,
-                             "the agent to retry the dropped endpoint")
+            await wait_until(
+                lambda: answered(metadata, "instance/preempted", None) >= 4, "the agent to retry the dropped endpoint"
+            )
             metadata.down = False
             await wait_until(lambda: answered(metadata, "instance/preempted") >= 1, "the agent to read again")
             metadata.interrupt()
@@ -499,11 +676,15 @@ async def test_a_failing_api_server_is_retried(kube_api, core, kubeconfig) -> No
 
 async def test_a_stale_mark_is_cleared_when_the_instance_survived(kube_api, core, kubeconfig) -> None:
     # Marked before a stop/start (or a finished maintenance); the cloud shows nothing now.
-    stale = Notice(kind="maintenance", cloud="gcp", deadline=datetime.now(UTC) - timedelta(hours=1),
-                   detected=datetime.now(UTC) - timedelta(hours=1, minutes=1), ref="maintenance-event old")
+    stale = Notice(
+        kind="maintenance",
+        cloud="gcp",
+        deadline=datetime.now(UTC) - timedelta(hours=1),
+        detected=datetime.now(UTC) - timedelta(hours=1, minutes=1),
+        ref="maintenance-event old",
+    )
     node = await read_node(core)
-    await asyncio.to_thread(core.patch_node, NODE, mark_patch(node, stale),
-                            _content_type="application/json-patch+json")
+    await asyncio.to_thread(core.patch_node, NODE, mark_patch(node, stale), _content_type="application/json-patch+json")
     with MetadataServer("gcp") as metadata:
         async with running(Agent(fast_config(kubeconfig, metadata.url, cloud="gcp"))):
             node = await wait_until(lambda: _cleared(core), "the stale mark to be removed")
@@ -546,6 +727,7 @@ def test_a_wrong_node_name_says_so(kube_api, kubeconfig) -> None:
 
 # --- the command ---------------------------------------------------------------------------------
 
+
 def agent_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "spotrag_runtime.node_agent", *args]
 
@@ -559,15 +741,22 @@ def test_on_a_non_cloud_node_it_says_so_and_exits_0() -> None:
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{closed.getsockname()[1]}"
-        done = subprocess.run(agent_command("--node-name", NODE, "--metadata-url", url), env=agent_env(), check=False,
-                              capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            agent_command("--node-name", NODE, "--metadata-url", url),
+            env=agent_env(),
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert done.returncode == 0, done.stderr
     assert "not a cloud instance, nothing to watch" in done.stderr
 
 
 def test_without_a_node_name_it_says_how_to_give_one() -> None:
-    done = subprocess.run(agent_command("--cloud", "aws"), env=agent_env(), check=False, capture_output=True, text=True,
-                          timeout=30)
+    done = subprocess.run(
+        agent_command("--cloud", "aws"), env=agent_env(), check=False, capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 1
     assert "pass --node-name or set NODE_NAME" in done.stderr
 
@@ -576,11 +765,18 @@ async def test_sigterm_stops_it_during_a_long_poll(kube_api, kubeconfig) -> None
     with MetadataServer("gcp") as metadata:
         process = await asyncio.create_subprocess_exec(
             *agent_command("--metadata-url", metadata.url, "--kubeconfig", kubeconfig, "--long-poll", "300"),
-            env={**agent_env(), "NODE_NAME": NODE}, stderr=asyncio.subprocess.PIPE)
+            env={**agent_env(), "NODE_NAME": NODE},
+            stderr=asyncio.subprocess.PIPE,
+        )
         try:
             # The first reads answer at once; after them the agent holds 300 s long-polls.
-            await wait_until(lambda: answered(metadata, "instance/preempted") >= 1
-                             and answered(metadata, "instance/maintenance-event") >= 1, "the agent to start watching")
+            await wait_until(
+                lambda: (
+                    answered(metadata, "instance/preempted") >= 1
+                    and answered(metadata, "instance/maintenance-event") >= 1
+                ),
+                "the agent to start watching",
+            )
             await wait_until(lambda: _read_its_node(kube_api), "the agent to read its node")
             process.send_signal(signal.SIGTERM)
             # Far sooner than the long-poll would end on its own.

@@ -13,7 +13,8 @@ import json
 import os
 import pathlib
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import kopf.testing
 import kubernetes
@@ -31,7 +32,9 @@ from .operator_fixtures import ROOT, load_example
 CRD = ROOT / "crds" / "spotrag.io_ragdeployments.yaml"
 
 
-def wait_for(check: Callable[[], Any], *, timeout: float = 20, what: str, diagnose: Callable[[], str] | None = None) -> Any:
+def wait_for(
+    check: Callable[[], Any], *, timeout: float = 20, what: str, diagnose: Callable[[], str] | None = None
+) -> Any:
     """Poll until `check()` is truthy; fail naming what never happened."""
     deadline = time.monotonic() + timeout
     while True:
@@ -75,7 +78,9 @@ def operator(kubeconfig, kube):
         import spotrag_operator.handlers as handlers
 
         importlib.reload(handlers)  # the decorators register into the default registry at import
-        with kopf.testing.KopfRunner(["run", "--all-namespaces", "--standalone"], registry=registry, timeout=60) as runner:
+        with kopf.testing.KopfRunner(
+            ["run", "--all-namespaces", "--standalone"], registry=registry, timeout=60
+        ) as runner:
             yield runner
     finally:
         kopf.set_default_registry(previous_registry)
@@ -96,7 +101,9 @@ def new_ragd(kube: Kube, spec_overrides: dict | None = None, *, namespace: str =
     body["metadata"] = {"name": f"rag{next(_counter)}", "namespace": namespace}
     body["spec"]["retrieval"].pop("corpus", None)  # no ConfigMap needed unless a test asks
     body["spec"] = deep_merge(body["spec"], spec_overrides or {})
-    body["spec"].setdefault("interruption", {})["preStopSeconds"] = body["spec"].get("interruption", {}).get("preStopSeconds", 0)
+    body["spec"].setdefault("interruption", {})["preStopSeconds"] = (
+        body["spec"].get("interruption", {}).get("preStopSeconds", 0)
+    )
     return kube.create(body)
 
 
@@ -106,14 +113,20 @@ def engines(kube: Kube, body: dict) -> list[dict]:
 
 
 def serving(pods: list[dict]) -> list[dict]:
-    return [p for p in pods if p["metadata"]["labels"].get(render.LABEL_SERVING) == "true" and not p["metadata"].get("deletionTimestamp")]
+    return [
+        p
+        for p in pods
+        if p["metadata"]["labels"].get(render.LABEL_SERVING) == "true" and not p["metadata"].get("deletionTimestamp")
+    ]
 
 
 def play_kubelet(kube: Kube, pods: list[dict], *, ready: bool = True) -> None:
     """Mark pods Running/Ready through the status subresource, as a kubelet does."""
     for pod in pods:
         status = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
-        kube.patch("v1", "Pod", pod["metadata"]["name"], {"status": status}, pod["metadata"]["namespace"], subresource="status")
+        kube.patch(
+            "v1", "Pod", pod["metadata"]["name"], {"status": status}, pod["metadata"]["namespace"], subresource="status"
+        )
 
 
 def ragd(kube: Kube, body: dict) -> dict:
@@ -123,7 +136,10 @@ def ragd(kube: Kube, body: dict) -> dict:
 def diagnose(kube: Kube, body: dict) -> Callable[[], str]:
     def describe() -> str:
         current = ragd(kube, body) or {}
-        pods = [(p["metadata"]["name"], p["metadata"]["labels"].get(render.LABEL_SERVING), p.get("status", {}).get("phase")) for p in engines(kube, body)]
+        pods = [
+            (p["metadata"]["name"], p["metadata"]["labels"].get(render.LABEL_SERVING), p.get("status", {}).get("phase"))
+            for p in engines(kube, body)
+        ]
         return f"status={current.get('status')} engines={pods}"
 
     return describe
@@ -144,13 +160,22 @@ def test_create_makes_every_child_with_owner_references_and_status(operator, kub
         ("rbac.authorization.k8s.io/v1", "RoleBinding", f"{name}-gateway"),
     ]
     for api_version, kind, child in expected:
-        obj = wait_for(lambda: kube.get(api_version, kind, child, ns), what=f"{kind} {child}", diagnose=diagnose(kube, body))
+        obj = wait_for(
+            lambda: kube.get(api_version, kind, child, ns), what=f"{kind} {child}", diagnose=diagnose(kube, body)
+        )
         assert obj["metadata"]["ownerReferences"][0]["uid"] == uid, kind
-    pods = wait_for(lambda: len(engines(kube, body)) == 3 and engines(kube, body), what="3 engine pods", diagnose=diagnose(kube, body))
+    pods = wait_for(
+        lambda: len(engines(kube, body)) == 3 and engines(kube, body),
+        what="3 engine pods",
+        diagnose=diagnose(kube, body),
+    )
     capacities = sorted(p["metadata"]["labels"][render.LABEL_CAPACITY] for p in pods)
     assert capacities == ["on-demand", "spot", "spot"]
     assert all(p["metadata"]["ownerReferences"][0]["uid"] == uid for p in pods)
-    status = wait_for(lambda: (ragd(kube, body).get("status") or {}).get("engines") == "0/3" and ragd(kube, body)["status"], what="status 0/3")
+    status = wait_for(
+        lambda: (ragd(kube, body).get("status") or {}).get("engines") == "0/3" and ragd(kube, body)["status"],
+        what="status 0/3",
+    )
     assert status["spotReplicas"] == 2 and status["onDemandReplicas"] == 1
     assert status["endpoint"] == f"http://{name}.default.svc/v1"
     conditions = {c["type"]: c for c in status["conditions"]}
@@ -161,10 +186,21 @@ def test_create_makes_every_child_with_owner_references_and_status(operator, kub
     # The operator's own metrics (same process under KopfRunner): 3 ready engines, 3 desired.
     labels = {"namespace": ns, "ragdeployment": name}
     assert prometheus_client.REGISTRY.get_sample_value("spotrag_operator_desired_engines", labels) == 3
-    assert prometheus_client.REGISTRY.get_sample_value("spotrag_operator_engines", labels | {"capacity": "spot", "state": "ready"}) == 2
+    assert (
+        prometheus_client.REGISTRY.get_sample_value(
+            "spotrag_operator_engines", labels | {"capacity": "spot", "state": "ready"}
+        )
+        == 2
+    )
     conditions = {c["type"]: c for c in ragd(kube, body)["status"]["conditions"]}
     assert conditions["Ready"]["status"] == "True"
-    reasons = wait_for(lambda: {e.reason for e in events_of(kube, body)} >= {"Reconciled", "EnginesCreated"} and {e.reason for e in events_of(kube, body)}, what="Events")
+    reasons = wait_for(
+        lambda: (
+            {e.reason for e in events_of(kube, body)} >= {"Reconciled", "EnginesCreated"}
+            and {e.reason for e in events_of(kube, body)}
+        ),
+        what="Events",
+    )
     assert "EnginesCreated" in reasons
 
 
@@ -181,7 +217,11 @@ def test_reconcile_is_idempotent(operator, kube, api):
     time.sleep(2.5)  # let any follow-up reconcile land
     mark = api.request_count
     time.sleep(3)  # three timer ticks at 1 s
-    writes = [r for r in api.requests(since=mark) if r.method in ("POST", "PUT", "PATCH", "DELETE") and body["metadata"]["name"] in r.path]
+    writes = [
+        r
+        for r in api.requests(since=mark)
+        if r.method in ("POST", "PUT", "PATCH", "DELETE") and body["metadata"]["name"] in r.path
+    ]
     assert writes == [], [(r.method, r.path) for r in writes]
 
 
@@ -191,13 +231,21 @@ def test_spec_updates_change_the_right_children(operator, kube):
     deployment = wait_for(lambda: kube.get("apps/v1", "Deployment", f"{name}-gateway", ns), what="gateway deployment")
     config_hash = deployment["spec"]["template"]["metadata"]["annotations"]["spotrag.io/config-hash"]
     kube.patch(API_VERSION, KIND, name, {"spec": {"gateway": {"replicas": 5}, "retrieval": {"topK": 7}}}, ns)
-    wait_for(lambda: kube.get("apps/v1", "Deployment", f"{name}-gateway", ns)["spec"]["replicas"] == 5, what="gateway replicas 5")
+    wait_for(
+        lambda: kube.get("apps/v1", "Deployment", f"{name}-gateway", ns)["spec"]["replicas"] == 5,
+        what="gateway replicas 5",
+    )
     config = kube.get("v1", "ConfigMap", f"{name}-gateway", ns)
     assert '"topK": 7' in config["data"]["gateway.json"]
-    new_hash = kube.get("apps/v1", "Deployment", f"{name}-gateway", ns)["spec"]["template"]["metadata"]["annotations"]["spotrag.io/config-hash"]
+    new_hash = kube.get("apps/v1", "Deployment", f"{name}-gateway", ns)["spec"]["template"]["metadata"]["annotations"][
+        "spotrag.io/config-hash"
+    ]
     assert new_hash != config_hash
     kube.patch(API_VERSION, KIND, name, {"spec": {"gateway": {"serviceType": "LoadBalancer"}}}, ns)
-    wait_for(lambda: kube.get("v1", "Service", name, ns)["spec"]["type"] == "LoadBalancer", what="gateway Service type LoadBalancer")
+    wait_for(
+        lambda: kube.get("v1", "Service", name, ns)["spec"]["type"] == "LoadBalancer",
+        what="gateway Service type LoadBalancer",
+    )
     kube.patch(API_VERSION, KIND, name, {"spec": {"scaling": {"minReplicas": 2}}}, ns)
     wait_for(lambda: len(serving(engines(kube, body))) == 2, what="a second engine", diagnose=diagnose(kube, body))
 
@@ -212,7 +260,11 @@ def test_engine_spec_change_rolls_new_engines_first(operator, kube):
 
     kube.patch(API_VERSION, KIND, name, {"spec": {"model": {"maxModelLen": 4096}}}, ns)
     new = wait_for(
-        lambda: [p for p in engines(kube, body) if p["metadata"]["name"] not in old_names] if len(engines(kube, body)) == 4 else None,
+        lambda: (
+            [p for p in engines(kube, body) if p["metadata"]["name"] not in old_names]
+            if len(engines(kube, body)) == 4
+            else None
+        ),
         what="2 new engines next to the old ones",
         diagnose=diagnose(kube, body),
     )
@@ -221,7 +273,11 @@ def test_engine_spec_change_rolls_new_engines_first(operator, kube):
     time.sleep(1.5)
     assert {p["metadata"]["name"] for p in serving(engines(kube, body))} >= old_names
     play_kubelet(kube, new)
-    wait_for(lambda: not any(p["metadata"]["name"] in old_names for p in engines(kube, body)), what="old engines drained and deleted", diagnose=diagnose(kube, body))
+    wait_for(
+        lambda: not any(p["metadata"]["name"] in old_names for p in engines(kube, body)),
+        what="old engines drained and deleted",
+        diagnose=diagnose(kube, body),
+    )
     assert {p["metadata"]["name"] for p in serving(engines(kube, body))} == {p["metadata"]["name"] for p in new}
     status = ragd(kube, body)["status"]
     assert status["engineSpecHash"] == new[0]["metadata"]["labels"][render.LABEL_SPEC_HASH]
@@ -246,7 +302,11 @@ def test_delete_removes_everything(operator, kube):
     kube.delete(API_VERSION, KIND, name, ns)
     wait_for(lambda: ragd(kube, body) is None, what="the RAGDeployment to go")
     wait_for(lambda: not engines(kube, body), what="engines garbage-collected")
-    for api_version, kind, child in [("apps/v1", "Deployment", f"{name}-gateway"), ("v1", "Service", name), ("v1", "ConfigMap", f"{name}-gateway")]:
+    for api_version, kind, child in [
+        ("apps/v1", "Deployment", f"{name}-gateway"),
+        ("v1", "Service", name),
+        ("v1", "ConfigMap", f"{name}-gateway"),
+    ]:
         wait_for(lambda: kube.get(api_version, kind, child, ns) is None, what=f"{kind} {child} garbage-collected")
 
 
@@ -254,7 +314,12 @@ def test_api_errors_are_retried(operator, kube, api):
     api.inject_faults(method="POST", path_regex=r"/api/v1/namespaces/default/pods$", status=500, times=2)
     api.inject_faults(method="PATCH", path_regex=r"/ragdeployments/[^/]+/status$", status=409, times=1)
     body = new_ragd(kube)
-    wait_for(lambda: engines(kube, body), timeout=40, what="an engine despite two failed creates", diagnose=diagnose(kube, body))
+    wait_for(
+        lambda: engines(kube, body),
+        timeout=40,
+        what="an engine despite two failed creates",
+        diagnose=diagnose(kube, body),
+    )
     wait_for(lambda: (ragd(kube, body).get("status") or {}).get("engines"), timeout=40, what="status despite a 409")
 
 
@@ -266,25 +331,46 @@ def test_missing_secret_degrades_then_recovers(operator, kube, kubeconfig):
         conditions = {c["type"]: c for c in (ragd(kube, body).get("status") or {}).get("conditions") or []}
         return conditions.get("Degraded")
 
-    condition = wait_for(lambda: (degraded() or {}).get("status") == "True" and degraded(), what="Degraded", diagnose=diagnose(kube, body))
+    condition = wait_for(
+        lambda: (degraded() or {}).get("status") == "True" and degraded(),
+        what="Degraded",
+        diagnose=diagnose(kube, body),
+    )
     assert "handbook-keys-missing" in condition["message"] and "create it" in condition["message"]
     described = kubectl(kubeconfig, "describe", "ragd", name).stdout
     assert "InvalidConfiguration" in described
-    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "handbook-keys-missing", "namespace": "default"}, "stringData": {"key": "sk-1"}})
+    kube.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "handbook-keys-missing", "namespace": "default"},
+            "stringData": {"key": "sk-1"},
+        }
+    )
     wait_for(lambda: (degraded() or {}).get("status") == "False", what="Degraded to clear")
 
 
 def test_gpu_count_no_instance_type_can_hold_degrades(operator, kube):
     body = new_ragd(kube, {"model": {"tensorParallelSize": 4}, "gpu": {"instanceTypes": ["g6.xlarge", "g6.2xlarge"]}})
     wait_for(
-        lambda: any(c["type"] == "Degraded" and c["status"] == "True" and "g6.xlarge has 1" in c["message"] for c in (ragd(kube, body).get("status") or {}).get("conditions") or []),
+        lambda: any(
+            c["type"] == "Degraded" and c["status"] == "True" and "g6.xlarge has 1" in c["message"]
+            for c in (ragd(kube, body).get("status") or {}).get("conditions") or []
+        ),
         what="Degraded naming the instance types",
         diagnose=diagnose(kube, body),
     )
 
 
 def test_examples_apply_with_kubectl_and_show_printer_columns(operator, kube, kubeconfig):
-    kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "handbook-docs", "namespace": "default"}, "data": {"a.md": "# A"}})
+    kube.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "handbook-docs", "namespace": "default"},
+            "data": {"a.md": "# A"},
+        }
+    )
     for example in sorted((ROOT / "examples").glob("*.yaml")):
         result = kubectl(kubeconfig, "apply", "-f", str(example))
         assert "created" in result.stdout or "configured" in result.stdout, result
@@ -293,17 +379,31 @@ def test_examples_apply_with_kubectl_and_show_printer_columns(operator, kube, ku
     assert header[:6] == ["NAME", "READY", "SPOT", "ON-DEMAND", "QUEUED-TOKENS", "STATUS"] and header[-1] == "AGE"
     wide = kubectl(kubeconfig, "get", "ragd", "handbook", "-o", "wide").stdout
     assert "COST/H" in wide.splitlines()[0] and "Qwen/Qwen2.5-7B-Instruct" in wide
-    wait_for(lambda: "1/1" in kubectl(kubeconfig, "get", "ragd", "handbook").stdout or "0/1" in kubectl(kubeconfig, "get", "ragd", "handbook").stdout, what="READY column filled")
+    wait_for(
+        lambda: (
+            "1/1" in kubectl(kubeconfig, "get", "ragd", "handbook").stdout
+            or "0/1" in kubectl(kubeconfig, "get", "ragd", "handbook").stdout
+        ),
+        what="READY column filled",
+    )
 
 
 def test_missing_rbac_permission_degrades_naming_verb_and_resource(operator, kube, api):
-    api.inject_faults(method="POST", path_regex=r"/apis/policy/v1/namespaces/default/poddisruptionbudgets$", status=403, times=1)
+    api.inject_faults(
+        method="POST", path_regex=r"/apis/policy/v1/namespaces/default/poddisruptionbudgets$", status=403, times=1
+    )
     body = new_ragd(kube)
 
     def degraded() -> dict:
-        return next((c for c in (ragd(kube, body).get("status") or {}).get("conditions") or [] if c["type"] == "Degraded"), {})
+        return next(
+            (c for c in (ragd(kube, body).get("status") or {}).get("conditions") or [] if c["type"] == "Degraded"), {}
+        )
 
-    condition = wait_for(lambda: degraded().get("reason") == "Forbidden" and degraded(), what="Degraded: Forbidden", diagnose=diagnose(kube, body))
+    condition = wait_for(
+        lambda: degraded().get("reason") == "Forbidden" and degraded(),
+        what="Degraded: Forbidden",
+        diagnose=diagnose(kube, body),
+    )
     assert "create poddisruptionbudgets (policy) in namespace default" in condition["message"]
     assert {e.reason for e in events_of(kube, body)} >= {"Forbidden"}
 
@@ -312,35 +412,109 @@ def play_job_controller(kube: Kube, job: dict, *, result: dict | None, failed: s
     """What the Job controller and kubelet would do: a pod that ran, its termination message, the Job's status."""
     namespace = job["metadata"]["namespace"]
     name = job["metadata"]["name"]
-    pod = kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": f"{name}-", "namespace": namespace, "labels": {"job-name": name}}, "spec": job["spec"]["template"]["spec"]})
-    terminated = {"exitCode": 1 if failed else 0, "reason": "Error" if failed else "Completed", "message": json.dumps(result) if result else ""}
-    kube.patch("v1", "Pod", pod["metadata"]["name"], {"status": {"phase": "Failed" if failed else "Succeeded", "containerStatuses": [{"name": "index", "ready": False, "restartCount": 0, "image": "x", "imageID": "", "state": {"terminated": terminated}}]}}, namespace, subresource="status")
-    status = {"failed": 5, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": failed}]} if failed else {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+    pod = kube.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"generateName": f"{name}-", "namespace": namespace, "labels": {"job-name": name}},
+            "spec": job["spec"]["template"]["spec"],
+        }
+    )
+    terminated = {
+        "exitCode": 1 if failed else 0,
+        "reason": "Error" if failed else "Completed",
+        "message": json.dumps(result) if result else "",
+    }
+    kube.patch(
+        "v1",
+        "Pod",
+        pod["metadata"]["name"],
+        {
+            "status": {
+                "phase": "Failed" if failed else "Succeeded",
+                "containerStatuses": [
+                    {
+                        "name": "index",
+                        "ready": False,
+                        "restartCount": 0,
+                        "image": "x",
+                        "imageID": "",
+                        "state": {"terminated": terminated},
+                    }
+                ],
+            }
+        },
+        namespace,
+        subresource="status",
+    )
+    status = (
+        {
+            "failed": 5,
+            "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": failed}],
+        }
+        if failed
+        else {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+    )
     kube.patch("batch/v1", "Job", name, {"status": status}, namespace, subresource="status")
 
 
 def index_condition(kube: Kube, body: dict) -> dict:
-    return next((c for c in (ragd(kube, body).get("status") or {}).get("conditions") or [] if c["type"] == "IndexReady"), {})
+    return next(
+        (c for c in (ragd(kube, body).get("status") or {}).get("conditions") or [] if c["type"] == "IndexReady"), {}
+    )
 
 
 def test_index_job_runs_for_the_corpus_and_is_tracked(operator, kube):
-    docs = kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"generateName": "docs-", "namespace": "default"}, "data": {"ferry.md": "# Ferries\nThe 7:40 ferry leaves from pier 3."}})
+    docs = kube.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"generateName": "docs-", "namespace": "default"},
+            "data": {"ferry.md": "# Ferries\nThe 7:40 ferry leaves from pier 3."},
+        }
+    )
     body = new_ragd(kube, {"retrieval": {"corpus": {"configMap": docs["metadata"]["name"]}}})
     name = body["metadata"]["name"]
-    jobs = lambda: kube.list("batch/v1", "Job", "default", label_selector=f"spotrag.io/deployment={name},spotrag.io/component=index")  # noqa: E731
+
+    def jobs():
+        return kube.list(
+            "batch/v1", "Job", "default", label_selector=f"spotrag.io/deployment={name},spotrag.io/component=index"
+        )
+
     first = wait_for(lambda: jobs(), what="the index Job", diagnose=diagnose(kube, body))[0]
     assert first["spec"]["template"]["spec"]["containers"][0]["command"][:3] == ["spotrag", "index", "build"]
     wait_for(lambda: index_condition(kube, body).get("reason") == "Building", what="IndexReady Building")
 
     play_job_controller(kube, first, result={"ok": True, "version": "20261122-ab12", "count": 42})
-    wait_for(lambda: index_condition(kube, body).get("status") == "True", what="IndexReady True", diagnose=diagnose(kube, body))
+    wait_for(
+        lambda: index_condition(kube, body).get("status") == "True",
+        what="IndexReady True",
+        diagnose=diagnose(kube, body),
+    )
     assert ragd(kube, body)["status"]["index"]["version"] == "20261122-ab12"
     assert ragd(kube, body)["status"]["index"]["passages"] == 42
 
     # New documents: a new Job; the old one goes once the new one succeeded.
-    kube.patch("v1", "ConfigMap", docs["metadata"]["name"], {"data": {"ferry.md": "# Ferries\nThe 7:40 ferry now leaves from pier 4."}}, "default")
-    second = wait_for(lambda: [j for j in jobs() if j["metadata"]["name"] != first["metadata"]["name"]], what="a second index Job")[0]
+    kube.patch(
+        "v1",
+        "ConfigMap",
+        docs["metadata"]["name"],
+        {"data": {"ferry.md": "# Ferries\nThe 7:40 ferry now leaves from pier 4."}},
+        "default",
+    )
+    second = wait_for(
+        lambda: [j for j in jobs() if j["metadata"]["name"] != first["metadata"]["name"]], what="a second index Job"
+    )[0]
     play_job_controller(kube, second, result=None, failed="the corpus could not be read")
-    condition = wait_for(lambda: index_condition(kube, body).get("reason") == "IndexJobFailed" and index_condition(kube, body), what="IndexJobFailed")
-    assert "the corpus could not be read" in condition["message"] and f"kubectl logs job/{second['metadata']['name']}" in condition["message"]
-    assert {j["metadata"]["name"] for j in jobs()} == {first["metadata"]["name"], second["metadata"]["name"]}  # the last good one stays
+    condition = wait_for(
+        lambda: index_condition(kube, body).get("reason") == "IndexJobFailed" and index_condition(kube, body),
+        what="IndexJobFailed",
+    )
+    assert (
+        "the corpus could not be read" in condition["message"]
+        and f"kubectl logs job/{second['metadata']['name']}" in condition["message"]
+    )
+    assert {j["metadata"]["name"] for j in jobs()} == {
+        first["metadata"]["name"],
+        second["metadata"]["name"],
+    }  # the last good one stays

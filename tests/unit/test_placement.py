@@ -8,12 +8,12 @@ import pytest
 
 from spotrag_operator import placement
 from spotrag_operator.placement import (
+    DRAINING,
     ON_DEMAND,
     PENDING,
     READY,
     SPOT,
     STARTING,
-    DRAINING,
     EngineView,
     PlacementState,
     SpotSettings,
@@ -26,7 +26,9 @@ NOW = 10_000.0
 
 def engine(name, capacity=SPOT, phase=READY, age=1000.0, zone=None, instance_type=None, at=0.0):
     """An engine that has been in its phase for `age` seconds at NOW + `at`."""
-    return EngineView(name=name, capacity=capacity, phase=phase, since=NOW + at - age, zone=zone, instance_type=instance_type)
+    return EngineView(
+        name=name, capacity=capacity, phase=phase, since=NOW + at - age, zone=zone, instance_type=instance_type
+    )
 
 
 def split(result):
@@ -40,12 +42,31 @@ def split(result):
         (1, 2, [], (1, 0, placement.SPOT_AVAILABLE, ())),
         (0, 1, [], (0, 0, placement.SPOT_AVAILABLE, ())),
         # Pending, but not for long enough: wait for the node.
-        (3, 1, [engine("od", ON_DEMAND), engine("s1"), engine("s2", phase=PENDING, age=179)], (1, 2, placement.SPOT_AVAILABLE, ())),
+        (
+            3,
+            1,
+            [engine("od", ON_DEMAND), engine("s1"), engine("s2", phase=PENDING, age=179)],
+            (1, 2, placement.SPOT_AVAILABLE, ()),
+        ),
         # Pending past fallbackAfter: give it up, keep the spot engine that has a node.
-        (3, 1, [engine("od", ON_DEMAND), engine("s1"), engine("s2", phase=PENDING, age=180)], (2, 1, placement.SPOT_SHORT, ("s2",))),
+        (
+            3,
+            1,
+            [engine("od", ON_DEMAND), engine("s1"), engine("s2", phase=PENDING, age=180)],
+            (2, 1, placement.SPOT_SHORT, ("s2",)),
+        ),
         # A spot engine loading its model counts as placed; a draining one does not.
-        (5, 1, [engine("s1", phase=STARTING), engine("s2", phase=DRAINING), engine("s3", phase=PENDING, age=400), engine("s4", phase=PENDING, age=200)],
-         (4, 1, placement.SPOT_SHORT, ("s3", "s4"))),
+        (
+            5,
+            1,
+            [
+                engine("s1", phase=STARTING),
+                engine("s2", phase=DRAINING),
+                engine("s3", phase=PENDING, age=400),
+                engine("s4", phase=PENDING, age=200),
+            ],
+            (4, 1, placement.SPOT_SHORT, ("s3", "s4")),
+        ),
         # Stuck on-demand engines are not placement's business.
         (2, 1, [engine("od", ON_DEMAND, phase=PENDING, age=900)], (1, 1, placement.SPOT_AVAILABLE, ())),
     ],
@@ -62,7 +83,10 @@ def test_spot_off_puts_everything_on_demand():
 
 
 def test_fallback_marks_the_pool_of_the_pod_or_every_pool():
-    engines = [engine("a", phase=PENDING, age=200, zone="us-east-1a", instance_type="g6.xlarge"), engine("b", phase=PENDING, age=200)]
+    engines = [
+        engine("a", phase=PENDING, age=200, zone="us-east-1a", instance_type="g6.xlarge"),
+        engine("b", phase=PENDING, age=200),
+    ]
     result, state = place(desired=3, baseline=1, settings=SETTINGS, engines=engines, now=NOW)
     assert result.short_pools == ("*/*", "us-east-1a/g6.xlarge")
     assert state.short_until == {"us-east-1a/g6.xlarge": NOW + 600, "*/*": NOW + 600}
@@ -70,7 +94,9 @@ def test_fallback_marks_the_pool_of_the_pod_or_every_pool():
 
 def test_an_engine_still_pending_in_a_marked_pool_does_not_extend_the_mark():
     state = PlacementState(short_until={"*/*": NOW + 300})
-    result, new_state = place(desired=2, baseline=1, settings=SETTINGS, engines=[engine("s", phase=PENDING, age=500)], state=state, now=NOW)
+    result, new_state = place(
+        desired=2, baseline=1, settings=SETTINGS, engines=[engine("s", phase=PENDING, age=500)], state=state, now=NOW
+    )
     assert result.give_up == ("s",)
     assert new_state.short_until == {"*/*": NOW + 300}
 
@@ -82,16 +108,31 @@ def test_shortage_then_recovery_through_time():
     steps = [
         # (seconds after NOW, engines seen, expected (on-demand, spot, reason, give up))
         (0, [engine("od1", ON_DEMAND)], (1, 3, placement.SPOT_AVAILABLE, ())),
-        (170, [engine("od1", ON_DEMAND)] + [engine(f"s{i}", phase=PENDING, age=170, at=170) for i in (1, 2, 3)], (1, 3, placement.SPOT_AVAILABLE, ())),
-        (180, [engine("od1", ON_DEMAND)] + [engine(f"s{i}", phase=PENDING, age=180, at=180) for i in (1, 2, 3)], (4, 0, placement.SPOT_SHORT, ("s1", "s2", "s3"))),
+        (
+            170,
+            [engine("od1", ON_DEMAND)] + [engine(f"s{i}", phase=PENDING, age=170, at=170) for i in (1, 2, 3)],
+            (1, 3, placement.SPOT_AVAILABLE, ()),
+        ),
+        (
+            180,
+            [engine("od1", ON_DEMAND)] + [engine(f"s{i}", phase=PENDING, age=180, at=180) for i in (1, 2, 3)],
+            (4, 0, placement.SPOT_SHORT, ("s1", "s2", "s3")),
+        ),
         (500, [engine(f"od{i}", ON_DEMAND) for i in (1, 2, 3, 4)], (4, 0, placement.SPOT_SHORT, ())),
         # The back-off (600 s from t=180) is over: ask for spot again; the
         # three on-demand engines above the baseline stay until spot is ready.
         (780, [engine(f"od{i}", ON_DEMAND) for i in (1, 2, 3, 4)], (1, 3, placement.SPOT_RETRY, ())),
-        (900, [engine(f"od{i}", ON_DEMAND) for i in (1, 2, 3, 4)] + [engine(f"n{i}", phase=STARTING, age=20, at=900) for i in (1, 2, 3)], (1, 3, placement.SPOT_AVAILABLE, ())),
+        (
+            900,
+            [engine(f"od{i}", ON_DEMAND) for i in (1, 2, 3, 4)]
+            + [engine(f"n{i}", phase=STARTING, age=20, at=900) for i in (1, 2, 3)],
+            (1, 3, placement.SPOT_AVAILABLE, ()),
+        ),
     ]
     for offset, engines, expected in steps:
-        result, state = place(desired=desired, baseline=baseline, settings=SETTINGS, engines=engines, state=state, now=NOW + offset)
+        result, state = place(
+            desired=desired, baseline=baseline, settings=SETTINGS, engines=engines, state=state, now=NOW + offset
+        )
         assert split(result) == expected, f"at +{offset}s: {result.message}"
     assert state.short_until == {}
 
@@ -129,4 +170,6 @@ def test_settings_from_the_crd_defaults():
     from spotrag_operator.crd import defaulted_spec
 
     spec = defaulted_spec({"spec": {"model": {"name": "m"}}})
-    assert SpotSettings.from_spec(spec) == SpotSettings(enabled=True, fallback_after_seconds=180, retry_after_seconds=600)
+    assert SpotSettings.from_spec(spec) == SpotSettings(
+        enabled=True, fallback_after_seconds=180, retry_after_seconds=600
+    )

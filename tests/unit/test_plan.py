@@ -19,7 +19,21 @@ def at(seconds: float) -> datetime.datetime:
     return NOW + datetime.timedelta(seconds=seconds)
 
 
-def engine(name, capacity=render.SPOT, *, spec_hash=HASH, serving=True, ready=True, failed=False, terminating=False, age=600, drain_age=None, drain_deadline=None, node=None, running=None):
+def engine(
+    name,
+    capacity=render.SPOT,
+    *,
+    spec_hash=HASH,
+    serving=True,
+    ready=True,
+    failed=False,
+    terminating=False,
+    age=600,
+    drain_age=None,
+    drain_deadline=None,
+    node=None,
+    running=None,
+):
     return Engine(
         name=name,
         capacity=capacity,
@@ -37,7 +51,14 @@ def engine(name, capacity=render.SPOT, *, spec_hash=HASH, serving=True, ready=Tr
 
 
 def plan(engines, desired=3, baseline=1, spot=True, signals=None):
-    return plan_engines(engines, target=capacity_split(desired, baseline, spot), spec_hash=HASH, now=NOW, timing=TIMING, node_signals=signals)
+    return plan_engines(
+        engines,
+        target=capacity_split(desired, baseline, spot),
+        spec_hash=HASH,
+        now=NOW,
+        timing=TIMING,
+        node_signals=signals,
+    )
 
 
 def names(drains):
@@ -71,7 +92,12 @@ def test_failed_engine_is_deleted_and_replaced():
 
 
 def test_scale_in_drains_not_ready_first_then_youngest():
-    engines = [engine("a", render.ON_DEMAND), engine("old"), engine("young", age=60), engine("cold", ready=False, age=900)]
+    engines = [
+        engine("a", render.ON_DEMAND),
+        engine("old"),
+        engine("young", age=60),
+        engine("cold", ready=False, age=900),
+    ]
     result = plan(engines, desired=2)
     assert [d.name for d in result.drain] == ["cold", "young"]
     assert all(d.deadline == at(90) for d in result.drain)
@@ -133,17 +159,23 @@ def test_interruption_drains_at_once_and_replaces():
     result = plan(engines, signals={"node-b": signal("node-b", deadline=at(120))})
     assert [d.name for d in result.drain] == ["b"]
     assert result.drain[0].deadline == at(110)  # the node's deadline minus the margin
-    assert result.drain[0].reason.startswith("interruption: aws-node-termination-handler spot-interruption on node node-b")
+    assert result.drain[0].reason.startswith(
+        "interruption: aws-node-termination-handler spot-interruption on node node-b"
+    )
     assert result.create == ["spot"]
 
 
 def test_short_notice_deadline_is_not_in_the_past():
-    result = plan([engine("a", render.ON_DEMAND), engine("b"), engine("c")], signals={"node-c": signal("node-c", deadline=at(3))})
+    result = plan(
+        [engine("a", render.ON_DEMAND), engine("b"), engine("c")], signals={"node-c": signal("node-c", deadline=at(3))}
+    )
     assert result.drain[0].deadline == NOW
 
 
 def test_cordon_without_deadline_waits_up_to_the_drain_timeout():
-    result = plan([engine("a", render.ON_DEMAND), engine("b"), engine("c")], signals={"node-a": signal("node-a", kind="cordon")})
+    result = plan(
+        [engine("a", render.ON_DEMAND), engine("b"), engine("c")], signals={"node-a": signal("node-a", kind="cordon")}
+    )
     assert [(d.name, d.deadline) for d in result.drain] == [("a", at(90))]
     assert result.create == ["on-demand"]
 
@@ -173,20 +205,32 @@ def test_engine_from_pod_reads_labels_conditions_and_annotations():
             "name": "x",
             "creationTimestamp": "2026-11-21T11:00:00Z",
             "labels": {render.LABEL_CAPACITY: "on-demand", render.LABEL_SPEC_HASH: "h", render.LABEL_SERVING: "false"},
-            "annotations": {"spotrag.io/drain-since": "2026-11-21T11:59:00Z", "spotrag.io/drain-deadline": "2026-11-21T12:01:00Z"},
+            "annotations": {
+                "spotrag.io/drain-since": "2026-11-21T11:59:00Z",
+                "spotrag.io/drain-deadline": "2026-11-21T12:01:00Z",
+            },
         },
         "spec": {"nodeName": "node-1"},
         "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
     }
     parsed = Engine.from_pod(pod, running_requests=2)
-    assert (parsed.capacity, parsed.spec_hash, parsed.serving, parsed.ready, parsed.node, parsed.running_requests) == ("on-demand", "h", False, True, "node-1", 2)
+    assert (parsed.capacity, parsed.spec_hash, parsed.serving, parsed.ready, parsed.node, parsed.running_requests) == (
+        "on-demand",
+        "h",
+        False,
+        True,
+        "node-1",
+        2,
+    )
     assert parsed.drain_since == at(-60) and parsed.drain_deadline == at(60)
 
 
 def test_given_up_pending_spot_engines_are_drained_and_replaced_on_demand():
     engines = [engine("a", render.ON_DEMAND), engine("b"), engine("stuck", ready=False, node=None)]
     object.__setattr__(engines[-1], "node", None)
-    result = plan_engines(engines, target={"on-demand": 2, "spot": 1}, spec_hash=HASH, now=NOW, timing=TIMING, give_up={"stuck"})
+    result = plan_engines(
+        engines, target={"on-demand": 2, "spot": 1}, spec_hash=HASH, now=NOW, timing=TIMING, give_up={"stuck"}
+    )
     assert [(d.name, d.deadline) for d in result.drain] == [("stuck", NOW)]
     assert result.create == ["on-demand"]
 
@@ -197,10 +241,22 @@ def pod_in_state(name, *, serving=True, drain_since=None, drain_deadline=None, n
 
     annotations = {}
     if drain_since is not None:
-        annotations = {"spotrag.io/drain-since": now_iso(drain_since), "spotrag.io/drain-reason": "interruption", "spotrag.io/drain-deadline": now_iso(drain_deadline)}
+        annotations = {
+            "spotrag.io/drain-since": now_iso(drain_since),
+            "spotrag.io/drain-reason": "interruption",
+            "spotrag.io/drain-deadline": now_iso(drain_deadline),
+        }
     return {
-        "metadata": {"name": name, "creationTimestamp": "2026-11-21T11:00:00Z", "annotations": annotations,
-                     "labels": {render.LABEL_CAPACITY: "spot", render.LABEL_SPEC_HASH: HASH, render.LABEL_SERVING: "true" if serving else "false"}},
+        "metadata": {
+            "name": name,
+            "creationTimestamp": "2026-11-21T11:00:00Z",
+            "annotations": annotations,
+            "labels": {
+                render.LABEL_CAPACITY: "spot",
+                render.LABEL_SPEC_HASH: HASH,
+                render.LABEL_SERVING: "true" if serving else "false",
+            },
+        },
         "spec": {"nodeName": node},
         "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
     }
@@ -209,16 +265,49 @@ def pod_in_state(name, *, serving=True, drain_since=None, drain_deadline=None, n
 RESTART_CASES = [
     # (state when the operator restarted, pod, running requests, node signal, expected (drain, delete))
     ("serving, node just tainted", pod_in_state("x"), None, signal("node-x", deadline=at(120)), (["x"], [])),
-    ("draining, inside the grace", pod_in_state("x", serving=False, drain_since=at(-2), drain_deadline=at(100)), 0, None, ([], [])),
-    ("draining, still answering", pod_in_state("x", serving=False, drain_since=at(-30), drain_deadline=at(100)), 4, None, ([], [])),
-    ("draining, idle", pod_in_state("x", serving=False, drain_since=at(-30), drain_deadline=at(100)), 0, None, ([], ["x"])),
-    ("draining, past the deadline", pod_in_state("x", serving=False, drain_since=at(-130), drain_deadline=at(-10)), 4, None, ([], ["x"])),
+    (
+        "draining, inside the grace",
+        pod_in_state("x", serving=False, drain_since=at(-2), drain_deadline=at(100)),
+        0,
+        None,
+        ([], []),
+    ),
+    (
+        "draining, still answering",
+        pod_in_state("x", serving=False, drain_since=at(-30), drain_deadline=at(100)),
+        4,
+        None,
+        ([], []),
+    ),
+    (
+        "draining, idle",
+        pod_in_state("x", serving=False, drain_since=at(-30), drain_deadline=at(100)),
+        0,
+        None,
+        ([], ["x"]),
+    ),
+    (
+        "draining, past the deadline",
+        pod_in_state("x", serving=False, drain_since=at(-130), drain_deadline=at(-10)),
+        4,
+        None,
+        ([], ["x"]),
+    ),
 ]
 
 
 @pytest.mark.parametrize("state, pod, running, node_signal, expected", RESTART_CASES, ids=[c[0] for c in RESTART_CASES])
-def test_a_restarted_operator_continues_every_drain_state_from_the_pod_alone(state, pod, running, node_signal, expected):
+def test_a_restarted_operator_continues_every_drain_state_from_the_pod_alone(
+    state, pod, running, node_signal, expected
+):
     others = [engine("a", render.ON_DEMAND), engine("b"), engine("c")]
     restarted = Engine.from_pod(pod, running_requests=running)
-    result = plan_engines(others + [restarted], target=capacity_split(3, 1, True), spec_hash=HASH, now=NOW, timing=TIMING, node_signals={"node-x": node_signal} if node_signal else None)
+    result = plan_engines(
+        others + [restarted],
+        target=capacity_split(3, 1, True),
+        spec_hash=HASH,
+        now=NOW,
+        timing=TIMING,
+        node_signals={"node-x": node_signal} if node_signal else None,
+    )
     assert ([d.name for d in result.drain], result.delete) == expected

@@ -53,7 +53,10 @@ def test_engine_pod_runs_upstream_vllm_with_flags_from_the_spec():
     assert flag("--quantization") == "awq"
     assert flag("--shutdown-timeout") == "45"
     assert "--no-enable-prefix-caching" in args
-    assert json.loads(flag("--speculative-config")) == {"model": "Qwen/Qwen2.5-0.5B-Instruct", "num_speculative_tokens": 4}
+    assert json.loads(flag("--speculative-config")) == {
+        "model": "Qwen/Qwen2.5-0.5B-Instruct",
+        "num_speculative_tokens": 4,
+    }
     assert flag("--lora-modules") == "sql=org/sql-lora" and "--enable-lora" in args
     assert args[-1] == "--max-num-seqs=64"
     assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "2"
@@ -66,7 +69,9 @@ def test_engine_pod_lifecycle_grace_covers_prestop_and_vllm_shutdown():
     assert vllm["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "7"]
     assert pod["spec"]["terminationGracePeriodSeconds"] >= 7 + 100
     assert vllm["startupProbe"]["httpGet"]["path"] == "/health"
-    assert vllm["startupProbe"]["periodSeconds"] * vllm["startupProbe"]["failureThreshold"] >= 600  # minutes of model loading
+    assert (
+        vllm["startupProbe"]["periodSeconds"] * vllm["startupProbe"]["failureThreshold"] >= 600
+    )  # minutes of model loading
     assert vllm["readinessProbe"]["httpGet"]["path"] == "/health"
     shm = next(v for v in pod["spec"]["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory"
@@ -81,16 +86,29 @@ def test_engine_pod_labels_and_owner():
     assert labels[render.LABEL_SERVING] == "true"
     assert labels[render.LABEL_SPEC_HASH] == render.engine_spec_hash(spec)
     owner = pod["metadata"]["ownerReferences"][0]
-    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == ("RAGDeployment", "handbook", "8f0e-uid", True)
+    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+        "RAGDeployment",
+        "handbook",
+        "8f0e-uid",
+        True,
+    )
 
 
 @pytest.mark.parametrize("capacity", [render.SPOT, render.ON_DEMAND])
 def test_engine_affinity_matches_each_clouds_capacity_labels(capacity):
     body, spec = rendered({"gpu": {"products": ["NVIDIA-L4"], "instanceTypes": ["g6.xlarge"]}})
     pod = render.engine_pod(body, spec, capacity)
-    terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
     keys = {expr["key"] for term in terms for expr in term["matchExpressions"]}
-    for label in ("karpenter.sh/capacity-type", "eks.amazonaws.com/capacityType", "cloud.google.com/gke-spot", "kubernetes.azure.com/scalesetpriority", render.LABEL_CAPACITY):
+    for label in (
+        "karpenter.sh/capacity-type",
+        "eks.amazonaws.com/capacityType",
+        "cloud.google.com/gke-spot",
+        "kubernetes.azure.com/scalesetpriority",
+        render.LABEL_CAPACITY,
+    ):
         assert label in keys
     for term in terms:  # the GPU narrowing applies whichever convention matches
         exprs = term["matchExpressions"]
@@ -133,7 +151,9 @@ def test_model_sources_map_to_vllm_arguments():
     body, spec = rendered({"model": {"name": "pvc://models/qwen/7b"}})
     pod = render.engine_pod(body, spec, render.SPOT)
     assert container(pod)["args"][0] == "/models/qwen/7b"
-    assert {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["spec"]["volumes"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["spec"][
+        "volumes"
+    ]
     body, spec = rendered({"model": {"name": "s3://bucket/qwen"}})
     args = container(render.engine_pod(body, spec, render.SPOT))["args"]
     assert args[0] == "s3://bucket/qwen" and args[args.index("--load-format") + 1] == "runai_streamer"
@@ -143,17 +163,31 @@ def test_engines_service_selects_only_serving_engines():
     body, _ = rendered()
     service = render.engines_service(body)
     assert service["spec"]["clusterIP"] == "None"
-    assert service["spec"]["selector"] == {render.LABEL_DEPLOYMENT: "handbook", render.LABEL_COMPONENT: "engine", render.LABEL_SERVING: "true"}
+    assert service["spec"]["selector"] == {
+        render.LABEL_DEPLOYMENT: "handbook",
+        render.LABEL_COMPONENT: "engine",
+        render.LABEL_SERVING: "true",
+    }
 
 
 def test_gateway_config_carries_retrieval_prompt_and_discovery():
-    body, spec = rendered({"retrieval": {"queryPrefix": "query: ", "passagePrefix": "passage: ", "topK": 6}, "gateway": {"apiKeySecret": "keys"}})
+    body, spec = rendered(
+        {
+            "retrieval": {"queryPrefix": "query: ", "passagePrefix": "passage: ", "topK": 6},
+            "gateway": {"apiKeySecret": "keys"},
+        }
+    )
     config = json.loads(render.gateway_configmap(body, spec)["data"]["gateway.json"])
     assert config["servedModelName"] == "qwen2.5-7b"
     assert config["retrieval"]["queryPrefix"] == "query: " and config["retrieval"]["passagePrefix"] == "passage: "
     assert config["retrieval"]["topK"] == 6
     assert "{contexts}" in config["prompt"]["template"] and "{question}" in config["prompt"]["template"]
-    assert config["engines"] == {"discovery": "endpointslices", "service": "handbook-engines", "namespace": "default", "port": 8000}
+    assert config["engines"] == {
+        "discovery": "endpointslices",
+        "service": "handbook-engines",
+        "namespace": "default",
+        "port": 8000,
+    }
     assert config["auth"]["apiKeysDir"] == render.API_KEYS_DIR
 
 
@@ -207,8 +241,17 @@ KUBERNETES_VERSIONS = [f"1.{minor}.0" for minor in range(29, 38)]
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_generated_objects_validate_strictly(version):
     full = {
-        "model": {"hfTokenSecret": {"name": "hf"}, "speculative": {"model": "ngram"}, "loraAdapters": [{"name": "a", "source": "b"}], "resources": {"requests": {"memory": "32Gi"}}},
-        "gpu": {"products": ["NVIDIA-L4"], "nodeSelector": {"pool": "gpu"}, "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}]},
+        "model": {
+            "hfTokenSecret": {"name": "hf"},
+            "speculative": {"model": "ngram"},
+            "loraAdapters": [{"name": "a", "source": "b"}],
+            "resources": {"requests": {"memory": "32Gi"}},
+        },
+        "gpu": {
+            "products": ["NVIDIA-L4"],
+            "nodeSelector": {"pool": "gpu"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}],
+        },
         "gateway": {"apiKeySecret": "keys", "serviceType": "LoadBalancer"},
         "retrieval": {"index": {"storageClassName": "efs"}},
     }
@@ -224,7 +267,15 @@ def test_generated_objects_validate_strictly(version):
 
 
 def test_index_job_builds_the_corpus_onto_the_claim():
-    body, spec = rendered({"retrieval": {"queryPrefix": "query: ", "passagePrefix": "passage: ", "corpus": {"configMap": "handbook-docs", "chunkTokens": 128, "gpu": True}}})
+    body, spec = rendered(
+        {
+            "retrieval": {
+                "queryPrefix": "query: ",
+                "passagePrefix": "passage: ",
+                "corpus": {"configMap": "handbook-docs", "chunkTokens": 128, "gpu": True},
+            }
+        }
+    )
     digest = render.corpus_hash(spec, "content")
     job = render.index_job(body, spec, digest)
     assert job["metadata"]["name"] == f"handbook-index-{digest[:8]}"

@@ -79,14 +79,20 @@ def test_prefixes_are_prepended(embedder):
     prefixed = Embedder(DEFAULT_MODEL, device="cpu", query_prefix="query: ", passage_prefix="passage: ")
     text = "Pets travel on the outer deck."
     np.testing.assert_allclose(prefixed.embed_queries([text]), embedder.embed_queries(["query: " + text]), atol=1e-6)
-    np.testing.assert_allclose(prefixed.embed_passages([text]), embedder.embed_passages(["passage: " + text]), atol=1e-6)
+    np.testing.assert_allclose(
+        prefixed.embed_passages([text]), embedder.embed_passages(["passage: " + text]), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("passage_prefix", ["", "passage: "])
 def test_embedding_token_ids_matches_embedding_text(embedder, passage_prefix):
     # The builder embeds the chunker's token ids instead of re-tokenizing text: same vectors.
     model = embedder if not passage_prefix else Embedder(DEFAULT_MODEL, device="cpu", passage_prefix=passage_prefix)
-    chunks = list(Chunker(model.tokenizer).chunk_documents(load_documents([SAMPLE_CORPUS_DIR / "ja", SAMPLE_CORPUS_DIR / "handbook" / "fleet.md"])))
+    chunks = list(
+        Chunker(model.tokenizer).chunk_documents(
+            load_documents([SAMPLE_CORPUS_DIR / "ja", SAMPLE_CORPUS_DIR / "handbook" / "fleet.md"])
+        )
+    )
     from_ids = model.embed_token_ids([chunk.token_ids for chunk in chunks])
     from_text = model.embed_passages([chunk.text for chunk in chunks])
     np.testing.assert_allclose(from_ids, from_text, atol=1e-5)
@@ -98,7 +104,7 @@ def test_sample_questions_find_their_passage_in_the_top_three(embedder, sample_i
     results = sample_index.search(embedder.embed_queries([q.question for q in questions]), 3)
     misses = [
         (question.question, [(hit.passage.source, round(hit.score, 3)) for hit in hits])
-        for question, hits in zip(questions, results)
+        for question, hits in zip(questions, results, strict=False)
         if not any(hit.passage.source == question.source and question.answer in hit.passage.text for hit in hits)
     ]
     assert misses == []
@@ -129,7 +135,9 @@ def test_compatible_embedder_is_accepted(embedder, sample_index):
 
 def test_other_prefixes_are_refused_naming_them(sample_index):
     e5_style = Embedder("all-MiniLM-L6-v2", device="cpu", query_prefix="query: ", passage_prefix="passage: ")
-    with pytest.raises(IndexMismatchError, match=r"query_prefix 'query: ' \(index: ''\); passage_prefix 'passage: ' \(index: ''\)"):
+    with pytest.raises(
+        IndexMismatchError, match=r"query_prefix 'query: ' \(index: ''\); passage_prefix 'passage: ' \(index: ''\)"
+    ):
         sample_index.check_compatible(e5_style)
 
 

@@ -14,7 +14,10 @@ ADDED = "2026-11-21T11:59:50Z"
 
 
 def node(taints=(), annotations=None, unschedulable=False):
-    return {"metadata": {"name": "gpu-1", "annotations": annotations or {}}, "spec": {"taints": list(taints), "unschedulable": unschedulable}}
+    return {
+        "metadata": {"name": "gpu-1", "annotations": annotations or {}},
+        "spec": {"taints": list(taints), "unschedulable": unschedulable},
+    }
 
 
 def taint(key, value="", effect="NoSchedule", added=ADDED):
@@ -36,19 +39,112 @@ def agent_mark(**fields):
 
 TABLE = [
     # (what, node, source, kind, action, deadline)
-    ("AWS NTH spot ITN", node([taint("aws-node-termination-handler/spot-itn", "true")]), "aws-node-termination-handler", "spot-interruption", Action.DRAIN, at(110)),
-    ("AWS NTH rebalance", node([taint("aws-node-termination-handler/rebalance-recommendation")]), "aws-node-termination-handler", "rebalance-recommendation", Action.PREWARM, None),
-    ("AWS NTH ASG termination", node([taint("aws-node-termination-handler/asg-lifecycle-termination")]), "aws-node-termination-handler", "asg-termination", Action.DRAIN, at(110)),
-    ("AWS NTH maintenance", node([taint("aws-node-termination-handler/scheduled-maintenance")]), "aws-node-termination-handler", "scheduled-maintenance", Action.DRAIN, None),
+    (
+        "AWS NTH spot ITN",
+        node([taint("aws-node-termination-handler/spot-itn", "true")]),
+        "aws-node-termination-handler",
+        "spot-interruption",
+        Action.DRAIN,
+        at(110),
+    ),
+    (
+        "AWS NTH rebalance",
+        node([taint("aws-node-termination-handler/rebalance-recommendation")]),
+        "aws-node-termination-handler",
+        "rebalance-recommendation",
+        Action.PREWARM,
+        None,
+    ),
+    (
+        "AWS NTH ASG termination",
+        node([taint("aws-node-termination-handler/asg-lifecycle-termination")]),
+        "aws-node-termination-handler",
+        "asg-termination",
+        Action.DRAIN,
+        at(110),
+    ),
+    (
+        "AWS NTH maintenance",
+        node([taint("aws-node-termination-handler/scheduled-maintenance")]),
+        "aws-node-termination-handler",
+        "scheduled-maintenance",
+        Action.DRAIN,
+        None,
+    ),
     ("Karpenter disrupted", node([taint("karpenter.sh/disrupted")]), "karpenter", "disrupted", Action.DRAIN, at(110)),
-    ("GKE impending termination", node([taint("cloud.google.com/impending-node-termination", "true", "NoSchedule", None)]), "gke", "impending-termination", Action.DRAIN, at(30)),
-    ("cluster-autoscaler scale-down", node([taint("ToBeDeletedByClusterAutoscaler", "1700000000", "NoSchedule", None)]), "cluster-autoscaler", "scale-down", Action.DRAIN, None),
+    (
+        "GKE impending termination",
+        node([taint("cloud.google.com/impending-node-termination", "true", "NoSchedule", None)]),
+        "gke",
+        "impending-termination",
+        Action.DRAIN,
+        at(30),
+    ),
+    (
+        "cluster-autoscaler scale-down",
+        node([taint("ToBeDeletedByClusterAutoscaler", "1700000000", "NoSchedule", None)]),
+        "cluster-autoscaler",
+        "scale-down",
+        Action.DRAIN,
+        None,
+    ),
     ("cordon", node(unschedulable=True), "kubernetes", "cordon", Action.DRAIN, None),
-    ("out of service", node([taint("node.kubernetes.io/out-of-service", "nodeshutdown", "NoExecute", None)]), "kubernetes", "out-of-service", Action.DRAIN, NOW),
-    ("node agent AWS", node(annotations=agent_mark(kind="interruption", cloud="aws", deadline="2026-11-21T12:02:00Z", detected="2026-11-21T12:00:00Z")), "node-agent (aws)", "interruption", Action.DRAIN, at(120)),
-    ("node agent GCE", node(annotations=agent_mark(kind="interruption", cloud="gcp", deadline="2026-11-21T12:00:30Z", detected="2026-11-21T12:00:00Z")), "node-agent (gcp)", "interruption", Action.DRAIN, at(30)),
-    ("node agent Azure maintenance", node(annotations=agent_mark(kind="maintenance", cloud="azure", deadline="2026-11-21T12:05:00Z", detected="2026-11-21T12:00:00Z")), "node-agent (azure)", "maintenance", Action.DRAIN, at(300)),
-    ("node agent rebalance", node(annotations=agent_mark(kind="rebalance", cloud="aws", deadline="2026-11-21T12:02:00Z", detected="2026-11-21T12:00:00Z")), "node-agent (aws)", "rebalance", Action.PREWARM, None),
+    (
+        "out of service",
+        node([taint("node.kubernetes.io/out-of-service", "nodeshutdown", "NoExecute", None)]),
+        "kubernetes",
+        "out-of-service",
+        Action.DRAIN,
+        NOW,
+    ),
+    (
+        "node agent AWS",
+        node(
+            annotations=agent_mark(
+                kind="interruption", cloud="aws", deadline="2026-11-21T12:02:00Z", detected="2026-11-21T12:00:00Z"
+            )
+        ),
+        "node-agent (aws)",
+        "interruption",
+        Action.DRAIN,
+        at(120),
+    ),
+    (
+        "node agent GCE",
+        node(
+            annotations=agent_mark(
+                kind="interruption", cloud="gcp", deadline="2026-11-21T12:00:30Z", detected="2026-11-21T12:00:00Z"
+            )
+        ),
+        "node-agent (gcp)",
+        "interruption",
+        Action.DRAIN,
+        at(30),
+    ),
+    (
+        "node agent Azure maintenance",
+        node(
+            annotations=agent_mark(
+                kind="maintenance", cloud="azure", deadline="2026-11-21T12:05:00Z", detected="2026-11-21T12:00:00Z"
+            )
+        ),
+        "node-agent (azure)",
+        "maintenance",
+        Action.DRAIN,
+        at(300),
+    ),
+    (
+        "node agent rebalance",
+        node(
+            annotations=agent_mark(
+                kind="rebalance", cloud="aws", deadline="2026-11-21T12:02:00Z", detected="2026-11-21T12:00:00Z"
+            )
+        ),
+        "node-agent (aws)",
+        "rebalance",
+        Action.PREWARM,
+        None,
+    ),
 ]
 
 
@@ -61,7 +157,12 @@ def test_signal_table(what, body, source, kind, action, deadline):
 
 @pytest.mark.parametrize(
     "body",
-    [node(), node([taint("DeletionCandidateOfClusterAutoscaler", effect="PreferNoSchedule")]), node([taint("nvidia.com/gpu", "present")]), node([taint("cloud.google.com/gke-spot", "true")])],
+    [
+        node(),
+        node([taint("DeletionCandidateOfClusterAutoscaler", effect="PreferNoSchedule")]),
+        node([taint("nvidia.com/gpu", "present")]),
+        node([taint("cloud.google.com/gke-spot", "true")]),
+    ],
     ids=["plain", "deletion candidate", "gpu taint", "gke spot pool"],
 )
 def test_ordinary_taints_are_no_signal(body):
@@ -69,7 +170,14 @@ def test_ordinary_taints_are_no_signal(body):
 
 
 def test_unparseable_time_is_now_with_a_warning():
-    signal = node_signal(node(annotations=agent_mark(kind="interruption", cloud="aws", deadline="soon-ish", detected="2026-11-21T12:00:00Z")), NOW)
+    signal = node_signal(
+        node(
+            annotations=agent_mark(
+                kind="interruption", cloud="aws", deadline="soon-ish", detected="2026-11-21T12:00:00Z"
+            )
+        ),
+        NOW,
+    )
     assert signal.action is Action.DRAIN and signal.deadline == NOW
     assert "'soon-ish' is not RFC 3339; treated as now" in signal.warning
 
@@ -89,7 +197,10 @@ def test_what_the_node_agent_writes_is_read_back():
 
 
 def test_most_urgent_signal_wins():
-    body = node([taint("aws-node-termination-handler/rebalance-recommendation"), taint("karpenter.sh/disrupted")], unschedulable=True)
+    body = node(
+        [taint("aws-node-termination-handler/rebalance-recommendation"), taint("karpenter.sh/disrupted")],
+        unschedulable=True,
+    )
     signals = node_signals(body, NOW)
     assert [s.kind for s in signals] == ["disrupted", "cordon", "rebalance-recommendation"]
     assert node_signal(body, NOW).kind == "disrupted"

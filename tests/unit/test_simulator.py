@@ -17,12 +17,23 @@ from spotrag_simulator.sim import Simulation
 from spotrag_simulator.sizing import engine_load
 from spotrag_simulator.trace import TraceError, TraceRequest, generate_trace, load_trace
 
-SPEC = EngineSpec(decode_step_seconds=0.05, seconds_per_token=0.001, seconds_per_context_token=1e-6, kv_cache_tokens=10_000, max_model_len=8192)
+SPEC = EngineSpec(
+    decode_step_seconds=0.05,
+    seconds_per_token=0.001,
+    seconds_per_context_token=1e-6,
+    kv_cache_tokens=10_000,
+    max_model_len=8192,
+)
 
 
-def steady_trace(rate: float, start: float, end: float, prompt: int = 1000, output: int = 100, first_row: int = 1) -> list[TraceRequest]:
+def steady_trace(
+    rate: float, start: float, end: float, prompt: int = 1000, output: int = 100, first_row: int = 1
+) -> list[TraceRequest]:
     count = int((end - start) * rate)
-    return [TraceRequest(arrival=start + i / rate, prompt_tokens=prompt, output_tokens=output, row=first_row + i) for i in range(count)]
+    return [
+        TraceRequest(arrival=start + i / rate, prompt_tokens=prompt, output_tokens=output, row=first_row + i)
+        for i in range(count)
+    ]
 
 
 # -- the engine model -------------------------------------------------------------------
@@ -74,7 +85,9 @@ class TwoSpotEngines:
 def test_a_long_answer_on_an_interrupted_engine(gateway, lost, resumed):
     profile = build_profile({"spot": {"interruptionsPerHour": 0, "noticeSeconds": 30}})
     trace = [TraceRequest(arrival=0.0, prompt_tokens=1000, output_tokens=1500, row=1)]  # ~100 s of decoding
-    result = Simulation(profile, trace, TwoSpotEngines(gateway), seed=1, horizon=600, outages=[], notices=[(5.0, 0)]).run()
+    result = Simulation(
+        profile, trace, TwoSpotEngines(gateway), seed=1, horizon=600, outages=[], notices=[(5.0, 0)]
+    ).run()
     request = result.requests[0]
     assert request.first_token is not None and request.first_token < 5.0
     assert request.lost == lost
@@ -88,13 +101,24 @@ def test_a_long_answer_on_an_interrupted_engine(gateway, lost, resumed):
 
 
 def test_spot_outage_falls_back_to_on_demand_and_returns_to_spot():
-    profile = build_profile({
-        "spot": {"interruptionsPerHour": 0, "outages": [{"startHour": 0.5, "hours": 0.75}]},
-        "deployment": {"scaling": {"minReplicas": 1, "maxReplicas": 8, "onDemandBaseline": 1, "targetQueuedTokensPerReplica": 2000}},
-    })
+    profile = build_profile(
+        {
+            "spot": {"interruptionsPerHour": 0, "outages": [{"startHour": 0.5, "hours": 0.75}]},
+            "deployment": {
+                "scaling": {
+                    "minReplicas": 1,
+                    "maxReplicas": 8,
+                    "onDemandBaseline": 1,
+                    "targetQueuedTokensPerReplica": 2000,
+                }
+            },
+        }
+    )
     # Light load, then from 0.75 h (spot gone since 0.5 h) a load that needs several engines.
     trace = steady_trace(0.2, 0, 2700) + steady_trace(2.0, 2700, 5400, first_row=541)
-    controller = SpotragController(name="spotrag", policy=profile.scaling_policy(), spot=profile.spot_settings(), interval=10)
+    controller = SpotragController(
+        name="spotrag", policy=profile.scaling_policy(), spot=profile.spot_settings(), interval=10
+    )
     result = Simulation(profile, trace, controller, seed=1, horizon=7200, outages=[(1800.0, 4500.0)]).run()
     log = controller.log
     assert log.placements["SpotShort"] > 0 and log.placements["SpotRetry"] > 0 and log.give_ups > 0
@@ -114,7 +138,13 @@ def test_same_seed_same_report_and_another_seed_another():
     assert first.summaries == again.summaries and first.meta == again.meta
     other = compare(profile, generate_trace("bursty", hours=1, seed=4), seed=4, horizon=3600)
     assert other.summaries != first.summaries
-    assert [s.policy for s in first.summaries] == ["on-demand-peak", "kubeai-requests", "keda-waiting", "spotrag-no-spot", "spotrag"]
+    assert [s.policy for s in first.summaries] == [
+        "on-demand-peak",
+        "kubeai-requests",
+        "keda-waiting",
+        "spotrag-no-spot",
+        "spotrag",
+    ]
     assert first.summaries[0].cost_vs_peak == 1.0
 
 
@@ -139,13 +169,33 @@ def test_sized_queued_tokens_grow_with_utilization():
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("t.jsonl", '{"arrival": 0, "prompt_tokens": 10, "output_tokens": 5}\n{"arrival": 1, "prompt_tokens": 10\n', "t.jsonl line 2: not valid JSON"),
-        ("t.jsonl", '{"arrival": -1, "prompt_tokens": 10, "output_tokens": 5}\n', "t.jsonl line 1: arrival must be a finite number of seconds >= 0, got -1"),
-        ("t.jsonl", '\n{"arrival": 0, "prompt_tokens": "abc", "output_tokens": 5}\n', "t.jsonl line 2: prompt_tokens must be a whole number >= 1, got 'abc'"),
+        (
+            "t.jsonl",
+            '{"arrival": 0, "prompt_tokens": 10, "output_tokens": 5}\n{"arrival": 1, "prompt_tokens": 10\n',
+            "t.jsonl line 2: not valid JSON",
+        ),
+        (
+            "t.jsonl",
+            '{"arrival": -1, "prompt_tokens": 10, "output_tokens": 5}\n',
+            "t.jsonl line 1: arrival must be a finite number of seconds >= 0, got -1",
+        ),
+        (
+            "t.jsonl",
+            '\n{"arrival": 0, "prompt_tokens": "abc", "output_tokens": 5}\n',
+            "t.jsonl line 2: prompt_tokens must be a whole number >= 1, got 'abc'",
+        ),
         ("t.jsonl", '{"arrival": 0, "prompt_tokens": 10}\n', "t.jsonl line 1: missing output_tokens"),
         ("t.jsonl", "[1, 2, 3]\n", "t.jsonl line 1: expected an object"),
-        ("t.csv", "arrival,prompt_tokens,output_tokens\n0,10,5\n1.5,12,0\n", "t.csv line 3: output_tokens must be a whole number >= 1, got '0'"),
-        ("t.csv", "arrival,prompt\n0,10\n", "t.csv line 1: the header must name arrival, prompt_tokens, output_tokens; missing prompt_tokens, output_tokens"),
+        (
+            "t.csv",
+            "arrival,prompt_tokens,output_tokens\n0,10,5\n1.5,12,0\n",
+            "t.csv line 3: output_tokens must be a whole number >= 1, got '0'",
+        ),
+        (
+            "t.csv",
+            "arrival,prompt\n0,10\n",
+            "t.csv line 1: the header must name arrival, prompt_tokens, output_tokens; missing prompt_tokens, output_tokens",
+        ),
         ("t.csv", "arrival,prompt_tokens,output_tokens\n", "the trace has no requests"),
         ("t.txt", "whatever", "a trace must be .jsonl or .csv"),
     ],
@@ -160,7 +210,9 @@ def test_bad_trace_rows_are_named(tmp_path, name, content, message):
 def test_a_request_longer_than_the_context_is_named_by_row(tmp_path):
     path = tmp_path / "long.csv"
     path.write_text("arrival,prompt_tokens,output_tokens\n0,100,10\n3,8000,500\n")
-    with pytest.raises(TraceError, match=r"row 3: prompt_tokens \+ output_tokens = 8500 exceeds the model's context \(8192 tokens"):
+    with pytest.raises(
+        TraceError, match=r"row 3: prompt_tokens \+ output_tokens = 8500 exceeds the model's context \(8192 tokens"
+    ):
         compare(build_profile(), load_trace(path), seed=1)
 
 
@@ -202,8 +254,16 @@ def test_cli_runs_and_writes_the_report(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli(["--generate", "diurnal", "--hours", "0.5", "--seed", "2", "--out", str(out), "--no-png"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [p["policy"] for p in report["policies"]] == ["on-demand-peak", "kubeai-requests", "keda-waiting", "spotrag-no-spot", "spotrag"]
-    assert report["meta"]["seed"] == 2 and report["meta"]["requests"] == len((out / "trace.jsonl").read_text().splitlines())
+    assert [p["policy"] for p in report["policies"]] == [
+        "on-demand-peak",
+        "kubeai-requests",
+        "keda-waiting",
+        "spotrag-no-spot",
+        "spotrag",
+    ]
+    assert report["meta"]["seed"] == 2 and report["meta"]["requests"] == len(
+        (out / "trace.jsonl").read_text().splitlines()
+    )
     assert "| spotrag |" in capsys.readouterr().out
     # The generated trace replays to the same report.
     assert cli(["--trace", str(out / "trace.jsonl"), "--seed", "2", "--out", str(tmp_path / "replay"), "--no-png"]) == 0

@@ -14,8 +14,8 @@ import datetime
 from collections.abc import Iterator
 from typing import Any
 
-CONTENT_TYPE = 'application/vnd.kubernetes.protobuf'
-MAGIC = b'k8s\x00'
+CONTENT_TYPE = "application/vnd.kubernetes.protobuf"
+MAGIC = b"k8s\x00"
 
 
 class ProtobufUnsupported(ValueError):
@@ -25,40 +25,75 @@ class ProtobufUnsupported(ValueError):
 # Message schemas: field number -> (JSON name, type). Types: 'string', 'bytes', 'int', 'bool',
 # 'raw' (bytes kept as bytes), 'time', a message name, 'map:string' / 'map:bytes', and a trailing '[]' for repeated fields.
 _SCHEMAS: dict[str, dict[int, tuple[str, str]]] = {
-    'Unknown': {1: ('typeMeta', 'TypeMeta'), 2: ('raw', 'raw'), 3: ('contentEncoding', 'string'),
-                4: ('contentType', 'string')},
-    'TypeMeta': {1: ('apiVersion', 'string'), 2: ('kind', 'string')},
-    'ObjectMeta': {1: ('name', 'string'), 2: ('generateName', 'string'), 3: ('namespace', 'string'),
-                   5: ('uid', 'string'), 6: ('resourceVersion', 'string'), 7: ('generation', 'int'),
-                   8: ('creationTimestamp', 'time'), 9: ('deletionTimestamp', 'time'),
-                   10: ('deletionGracePeriodSeconds', 'int'), 11: ('labels', 'map:string'),
-                   12: ('annotations', 'map:string'), 13: ('ownerReferences', 'OwnerReference[]'),
-                   14: ('finalizers', 'string[]')},
-    'OwnerReference': {1: ('kind', 'string'), 3: ('name', 'string'), 4: ('uid', 'string'),
-                       5: ('apiVersion', 'string'), 6: ('controller', 'bool'), 7: ('blockOwnerDeletion', 'bool')},
-    'Secret': {1: ('metadata', 'ObjectMeta'), 2: ('data', 'map:bytes'), 3: ('type', 'string'),
-               4: ('stringData', 'map:string'), 5: ('immutable', 'bool')},
-    'ConfigMap': {1: ('metadata', 'ObjectMeta'), 2: ('data', 'map:string'), 3: ('binaryData', 'map:bytes'),
-                  4: ('immutable', 'bool')},
-    'DeleteOptions': {1: ('gracePeriodSeconds', 'int'), 2: ('preconditions', 'Preconditions'),
-                      3: ('orphanDependents', 'bool'), 4: ('propagationPolicy', 'string'), 5: ('dryRun', 'string[]')},
-    'Preconditions': {1: ('uid', 'string'), 2: ('resourceVersion', 'string')},
+    "Unknown": {
+        1: ("typeMeta", "TypeMeta"),
+        2: ("raw", "raw"),
+        3: ("contentEncoding", "string"),
+        4: ("contentType", "string"),
+    },
+    "TypeMeta": {1: ("apiVersion", "string"), 2: ("kind", "string")},
+    "ObjectMeta": {
+        1: ("name", "string"),
+        2: ("generateName", "string"),
+        3: ("namespace", "string"),
+        5: ("uid", "string"),
+        6: ("resourceVersion", "string"),
+        7: ("generation", "int"),
+        8: ("creationTimestamp", "time"),
+        9: ("deletionTimestamp", "time"),
+        10: ("deletionGracePeriodSeconds", "int"),
+        11: ("labels", "map:string"),
+        12: ("annotations", "map:string"),
+        13: ("ownerReferences", "OwnerReference[]"),
+        14: ("finalizers", "string[]"),
+    },
+    "OwnerReference": {
+        1: ("kind", "string"),
+        3: ("name", "string"),
+        4: ("uid", "string"),
+        5: ("apiVersion", "string"),
+        6: ("controller", "bool"),
+        7: ("blockOwnerDeletion", "bool"),
+    },
+    "Secret": {
+        1: ("metadata", "ObjectMeta"),
+        2: ("data", "map:bytes"),
+        3: ("type", "string"),
+        4: ("stringData", "map:string"),
+        5: ("immutable", "bool"),
+    },
+    "ConfigMap": {
+        1: ("metadata", "ObjectMeta"),
+        2: ("data", "map:string"),
+        3: ("binaryData", "map:bytes"),
+        4: ("immutable", "bool"),
+    },
+    "DeleteOptions": {
+        1: ("gracePeriodSeconds", "int"),
+        2: ("preconditions", "Preconditions"),
+        3: ("orphanDependents", "bool"),
+        4: ("propagationPolicy", "string"),
+        5: ("dryRun", "string[]"),
+    },
+    "Preconditions": {1: ("uid", "string"), 2: ("resourceVersion", "string")},
 }
-DECODABLE_KINDS = frozenset({'Secret', 'ConfigMap', 'DeleteOptions'})
+DECODABLE_KINDS = frozenset({"Secret", "ConfigMap", "DeleteOptions"})
 
 
 def decode(body: bytes) -> dict[str, Any]:
     """A protobuf-encoded Kubernetes object as its JSON dict."""
     if not body.startswith(MAGIC):
-        raise ProtobufUnsupported('not a Kubernetes protobuf body (no k8s\\0 prefix)')
-    envelope = _message(body[len(MAGIC):], 'Unknown')
-    type_meta = envelope.get('typeMeta') or {}
-    kind = type_meta.get('kind', '')
+        raise ProtobufUnsupported("not a Kubernetes protobuf body (no k8s\\0 prefix)")
+    envelope = _message(body[len(MAGIC) :], "Unknown")
+    type_meta = envelope.get("typeMeta") or {}
+    kind = type_meta.get("kind", "")
     if kind not in DECODABLE_KINDS:
-        raise ProtobufUnsupported(f'protobuf bodies of kind {kind or "?"!r} are not understood here '
-                                  f'(only {", ".join(sorted(DECODABLE_KINDS))}); send JSON')
-    obj = _message(envelope.get('raw', b''), kind)
-    return {'apiVersion': type_meta.get('apiVersion', 'v1'), 'kind': kind, **obj}
+        raise ProtobufUnsupported(
+            f"protobuf bodies of kind {kind or '?'!r} are not understood here "
+            f"(only {', '.join(sorted(DECODABLE_KINDS))}); send JSON"
+        )
+    obj = _message(envelope.get("raw", b""), kind)
+    return {"apiVersion": type_meta.get("apiVersion", "v1"), "kind": kind, **obj}
 
 
 def _fields(data: bytes) -> Iterator[tuple[int, int, Any]]:
@@ -70,13 +105,13 @@ def _fields(data: bytes) -> Iterator[tuple[int, int, Any]]:
             value, position = _varint(data, position)
         elif wire_type == 2:
             length, position = _varint(data, position)
-            value, position = data[position:position + length], position + length
+            value, position = data[position : position + length], position + length
         elif wire_type == 1:
-            value, position = data[position:position + 8], position + 8
+            value, position = data[position : position + 8], position + 8
         elif wire_type == 5:
-            value, position = data[position:position + 4], position + 4
+            value, position = data[position : position + 4], position + 4
         else:
-            raise ProtobufUnsupported(f'unsupported protobuf wire type {wire_type}')
+            raise ProtobufUnsupported(f"unsupported protobuf wire type {wire_type}")
         yield number, wire_type, value
 
 
@@ -84,7 +119,7 @@ def _varint(data: bytes, position: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if position >= len(data):
-            raise ProtobufUnsupported('truncated protobuf varint')
+            raise ProtobufUnsupported("truncated protobuf varint")
         byte = data[position]
         result |= (byte & 0x7F) << shift
         position += 1
@@ -100,9 +135,9 @@ def _message(data: bytes, schema_name: str) -> dict[str, Any]:
         if number not in schema:
             continue  # fields this decoder does not map (managedFields, selfLink...)
         name, field_type = schema[number]
-        repeated = field_type.endswith('[]')
-        decoded = _value(value, field_type.removesuffix('[]'))
-        if field_type.startswith('map:'):
+        repeated = field_type.endswith("[]")
+        decoded = _value(value, field_type.removesuffix("[]"))
+        if field_type.startswith("map:"):
             result.setdefault(name, {}).update(decoded)
         elif repeated:
             result.setdefault(name, []).append(decoded)
@@ -113,24 +148,24 @@ def _message(data: bytes, schema_name: str) -> dict[str, Any]:
 
 def _value(value: Any, field_type: str) -> Any:
     match field_type:
-        case 'string':
-            return value.decode('utf-8')
-        case 'raw':
+        case "string":
+            return value.decode("utf-8")
+        case "raw":
             return value
-        case 'bytes':
-            return base64.b64encode(value).decode('ascii')  # as JSON carries []byte
-        case 'int':
+        case "bytes":
+            return base64.b64encode(value).decode("ascii")  # as JSON carries []byte
+        case "int":
             return value - (1 << 64) if value >= 1 << 63 else value
-        case 'bool':
+        case "bool":
             return bool(value)
-        case 'time':
+        case "time":
             seconds = _message_ints(value).get(1, 0)
-            return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')
-        case 'map:string' | 'map:bytes':
+            return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        case "map:string" | "map:bytes":
             entry = {number: raw for number, _, raw in _fields(value)}
-            key = entry.get(1, b'').decode('utf-8')
-            raw = entry.get(2, b'')
-            return {key: raw.decode('utf-8') if field_type == 'map:string' else base64.b64encode(raw).decode('ascii')}
+            key = entry.get(1, b"").decode("utf-8")
+            raw = entry.get(2, b"")
+            return {key: raw.decode("utf-8") if field_type == "map:string" else base64.b64encode(raw).decode("ascii")}
     return _message(value, field_type)
 
 

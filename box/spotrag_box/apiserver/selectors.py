@@ -29,15 +29,15 @@ class Requirement:
         present = self.key in labels
         value = labels.get(self.key)
         match self.operator:
-            case '=' | 'in':
+            case "=" | "in":
                 return present and value in self.values
-            case '!=' | 'notin':
+            case "!=" | "notin":
                 return not present or value not in self.values
-            case 'exists':
+            case "exists":
                 return present
-            case '!exists':
+            case "!exists":
                 return not present
-            case 'gt' | 'lt':
+            case "gt" | "lt":
                 try:
                     number = int(value) if value is not None else None
                 except ValueError:
@@ -45,17 +45,19 @@ class Requirement:
                 if number is None:
                     return False
                 limit = int(self.values[0])
-                return number > limit if self.operator == 'gt' else number < limit
+                return number > limit if self.operator == "gt" else number < limit
         raise AssertionError(f"unknown operator {self.operator!r}")
 
 
 # One requirement at a time, anchored at the current position of the scanner.
-_SET_REQUIREMENT = re.compile(r'\s*(?P<key>[^\s,!=<>()]+)\s+(?P<op>in|notin)\s*\((?P<values>[^)]*)\)\s*')
-_EQUALITY_REQUIREMENT = re.compile(r'\s*(?P<key>[^\s,!=<>()]+)\s*(?P<op>==|=|!=|>|<)\s*(?P<value>[^\s,()]*)\s*')
-_EXISTS_REQUIREMENT = re.compile(r'\s*(?P<neg>!?)\s*(?P<key>[^\s,!=<>()]+)\s*')
-_LABEL_KEY = re.compile(r'^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?'
-                        r'[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$')
-_LABEL_VALUE = re.compile(r'^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$')
+_SET_REQUIREMENT = re.compile(r"\s*(?P<key>[^\s,!=<>()]+)\s+(?P<op>in|notin)\s*\((?P<values>[^)]*)\)\s*")
+_EQUALITY_REQUIREMENT = re.compile(r"\s*(?P<key>[^\s,!=<>()]+)\s*(?P<op>==|=|!=|>|<)\s*(?P<value>[^\s,()]*)\s*")
+_EXISTS_REQUIREMENT = re.compile(r"\s*(?P<neg>!?)\s*(?P<key>[^\s,!=<>()]+)\s*")
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
 def parse_label_selector(text: str | None) -> tuple[Requirement, ...]:
@@ -69,7 +71,7 @@ def parse_label_selector(text: str | None) -> tuple[Requirement, ...]:
         _check_label_key(requirement.key, text)
         requirements.append(requirement)
         if position < len(text):
-            if text[position] != ',':
+            if text[position] != ",":
                 raise SelectorError(f"unable to parse requirement: found {text[position:]!r} in {text!r}")
             position += 1
             if position == len(text):
@@ -79,26 +81,26 @@ def parse_label_selector(text: str | None) -> tuple[Requirement, ...]:
 
 def _parse_one_requirement(text: str, position: int) -> tuple[Requirement, int]:
     if match := _SET_REQUIREMENT.match(text, position):
-        values = tuple(v.strip() for v in match['values'].split(',') if v.strip())
+        values = tuple(v.strip() for v in match["values"].split(",") if v.strip())
         if not values:
             raise SelectorError(f"for 'in', 'notin' operators, values set can't be empty: {text!r}")
         for value in values:
             _check_label_value(value, text)
-        return Requirement(match['key'], match['op'], values), match.end()
+        return Requirement(match["key"], match["op"], values), match.end()
     if match := _EQUALITY_REQUIREMENT.match(text, position):
-        op = {'==': '=', '=': '=', '!=': '!=', '>': 'gt', '<': 'lt'}[match['op']]
-        value = match['value']
-        if op in ('gt', 'lt') and not re.fullmatch(r'-?\d+', value):
+        op = {"==": "=", "=": "=", "!=": "!=", ">": "gt", "<": "lt"}[match["op"]]
+        value = match["value"]
+        if op in ("gt", "lt") and not re.fullmatch(r"-?\d+", value):
             raise SelectorError(f"for 'Gt', 'Lt' operators, the value must be an integer: {text!r}")
         _check_label_value(value, text)
-        return Requirement(match['key'], op, (value,)), match.end()
+        return Requirement(match["key"], op, (value,)), match.end()
     if match := _EXISTS_REQUIREMENT.match(text, position):
-        return Requirement(match['key'], '!exists' if match['neg'] else 'exists'), match.end()
+        return Requirement(match["key"], "!exists" if match["neg"] else "exists"), match.end()
     raise SelectorError(f"unable to parse requirement in label selector {text!r}")
 
 
 def _check_label_key(key: str, text: str) -> None:
-    if not _LABEL_KEY.match(key) or len(key.rsplit('/', 1)[-1]) > 63:
+    if not _LABEL_KEY.match(key) or len(key.rsplit("/", 1)[-1]) > 63:
         raise SelectorError(f"invalid label key {key!r} in label selector {text!r}")
 
 
@@ -108,7 +110,7 @@ def _check_label_value(value: str, text: str) -> None:
 
 
 def labels_match(requirements: tuple[Requirement, ...], obj: Mapping[str, Any]) -> bool:
-    labels = (obj.get('metadata') or {}).get('labels') or {}
+    labels = (obj.get("metadata") or {}).get("labels") or {}
     return all(requirement.matches(labels) for requirement in requirements)
 
 
@@ -126,38 +128,64 @@ class FieldRequirement:
 # The fields each kind indexes (pkg/registry/*/strategy.go, "ToSelectableFields").
 # metadata.name and metadata.namespace are always selectable.
 SELECTABLE_FIELDS: dict[str, frozenset[str]] = {
-    'Pod': frozenset({'spec.nodeName', 'spec.restartPolicy', 'spec.schedulerName', 'spec.serviceAccountName',
-                      'spec.hostNetwork', 'status.phase', 'status.podIP', 'status.nominatedNodeName'}),
-    'Node': frozenset({'spec.unschedulable'}),
-    'Namespace': frozenset({'status.phase'}),
-    'Secret': frozenset({'type'}),
-    'Event': frozenset({'involvedObject.kind', 'involvedObject.namespace', 'involvedObject.name',
-                        'involvedObject.uid', 'involvedObject.apiVersion', 'involvedObject.resourceVersion',
-                        'involvedObject.fieldPath', 'reason', 'reportingComponent', 'source', 'type',
-                        'regarding.kind', 'regarding.namespace', 'regarding.name', 'regarding.uid',
-                        'deprecatedSource'}),
-    'Job': frozenset({'status.successful'}),
-    'ReplicaSet': frozenset({'status.replicas'}),
-    'CertificateSigningRequest': frozenset({'spec.signerName'}),
+    "Pod": frozenset(
+        {
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "spec.hostNetwork",
+            "status.phase",
+            "status.podIP",
+            "status.nominatedNodeName",
+        }
+    ),
+    "Node": frozenset({"spec.unschedulable"}),
+    "Namespace": frozenset({"status.phase"}),
+    "Secret": frozenset({"type"}),
+    "Event": frozenset(
+        {
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "source",
+            "type",
+            "regarding.kind",
+            "regarding.namespace",
+            "regarding.name",
+            "regarding.uid",
+            "deprecatedSource",
+        }
+    ),
+    "Job": frozenset({"status.successful"}),
+    "ReplicaSet": frozenset({"status.replicas"}),
+    "CertificateSigningRequest": frozenset({"spec.signerName"}),
 }
-_ALWAYS_SELECTABLE = frozenset({'metadata.name', 'metadata.namespace'})
+_ALWAYS_SELECTABLE = frozenset({"metadata.name", "metadata.namespace"})
 
 
-def parse_field_selector(text: str | None, *, kind: str,
-                         extra_fields: frozenset[str] = frozenset()) -> tuple[FieldRequirement, ...]:
+def parse_field_selector(
+    text: str | None, *, kind: str, extra_fields: frozenset[str] = frozenset()
+) -> tuple[FieldRequirement, ...]:
     """Parse a field selector, refusing fields the kind does not index."""
     if not text or not text.strip():
         return ()
     allowed = _ALWAYS_SELECTABLE | SELECTABLE_FIELDS.get(kind, frozenset()) | extra_fields
     requirements: list[FieldRequirement] = []
-    for term in text.split(','):
-        match = re.fullmatch(r'\s*([^!=\s]+)\s*(==|=|!=)\s*(.*?)\s*', term)
+    for term in text.split(","):
+        match = re.fullmatch(r"\s*([^!=\s]+)\s*(==|=|!=)\s*(.*?)\s*", term)
         if not match:
             raise SelectorError(f"invalid selector: {text!r}; can't understand {term!r}")
         path, op, value = match.groups()
         if path not in allowed:
-            raise SelectorError(f'field label not supported: {path}')
-        requirements.append(FieldRequirement(path, op == '!=', value))
+            raise SelectorError(f"field label not supported: {path}")
+        requirements.append(FieldRequirement(path, op == "!=", value))
     return tuple(requirements)
 
 
@@ -168,25 +196,25 @@ def fields_match(requirements: tuple[FieldRequirement, ...], obj: Mapping[str, A
 def field_value(obj: Mapping[str, Any], path: str) -> str:
     """The string a field selector compares: absent fields read as '' (as in the real indexers)."""
     value: Any = obj
-    for part in path.split('.'):
+    for part in path.split("."):
         value = value.get(part) if isinstance(value, Mapping) else None
     if value is None:
-        return ''
+        return ""
     if isinstance(value, bool):
-        return 'true' if value else 'false'
+        return "true" if value else "false"
     return str(value)
 
 
 def format_label_selector(selector: Mapping[str, Any]) -> str:
     """Render a metav1.LabelSelector (matchLabels + matchExpressions) as selector text."""
-    parts = [f'{key}={value}' for key, value in sorted((selector.get('matchLabels') or {}).items())]
+    parts = [f"{key}={value}" for key, value in sorted((selector.get("matchLabels") or {}).items())]
     spellings: dict[str, Callable[[str, list[str]], str]] = {
-        'In': lambda key, values: f"{key} in ({','.join(values)})",
-        'NotIn': lambda key, values: f"{key} notin ({','.join(values)})",
-        'Exists': lambda key, values: key,
-        'DoesNotExist': lambda key, values: f'!{key}',
+        "In": lambda key, values: f"{key} in ({','.join(values)})",
+        "NotIn": lambda key, values: f"{key} notin ({','.join(values)})",
+        "Exists": lambda key, values: key,
+        "DoesNotExist": lambda key, values: f"!{key}",
     }
-    for expression in selector.get('matchExpressions') or []:
-        spell = spellings[expression['operator']]
-        parts.append(spell(expression['key'], sorted(expression.get('values') or [])))
-    return ','.join(parts)
+    for expression in selector.get("matchExpressions") or []:
+        spell = spellings[expression["operator"]]
+        parts.append(spell(expression["key"], sorted(expression.get("values") or [])))
+    return ",".join(parts)

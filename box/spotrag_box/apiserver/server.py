@@ -32,23 +32,30 @@ import yaml
 
 from spotrag_box.apiserver.emulator import DEFAULT_REQUEST_LOG_SIZE, ApiError, KubeEmulator, RecordedRequest
 
-__all__ = ['KubeAPIServer', 'RecordedRequest', 'ApiError', 'cli']
+__all__ = ["KubeAPIServer", "RecordedRequest", "ApiError", "cli"]
 
-_T = TypeVar('_T')
+_T = TypeVar("_T")
 _SHUTDOWN_TIMEOUT = 2.0  # open watches are closed first, so handlers end almost at once
 
 
 class KubeAPIServer:
     """The stand-in API server: start it, point a kubeconfig at ``url``, stop it."""
 
-    def __init__(self, *, host: str = '127.0.0.1', port: int = 0, version: str = 'v1.36.0',
-                 graceful_pod_deletion: bool = True, request_log_size: int = DEFAULT_REQUEST_LOG_SIZE) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        version: str = "v1.36.0",
+        graceful_pod_deletion: bool = True,
+        request_log_size: int = DEFAULT_REQUEST_LOG_SIZE,
+    ) -> None:
         self.host = host
         self.port = port
         self._version = version
         self.graceful_pod_deletion = graceful_pod_deletion
         self.request_log_size = request_log_size
-        self.url = ''
+        self.url = ""
         self._emulator: KubeEmulator | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -65,14 +72,14 @@ class KubeAPIServer:
     def version(self, value: str) -> None:
         self._version = value
         if self._thread is not None:
-            self.call(lambda emulator: setattr(emulator, 'server_version', value))
+            self.call(lambda emulator: setattr(emulator, "server_version", value))
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> Self:
         if self._thread is not None:
-            raise RuntimeError('the server is already started')
-        self._thread = threading.Thread(target=self._run, name=f'kube-api-server:{self.port}', daemon=True)
+            raise RuntimeError("the server is already started")
+        self._thread = threading.Thread(target=self._run, name=f"kube-api-server:{self.port}", daemon=True)
         self._thread.start()
         self._ready.wait()
         if self._startup_error is not None:
@@ -92,8 +99,9 @@ class KubeAPIServer:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self.stop()
 
     def _run(self) -> None:
@@ -111,19 +119,26 @@ class KubeAPIServer:
         self._stopping = asyncio.Event()
         listener = socket.create_server((self.host, self.port))
         bound_port = listener.getsockname()[1]
-        emulator = KubeEmulator(server_version=self._version, graceful_pod_deletion=self.graceful_pod_deletion,
-                                request_log_size=self.request_log_size, server_address=f'{self.host}:{bound_port}')
+        emulator = KubeEmulator(
+            server_version=self._version,
+            graceful_pod_deletion=self.graceful_pod_deletion,
+            request_log_size=self.request_log_size,
+            server_address=f"{self.host}:{bound_port}",
+        )
         # aiohttp's low-level server rather than kmock.Server: the latter also swaps aiohttp's
         # process-wide DNS resolver, which breaks when several servers stop out of order.
-        runner = aiohttp.web.ServerRunner(aiohttp.web.Server(emulator, handler_cancellation=True),
-                                          handle_signals=False, shutdown_timeout=_SHUTDOWN_TIMEOUT)
+        runner = aiohttp.web.ServerRunner(
+            aiohttp.web.Server(emulator, handler_cancellation=True),
+            handle_signals=False,
+            shutdown_timeout=_SHUTDOWN_TIMEOUT,
+        )
         await runner.setup()
         try:
             site = aiohttp.web.SockSite(runner, listener)
             await site.start()
             self._emulator = emulator
             self.port = bound_port
-            self.url = f'http://{self.host}:{bound_port}'
+            self.url = f"http://{self.host}:{bound_port}"
             self._ready.set()
             await self._stopping.wait()
             emulator.close_watches()
@@ -136,33 +151,42 @@ class KubeAPIServer:
     def emulator(self) -> KubeEmulator:
         """The kmock emulator; touch it only through ``call()`` (it lives in the server's thread)."""
         if self._emulator is None:
-            raise RuntimeError('the server is not started')
+            raise RuntimeError("the server is not started")
         return self._emulator
 
     def call(self, fn: Callable[[KubeEmulator], _T]) -> _T:
         """Run ``fn(emulator)`` in the server's event loop and return its result."""
         if self._loop is None or self._emulator is None or self._thread is None:
-            raise RuntimeError('the server is not started')
+            raise RuntimeError("the server is not started")
         emulator = self._emulator
 
         async def in_loop() -> _T:
             return fn(emulator)
+
         future: concurrent.futures.Future[_T] = asyncio.run_coroutine_threadsafe(in_loop(), self._loop)
         return future.result()
 
     def write_kubeconfig(self, path: str | pathlib.Path) -> pathlib.Path:
         """A kubeconfig for this server (any token works; namespace ``default``)."""
         if not self.url:
-            raise RuntimeError('the server is not started')
+            raise RuntimeError("the server is not started")
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        name = 'spotrag-box'
-        path.write_text(yaml.safe_dump({
-            'apiVersion': 'v1', 'kind': 'Config', 'current-context': name, 'preferences': {},
-            'clusters': [{'name': name, 'cluster': {'server': self.url}}],
-            'users': [{'name': name, 'user': {'token': 'spotrag-box-token'}}],
-            'contexts': [{'name': name, 'context': {'cluster': name, 'user': name, 'namespace': 'default'}}],
-        }, sort_keys=False))
+        name = "spotrag-box"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": name,
+                    "preferences": {},
+                    "clusters": [{"name": name, "cluster": {"server": self.url}}],
+                    "users": [{"name": name, "user": {"token": "spotrag-box-token"}}],
+                    "contexts": [{"name": name, "context": {"cluster": name, "user": name, "namespace": "default"}}],
+                },
+                sort_keys=False,
+            )
+        )
         return path
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -196,42 +220,48 @@ def _documents(path: pathlib.Path) -> list[dict[str, Any]]:
     try:
         documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
     except yaml.YAMLError as e:
-        raise ValueError(f'{path}: not valid YAML: {e}') from e
+        raise ValueError(f"{path}: not valid YAML: {e}") from e
     for document in documents:
-        if not isinstance(document, dict) or 'apiVersion' not in document or 'kind' not in document:
-            raise ValueError(f'{path}: every document needs apiVersion and kind')
+        if not isinstance(document, dict) or "apiVersion" not in document or "kind" not in document:
+            raise ValueError(f"{path}: every document needs apiVersion and kind")
     return documents
 
 
 # --- spotrag api-server ------------------------------------------------------------------------------
 
+
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog='spotrag api-server',
-        description='Run the Kubernetes API stand-in in the foreground until interrupted.')
-    parser.add_argument('--host', default='127.0.0.1', help='address to listen on (default: %(default)s)')
-    parser.add_argument('--port', type=int, default=0, help='port to listen on; 0 picks a free one (default)')
-    parser.add_argument('--version', default='v1.36.0', help='the Kubernetes version /version reports')
-    parser.add_argument('--kubeconfig-out', type=pathlib.Path, help='write a kubeconfig for the server here')
-    parser.add_argument('--crd', type=pathlib.Path, action='append', default=[],
-                        help='a YAML file of CRDs (or any objects) to apply at start; repeatable')
+        prog="spotrag api-server", description="Run the Kubernetes API stand-in in the foreground until interrupted."
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (default)")
+    parser.add_argument("--version", default="v1.36.0", help="the Kubernetes version /version reports")
+    parser.add_argument("--kubeconfig-out", type=pathlib.Path, help="write a kubeconfig for the server here")
+    parser.add_argument(
+        "--crd",
+        type=pathlib.Path,
+        action="append",
+        default=[],
+        help="a YAML file of CRDs (or any objects) to apply at start; repeatable",
+    )
     args = parser.parse_args(argv)
     server = KubeAPIServer(host=args.host, port=args.port, version=args.version)
     try:
         server.start()
     except OSError as e:
-        print(f'spotrag api-server: cannot listen on {args.host}:{args.port}: {e}', file=sys.stderr)
+        print(f"spotrag api-server: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
     try:
         for path in args.crd:
             try:
                 server.apply_crd_file(path)
             except (OSError, ValueError, ApiError) as e:
-                print(f'spotrag api-server: cannot apply {path}: {e}', file=sys.stderr)
+                print(f"spotrag api-server: cannot apply {path}: {e}", file=sys.stderr)
                 return 1
         if args.kubeconfig_out:
             server.write_kubeconfig(args.kubeconfig_out)
-        print(f'Kubernetes API stand-in listening on {server.url}', flush=True)
+        print(f"Kubernetes API stand-in listening on {server.url}", flush=True)
         _wait_for_signals((signal.SIGINT, signal.SIGTERM))
         return 0
     finally:
@@ -243,4 +273,3 @@ def _wait_for_signals(signals: Iterable[signal.Signals]) -> None:
     for signum in signals:
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
-

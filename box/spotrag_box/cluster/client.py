@@ -54,7 +54,9 @@ def collection_path(api_version: str, plural: str, namespace: str | None = None)
     return f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
 
 
-def object_path(api_version: str, plural: str, name: str, namespace: str | None = None, subresource: str | None = None) -> str:
+def object_path(
+    api_version: str, plural: str, name: str, namespace: str | None = None, subresource: str | None = None
+) -> str:
     path = f"{collection_path(api_version, plural, namespace)}/{name}"
     return f"{path}/{subresource}" if subresource else path
 
@@ -65,7 +67,10 @@ class KubeClient:
         server, headers, options = _connection(kubeconfig)
         self.server = server
         self._http = httpx.AsyncClient(
-            base_url=server, headers=headers | {"Accept": "application/json"}, timeout=httpx.Timeout(10.0, read=WATCH_SECONDS + 30), **options
+            base_url=server,
+            headers=headers | {"Accept": "application/json"},
+            timeout=httpx.Timeout(10.0, read=WATCH_SECONDS + 30),
+            **options,
         )
 
     async def close(self) -> None:
@@ -95,7 +100,9 @@ class KubeClient:
     async def patch(self, path: str, body: dict, content_type: str = MERGE_PATCH) -> dict:
         return await self._request("PATCH", path, content=json.dumps(body), headers={"Content-Type": content_type})
 
-    async def delete(self, path: str, *, grace_period_seconds: int | None = None, preconditions: dict | None = None) -> bool:
+    async def delete(
+        self, path: str, *, grace_period_seconds: int | None = None, preconditions: dict | None = None
+    ) -> bool:
         """False when it was already gone."""
         options: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
         if grace_period_seconds is not None:
@@ -103,15 +110,24 @@ class KubeClient:
         if preconditions:
             options["preconditions"] = preconditions
         try:
-            await self._request("DELETE", path, content=json.dumps(options), headers={"Content-Type": "application/json"})
+            await self._request(
+                "DELETE", path, content=json.dumps(options), headers={"Content-Type": "application/json"}
+            )
             return True
         except ApiError as error:
             if error.status == 404:
                 return False
             raise
 
-    async def watch(self, path: str, resource_version: str, *, label_selector: str | None = None) -> AsyncIterator[dict]:
-        params = {"watch": "true", "resourceVersion": resource_version, "timeoutSeconds": str(WATCH_SECONDS), "allowWatchBookmarks": "true"}
+    async def watch(
+        self, path: str, resource_version: str, *, label_selector: str | None = None
+    ) -> AsyncIterator[dict]:
+        params = {
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "timeoutSeconds": str(WATCH_SECONDS),
+            "allowWatchBookmarks": "true",
+        }
         if label_selector:
             params["labelSelector"] = label_selector
         async with self._http.stream("GET", path, params=params) as response:
@@ -187,7 +203,7 @@ class Informer:
                 raise
             except WatchExpired:
                 continue
-            except Exception as error:  # noqa: BLE001 - a controller keeps going through API hiccups
+            except Exception as error:
                 log.warning("watch of %s failed: %r; retrying in %.1fs", self.name, error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)

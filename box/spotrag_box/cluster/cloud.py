@@ -54,24 +54,57 @@ class Interruption:
 
 def node_manifest(pool: NodePool, name: str) -> dict:
     instance = pool.instance
-    capacity = {"cpu": instance.cpu, "memory": instance.memory, "pods": str(instance.max_pods), "ephemeral-storage": "100Gi"}
+    capacity = {
+        "cpu": instance.cpu,
+        "memory": instance.memory,
+        "pods": str(instance.max_pods),
+        "ephemeral-storage": "100Gi",
+    }
     if instance.gpus:
         capacity[GPU_RESOURCE] = str(instance.gpus)
     instance_id = "i-" + secrets.token_hex(8)
     return {
         "apiVersion": "v1",
         "kind": "Node",
-        "metadata": {"name": name, "labels": pool.node_labels(name), "annotations": {"box.spotrag.io/instance-id": instance_id}},
+        "metadata": {
+            "name": name,
+            "labels": pool.node_labels(name),
+            "annotations": {"box.spotrag.io/instance-id": instance_id},
+        },
         "spec": {"providerID": f"aws:///{pool.zone}/{instance_id}", "taints": pool.node_taints()},
         "status": {
             "capacity": capacity,
             "allocatable": capacity,
             "conditions": [
-                {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status (simulated)",
-                 "lastHeartbeatTime": now_iso(), "lastTransitionTime": now_iso()},
-                {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory", "lastHeartbeatTime": now_iso(), "lastTransitionTime": now_iso()},
-                {"type": "DiskPressure", "status": "False", "reason": "KubeletHasNoDiskPressure", "lastHeartbeatTime": now_iso(), "lastTransitionTime": now_iso()},
-                {"type": "PIDPressure", "status": "False", "reason": "KubeletHasSufficientPID", "lastHeartbeatTime": now_iso(), "lastTransitionTime": now_iso()},
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "KubeletReady",
+                    "message": "kubelet is posting ready status (simulated)",
+                    "lastHeartbeatTime": now_iso(),
+                    "lastTransitionTime": now_iso(),
+                },
+                {
+                    "type": "MemoryPressure",
+                    "status": "False",
+                    "reason": "KubeletHasSufficientMemory",
+                    "lastHeartbeatTime": now_iso(),
+                    "lastTransitionTime": now_iso(),
+                },
+                {
+                    "type": "DiskPressure",
+                    "status": "False",
+                    "reason": "KubeletHasNoDiskPressure",
+                    "lastHeartbeatTime": now_iso(),
+                    "lastTransitionTime": now_iso(),
+                },
+                {
+                    "type": "PIDPressure",
+                    "status": "False",
+                    "reason": "KubeletHasSufficientPID",
+                    "lastHeartbeatTime": now_iso(),
+                    "lastTransitionTime": now_iso(),
+                },
             ],
             "addresses": [{"type": "InternalIP", "address": HOST_IP}, {"type": "Hostname", "address": name}],
             "nodeInfo": {
@@ -93,7 +126,9 @@ def node_manifest(pool: NodePool, name: str) -> dict:
 class Cloud(Controller):
     name = "cloud"
 
-    def __init__(self, client: KubeClient, nodes: Informer, kubelet: Kubelet, profile: ClusterProfile, *, timing: Timing):
+    def __init__(
+        self, client: KubeClient, nodes: Informer, kubelet: Kubelet, profile: ClusterProfile, *, timing: Timing
+    ):
         super().__init__(resync=timing.resync)
         self.client = client
         self.nodes = nodes
@@ -207,14 +242,23 @@ class Cloud(Controller):
             reason, message = "SpotInterruption", f"Spot Interruption notice for instance, scheduled at {deadline}"
         elif interruption.style == "karpenter":
             taints.append({"key": KARPENTER_DISRUPTED_TAINT, "effect": "NoSchedule"})
-            reason, message = "SpotInterrupted", f"Spot interruption warning was triggered; instance terminates at {deadline}"
+            reason, message = (
+                "SpotInterrupted",
+                f"Spot interruption warning was triggered; instance terminates at {deadline}",
+            )
         else:
             taints.append({"key": GKE_TERMINATION_TAINT, "value": "true", "effect": "NoSchedule"})
             reason, message = "PreemptionNotice", f"Node is about to be preempted at {deadline}"
         patch["spec"]["taints"] = taints
         await self.client.patch(path, patch)
         await self.events.record(current | {"kind": "Node", "apiVersion": "v1"}, "Warning", reason, message)
-        log.info("cloud: %s notice for %s (%s, %ss)", interruption.style, interruption.node, interruption.event_id, interruption.notice_seconds)
+        log.info(
+            "cloud: %s notice for %s (%s, %ss)",
+            interruption.style,
+            interruption.node,
+            interruption.event_id,
+            interruption.notice_seconds,
+        )
 
     async def _terminate_at_deadline(self, interruption: Interruption) -> None:
         await asyncio.sleep(interruption.notice_seconds)

@@ -33,9 +33,9 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .node_pools import Timing
@@ -114,7 +114,9 @@ def ports_free(ip: str, ports: list[int]) -> bool:
 
 
 def declared_ports(pod: dict) -> list[int]:
-    return sorted({p["containerPort"] for c in (pod.get("spec") or {}).get("containers") or [] for p in c.get("ports") or []})
+    return sorted(
+        {p["containerPort"] for c in (pod.get("spec") or {}).get("containers") or [] for p in c.get("ports") or []}
+    )
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ class Mounts:
             if path == container_path:
                 return host_path
             if path.startswith(container_path.rstrip("/") + "/"):
-                return host_path + path[len(container_path.rstrip("/")):]
+                return host_path + path[len(container_path.rstrip("/")) :]
         return path
 
     def translate_text(self, text: str) -> str:
@@ -155,7 +157,15 @@ Fetch = Callable[[str, str, str], Awaitable[dict | None]]
 
 
 class LocalRuntime:
-    def __init__(self, *, workdir: Path, kubeconfig: str, claim_paths: dict[str, str], timing: Timing, spotrag_command: list[str] | None = None):
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        kubeconfig: str,
+        claim_paths: dict[str, str],
+        timing: Timing,
+        spotrag_command: list[str] | None = None,
+    ):
         self.workdir = workdir
         # What a `spotrag` container runs: this installation's CLI unless told otherwise.
         self.spotrag_command = list(spotrag_command or SPOTRAG_CLI)
@@ -195,7 +205,9 @@ class LocalRuntime:
                 env[item["name"]] = await self._config_value(fetch, namespace, ref)
         image = container.get("image") or ""
         if command[:2] == ["vllm", "serve"] or (not command and "vllm" in image):
-            prepared = self._engine(container, command[2:] if command[:2] == ["vllm", "serve"] else command, env, port_names, pod_ip)
+            prepared = self._engine(
+                container, command[2:] if command[:2] == ["vllm", "serve"] else command, env, port_names, pod_ip
+            )
         elif command[:1] == ["spotrag"]:
             prepared = self._spotrag(container, command[1:], env, port_names, mounts, pod_ip)
         else:
@@ -203,7 +215,9 @@ class LocalRuntime:
                 f"the cluster in a box runs only vLLM (`vllm serve`) and spotrag (`spotrag ...`) containers; "
                 f"container {container['name']!r} has image {image!r} and command {command[:3]!r}"
             )
-        prepared.termination_message = Path(mounts.translate(container.get("terminationMessagePath") or TERMINATION_MESSAGE_PATH))
+        prepared.termination_message = Path(
+            mounts.translate(container.get("terminationMessagePath") or TERMINATION_MESSAGE_PATH)
+        )
         return prepared
 
     def _base_env(self, pod: dict, mounts: Mounts) -> dict[str, str]:
@@ -228,7 +242,9 @@ class LocalRuntime:
         env["TMPDIR"] = tmp if tmp != "/tmp" else str(home)
         return env
 
-    def _engine(self, container: dict, vllm_args: list[str], env: dict[str, str], port_names: dict[str, int], pod_ip: str) -> PreparedContainer:
+    def _engine(
+        self, container: dict, vllm_args: list[str], env: dict[str, str], port_names: dict[str, int], pod_ip: str
+    ) -> PreparedContainer:
         options = _flag_values(vllm_args)
         model = next((a for a in vllm_args if not a.startswith("-")), None)
         container_port = int(options.get("--port", "8000"))
@@ -242,10 +258,14 @@ class LocalRuntime:
                 argv += [emulator_flag, options[vllm_flag]]
         timing = self.timing
         argv += [
-            "--startup-delay", str(timing.model_load),
-            "--ttft-ms", str(timing.engine_ttft_ms),
-            "--itl-ms", str(timing.engine_itl_ms),
-            "--answer-words", timing.engine_answer_words,
+            "--startup-delay",
+            str(timing.model_load),
+            "--ttft-ms",
+            str(timing.engine_ttft_ms),
+            "--itl-ms",
+            str(timing.engine_itl_ms),
+            "--answer-words",
+            timing.engine_answer_words,
         ]
         return PreparedContainer(
             name=container["name"],
@@ -257,7 +277,15 @@ class LocalRuntime:
             kind="engine",
         )
 
-    def _spotrag(self, container: dict, args: list[str], env: dict[str, str], port_names: dict[str, int], mounts: Mounts, pod_ip: str) -> PreparedContainer:
+    def _spotrag(
+        self,
+        container: dict,
+        args: list[str],
+        env: dict[str, str],
+        port_names: dict[str, int],
+        mounts: Mounts,
+        pod_ip: str,
+    ) -> PreparedContainer:
         translated: list[str] = []
         previous = ""
         for arg in args:
@@ -265,7 +293,13 @@ class LocalRuntime:
             arg = pod_ip if previous == "--host" else mounts.translate_text(arg)
             translated.append(arg)
             previous = arg if arg.startswith("--") else ""
-        return PreparedContainer(name=container["name"], argv=[*self.spotrag_command, *translated], env=env, pod_ip=pod_ip, port_names=port_names)
+        return PreparedContainer(
+            name=container["name"],
+            argv=[*self.spotrag_command, *translated],
+            env=env,
+            pod_ip=pod_ip,
+            port_names=port_names,
+        )
 
     # Volumes -------------------------------------------------------------
 
@@ -320,7 +354,7 @@ class LocalRuntime:
         if secret is None or ref["key"] not in (secret.get("data") or {}):
             if ref.get("optional"):
                 return ""
-            raise ContainerConfigError(f'couldn\'t find key {ref["key"]} in Secret {namespace}/{ref["name"]}')
+            raise ContainerConfigError(f"couldn't find key {ref['key']} in Secret {namespace}/{ref['name']}")
         return base64.b64decode(secret["data"][ref["key"]]).decode()
 
     async def _config_value(self, fetch: Fetch, namespace: str, ref: dict) -> str:
@@ -328,7 +362,7 @@ class LocalRuntime:
         if config_map is None or ref["key"] not in (config_map.get("data") or {}):
             if ref.get("optional"):
                 return ""
-            raise ContainerConfigError(f'couldn\'t find key {ref["key"]} in ConfigMap {namespace}/{ref["name"]}')
+            raise ContainerConfigError(f"couldn't find key {ref['key']} in ConfigMap {namespace}/{ref['name']}")
         return config_map["data"][ref["key"]]
 
 
@@ -367,4 +401,3 @@ def _flag_values(args: list[str]) -> dict[str, str]:
                 values[flag] = "true"
         index += 1
     return values
-

@@ -50,7 +50,7 @@ class Controller:
                 # Races a controller lives with (a namespace going away, a write on a
                 # stale cache): the next pass sees the new state and retries.
                 log.info("%s: %s; retrying", self.name, error)
-            except Exception:  # noqa: BLE001 - a controller outlives one bad pass; the next resync retries
+            except Exception:
                 log.exception("%s: reconcile failed", self.name)
 
     async def reconcile(self) -> None:

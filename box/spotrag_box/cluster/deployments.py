@@ -89,7 +89,11 @@ class DeploymentController(Controller):
         self._settle_expectations(uid, owned)
         if self.created[uid]:
             return  # wait until the cache shows the pods just created
-        live = [p for p in owned if not p["metadata"].get("deletionTimestamp") and p["metadata"]["name"] not in self.deleted[uid]]
+        live = [
+            p
+            for p in owned
+            if not p["metadata"].get("deletionTimestamp") and p["metadata"]["name"] not in self.deleted[uid]
+        ]
         live = [p for p in live if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
         new = [p for p in live if (p["metadata"].get("labels") or {}).get(TEMPLATE_HASH_LABEL) == current_hash]
         old = [p for p in live if p not in new]
@@ -145,7 +149,14 @@ class DeploymentController(Controller):
                 "labels": dict(pod_meta.get("labels") or {}) | {TEMPLATE_HASH_LABEL: current_hash},
                 "annotations": dict(pod_meta.get("annotations") or {}),
                 "ownerReferences": [
-                    {"apiVersion": "apps/v1", "kind": "Deployment", "name": meta["name"], "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
+                    {
+                        "apiVersion": "apps/v1",
+                        "kind": "Deployment",
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
                 ],
             },
             "spec": template.get("spec") or {},
@@ -158,7 +169,12 @@ class DeploymentController(Controller):
         meta = pod["metadata"]
         await self.client.delete(object_path("v1", "pods", meta["name"], meta["namespace"]))
         self.deleted[deployment["metadata"]["uid"]][meta["name"]] = time.monotonic()
-        log.info("deployment %s/%s: deleted pod %s", deployment["metadata"]["namespace"], deployment["metadata"]["name"], meta["name"])
+        log.info(
+            "deployment %s/%s: deleted pod %s",
+            deployment["metadata"]["namespace"],
+            deployment["metadata"]["name"],
+            meta["name"],
+        )
 
     async def _write_status(self, deployment: dict, new: list[dict], ready_new: list[dict], live: list[dict]) -> None:
         meta, spec = deployment["metadata"], deployment["spec"]
@@ -173,7 +189,14 @@ class DeploymentController(Controller):
             previous = next((c for c in old_status.get("conditions") or [] if c.get("type") == kind), {})
             status = "True" if ok else "False"
             since = previous.get("lastTransitionTime") if previous.get("status") == status else now_iso()
-            return {"type": kind, "status": status, "reason": reason, "message": message, "lastTransitionTime": since, "lastUpdateTime": since}
+            return {
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": since,
+                "lastUpdateTime": since,
+            }
 
         status = {
             "observedGeneration": meta.get("generation", 1),
@@ -183,10 +206,22 @@ class DeploymentController(Controller):
             "availableReplicas": len(ready),
             "unavailableReplicas": max(0, replicas - len(ready)),
             "conditions": [
-                condition("Available", available, "MinimumReplicasAvailable" if available else "MinimumReplicasUnavailable",
-                          "Deployment has minimum availability." if available else "Deployment does not have minimum availability."),
-                condition("Progressing", True, "NewReplicaSetAvailable" if complete else "ReplicaSetUpdated",
-                          f'Deployment "{meta["name"]}" has successfully progressed.' if complete else f'Deployment "{meta["name"]}" is progressing.'),
+                condition(
+                    "Available",
+                    available,
+                    "MinimumReplicasAvailable" if available else "MinimumReplicasUnavailable",
+                    "Deployment has minimum availability."
+                    if available
+                    else "Deployment does not have minimum availability.",
+                ),
+                condition(
+                    "Progressing",
+                    True,
+                    "NewReplicaSetAvailable" if complete else "ReplicaSetUpdated",
+                    f'Deployment "{meta["name"]}" has successfully progressed.'
+                    if complete
+                    else f'Deployment "{meta["name"]}" is progressing.',
+                ),
             ],
         }
         if all(old_status.get(k) == v for k, v in status.items() if k != "conditions") and [
@@ -194,7 +229,9 @@ class DeploymentController(Controller):
         ] == [(c["type"], c["status"], c["reason"]) for c in status["conditions"]]:
             return
         try:
-            await self.client.patch(object_path("apps/v1", "deployments", meta["name"], meta["namespace"], "status"), {"status": status})
+            await self.client.patch(
+                object_path("apps/v1", "deployments", meta["name"], meta["namespace"], "status"), {"status": status}
+            )
         except ApiError as error:
             if error.status != 404:
                 raise

@@ -74,7 +74,12 @@ def desired_slice(service: dict, pod: dict, node_zones: dict[str, str]) -> dict 
             "serving": ready,
             "terminating": terminating,
         },
-        "targetRef": {"kind": "Pod", "namespace": pod["metadata"]["namespace"], "name": pod["metadata"]["name"], "uid": pod["metadata"]["uid"]},
+        "targetRef": {
+            "kind": "Pod",
+            "namespace": pod["metadata"]["namespace"],
+            "name": pod["metadata"]["name"],
+            "uid": pod["metadata"]["uid"],
+        },
     }
     if node:
         endpoint["nodeName"] = node
@@ -88,7 +93,14 @@ def desired_slice(service: dict, pod: dict, node_zones: dict[str, str]) -> dict 
             "namespace": meta["namespace"],
             "labels": {SERVICE_NAME_LABEL: meta["name"], MANAGED_BY_LABEL: MANAGED_BY},
             "ownerReferences": [
-                {"apiVersion": "v1", "kind": "Service", "name": meta["name"], "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
             ],
         },
         "addressType": "IPv4",
@@ -100,7 +112,16 @@ def desired_slice(service: dict, pod: dict, node_zones: dict[str, str]) -> dict 
 class EndpointSliceController(Controller):
     name = "endpointslice-controller"
 
-    def __init__(self, client: KubeClient, services: Informer, pods: Informer, slices: Informer, nodes: Informer, *, resync: float):
+    def __init__(
+        self,
+        client: KubeClient,
+        services: Informer,
+        pods: Informer,
+        slices: Informer,
+        nodes: Informer,
+        *,
+        resync: float,
+    ):
         super().__init__(resync=resync)
         self.client = client
         self.services = services
@@ -113,7 +134,10 @@ class EndpointSliceController(Controller):
     async def reconcile(self) -> None:
         if not all(i.synced.is_set() for i in (self.services, self.pods, self.slices, self.nodes)):
             return
-        zones = {n["metadata"]["name"]: (n["metadata"].get("labels") or {}).get("topology.kubernetes.io/zone", "") for n in self.nodes.items()}
+        zones = {
+            n["metadata"]["name"]: (n["metadata"].get("labels") or {}).get("topology.kubernetes.io/zone", "")
+            for n in self.nodes.items()
+        }
         desired: dict[tuple[str, str], dict] = {}
         services = {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in self.services.items()}
         for service in self.services.items():
@@ -122,7 +146,9 @@ class EndpointSliceController(Controller):
                 continue  # Services without a selector have slices written by someone else
             namespace = service["metadata"]["namespace"]
             for pod in self.pods.items():
-                if pod["metadata"]["namespace"] != namespace or not selects(selector, pod["metadata"].get("labels") or {}):
+                if pod["metadata"]["namespace"] != namespace or not selects(
+                    selector, pod["metadata"].get("labels") or {}
+                ):
                     continue
                 if (wanted := desired_slice(service, pod, zones)) is not None:
                     desired[(namespace, wanted["metadata"]["name"])] = wanted
@@ -137,7 +163,10 @@ class EndpointSliceController(Controller):
             existing = self.slices.cache.get(key)
             if existing is None:
                 await self._create(wanted)
-            elif any(existing.get(f) != wanted[f] for f in ("endpoints", "ports")) or existing["metadata"].get("labels") != wanted["metadata"]["labels"]:
+            elif (
+                any(existing.get(f) != wanted[f] for f in ("endpoints", "ports"))
+                or existing["metadata"].get("labels") != wanted["metadata"]["labels"]
+            ):
                 await self._update(wanted)
 
     async def _create(self, wanted: dict) -> None:
@@ -153,7 +182,9 @@ class EndpointSliceController(Controller):
         meta = wanted["metadata"]
         patch = {"metadata": {"labels": meta["labels"]}, "endpoints": wanted["endpoints"], "ports": wanted["ports"]}
         try:
-            await self.client.patch(object_path("discovery.k8s.io/v1", "endpointslices", meta["name"], meta["namespace"]), patch)
+            await self.client.patch(
+                object_path("discovery.k8s.io/v1", "endpointslices", meta["name"], meta["namespace"]), patch
+            )
         except ApiError as error:
             if error.status != 404:
                 raise

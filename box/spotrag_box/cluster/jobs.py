@@ -22,7 +22,8 @@ EXPECTATION_TIMEOUT_SECONDS = 30.0
 
 def job_finished(job: dict) -> bool:
     return any(
-        c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in (job.get("status") or {}).get("conditions") or []
+        c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+        for c in (job.get("status") or {}).get("conditions") or []
     )
 
 
@@ -62,7 +63,11 @@ class JobController(Controller):
         phases = [(p.get("status") or {}).get("phase") for p in pods]
         succeeded = phases.count("Succeeded")
         failed = phases.count("Failed")
-        active = [p for p, phase in zip(pods, phases, strict=True) if phase not in ("Succeeded", "Failed") and not p["metadata"].get("deletionTimestamp")]
+        active = [
+            p
+            for p, phase in zip(pods, phases, strict=True)
+            if phase not in ("Succeeded", "Failed") and not p["metadata"].get("deletionTimestamp")
+        ]
         completions = spec.get("completions", 1) or 1
         parallelism = spec.get("parallelism", 1)
         backoff_limit = spec.get("backoffLimit", 6)
@@ -70,35 +75,57 @@ class JobController(Controller):
         status.setdefault("startTime", now_iso())
         conditions: list[dict] = []
         if succeeded >= completions:
-            conditions = [self._condition("SuccessCriteriaMet", "CompletionsReached", "Reached expected number of succeeded pods"),
-                          self._condition("Complete", "CompletionsReached", "Reached expected number of succeeded pods")]
+            conditions = [
+                self._condition(
+                    "SuccessCriteriaMet", "CompletionsReached", "Reached expected number of succeeded pods"
+                ),
+                self._condition("Complete", "CompletionsReached", "Reached expected number of succeeded pods"),
+            ]
             status["completionTime"] = now_iso()
         elif failed > backoff_limit:
-            conditions = [self._condition("FailureTarget", "BackoffLimitExceeded", "Job has reached the specified backoff limit"),
-                          self._condition("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")]
+            conditions = [
+                self._condition("FailureTarget", "BackoffLimitExceeded", "Job has reached the specified backoff limit"),
+                self._condition("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"),
+            ]
             for pod in active:
                 await self.client.delete(object_path("v1", "pods", pod["metadata"]["name"], meta["namespace"]))
             active = []
         else:
             wanted = min(parallelism, completions - succeeded) - len(active)
-            last_failure = max((self._finished_at(p) for p in pods if (p.get("status") or {}).get("phase") == "Failed"), default=0.0)
+            last_failure = max(
+                (self._finished_at(p) for p in pods if (p.get("status") or {}).get("phase") == "Failed"), default=0.0
+            )
             # Retries back off (10 s doubling in Kubernetes; the box's restart back-off here).
             if wanted > 0 and (not failed or time.time() - last_failure >= self.retry_delay * 2 ** (failed - 1)):
                 for _ in range(wanted):
                     await self._create_pod(job)
-        status |= {"active": len(active), "succeeded": succeeded, "failed": failed, "ready": sum(1 for p in active if pod_is_ready(p))}
+        status |= {
+            "active": len(active),
+            "succeeded": succeeded,
+            "failed": failed,
+            "ready": sum(1 for p in active if pod_is_ready(p)),
+        }
         if conditions:
             status["conditions"] = conditions
         if status != (job.get("status") or {}):
             try:
-                await self.client.patch(object_path("batch/v1", "jobs", meta["name"], meta["namespace"], "status"), {"status": status})
+                await self.client.patch(
+                    object_path("batch/v1", "jobs", meta["name"], meta["namespace"], "status"), {"status": status}
+                )
             except ApiError as error:
                 if error.status != 404:
                     raise
 
     @staticmethod
     def _condition(kind: str, reason: str, message: str) -> dict:
-        return {"type": kind, "status": "True", "reason": reason, "message": message, "lastProbeTime": now_iso(), "lastTransitionTime": now_iso()}
+        return {
+            "type": kind,
+            "status": "True",
+            "reason": reason,
+            "message": message,
+            "lastProbeTime": now_iso(),
+            "lastTransitionTime": now_iso(),
+        }
 
     @staticmethod
     def _finished_at(pod: dict) -> float:
@@ -128,7 +155,14 @@ class JobController(Controller):
                 "labels": dict(pod_meta.get("labels") or {}) | job_labels,
                 "annotations": dict(pod_meta.get("annotations") or {}),
                 "ownerReferences": [
-                    {"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
                 ],
             },
             "spec": template.get("spec") or {},

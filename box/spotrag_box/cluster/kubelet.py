@@ -38,7 +38,15 @@ from typing import Any
 import httpx
 
 from .client import ApiError, Informer, KubeClient, object_path
-from .containers import ContainerConfigError, ContainerError, LocalRuntime, PreparedContainer, bound_socket, declared_ports, ports_free
+from .containers import (
+    ContainerConfigError,
+    ContainerError,
+    LocalRuntime,
+    PreparedContainer,
+    bound_socket,
+    declared_ports,
+    ports_free,
+)
 from .controller import Controller, EventRecorder, now_iso
 from .node_pools import SIMULATED_LABEL, Timing
 
@@ -107,7 +115,7 @@ class ContainerState:
 class PodWorker:
     """Runs one pod from binding to removal."""
 
-    def __init__(self, kubelet: "Kubelet", pod: dict):
+    def __init__(self, kubelet: Kubelet, pod: dict):
         self.kubelet = kubelet
         self.pod = pod
         self.uid = pod["metadata"]["uid"]
@@ -197,15 +205,26 @@ class PodWorker:
             container.last_terminated = container.terminated
             container.process = None
             container.ready = container.started = False
-            log.log(logging.INFO if code == 0 else logging.WARNING, "%s container %s exited with %s", pod_ref(self.pod), container.name, code)
+            log.log(
+                logging.INFO if code == 0 else logging.WARNING,
+                "%s container %s exited with %s",
+                pod_ref(self.pod),
+                container.name,
+                code,
+            )
             if not _restarts(self.pod, code):
                 return
             container.backoff = min(MAX_BACKOFF_SECONDS, container.backoff * 2 or self.kubelet.timing.restart_backoff)
             container.restart_at = loop_time + container.backoff
-            container.waiting = ("CrashLoopBackOff", f"back-off {container.backoff:.0f}s restarting failed container={container.name} pod={self.pod['metadata']['name']}")
+            container.waiting = (
+                "CrashLoopBackOff",
+                f"back-off {container.backoff:.0f}s restarting failed container={container.name} pod={self.pod['metadata']['name']}",
+            )
             container.terminated = None
             container.restarts += 1
-            await self.kubelet.events.record(_as_pod(self.pod), "Warning", "BackOff", f"Back-off restarting failed container {container.name}")
+            await self.kubelet.events.record(
+                _as_pod(self.pod), "Warning", "BackOff", f"Back-off restarting failed container {container.name}"
+            )
             return
         if container.terminated is not None and container.restart_at is None:
             return  # finished for good
@@ -249,7 +268,9 @@ class PodWorker:
         container.probe_failures = 0
         self.kubelet.processes[(self.uid, container.name)] = process
         log.info("%s started %s (pid %d) on %s", pod_ref(self.pod), container.name, process.pid, prepared.pod_ip)
-        await self.kubelet.events.record(_as_pod(self.pod), "Normal", "Started", f"Started container {container.name} (pid {process.pid})")
+        await self.kubelet.events.record(
+            _as_pod(self.pod), "Normal", "Started", f"Started container {container.name} (pid {process.pid})"
+        )
 
     async def _probe_all(self) -> None:
         for container in self.containers:
@@ -286,7 +307,9 @@ class PodWorker:
             grace = spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        await self.kubelet.events.record(_as_pod(self.pod), "Normal", "Killing", f"Stopping container {', '.join(c.name for c in running)}")
+        await self.kubelet.events.record(
+            _as_pod(self.pod), "Normal", "Killing", f"Stopping container {', '.join(c.name for c in running)}"
+        )
         log.info("%s stopping: preStop, then SIGTERM, grace %ss", pod_ref(self.pod), grace)
         # Probes go on while the pod stops, so endpoints see it stop serving.
         prober = asyncio.create_task(self._probe_while_stopping())
@@ -326,7 +349,9 @@ class PodWorker:
         if command := (hook.get("exec") or {}).get("command"):
             seconds = _sleep_seconds(command)
             if seconds is None:
-                log.warning("%s: preStop command %r is not run by the box (only `sleep N` is)", pod_ref(self.pod), command)
+                log.warning(
+                    "%s: preStop command %r is not run by the box (only `sleep N` is)", pod_ref(self.pod), command
+                )
                 return
             await asyncio.sleep(max(0.0, min(seconds, deadline - loop.time())))
         elif (get := hook.get("httpGet")) and container.prepared:
@@ -361,18 +386,31 @@ class PodWorker:
         previous = self._transitions.get(kind)
         if previous is None or previous[0] != status:
             self._transitions[kind] = (status, now_iso())
-        condition = {"type": kind, "status": status, "lastProbeTime": None, "lastTransitionTime": self._transitions[kind][1]}
+        condition = {
+            "type": kind,
+            "status": status,
+            "lastProbeTime": None,
+            "lastTransitionTime": self._transitions[kind][1],
+        }
         if not ok and reason:
             condition["reason"] = reason
-            condition["message"] = f"containers with unready status: [{' '.join(c.name for c in self.containers if not c.ready)}]"
+            condition["message"] = (
+                f"containers with unready status: [{' '.join(c.name for c in self.containers if not c.ready)}]"
+            )
         return condition
 
     def _status(self) -> dict:
         ready = bool(self.containers) and all(c.ready for c in self.containers)
         ran = any(c.alive or c.terminated for c in self.containers)
-        finished = self.containers and all(c.terminated and c.restart_at is None and not c.alive for c in self.containers)
+        finished = self.containers and all(
+            c.terminated and c.restart_at is None and not c.alive for c in self.containers
+        )
         if finished and not self.deleting.is_set():
-            phase = "Succeeded" if all(c.terminated and c.terminated.get("exitCode") == 0 for c in self.containers) else "Failed"
+            phase = (
+                "Succeeded"
+                if all(c.terminated and c.terminated.get("exitCode") == 0 for c in self.containers)
+                else "Failed"
+            )
         elif ran or any(c.restarts for c in self.containers):
             phase = "Running"
         else:
@@ -494,7 +532,11 @@ class Kubelet(Controller):
         return 200 <= response.status_code < 400
 
     def simulated_nodes(self) -> set[str]:
-        return {n["metadata"]["name"] for n in self.nodes.items() if (n["metadata"].get("labels") or {}).get(SIMULATED_LABEL) == "true"}
+        return {
+            n["metadata"]["name"]
+            for n in self.nodes.items()
+            if (n["metadata"].get("labels") or {}).get(SIMULATED_LABEL) == "true"
+        }
 
     async def reconcile(self) -> None:
         if not (self.pods.synced.is_set() and self.nodes.synced.is_set()):
@@ -540,7 +582,9 @@ class Kubelet(Controller):
         meta = pod["metadata"]
         try:
             await self.client.delete(
-                object_path("v1", "pods", meta["name"], meta["namespace"]), grace_period_seconds=0, preconditions={"uid": meta["uid"]}
+                object_path("v1", "pods", meta["name"], meta["namespace"]),
+                grace_period_seconds=0,
+                preconditions={"uid": meta["uid"]},
             )
         except ApiError as error:
             if error.status not in (404, 409):
@@ -583,7 +627,7 @@ def _restarts(pod: dict, exit_code: int) -> bool:
     return policy == "Always" or (policy == "OnFailure" and exit_code != 0)
 
 
-def _terminated(container: "ContainerState", exit_code: int | None, log_path: Path) -> dict:
+def _terminated(container: ContainerState, exit_code: int | None, log_path: Path) -> dict:
     code = 137 if exit_code is None else (128 - exit_code if exit_code < 0 else exit_code)
     state = {
         "exitCode": code,
@@ -598,7 +642,7 @@ def _terminated(container: "ContainerState", exit_code: int | None, log_path: Pa
     return state
 
 
-def _termination_message(container: "ContainerState", code: int, log_path: Path) -> str:
+def _termination_message(container: ContainerState, code: int, log_path: Path) -> str:
     """The file's content (at most 4096 bytes), else, with FallbackToLogsOnError
     and a failure, the log's last 80 lines (at most 2048 bytes), as a kubelet does."""
     prepared = container.prepared

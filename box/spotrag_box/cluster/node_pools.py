@@ -66,11 +66,15 @@ class NodePool:
 
     def __post_init__(self) -> None:
         if self.capacity_type not in (SPOT, ON_DEMAND):
-            raise ValueError(f"pool {self.name}: capacity_type must be {SPOT!r} or {ON_DEMAND!r}, not {self.capacity_type!r}")
+            raise ValueError(
+                f"pool {self.name}: capacity_type must be {SPOT!r} or {ON_DEMAND!r}, not {self.capacity_type!r}"
+            )
         if self.label_style not in LABEL_STYLES:
             raise ValueError(f"pool {self.name}: label_style must be one of {LABEL_STYLES}, not {self.label_style!r}")
         if self.instance_type not in INSTANCE_TYPES:
-            raise ValueError(f"pool {self.name}: unknown instance type {self.instance_type!r} (known: {', '.join(sorted(INSTANCE_TYPES))})")
+            raise ValueError(
+                f"pool {self.name}: unknown instance type {self.instance_type!r} (known: {', '.join(sorted(INSTANCE_TYPES))})"
+            )
         if self.size < 0:
             raise ValueError(f"pool {self.name}: size must not be negative")
 
@@ -141,23 +145,63 @@ class ClusterProfile:
     def zones(self) -> list[str]:
         return sorted({p.zone for p in self.pools})
 
-    def with_pool_size(self, name: str, size: int) -> "ClusterProfile":
+    def with_pool_size(self, name: str, size: int) -> ClusterProfile:
         if name not in {p.name for p in self.pools}:
             raise KeyError(f"no pool {name!r}")
-        return ClusterProfile(pools=tuple(dataclasses.replace(p, size=size) if p.name == name else p for p in self.pools))
+        return ClusterProfile(
+            pools=tuple(dataclasses.replace(p, size=size) if p.name == name else p for p in self.pools)
+        )
 
     @classmethod
-    def default(cls) -> "ClusterProfile":
+    def default(cls) -> ClusterProfile:
         """Two zones; CPU nodes for gateways; one on-demand GPU node and two
         spot GPU nodes per zone. Zone a is labelled as Karpenter does, zone b
         as an EKS managed node group (on-demand) and by hand (spot)."""
         return cls(
             pools=(
-                NodePool(name="system-a", instance_type="m6i.xlarge", zone="us-east-1a", capacity_type=ON_DEMAND, label_style=KARPENTER),
-                NodePool(name="system-b", instance_type="m6i.xlarge", zone="us-east-1b", capacity_type=ON_DEMAND, label_style=EKS_MANAGED),
-                NodePool(name="gpu-od-a", instance_type="g6.2xlarge", zone="us-east-1a", capacity_type=ON_DEMAND, label_style=KARPENTER),
-                NodePool(name="gpu-od-b", instance_type="g6.2xlarge", zone="us-east-1b", capacity_type=ON_DEMAND, label_style=EKS_MANAGED),
-                NodePool(name="gpu-spot-a", instance_type="g6.2xlarge", zone="us-east-1a", capacity_type=SPOT, size=2, label_style=KARPENTER),
-                NodePool(name="gpu-spot-b", instance_type="g5.2xlarge", zone="us-east-1b", capacity_type=SPOT, size=2, label_style=SPOTRAG),
+                NodePool(
+                    name="system-a",
+                    instance_type="m6i.xlarge",
+                    zone="us-east-1a",
+                    capacity_type=ON_DEMAND,
+                    label_style=KARPENTER,
+                ),
+                NodePool(
+                    name="system-b",
+                    instance_type="m6i.xlarge",
+                    zone="us-east-1b",
+                    capacity_type=ON_DEMAND,
+                    label_style=EKS_MANAGED,
+                ),
+                NodePool(
+                    name="gpu-od-a",
+                    instance_type="g6.2xlarge",
+                    zone="us-east-1a",
+                    capacity_type=ON_DEMAND,
+                    label_style=KARPENTER,
+                ),
+                NodePool(
+                    name="gpu-od-b",
+                    instance_type="g6.2xlarge",
+                    zone="us-east-1b",
+                    capacity_type=ON_DEMAND,
+                    label_style=EKS_MANAGED,
+                ),
+                NodePool(
+                    name="gpu-spot-a",
+                    instance_type="g6.2xlarge",
+                    zone="us-east-1a",
+                    capacity_type=SPOT,
+                    size=2,
+                    label_style=KARPENTER,
+                ),
+                NodePool(
+                    name="gpu-spot-b",
+                    instance_type="g5.2xlarge",
+                    zone="us-east-1b",
+                    capacity_type=SPOT,
+                    size=2,
+                    label_style=SPOTRAG,
+                ),
             )
         )

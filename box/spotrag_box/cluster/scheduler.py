@@ -62,7 +62,9 @@ class Scheduler(Controller):
             pods_by_node.setdefault(node, []).append(pod)
 
         pending = [p for p in pods if is_pending_unbound(p) and p["metadata"]["uid"] not in self.assumed]
-        pending.sort(key=lambda p: (-((p.get("spec") or {}).get("priority") or 0), p["metadata"].get("creationTimestamp") or ""))
+        pending.sort(
+            key=lambda p: (-((p.get("spec") or {}).get("priority") or 0), p["metadata"].get("creationTimestamp") or "")
+        )
         for pod in pending:
             decision = schedule(pod, nodes, pods_by_node)
             if decision.node is None:
@@ -87,7 +89,12 @@ class Scheduler(Controller):
                 return False  # gone, or bound meanwhile: the cache will tell
             raise
         log.info("bound %s/%s to %s", meta["namespace"], meta["name"], node)
-        await self.events.record(pod | {"kind": "Pod", "apiVersion": "v1"}, "Normal", "Scheduled", f"Successfully assigned {meta['namespace']}/{meta['name']} to {node}")
+        await self.events.record(
+            pod | {"kind": "Pod", "apiVersion": "v1"},
+            "Normal",
+            "Scheduled",
+            f"Successfully assigned {meta['namespace']}/{meta['name']} to {node}",
+        )
         return True
 
     async def _mark_unschedulable(self, pod: dict, message: str) -> None:

@@ -97,7 +97,9 @@ def affinity_matches(pod: Mapping, node: Mapping) -> bool:
     for key, value in (spec.get("nodeSelector") or {}).items():
         if labels.get(key) != value:
             return False
-    required = (((spec.get("affinity") or {}).get("nodeAffinity") or {}).get("requiredDuringSchedulingIgnoredDuringExecution")) or {}
+    required = (
+        ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get("requiredDuringSchedulingIgnoredDuringExecution")
+    ) or {}
     terms = required.get("nodeSelectorTerms")
     if terms is None:
         return True
@@ -197,7 +199,9 @@ def _selector_matches(selector: Mapping, labels: Mapping[str, str]) -> bool:
     return True
 
 
-def spread_penalty(pod: Mapping, node: Mapping, nodes: Iterable[Mapping], pods_by_node: Mapping[str, list[Mapping]]) -> int:
+def spread_penalty(
+    pod: Mapping, node: Mapping, nodes: Iterable[Mapping], pods_by_node: Mapping[str, list[Mapping]]
+) -> int:
     """Pods matching each topology spread constraint already in this node's
     domain; lower spreads better. DoNotSchedule constraints are treated as
     preferences too (the operator renders only ScheduleAnyway)."""
@@ -213,8 +217,10 @@ def spread_penalty(pod: Mapping, node: Mapping, nodes: Iterable[Mapping], pods_b
             if (other["metadata"].get("labels") or {}).get(key) != domain:
                 continue
             for placed in pods_by_node.get(other["metadata"]["name"], []):
-                if placed["metadata"].get("namespace") == namespace and pod_is_active(placed) and _selector_matches(
-                    constraint.get("labelSelector") or {}, placed["metadata"].get("labels") or {}
+                if (
+                    placed["metadata"].get("namespace") == namespace
+                    and pod_is_active(placed)
+                    and _selector_matches(constraint.get("labelSelector") or {}, placed["metadata"].get("labels") or {})
                 ):
                     penalty += 1
     return penalty
@@ -222,7 +228,9 @@ def spread_penalty(pod: Mapping, node: Mapping, nodes: Iterable[Mapping], pods_b
 
 def allocated_share(node: Mapping, use: NodeUse) -> float:
     allocatable = node_allocatable(node)
-    shares = [float(use.requested.get(name, 0) / allocatable[name]) for name in ("cpu", "memory") if allocatable.get(name)]
+    shares = [
+        float(use.requested.get(name, 0) / allocatable[name]) for name in ("cpu", "memory") if allocatable.get(name)
+    ]
     return sum(shares) / len(shares) if shares else 0.0
 
 
@@ -250,6 +258,10 @@ def schedule(pod: Mapping, nodes: list[Mapping], pods_by_node: Mapping[str, list
         return Decision(None, f"0/{len(nodes)} nodes are available: {detail}.")
     best, _ = min(
         feasible,
-        key=lambda pair: (spread_penalty(pod, pair[0], nodes, pods_by_node), allocated_share(pair[0], pair[1]), pair[0]["metadata"]["name"]),
+        key=lambda pair: (
+            spread_penalty(pod, pair[0], nodes, pods_by_node),
+            allocated_share(pair[0], pair[1]),
+            pair[0]["metadata"]["name"],
+        ),
     )
     return Decision(best["metadata"]["name"])

@@ -90,7 +90,7 @@ class SimulatedCluster:
 
     # Lifecycle -----------------------------------------------------------
 
-    def start(self, timeout: float = START_TIMEOUT_SECONDS) -> "SimulatedCluster":
+    def start(self, timeout: float = START_TIMEOUT_SECONDS) -> SimulatedCluster:
         if self._thread is not None:
             raise ClusterError("the simulated cluster is already started")
         self._loop = asyncio.new_event_loop()
@@ -119,7 +119,7 @@ class SimulatedCluster:
         if self._own_workdir is not None:
             self._own_workdir.cleanup()
 
-    def __enter__(self) -> "SimulatedCluster":
+    def __enter__(self) -> SimulatedCluster:
         return self.start()
 
     def __exit__(self, *_: object) -> None:
@@ -130,7 +130,7 @@ class SimulatedCluster:
         asyncio.set_event_loop(self._loop)
         try:
             self._loop.run_until_complete(self._main())
-        except BaseException as error:  # noqa: BLE001 - reported to start()
+        except BaseException as error:
             self._error = error
             self._ready.set()
         finally:
@@ -156,16 +156,27 @@ class SimulatedCluster:
         controllers = [
             Scheduler(client, informers["pods"], informers["nodes"], resync=timing.resync),
             kubelet,
-            EndpointSliceController(client, informers["services"], informers["pods"], informers["endpointslices"], informers["nodes"], resync=timing.resync),
+            EndpointSliceController(
+                client,
+                informers["services"],
+                informers["pods"],
+                informers["endpointslices"],
+                informers["nodes"],
+                resync=timing.resync,
+            ),
             DeploymentController(client, informers["deployments"], informers["pods"], resync=timing.resync),
-            JobController(client, informers["jobs"], informers["pods"], resync=timing.resync, retry_delay=timing.restart_backoff),
+            JobController(
+                client, informers["jobs"], informers["pods"], resync=timing.resync, retry_delay=timing.restart_backoff
+            ),
             VolumeProvisioner(client, informers["persistentvolumeclaims"], self.runtime, resync=timing.resync),
             cloud,
         ]
         self.kubelet, self.cloud = kubelet, cloud
         tasks = [asyncio.create_task(i.run(), name=f"informer {n}") for n, i in informers.items()]
         try:
-            await asyncio.wait_for(asyncio.gather(*(i.synced.wait() for i in informers.values())), START_TIMEOUT_SECONDS)
+            await asyncio.wait_for(
+                asyncio.gather(*(i.synced.wait() for i in informers.values())), START_TIMEOUT_SECONDS
+            )
             await cloud.launch_initial()
             tasks += [asyncio.create_task(c.run(), name=c.name) for c in controllers]
             self._ready.set()
@@ -228,7 +239,9 @@ class SimulatedCluster:
                 for container in worker.containers:
                     if container.alive and container.process is not None:
                         meta = worker.pod["metadata"]
-                        found.append(ProcessInfo(meta["namespace"], meta["name"], container.name, container.process.pid))
+                        found.append(
+                            ProcessInfo(meta["namespace"], meta["name"], container.name, container.process.pid)
+                        )
             return found
 
         return self._call(collect())

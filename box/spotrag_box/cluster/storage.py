@@ -33,8 +33,15 @@ class VolumeProvisioner(Controller):
                 await self.client.patch(path, {"metadata": {"annotations": {PATH_ANNOTATION: str(folder)}}})
                 await self.client.patch(
                     path + "/status",
-                    {"status": {"phase": "Bound", "accessModes": spec.get("accessModes") or ["ReadWriteOnce"],
-                                "capacity": {"storage": ((spec.get("resources") or {}).get("requests") or {}).get("storage", "1Gi")}}},
+                    {
+                        "status": {
+                            "phase": "Bound",
+                            "accessModes": spec.get("accessModes") or ["ReadWriteOnce"],
+                            "capacity": {
+                                "storage": ((spec.get("resources") or {}).get("requests") or {}).get("storage", "1Gi")
+                            },
+                        }
+                    },
                 )
             except ApiError as error:
                 if error.status != 404:

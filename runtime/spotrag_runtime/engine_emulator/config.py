@@ -79,7 +79,6 @@ class EmulatorConfig:
         return self.num_gpu_blocks * self.block_size
 
 
-
 def _answer_words(text: str) -> tuple[int, int]:
     low, sep, high = text.partition(":")
     try:
@@ -108,17 +107,36 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=defaults.seed, help="the text is a pure function of seed and conversation")
     add("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="batch slots; more requests wait")
     add("--block-size", type=int, default=defaults.block_size)
-    add("--num-gpu-blocks-override", "--num-gpu-blocks", dest="num_gpu_blocks", type=int,
-        default=defaults.num_gpu_blocks, help="KV cache blocks; admission and growth need free blocks")
+    add(
+        "--num-gpu-blocks-override",
+        "--num-gpu-blocks",
+        dest="num_gpu_blocks",
+        type=int,
+        default=defaults.num_gpu_blocks,
+        help="KV cache blocks; admission and growth need free blocks",
+    )
     add("--ttft-ms", type=float, default=defaults.ttft_ms, help="fixed time to first token, before prefill")
     add("--itl-ms", type=float, default=defaults.itl_ms, help="decode step time with one running sequence")
-    add("--itl-growth-per-seq", type=float, default=defaults.itl_growth_per_seq,
-        help="fraction a decode step slows per extra running sequence")
+    add(
+        "--itl-growth-per-seq",
+        type=float,
+        default=defaults.itl_growth_per_seq,
+        help="fraction a decode step slows per extra running sequence",
+    )
     add("--prefill-tokens-per-s", type=float, default=defaults.prefill_tokens_per_s)
-    add("--answer-words", type=_answer_words, default=(defaults.answer_words_min, defaults.answer_words_max),
-        metavar="MIN:MAX", help="natural answer length in words (EOS point)")
-    add("--shutdown-timeout", type=float, default=defaults.shutdown_timeout,
-        help="on SIGTERM, seconds running requests may finish; 0 aborts them")
+    add(
+        "--answer-words",
+        type=_answer_words,
+        default=(defaults.answer_words_min, defaults.answer_words_max),
+        metavar="MIN:MAX",
+        help="natural answer length in words (EOS point)",
+    )
+    add(
+        "--shutdown-timeout",
+        type=float,
+        default=defaults.shutdown_timeout,
+        help="on SIGTERM, seconds running requests may finish; 0 aborts them",
+    )
     add("--startup-delay", type=float, default=defaults.startup_delay, help="seconds /health stays 503")
     add("--log-level", default=defaults.log_level, choices=["critical", "error", "warning", "info", "debug"])
     return parser

@@ -30,9 +30,11 @@ class LoadResult:
     emulator_cpu_s: float
 
     def summary(self) -> str:
-        return (f"{self.requests / self.wall_s:.1f} req/s, {self.chunks / self.wall_s:.0f} chunks/s, "
-                f"emulator CPU {self.emulator_cpu_s / self.wall_s:.0%} of a core, "
-                f"{self.emulator_cpu_s / max(self.chunks, 1) * 1e6:.0f} us per chunk")
+        return (
+            f"{self.requests / self.wall_s:.1f} req/s, {self.chunks / self.wall_s:.0f} chunks/s, "
+            f"emulator CPU {self.emulator_cpu_s / self.wall_s:.0%} of a core, "
+            f"{self.emulator_cpu_s / max(self.chunks, 1) * 1e6:.0f} us per chunk"
+        )
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -42,17 +44,26 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _stream_forever(engine: EmulatorProcess, worker: int, max_tokens: int, until: float,
-                          counts: list[int]) -> None:
+async def _stream_forever(
+    engine: EmulatorProcess, worker: int, max_tokens: int, until: float, counts: list[int]
+) -> None:
     reader, writer = await asyncio.open_connection(engine.host, engine.port)
     try:
         sent = 0
         while time.monotonic() < until:
-            body = json.dumps({"messages": [{"role": "user", "content": f"question {worker} {sent}"}],
-                               "max_tokens": max_tokens, "ignore_eos": True, "stream": True}).encode()
+            body = json.dumps(
+                {
+                    "messages": [{"role": "user", "content": f"question {worker} {sent}"}],
+                    "max_tokens": max_tokens,
+                    "ignore_eos": True,
+                    "stream": True,
+                }
+            ).encode()
             sent += 1
-            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: emulator\r\n"
-                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            writer.write(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: emulator\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
             tail = b""
             while True:
                 data = await reader.read(65536)
@@ -72,15 +83,15 @@ async def run_load(engine: EmulatorProcess, *, concurrency: int, seconds: float,
     counts = [0, 0]  # requests, chunks
     cpu_before, started = process_cpu_seconds(engine.pid), time.monotonic()
     until = started + seconds
-    await asyncio.gather(*(_stream_forever(engine, worker, max_tokens, until, counts)
-                           for worker in range(concurrency)))
+    await asyncio.gather(*(_stream_forever(engine, worker, max_tokens, until, counts) for worker in range(concurrency)))
     wall = time.monotonic() - started
     return LoadResult(counts[0], counts[1], wall, process_cpu_seconds(engine.pid) - cpu_before)
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m spotrag_runtime.engine_emulator.loadtest",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m spotrag_runtime.engine_emulator.loadtest", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -90,10 +101,13 @@ def cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     with start_engine_emulator(max_num_seqs=args.max_num_seqs, ttft_ms=args.ttft_ms, itl_ms=args.itl_ms) as engine:
         engine.wait_ready()
-        result = asyncio.run(run_load(engine, concurrency=args.concurrency, seconds=args.seconds,
-                                      max_tokens=args.max_tokens))
-    print(f"concurrency {args.concurrency}, max-num-seqs {args.max_num_seqs}, {args.max_tokens} tokens: "
-          + result.summary())
+        result = asyncio.run(
+            run_load(engine, concurrency=args.concurrency, seconds=args.seconds, max_tokens=args.max_tokens)
+        )
+    print(
+        f"concurrency {args.concurrency}, max-num-seqs {args.max_num_seqs}, {args.max_tokens} tokens: "
+        + result.summary()
+    )
     return 0
 
 

@@ -9,10 +9,53 @@ from .engine import Engine
 
 LABELS = ("model_name", "engine")
 # vLLM v1's bucket boundaries, so dashboards built for vLLM read the same.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
-                           40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+REQUEST_LATENCY_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 FINISH_REASONS = ("stop", "length", "abort")
 
 
@@ -39,21 +82,35 @@ class EngineMetrics:
         self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
         self.num_preemptions = counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.")
         self.time_to_first_token = histogram(
-            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS)
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
+        )
         self.queue_time = histogram(
-            "vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
-            REQUEST_LATENCY_BUCKETS)
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
         self.e2e_latency = histogram(
-            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-            REQUEST_LATENCY_BUCKETS)
-        success = Counter("vllm:request_success", "Count of successfully processed requests.",
-                          (*LABELS, "finished_reason"), registry=self.registry)
+            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS
+        )
+        success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            (*LABELS, "finished_reason"),
+            registry=self.registry,
+        )
         self.request_success = {reason: success.labels(**labels, finished_reason=reason) for reason in FINISH_REASONS}
-        cache_info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
-                           ("block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching"),
-                           registry=self.registry)
-        cache_info.labels(block_size=str(config.block_size), num_gpu_blocks=str(config.num_gpu_blocks),
-                          cache_dtype="auto", enable_prefix_caching="False").set(1)
+        cache_info = Gauge(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            ("block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching"),
+            registry=self.registry,
+        )
+        cache_info.labels(
+            block_size=str(config.block_size),
+            num_gpu_blocks=str(config.num_gpu_blocks),
+            cache_dtype="auto",
+            enable_prefix_caching="False",
+        ).set(1)
 
     def bind(self, engine: Engine) -> None:
         """Read the gauges from the engine at scrape time, so they are never stale."""

@@ -92,12 +92,14 @@ class EmulatorProcess:
         while True:
             if self.popen.poll() is not None:
                 raise EmulatorStartError(
-                    f"engine emulator exited with {self.popen.returncode} before it was ready:\n" + self.log())
+                    f"engine emulator exited with {self.popen.returncode} before it was ready:\n" + self.log()
+                )
             if self.health_status() == 200:
                 return
             if time.monotonic() >= deadline:
                 raise EmulatorStartError(
-                    f"engine emulator at {self.url} not ready after {timeout:.1f}s:\n" + self.log())
+                    f"engine emulator at {self.url} not ready after {timeout:.1f}s:\n" + self.log()
+                )
             time.sleep(0.02)
 
     def terminate(self) -> None:
@@ -126,16 +128,16 @@ class EmulatorProcess:
     def __enter__(self) -> EmulatorProcess:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def __repr__(self) -> str:
         return f"<EmulatorProcess pid={self.pid} url={self.url} returncode={self.returncode}>"
 
 
-def start_engine_emulator(port: int | None = None, *, host: str = "127.0.0.1",
-                          **options: object) -> EmulatorProcess:
+def start_engine_emulator(port: int | None = None, *, host: str = "127.0.0.1", **options: object) -> EmulatorProcess:
     """Start an emulator child process listening on ``host:port`` (a free port if None).
 
     ``options`` are EmulatorConfig fields (``served_model_name``, ``seed``,
@@ -157,12 +159,26 @@ def start_engine_emulator(port: int | None = None, *, host: str = "127.0.0.1",
         # Listening already: connections made before the child is up wait in the backlog.
         sock.listen(2048)
         bound_port = sock.getsockname()[1]
-        argv = [sys.executable, "-m", "spotrag_runtime.engine_emulator",
-                "--host", host, "--port", str(bound_port), "--fd", str(sock.fileno()),
-                *config_arguments(config)]
+        argv = [
+            sys.executable,
+            "-m",
+            "spotrag_runtime.engine_emulator",
+            "--host",
+            host,
+            "--port",
+            str(bound_port),
+            "--fd",
+            str(sock.fileno()),
+            *config_arguments(config),
+        ]
         popen = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            pass_fds=(sock.fileno(),), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            pass_fds=(sock.fileno(),),
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     finally:
         sock.close()  # the child holds its own copy
     return EmulatorProcess(popen, host, bound_port)

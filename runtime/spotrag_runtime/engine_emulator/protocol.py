@@ -23,8 +23,9 @@ from .text import Message
 class APIError(Exception):
     """An error answered in vLLM's envelope: {"error": {message, type, param, code}}."""
 
-    def __init__(self, status: HTTPStatus, message: str, *, err_type: str | None = None,
-                 param: str | None = None) -> None:
+    def __init__(
+        self, status: HTTPStatus, message: str, *, err_type: str | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -32,8 +33,9 @@ class APIError(Exception):
         self.param = param
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.err_type, "param": self.param,
-                          "code": self.status.value}}
+        return {
+            "error": {"message": self.message, "type": self.err_type, "param": self.param, "code": self.status.value}
+        }
 
 
 ERROR_TYPES = {
@@ -148,8 +150,11 @@ class CompletionRequest(_GenerationRequest):
         if isinstance(self.prompt, str):
             return self.prompt
         if len(self.prompt) != 1:
-            raise APIError(HTTPStatus.BAD_REQUEST, "prompt must be one string: the engine emulator "
-                           "does not batch prompts", param="prompt")
+            raise APIError(
+                HTTPStatus.BAD_REQUEST,
+                "prompt must be one string: the engine emulator does not batch prompts",
+                param="prompt",
+            )
         return self.prompt[0]
 
     @property
@@ -195,22 +200,26 @@ def new_request_id(prefix: str, client_id: str | None) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
-            "completion_tokens": completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+    }
 
 
 class StreamFormatter:
     """Renders one stream's SSE events (chat or text completion) in vLLM's chunk format."""
 
-    def __init__(self, *, chat: bool, request_id: str, model: str, prompt_tokens: int,
-                 continuous_usage: bool) -> None:
+    def __init__(self, *, chat: bool, request_id: str, model: str, prompt_tokens: int, continuous_usage: bool) -> None:
         self.chat = chat
         self.prompt_tokens = prompt_tokens
         self.continuous_usage = continuous_usage
         self.created = int(time.time())
         object_type = "chat.completion.chunk" if chat else "text_completion"
-        self.head = (f'data: {{"id":{json.dumps(request_id)},"object":"{object_type}",'
-                     f'"created":{self.created},"model":{json.dumps(model)},')
+        self.head = (
+            f'data: {{"id":{json.dumps(request_id)},"object":"{object_type}",'
+            f'"created":{self.created},"model":{json.dumps(model)},'
+        )
         self._request_id = request_id
         self._model = model
         self._object_type = object_type
@@ -222,9 +231,10 @@ class StreamFormatter:
 
     def role(self, completion_tokens: int = 0) -> bytes:
         """The first chat chunk: the assistant role and empty content, as vLLM sends it."""
-        return (self.head + '"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
-                '"logprobs":null,"finish_reason":null}]' + self._usage_suffix(completion_tokens)
-                + "}\n\n").encode()
+        return (
+            self.head + '"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
+            '"logprobs":null,"finish_reason":null}]' + self._usage_suffix(completion_tokens) + "}\n\n"
+        ).encode()
 
     def delta(self, text: str, finish_reason: str | None, completion_tokens: int) -> bytes:
         finish = "null" if finish_reason is None else f'"{finish_reason}"'
@@ -234,14 +244,20 @@ class StreamFormatter:
             delta = '{"content":' + json.dumps(text) + "}" if text else "{}"
             choice = f'{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}{stop}}}'
         else:
-            choice = (f'{{"index":0,"text":{json.dumps(text)},"logprobs":null,'
-                      f'"finish_reason":{finish},"stop_reason":null}}')
-        return (self.head + '"choices":[' + choice + "]" + self._usage_suffix(completion_tokens)
-                + "}\n\n").encode()
+            choice = (
+                f'{{"index":0,"text":{json.dumps(text)},"logprobs":null,"finish_reason":{finish},"stop_reason":null}}'
+            )
+        return (self.head + '"choices":[' + choice + "]" + self._usage_suffix(completion_tokens) + "}\n\n").encode()
 
     def final_usage(self, completion_tokens: int) -> bytes:
-        chunk = {"id": self._request_id, "object": self._object_type, "created": self.created,
-                 "model": self._model, "choices": [], "usage": usage(self.prompt_tokens, completion_tokens)}
+        chunk = {
+            "id": self._request_id,
+            "object": self._object_type,
+            "created": self.created,
+            "model": self._model,
+            "choices": [],
+            "usage": usage(self.prompt_tokens, completion_tokens),
+        }
         return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
     @staticmethod
@@ -251,27 +267,55 @@ class StreamFormatter:
     DONE = b"data: [DONE]\n\n"
 
 
-def chat_completion_body(*, request_id: str, model: str, text: str, finish_reason: str,
-                         prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text, "refusal": None, "annotations": None,
-               "audio": None, "function_call": None, "tool_calls": [], "reasoning_content": None}
+def chat_completion_body(
+    *, request_id: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    message = {
+        "role": "assistant",
+        "content": text,
+        "refusal": None,
+        "annotations": None,
+        "audio": None,
+        "function_call": None,
+        "tool_calls": [],
+        "reasoning_content": None,
+    }
     return {
-        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason,
-                     "stop_reason": None}],
-        "service_tier": None, "system_fingerprint": None,
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None}
+        ],
+        "service_tier": None,
+        "system_fingerprint": None,
         "usage": {**usage(prompt_tokens, completion_tokens), "prompt_tokens_details": None},
-        "prompt_logprobs": None, "kv_transfer_params": None,
+        "prompt_logprobs": None,
+        "kv_transfer_params": None,
     }
 
 
-def completion_body(*, request_id: str, model: str, text: str, finish_reason: str,
-                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def completion_body(
+    *, request_id: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
     return {
-        "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
-                     "stop_reason": None, "prompt_logprobs": None}],
-        "service_tier": None, "system_fingerprint": None,
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "stop_reason": None,
+                "prompt_logprobs": None,
+            }
+        ],
+        "service_tier": None,
+        "system_fingerprint": None,
         "usage": {**usage(prompt_tokens, completion_tokens), "prompt_tokens_details": None},
         "kv_transfer_params": None,
     }

@@ -81,13 +81,13 @@ class EmulatedEngineServer:
         if self.phase is Phase.STARTING:
             raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, "The engine is still loading the model.")
         if self.phase is Phase.DRAINING:
-            raise APIError(HTTPStatus.SERVICE_UNAVAILABLE,
-                           "The engine is shutting down and accepts no new requests.")
+            raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, "The engine is shutting down and accepts no new requests.")
 
     def require_model(self, model: str | None) -> None:
         if model is not None and model != self.config.served_model_name:
-            raise APIError(HTTPStatus.NOT_FOUND, f"The model `{model}` does not exist.",
-                           err_type="NotFoundError", param="model")
+            raise APIError(
+                HTTPStatus.NOT_FOUND, f"The model `{model}` does not exist.", err_type="NotFoundError", param="model"
+            )
 
     def output_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
         """vLLM's length checks, with its messages; returns the max new tokens."""
@@ -97,7 +97,9 @@ class EmulatedEngineServer:
                 HTTPStatus.BAD_REQUEST,
                 f"This model's maximum context length is {max_model_len} tokens. However, your "
                 f"request has {prompt_tokens} input tokens. Please reduce the length of the input "
-                "messages.", param="input_tokens")
+                "messages.",
+                param="input_tokens",
+            )
         if max_tokens is None:
             return max_model_len - prompt_tokens
         if prompt_tokens + max_tokens > max_model_len:
@@ -106,7 +108,8 @@ class EmulatedEngineServer:
                 f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
                 f"maximum context length is {max_model_len} tokens and your request has "
                 f"{prompt_tokens} input tokens ({max_tokens} > {max_model_len} - {prompt_tokens}).",
-                param="max_tokens")
+                param="max_tokens",
+            )
         return max_tokens
 
 
@@ -117,16 +120,28 @@ class GenerationResponse:
     aborts the request at once, whether it is queued, prefilling or decoding.
     """
 
-    def __init__(self, server: EmulatedEngineServer, seq: Sequence, *, chat: bool, request_id: str,
-                 include_usage: bool, continuous_usage: bool) -> None:
+    def __init__(
+        self,
+        server: EmulatedEngineServer,
+        seq: Sequence,
+        *,
+        chat: bool,
+        request_id: str,
+        include_usage: bool,
+        continuous_usage: bool,
+    ) -> None:
         self.server = server
         self.seq = seq
         self.chat = chat
         self.request_id = request_id
         self.include_usage = include_usage
         self.formatter = StreamFormatter(
-            chat=chat, request_id=request_id, model=server.config.served_model_name,
-            prompt_tokens=seq.prompt_tokens, continuous_usage=continuous_usage)
+            chat=chat,
+            request_id=request_id,
+            model=server.config.served_model_name,
+            prompt_tokens=seq.prompt_tokens,
+            continuous_usage=continuous_usage,
+        )
         self.client_gone = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -151,9 +166,13 @@ class GenerationResponse:
                 return
 
     async def _stream(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
-                                (b"cache-control", b"no-cache")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")],
+            }
+        )
         formatter, seq = self.formatter, self.seq
         role_sent = not self.chat
         while True:
@@ -172,8 +191,7 @@ class GenerationResponse:
                 if self.include_usage:
                     events.append(formatter.final_usage(seq.generated))
                 events.append(StreamFormatter.DONE)
-            await send({"type": "http.response.body", "body": b"".join(events),
-                        "more_body": finish_reason is None})
+            await send({"type": "http.response.body", "body": b"".join(events), "more_body": finish_reason is None})
             if finish_reason is not None:
                 return
 
@@ -182,14 +200,20 @@ class GenerationResponse:
         if finish_reason == "abort":
             if self.client_gone:
                 return
-            error = APIError(HTTPStatus.SERVICE_UNAVAILABLE,
-                             "The engine shut down before the request finished; it was aborted.")
+            error = APIError(
+                HTTPStatus.SERVICE_UNAVAILABLE, "The engine shut down before the request finished; it was aborted."
+            )
             await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
             return
         build = chat_completion_body if self.chat else completion_body
-        body = build(request_id=self.request_id, model=self.server.config.served_model_name,
-                     text=generated, finish_reason=finish_reason, prompt_tokens=self.seq.prompt_tokens,
-                     completion_tokens=self.seq.generated)
+        body = build(
+            request_id=self.request_id,
+            model=self.server.config.served_model_name,
+            text=generated,
+            finish_reason=finish_reason,
+            prompt_tokens=self.seq.prompt_tokens,
+            completion_tokens=self.seq.generated,
+        )
         await JSONResponse(body)(scope, receive, send)
 
 
@@ -203,16 +227,27 @@ async def chat_completions(request: Request) -> GenerationResponse:
     body: ChatCompletionRequest = parse_request(ChatCompletionRequest, parse_json_body(await request.body()))
     server.require_model(body.model)
     messages = [message.to_message() for message in body.messages]
-    prompt = text.render_chat(messages, add_generation_prompt=body.add_generation_prompt,
-                              continue_final_message=body.continue_final_message)
+    prompt = text.render_chat(
+        messages, add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message
+    )
     prompt_tokens = text.count_tokens(prompt)
     max_new_tokens = server.output_budget(prompt_tokens, body.requested_max_tokens)
     config = server.config
     continuation = text.chat_answer(
-        messages, seed=config.seed, answer_words=(config.answer_words_min, config.answer_words_max),
-        continue_final_message=body.continue_final_message)
-    return _generation(server, body, prompt_tokens, max_new_tokens, continuation, chat=True,
-                       request_id=new_request_id("chatcmpl", body.request_id or request.headers.get("x-request-id")))
+        messages,
+        seed=config.seed,
+        answer_words=(config.answer_words_min, config.answer_words_max),
+        continue_final_message=body.continue_final_message,
+    )
+    return _generation(
+        server,
+        body,
+        prompt_tokens,
+        max_new_tokens,
+        continuation,
+        chat=True,
+        request_id=new_request_id("chatcmpl", body.request_id or request.headers.get("x-request-id")),
+    )
 
 
 async def completions(request: Request) -> GenerationResponse:
@@ -225,20 +260,49 @@ async def completions(request: Request) -> GenerationResponse:
     max_new_tokens = server.output_budget(prompt_tokens, body.requested_max_tokens)
     config = server.config
     continuation = text.answer(
-        seed=config.seed, key=prompt, prompt_text=prompt,
-        answer_words=(config.answer_words_min, config.answer_words_max))
-    return _generation(server, body, prompt_tokens, max_new_tokens, continuation, chat=False,
-                       request_id=new_request_id("cmpl", body.request_id or request.headers.get("x-request-id")))
+        seed=config.seed,
+        key=prompt,
+        prompt_text=prompt,
+        answer_words=(config.answer_words_min, config.answer_words_max),
+    )
+    return _generation(
+        server,
+        body,
+        prompt_tokens,
+        max_new_tokens,
+        continuation,
+        chat=False,
+        request_id=new_request_id("cmpl", body.request_id or request.headers.get("x-request-id")),
+    )
 
 
-def _generation(server: EmulatedEngineServer, body: ChatCompletionRequest | CompletionRequest,
-                prompt_tokens: int, max_new_tokens: int, continuation: text.Continuation, *,
-                chat: bool, request_id: str) -> GenerationResponse:
-    seq = Sequence(prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
-                   deltas=continuation.deltas, natural_remaining=continuation.natural_remaining,
-                   ignore_eos=body.ignore_eos, min_tokens=body.min_tokens, streaming=body.stream)
-    return GenerationResponse(server, seq, chat=chat, request_id=request_id,
-                              include_usage=body.include_usage, continuous_usage=body.continuous_usage)
+def _generation(
+    server: EmulatedEngineServer,
+    body: ChatCompletionRequest | CompletionRequest,
+    prompt_tokens: int,
+    max_new_tokens: int,
+    continuation: text.Continuation,
+    *,
+    chat: bool,
+    request_id: str,
+) -> GenerationResponse:
+    seq = Sequence(
+        prompt_tokens=prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        deltas=continuation.deltas,
+        natural_remaining=continuation.natural_remaining,
+        ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens,
+        streaming=body.stream,
+    )
+    return GenerationResponse(
+        server,
+        seq,
+        chat=chat,
+        request_id=request_id,
+        include_usage=body.include_usage,
+        continuous_usage=body.continuous_usage,
+    )
 
 
 async def tokenize(request: Request) -> JSONResponse:
@@ -247,24 +311,39 @@ async def tokenize(request: Request) -> JSONResponse:
     if isinstance(payload, dict) and "messages" in payload:
         chat: TokenizeChatRequest = parse_request(TokenizeChatRequest, payload)
         server.require_model(chat.model)
-        prompt = text.render_chat([m.to_message() for m in chat.messages],
-                                  add_generation_prompt=chat.add_generation_prompt,
-                                  continue_final_message=chat.continue_final_message)
+        prompt = text.render_chat(
+            [m.to_message() for m in chat.messages],
+            add_generation_prompt=chat.add_generation_prompt,
+            continue_final_message=chat.continue_final_message,
+        )
         want_strs = chat.return_token_strs
     else:
         plain: TokenizeCompletionRequest = parse_request(TokenizeCompletionRequest, payload)
         server.require_model(plain.model)
         prompt, want_strs = plain.prompt, plain.return_token_strs
     ids = text.token_ids(prompt)
-    return JSONResponse({"count": len(ids), "max_model_len": server.config.max_model_len, "tokens": ids,
-                         "token_strs": text.token_strs(prompt) if want_strs else None})
+    return JSONResponse(
+        {
+            "count": len(ids),
+            "max_model_len": server.config.max_model_len,
+            "tokens": ids,
+            "token_strs": text.token_strs(prompt) if want_strs else None,
+        }
+    )
 
 
 async def models(request: Request) -> JSONResponse:
     config = _server(request).config
-    card = {"id": config.served_model_name, "object": "model", "created": int(request.app.state.started_at),
-            "owned_by": "vllm", "root": config.served_model_name, "parent": None,
-            "max_model_len": config.max_model_len, "permission": []}
+    card = {
+        "id": config.served_model_name,
+        "object": "model",
+        "created": int(request.app.state.started_at),
+        "owned_by": "vllm",
+        "root": config.served_model_name,
+        "parent": None,
+        "max_model_len": config.max_model_len,
+        "permission": [],
+    }
     return JSONResponse({"object": "list", "data": [card]})
 
 
@@ -317,8 +396,9 @@ def create_app(config: EmulatorConfig) -> Starlette:
         Route("/version", version, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={APIError: _api_error, HTTPException: _http_error})
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={APIError: _api_error, HTTPException: _http_error}
+    )
     app.state.emulator = server
     return app
 
@@ -346,14 +426,21 @@ class _DrainingServer(uvicorn.Server):
         emulator, engine = self.emulator, self.emulator.engine
         emulator.phase = Phase.DRAINING
         timeout = emulator.config.shutdown_timeout
-        LOG.info("SIGTERM: draining %d running and %d waiting requests for up to %.1fs",
-                 engine.num_running, engine.num_waiting, timeout)
+        LOG.info(
+            "SIGTERM: draining %d running and %d waiting requests for up to %.1fs",
+            engine.num_running,
+            engine.num_waiting,
+            timeout,
+        )
         if timeout > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(engine.wait_idle(), timeout)
         if engine.num_running or engine.num_waiting:
-            LOG.warning("shutdown timeout over: aborting %d running and %d waiting requests",
-                        engine.num_running, engine.num_waiting)
+            LOG.warning(
+                "shutdown timeout over: aborting %d running and %d waiting requests",
+                engine.num_running,
+                engine.num_waiting,
+            )
         engine.abort_all()
         self.should_exit = True
 
@@ -377,10 +464,9 @@ def serve(config: EmulatorConfig) -> int:
     sock = listening_socket(config)
     host, port = sock.getsockname()[:2]
     uvicorn_config = uvicorn.Config(
-        app, log_level=config.log_level, access_log=False, lifespan="on",
-        timeout_graceful_shutdown=FLUSH_TIMEOUT_S)
+        app, log_level=config.log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=FLUSH_TIMEOUT_S
+    )
     server = _DrainingServer(uvicorn_config, app.state.emulator)
-    print(f"engine-emulator: serving {config.served_model_name!r} on http://{host}:{port}",
-          file=sys.stderr, flush=True)
+    print(f"engine-emulator: serving {config.served_model_name!r} on http://{host}:{port}", file=sys.stderr, flush=True)
     server.run(sockets=[sock])
     return 0

@@ -53,8 +53,7 @@ FILLER_WORDS = (
 CITATION_PATTERN = re.compile(r"^[ \t]*\[1\][:.)]?\s*(\S[^\n]*)", re.MULTILINE)
 SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 MAX_CITED_WORDS = 60
-LOWERCASE_AFTER_CITATION = frozenset(
-    "The A An This That These Those It Its In On At For Each Every Our".split())
+LOWERCASE_AFTER_CITATION = frozenset("The A An This That These Those It Its In On At For Each Every Our".split())
 
 
 def count_tokens(text: str) -> int:
@@ -76,9 +75,7 @@ class Message:
     text: str
 
 
-def render_chat(
-    messages: Sequence[Message], *, add_generation_prompt: bool, continue_final_message: bool
-) -> str:
+def render_chat(messages: Sequence[Message], *, add_generation_prompt: bool, continue_final_message: bool) -> str:
     lines = []
     last = len(messages) - 1
     for index, message in enumerate(messages):
@@ -171,7 +168,7 @@ def answer(
         consumed += 1
         if len(candidate) >= len(prefix):
             if candidate.startswith(prefix):
-                rest = candidate[len(prefix):]
+                rest = candidate[len(prefix) :]
                 head = [rest] if rest else []
                 remaining = natural_length - consumed + len(head)
                 return Continuation(_chain(head, _deltas(words, first=False)), max(remaining, 0))
@@ -183,9 +180,7 @@ def answer(
     # Not our answer's prefix: continue deterministically from what was given.
     rng = _rng(seed, key, prefix)
     first = prefix[-1].isspace()
-    return Continuation(
-        _deltas(_filler_words(rng), first=first), rng.randint(*answer_words)
-    )
+    return Continuation(_deltas(_filler_words(rng), first=first), rng.randint(*answer_words))
 
 
 def chat_answer(

@@ -36,18 +36,30 @@ def build_parser() -> argparse.ArgumentParser:
             "queues requests by tokens, picks engines and fails over between them."
         ),
     )
-    parser.add_argument("--config", metavar="PATH",
-                        help="gateway.json as the operator renders it (the ConfigMap mounted at /etc/spotrag/gateway.json)")
-    parser.add_argument("--served-model-name", metavar="NAME",
-                        help="the model name clients ask for (required without --config; overrides the config)")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="gateway.json as the operator renders it (the ConfigMap mounted at /etc/spotrag/gateway.json)",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="the model name clients ask for (required without --config; overrides the config)",
+    )
     parser.add_argument("--host", default=None, help="address to listen on (default: 0.0.0.0 in a pod, else 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--engine-url", action="append", default=[], metavar="URL",
-                        help="an engine to use instead of discovery (repeat for more)")
+    parser.add_argument(
+        "--engine-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="an engine to use instead of discovery (repeat for more)",
+    )
     parser.add_argument("--index", metavar="DIR", help="index root to load instead of retrieval.indexPath")
     parser.add_argument("--no-retrieval", action="store_true", help="plain OpenAI proxy: no index, no retrieval")
-    parser.add_argument("--kubeconfig", metavar="PATH",
-                        help="for EndpointSlice discovery out of a cluster (default: in-cluster config)")
+    parser.add_argument(
+        "--kubeconfig", metavar="PATH", help="for EndpointSlice discovery out of a cluster (default: in-cluster config)"
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 

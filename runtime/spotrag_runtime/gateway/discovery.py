@@ -157,9 +157,14 @@ class EndpointSliceDiscovery:
                     version = await self._watch(version)
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # noqa: BLE001 - keep the last known engines and retry
-                log.warning("EndpointSlice watch of %s/%s failed: %r; retrying in %.1fs",
-                            self.namespace, self.service, error, delay)
+            except Exception as error:
+                log.warning(
+                    "EndpointSlice watch of %s/%s failed: %r; retrying in %.1fs",
+                    self.namespace,
+                    self.service,
+                    error,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
 
@@ -170,9 +175,7 @@ class EndpointSliceDiscovery:
         )
         response.raise_for_status()
         listing = response.json()
-        self._slices = {
-            item["metadata"]["name"]: item for item in listing.get("items") or () if self._mine(item)
-        }
+        self._slices = {item["metadata"]["name"]: item for item in listing.get("items") or () if self._mine(item)}
         self._publish()
         self._synced.set()
         return (listing.get("metadata") or {}).get("resourceVersion") or ""

@@ -120,9 +120,7 @@ class Unavailable(APIError):
     type = "service_unavailable"
 
 
-def error_body(
-    message: str, *, type: str, code: str | None = None, param: str | None = None
-) -> dict[str, Any]:
+def error_body(message: str, *, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 

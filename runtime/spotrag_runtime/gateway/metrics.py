@@ -63,7 +63,8 @@ class _LiveCollector(Collector):
             value=state.queued_tokens(),
         )
         yield GaugeMetricFamily(
-            "spotrag_waiting_requests", "Requests waiting in the admission queue for an engine.",
+            "spotrag_waiting_requests",
+            "Requests waiting in the admission queue for an engine.",
             value=state.waiting_requests(),
         )
         inflight = GaugeMetricFamily(
@@ -83,7 +84,9 @@ class _LiveCollector(Collector):
             "spotrag_index_passages", "Passages in the loaded index.", value=index.passages if index else 0
         )
         info = GaugeMetricFamily(
-            "spotrag_index_info", "The loaded index version and embedding model (always 1).", labels=["version", "model"]
+            "spotrag_index_info",
+            "The loaded index version and embedding model (always 1).",
+            labels=["version", "model"],
         )
         if index:
             info.add_metric([index.version, index.model], 1)
@@ -95,38 +98,49 @@ class GatewayMetrics:
         self.registry = registry or CollectorRegistry()
         self.live = LiveState()
         self.registry.register(_LiveCollector(self.live))
-        self.requests = Counter(
-            "spotrag_requests", "Requests by outcome.", ["outcome"], registry=self.registry
-        )
+        self.requests = Counter("spotrag_requests", "Requests by outcome.", ["outcome"], registry=self.registry)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
         self.retries = Counter(
-            "spotrag_retries", "Requests sent to another engine after one failed before the first token.",
+            "spotrag_retries",
+            "Requests sent to another engine after one failed before the first token.",
             registry=self.registry,
         )
         self.resumed_streams = Counter(
-            "spotrag_resumed_streams", "Answers continued on another engine after theirs broke mid-answer.",
+            "spotrag_resumed_streams",
+            "Answers continued on another engine after theirs broke mid-answer.",
             registry=self.registry,
         )
         self.time_to_first_token = Histogram(
-            "spotrag_time_to_first_token_seconds", "From request arrival to the first answer token.",
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "spotrag_time_to_first_token_seconds",
+            "From request arrival to the first answer token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.inter_token_latency = Histogram(
-            "spotrag_inter_token_latency_seconds", "Gap between consecutive answer chunks.",
-            buckets=_TOKEN_GAP_BUCKETS, registry=self.registry,
+            "spotrag_inter_token_latency_seconds",
+            "Gap between consecutive answer chunks.",
+            buckets=_TOKEN_GAP_BUCKETS,
+            registry=self.registry,
         )
         self.request_duration = Histogram(
-            "spotrag_request_duration_seconds", "From request arrival to its last byte.",
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "spotrag_request_duration_seconds",
+            "From request arrival to its last byte.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.retrieval = Histogram(
-            "spotrag_retrieval_seconds", "Retrieval time per question, by stage.", ["stage"],
-            buckets=_RETRIEVAL_BUCKETS, registry=self.registry,
+            "spotrag_retrieval_seconds",
+            "Retrieval time per question, by stage.",
+            ["stage"],
+            buckets=_RETRIEVAL_BUCKETS,
+            registry=self.registry,
         )
         self.retrieval_embed = self.retrieval.labels("embed")
         self.retrieval_search = self.retrieval.labels("search")
         self.retrieval_batch_size = Histogram(
-            "spotrag_retrieval_batch_size", "Questions embedded together in one micro-batch.",
-            buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry,
+            "spotrag_retrieval_batch_size",
+            "Questions embedded together in one micro-batch.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
         )

@@ -30,11 +30,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from spotrag_runtime.gateway.token_queue import AdmissionController, Ticket
 from spotrag_runtime.gateway.config import FailoverConfig
 from spotrag_runtime.gateway.errors import EnginesFailed
 from spotrag_runtime.gateway.metrics import GatewayMetrics
 from spotrag_runtime.gateway.prompt import message_text
+from spotrag_runtime.gateway.token_queue import AdmissionController, Ticket
 from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure
 
 log = logging.getLogger(__name__)

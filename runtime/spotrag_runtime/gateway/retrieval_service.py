@@ -149,13 +149,13 @@ class RetrievalService:
                 continue
             try:
                 results = await loop.run_in_executor(self._worker, self._run_batch, batch)
-            except Exception as error:  # noqa: BLE001 - handed to each waiting request
+            except Exception as error:
                 log.exception("retrieval batch of %d failed", len(batch))
                 for question in batch:
                     if not question.future.done():
                         question.future.set_exception(error)
                 continue
-            for question, passages in zip(batch, results):
+            for question, passages in zip(batch, results, strict=False):
                 if not question.future.done():
                     question.future.set_result(passages)
 
@@ -169,7 +169,7 @@ class RetrievalService:
         hits_per_question = index.search(vectors, widest)
         searched = time.perf_counter()
         results = []
-        for question, hits in zip(batch, hits_per_question):
+        for question, hits in zip(batch, hits_per_question, strict=False):
             threshold = question.score_threshold
             kept = [hit for hit in hits[: question.top_k] if threshold is None or hit.score >= threshold]
             results.append(
@@ -189,7 +189,7 @@ class RetrievalService:
             await asyncio.sleep(self.config.reload_interval_seconds)
             try:
                 await self._reload_if_changed()
-            except Exception:  # noqa: BLE001 - a bad version must not stop the poller
+            except Exception:
                 log.exception("checking %s for a new index version failed", self.index_path)
 
     async def _reload_if_changed(self) -> None:

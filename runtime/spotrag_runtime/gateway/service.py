@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from spotrag_runtime.gateway.token_queue import AdmissionController, prefix_keys
 from spotrag_runtime.gateway.auth import APIKeyStore
 from spotrag_runtime.gateway.config import GatewayConfig
 from spotrag_runtime.gateway.discovery import Discovery, EndpointSliceDiscovery, StaticDiscovery
@@ -31,6 +30,7 @@ from spotrag_runtime.gateway.prompt import Context, PromptBuilder, last_user_que
 from spotrag_runtime.gateway.relay import ChatJob, ChatRelay
 from spotrag_runtime.gateway.retrieval_service import RetrievalService, RetrievedPassage
 from spotrag_runtime.gateway.schemas import ChatCompletionRequest
+from spotrag_runtime.gateway.token_queue import AdmissionController, prefix_keys
 from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure, estimate_prompt_tokens
 
 if TYPE_CHECKING:

@@ -260,7 +260,7 @@ class AdmissionController:
             return None
         least = min(fitting, key=lambda e: (e.inflight_tokens, e.inflight_requests, e.last_picked))
         if self.config.prefix_affinity:
-            for blocks, key in zip(range(len(ticket.affinity), 0, -1), reversed(ticket.affinity)):
+            for blocks, key in zip(range(len(ticket.affinity), 0, -1), reversed(ticket.affinity), strict=False):
                 url = self._affinity.get(key)
                 if url is None:
                     continue

@@ -21,14 +21,13 @@ Failures are sorted by whether another engine could do better:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import math
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
-
-import asyncio
-import contextlib
 
 import aiohttp
 
@@ -37,7 +36,6 @@ from spotrag_runtime.gateway.errors import EngineRejected
 from spotrag_runtime.gateway.prompt import message_text
 
 log = logging.getLogger(__name__)
-
 
 
 _JSON = {"Content-Type": "application/json"}
@@ -79,7 +77,7 @@ class EngineClient:
         try:
             async with self.http.post(f"{engine_url}/tokenize", data=fastjson.dumps(body), headers=_JSON) as response:
                 content = await response.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiohttp.ClientError) as error:
             raise EngineFailure(f"{engine_url}/tokenize: {error!r}") from error
         if response.status >= 500:
             raise EngineFailure(f"{engine_url}/tokenize answered {response.status}")
@@ -132,7 +130,7 @@ class EngineClient:
                         async with asyncio.timeout(_DRAIN_SECONDS):
                             await response.read()
                     return
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiohttp.ClientError) as error:
             raise EngineFailure(f"{engine_url}: {error!r}") from error
         except fastjson.JSONDecodeError as error:
             raise EngineFailure(f"{engine_url} sent an event that is not JSON: {error}") from error

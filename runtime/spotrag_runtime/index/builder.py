@@ -164,7 +164,9 @@ def build_index(
 
         stage_started = time.perf_counter()
         query_vectors = embedder.embed_queries(list(eval_queries)) if eval_queries and chosen_type != "flat" else None
-        built = build_vector_index(vectors, chosen_type, queries=query_vectors, on_added=lambda done: report("index", done, len(chunks)))
+        built = build_vector_index(
+            vectors, chosen_type, queries=query_vectors, on_added=lambda done: report("index", done, len(chunks))
+        )
         if chosen_type == "flat":
             recall_queries = ""
         elif query_vectors is not None:
@@ -217,7 +219,9 @@ def corpus_fingerprint(chunks: Sequence[Chunk], embedder: Embedder, chunker: Chu
     return f"sha256:{digest.hexdigest()}"
 
 
-def _check_embedder_matches(embedder: Embedder, *, model: str | None, query_prefix: str | None, passage_prefix: str | None) -> None:
+def _check_embedder_matches(
+    embedder: Embedder, *, model: str | None, query_prefix: str | None, passage_prefix: str | None
+) -> None:
     conflicts = []
     if model is not None and canonical_model_name(model) != embedder.model_name:
         conflicts.append(f"model {model!r} (embedder: {embedder.model_name!r})")
@@ -298,7 +302,9 @@ def _publish(out: Path, index: Any, chunks: Sequence[Chunk], fields: dict[str, A
         # Names sort in publishing order (pruning relies on it) and say what they hold.
         stamp = f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z"
         version = _free_version_name(versions, f"{stamp}-{checksum.removeprefix('sha256:')[:8]}")
-        manifest = Manifest(checksum=checksum, version=version, created_at=now.isoformat(timespec="milliseconds"), **fields)
+        manifest = Manifest(
+            checksum=checksum, version=version, created_at=now.isoformat(timespec="milliseconds"), **fields
+        )
         _write_json(staging / MANIFEST_FILE, manifest.to_dict())
         _fsync_dir(staging)
         final = versions / version

@@ -54,17 +54,25 @@ class _Segment:
 
 
 class Chunker:
-    def __init__(self, tokenizer: Any, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, overlap_tokens: int = DEFAULT_OVERLAP_TOKENS) -> None:
+    def __init__(
+        self, tokenizer: Any, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, overlap_tokens: int = DEFAULT_OVERLAP_TOKENS
+    ) -> None:
         if chunk_tokens < MIN_CHUNK_TOKENS:
             raise ValueError(f"chunk size must be at least {MIN_CHUNK_TOKENS} tokens, got {chunk_tokens}")
         if not 0 <= overlap_tokens <= chunk_tokens // 2:
-            raise ValueError(f"overlap must be between 0 and half the chunk size ({chunk_tokens // 2}), got {overlap_tokens}")
+            raise ValueError(
+                f"overlap must be between 0 and half the chunk size ({chunk_tokens // 2}), got {overlap_tokens}"
+            )
         self.tokenizer = tokenizer
         self.chunk_tokens = chunk_tokens
         self.overlap_tokens = overlap_tokens
 
     def settings(self) -> dict[str, Any]:
-        return {"chunk_tokens": self.chunk_tokens, "overlap_tokens": self.overlap_tokens, "boundaries": "paragraph,sentence"}
+        return {
+            "chunk_tokens": self.chunk_tokens,
+            "overlap_tokens": self.overlap_tokens,
+            "boundaries": "paragraph,sentence",
+        }
 
     def chunk_documents(self, documents: Iterable[Document], *, batch_size: int = 1024) -> Iterator[Chunk]:
         batch: list[Document] = []
@@ -90,7 +98,7 @@ class Chunker:
             return_token_type_ids=False,
             verbose=False,  # documents are longer than the model's limit by design: no warning
         )
-        for document, ids, offsets in zip(documents, encoded["input_ids"], encoded["offset_mapping"]):
+        for document, ids, offsets in zip(documents, encoded["input_ids"], encoded["offset_mapping"], strict=False):
             starts = [start for start, _ in offsets]
             segments = self._split_long(_segments(document.text, starts), document.text, offsets)
             for position, (first, last) in enumerate(self._pack(segments)):
@@ -164,4 +172,9 @@ def _segments(text: str, token_starts: list[int]) -> list[_Segment]:
 def _inside_word(text: str, offsets: Sequence[tuple[int, int]], token: int) -> bool:
     """Whether a cut before `token` would split a word (e.g. "reclaim" | "##ed")."""
     previous_end, start = offsets[token - 1][1], offsets[token][0]
-    return previous_end == start and text[start - 1 : start].isascii() and text[start - 1 : start].isalnum() and text[start].isalnum()
+    return (
+        previous_end == start
+        and text[start - 1 : start].isascii()
+        and text[start - 1 : start].isalnum()
+        and text[start].isalnum()
+    )

@@ -46,30 +46,83 @@ def cli(argv: list[str]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spotrag index", description="Build, query and inspect a spotrag retrieval index.")
+    parser = argparse.ArgumentParser(
+        prog="spotrag index", description="Build, query and inspect a spotrag retrieval index."
+    )
     commands = parser.add_subparsers(dest="command", metavar="{build,query,info}")
 
     build = commands.add_parser("build", help="chunk, embed and index a corpus; publish it as a new version")
     build.add_argument("sources", nargs="+", type=Path, metavar="SRC", help="files or folders (.txt .md .html .jsonl)")
     build.add_argument("--out", required=True, type=Path, help="index root: versions/ and CURRENT are written here")
-    build.add_argument("--model", default=DEFAULT_MODEL, help="sentence-transformers model name or path (default: %(default)s)")
+    build.add_argument(
+        "--model", default=DEFAULT_MODEL, help="sentence-transformers model name or path (default: %(default)s)"
+    )
     build.add_argument("--query-prefix", default="", help='prepended to questions, e.g. "query: " for e5 models')
     build.add_argument("--passage-prefix", default="", help='prepended to passages, e.g. "passage: " for e5 models')
-    build.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS, help="chunk size in model tokens (default: %(default)s)")
-    build.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP_TOKENS, help="overlap in tokens, whole sentences (default: %(default)s)")
-    build.add_argument("--index-type", choices=("auto", *INDEX_TYPES), default="auto", help="auto: flat below 50k passages, then hnsw, ivf from 2M")
-    build.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="embedding batch (default: %(default)s; 256-512 on a GPU)")
-    build.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="passages per embedding checkpoint (default: %(default)s)")
-    build.add_argument("--work-dir", type=Path, help="where checkpoints go (default: OUT/.work); a rerun resumes from them")
+    build.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=DEFAULT_CHUNK_TOKENS,
+        help="chunk size in model tokens (default: %(default)s)",
+    )
+    build.add_argument(
+        "--overlap",
+        type=int,
+        default=DEFAULT_OVERLAP_TOKENS,
+        help="overlap in tokens, whole sentences (default: %(default)s)",
+    )
+    build.add_argument(
+        "--index-type",
+        choices=("auto", *INDEX_TYPES),
+        default="auto",
+        help="auto: flat below 50k passages, then hnsw, ivf from 2M",
+    )
+    build.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help="embedding batch (default: %(default)s; 256-512 on a GPU)",
+    )
+    build.add_argument(
+        "--shard-size",
+        type=int,
+        default=DEFAULT_SHARD_SIZE,
+        help="passages per embedding checkpoint (default: %(default)s)",
+    )
+    build.add_argument(
+        "--work-dir", type=Path, help="where checkpoints go (default: OUT/.work); a rerun resumes from them"
+    )
     build.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    build.add_argument("--threads", type=int, help="CPU threads for torch and faiss (default: the CPUs this process may use)")
-    build.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, help="JSONL field holding the text (default: %(default)s)")
-    build.add_argument("--source-field", default=DEFAULT_SOURCE_FIELD, help="JSONL field naming the record (default: %(default)s)")
-    build.add_argument("--keep-versions", type=int, default=DEFAULT_KEEP_VERSIONS, help="published versions kept (default: %(default)s)")
+    build.add_argument(
+        "--threads", type=int, help="CPU threads for torch and faiss (default: the CPUs this process may use)"
+    )
+    build.add_argument(
+        "--text-field", default=DEFAULT_TEXT_FIELD, help="JSONL field holding the text (default: %(default)s)"
+    )
+    build.add_argument(
+        "--source-field", default=DEFAULT_SOURCE_FIELD, help="JSONL field naming the record (default: %(default)s)"
+    )
+    build.add_argument(
+        "--keep-versions",
+        type=int,
+        default=DEFAULT_KEEP_VERSIONS,
+        help="published versions kept (default: %(default)s)",
+    )
     build.add_argument("--force", action="store_true", help="publish a new version even when the corpus is unchanged")
-    build.add_argument("--eval-queries", type=Path, help="questions (.jsonl with a 'question' field, or one per line) to tune and report recall@10 on")
-    build.add_argument("--progress", choices=("auto", "bar", "plain", "json", "none"), default="auto", help="auto: a bar on a terminal, plain lines otherwise")
-    build.add_argument("--result-file", type=Path, help="also write the final JSON object here (e.g. /dev/termination-log)")
+    build.add_argument(
+        "--eval-queries",
+        type=Path,
+        help="questions (.jsonl with a 'question' field, or one per line) to tune and report recall@10 on",
+    )
+    build.add_argument(
+        "--progress",
+        choices=("auto", "bar", "plain", "json", "none"),
+        default="auto",
+        help="auto: a bar on a terminal, plain lines otherwise",
+    )
+    build.add_argument(
+        "--result-file", type=Path, help="also write the final JSON object here (e.g. /dev/termination-log)"
+    )
     build.set_defaults(run=_build)
 
     query = commands.add_parser("query", help="show what retrieval returns for a question")
@@ -124,7 +177,10 @@ def _build(args: argparse.Namespace) -> int:
     _emit({"ok": True, **summary}, args.result_file)
     verb = "published" if result.published else "unchanged, still"
     recall = "" if result.recall_at_10 is None else f", recall@10 {result.recall_at_10:.3f}"
-    print(f"{verb} version {result.version}: {result.count} passages from {result.documents} documents, {result.index_type}{recall}", file=sys.stderr)
+    print(
+        f"{verb} version {result.version}: {result.count} passages from {result.documents} documents, {result.index_type}{recall}",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
@@ -149,7 +205,10 @@ def _query(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     [hits] = index.search(embedder.embed_queries([args.question]), args.top_k)
     if args.json:
-        rows = [{"rank": rank, "score": round(hit.score, 4), **hit.passage.__dict__} for rank, hit in enumerate(hits, start=1)]
+        rows = [
+            {"rank": rank, "score": round(hit.score, 4), **hit.passage.__dict__}
+            for rank, hit in enumerate(hits, start=1)
+        ]
         print(json.dumps({"version": index.version, "question": args.question, "hits": rows}, ensure_ascii=False))
         return EXIT_OK
     print(f"index {index.path} (version {index.version}, {index.size} passages, {manifest.index_type})")
@@ -170,9 +229,23 @@ def _info(args: argparse.Namespace) -> int:
         print(f"spotrag index info: {exc}", file=sys.stderr)
         return EXIT_FAILED
     versions_dir = args.index / VERSIONS_DIR
-    kept = sorted(p.name for p in versions_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) if versions_dir.is_dir() else []
+    kept = (
+        sorted(p.name for p in versions_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if versions_dir.is_dir()
+        else []
+    )
     if args.json:
-        print(json.dumps({"path": str(path), "current": current_version(args.index), "versions": kept, "manifest": manifest.to_dict()}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "path": str(path),
+                    "current": current_version(args.index),
+                    "versions": kept,
+                    "manifest": manifest.to_dict(),
+                },
+                ensure_ascii=False,
+            )
+        )
         return EXIT_OK
     print(f"index      {path}")
     for key, value in manifest.to_dict().items():
@@ -219,7 +292,14 @@ class _Progress:
     def __enter__(self) -> _Progress:
         if self.style == "bar":
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._bar = Progress(
                 TextColumn("{task.description:<6}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -245,7 +325,11 @@ class _Progress:
             return
         self._last_step[stage] = step
         if self.style == "json":
-            print(json.dumps({"event": "progress", "stage": stage, "done": done, "total": total}), file=self.stream, flush=True)
+            print(
+                json.dumps({"event": "progress", "stage": stage, "done": done, "total": total}),
+                file=self.stream,
+                flush=True,
+            )
         else:
             percent = 100 if total == 0 else 100 * done // total
             print(f"{stage}: {done}/{total} ({percent}%)", file=self.stream, flush=True)

@@ -67,7 +67,9 @@ def _corpus_files(source: Path) -> Iterator[tuple[Path, str]]:
     if not source.exists() and not source.is_symlink():
         raise CorpusError(f"corpus source {source} does not exist")
     if source.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise CorpusError(f"{source}: unsupported file type {source.suffix!r}; supported: {', '.join(sorted(SUPPORTED_SUFFIXES))}")
+        raise CorpusError(
+            f"{source}: unsupported file type {source.suffix!r}; supported: {', '.join(sorted(SUPPORTED_SUFFIXES))}"
+        )
     yield source, source.name
 
 
@@ -108,13 +110,19 @@ def _read_jsonl(text: str, path: Path, name: str, *, text_field: str, source_fie
         if not isinstance(record, dict):
             raise CorpusError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
         if text_field not in record:
-            raise CorpusError(f"{path}:{line_number}: no {text_field!r} field (set the text field name with --text-field)")
+            raise CorpusError(
+                f"{path}:{line_number}: no {text_field!r} field (set the text field name with --text-field)"
+            )
         body = record.pop(text_field)
         if not isinstance(body, str):
             raise CorpusError(f"{path}:{line_number}: field {text_field!r} is {type(body).__name__}, not a string")
         source = record.pop(source_field, None)
         if body.strip():
-            documents.append(Document(str(source) if source is not None else f"{name}:{line_number}", normalize_newlines(body), record))
+            documents.append(
+                Document(
+                    str(source) if source is not None else f"{name}:{line_number}", normalize_newlines(body), record
+                )
+            )
     return documents
 
 

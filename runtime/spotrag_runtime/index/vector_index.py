@@ -123,7 +123,9 @@ def build_vector_index(
     return VectorIndex(index, index_type, {name: value}, recall, on_gpu=use_gpu and index_type == "ivf")
 
 
-def synthetic_queries(anchors: np.ndarray, rng: np.random.Generator, *, cosine: float = SYNTHETIC_QUERY_COSINE) -> np.ndarray:
+def synthetic_queries(
+    anchors: np.ndarray, rng: np.random.Generator, *, cosine: float = SYNTHETIC_QUERY_COSINE
+) -> np.ndarray:
     """Stand-in questions: each anchor (a passage vector) turned by a random direction to `cosine` from it.
 
     A passage's own vector is a far easier query than a question is (its nearest
@@ -154,7 +156,10 @@ def exact_neighbors(vectors: np.ndarray, queries: np.ndarray, *, use_gpu: bool =
 def neighbors_recall(index: Any, queries: np.ndarray, truth: np.ndarray) -> float:
     """recall@10: the share of the true 10 nearest neighbours that the index returns in its top 10."""
     _, found = index.search(queries, RECALL_K)
-    hits = sum(len((set(row_found.tolist()) & set(row_truth.tolist())) - {-1}) for row_found, row_truth in zip(found, truth))
+    hits = sum(
+        len((set(row_found.tolist()) & set(row_truth.tolist())) - {-1})
+        for row_found, row_truth in zip(found, truth, strict=False)
+    )
     possible = int((truth >= 0).sum())  # fewer than 10 when the corpus itself is that small
     return round(hits / possible, 4) if possible else 1.0
 
@@ -166,7 +171,9 @@ def _add(index: Any, vectors: np.ndarray, on_added: Callable[[int], None] | None
             on_added(min(start + ADD_BATCH, len(vectors)))
 
 
-def _train_and_fill(index: Any, vectors: np.ndarray, sample: np.ndarray, on_added: Callable[[int], None] | None, *, use_gpu: bool) -> Any:
+def _train_and_fill(
+    index: Any, vectors: np.ndarray, sample: np.ndarray, on_added: Callable[[int], None] | None, *, use_gpu: bool
+) -> Any:
     import faiss
 
     if use_gpu:

@@ -29,7 +29,20 @@ def cli(argv: list[str]) -> int:
 
 
 __all__ = [
-    "ANNOTATION", "DEFAULT_NOTICE", "TAINT_EFFECT", "TAINT_KEY", "InvalidNodeMark", "Notice", "UnrecognisedResponse",
-    "cli", "most_urgent", "parse_aws_instance_action", "parse_aws_rebalance", "parse_azure_scheduled_events",
-    "parse_gce_maintenance_event", "parse_gce_preempted", "parse_node_mark", "rfc3339",
+    "ANNOTATION",
+    "DEFAULT_NOTICE",
+    "TAINT_EFFECT",
+    "TAINT_KEY",
+    "InvalidNodeMark",
+    "Notice",
+    "UnrecognisedResponse",
+    "cli",
+    "most_urgent",
+    "parse_aws_instance_action",
+    "parse_aws_rebalance",
+    "parse_azure_scheduled_events",
+    "parse_gce_maintenance_event",
+    "parse_gce_preempted",
+    "parse_node_mark",
+    "rfc3339",
 ]

@@ -115,8 +115,9 @@ def _describe(notice: Notice) -> str:
 class Agent:
     """Runs until ``stop`` is set; ``run()`` returns the process's exit code."""
 
-    def __init__(self, config: AgentConfig, *,
-                 api_client_factory: Callable[[], kubernetes.client.ApiClient] | None = None) -> None:
+    def __init__(
+        self, config: AgentConfig, *, api_client_factory: Callable[[], kubernetes.client.ApiClient] | None = None
+    ) -> None:
         self.config = config
         self._api_client_factory = api_client_factory or (lambda: api_client_from(config.kubeconfig))
         self.cloud: str | None = None
@@ -146,16 +147,26 @@ class Agent:
             finally:
                 api_client.close()
 
-    async def _watch_and_mark(self, client: httpx.AsyncClient, api_client: kubernetes.client.ApiClient,
-                              stop: asyncio.Event) -> int:
+    async def _watch_and_mark(
+        self, client: httpx.AsyncClient, api_client: kubernetes.client.ApiClient, stop: asyncio.Event
+    ) -> int:
         assert self.cloud is not None
-        self.marker = NodeMarker(api_client, self.config.node_name,
-                                 request_timeout=(self.config.request_timeout, 5.0))
+        self.marker = NodeMarker(api_client, self.config.node_name, request_timeout=(self.config.request_timeout, 5.0))
         base_url = self.config.base_urls()[self.cloud]
-        self.streams = streams_for(self.cloud, client, base_url, long_poll_s=self.config.long_poll_s,
-                                   request_timeout=self.config.request_timeout)
-        logger.info("watching %s interruption notices at %s (%s) for node %s", self.cloud, base_url,
-                    ", ".join(s.name for s in self.streams), self.config.node_name)
+        self.streams = streams_for(
+            self.cloud,
+            client,
+            base_url,
+            long_poll_s=self.config.long_poll_s,
+            request_timeout=self.config.request_timeout,
+        )
+        logger.info(
+            "watching %s interruption notices at %s (%s) for node %s",
+            self.cloud,
+            base_url,
+            ", ".join(s.name for s in self.streams),
+            self.config.node_name,
+        )
         tasks = [asyncio.create_task(self._watch(s), name=f"watch {s.name}") for s in self.streams]
         tasks.append(asyncio.create_task(self._mark_loop(), name="mark"))
         stopper = asyncio.create_task(stop.wait(), name="stop")
@@ -185,8 +196,9 @@ class Agent:
                 return None
             # Something accepted the connection and said nothing: a cloud still starting, or AWS
             # IMDSv2 with hop limit 1 dropping answers to pods (use hostNetwork or hop limit 2).
-            self._log.report("detect", "slow", "metadata accepts connections but does not answer (%s); retrying",
-                             probed)
+            self._log.report(
+                "detect", "slow", "metadata accepts connections but does not answer (%s); retrying", probed
+            )
             try:
                 await asyncio.wait_for(stop.wait(), backoff.next())
             except TimeoutError:
@@ -201,10 +213,22 @@ class Agent:
             try:
                 notice = await stream.read()
             except MetadataError as exc:
-                state = ("slow" if isinstance(exc, MetadataTimeout) else
-                         "down" if isinstance(exc, MetadataUnreachable) else "bad answer")
-                self._log.report(component, state, "%s is %s: %s; retrying with backoff (at most %gs)",
-                                 component, state, exc, self.config.max_backoff)
+                state = (
+                    "slow"
+                    if isinstance(exc, MetadataTimeout)
+                    else "down"
+                    if isinstance(exc, MetadataUnreachable)
+                    else "bad answer"
+                )
+                self._log.report(
+                    component,
+                    state,
+                    "%s is %s: %s; retrying with backoff (at most %gs)",
+                    component,
+                    state,
+                    exc,
+                    self.config.max_backoff,
+                )
                 await asyncio.sleep(backoff.next())
                 continue
             self._log.ok(component, "%s answers again", component)
@@ -252,27 +276,36 @@ class Agent:
                 if not known:
                     self.current = await asyncio.to_thread(self.marker.current)
                     known = True
-                plan = plan_mark(self.current, self.active.values(), now_utc(),
-                                 all_observed=len(self.active) == len(self.streams))
+                plan = plan_mark(
+                    self.current, self.active.values(), now_utc(), all_observed=len(self.active) == len(self.streams)
+                )
                 if plan.action != "keep":
                     sent = await asyncio.to_thread(self.marker.write, plan.notice)
                     if plan.notice is None:
-                        logger.info("node %s: removed the stale mark %s", self.config.node_name,
-                                    _describe(self.current) if self.current else "")
+                        logger.info(
+                            "node %s: removed the stale mark %s",
+                            self.config.node_name,
+                            _describe(self.current) if self.current else "",
+                        )
                     elif sent:
                         logger.warning("node %s marked: %s", self.config.node_name, _describe(plan.notice))
                     self.current = plan.notice
-                self._log.ok("kubernetes", "Kubernetes API answers again; node %s is up to date",
-                             self.config.node_name)
+                self._log.ok("kubernetes", "Kubernetes API answers again; node %s is up to date", self.config.node_name)
                 backoff.reset()
                 if self.current is not None:
                     # Look again once the mark could have gone stale.
-                    timeout = max(self.config.poll_interval,
-                                  (self.current.deadline + STALE_GRACE - now_utc()).total_seconds())
+                    timeout = max(
+                        self.config.poll_interval, (self.current.deadline + STALE_GRACE - now_utc()).total_seconds()
+                    )
             except NodeMarkError as exc:
                 known = False
-                self._log.report("kubernetes", f"error {exc.status}", "%s; retrying with backoff (at most %gs)",
-                                 exc, self.config.max_backoff)
+                self._log.report(
+                    "kubernetes",
+                    f"error {exc.status}",
+                    "%s; retrying with backoff (at most %gs)",
+                    exc,
+                    self.config.max_backoff,
+                )
                 timeout = backoff.next()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)

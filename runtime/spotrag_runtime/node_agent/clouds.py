@@ -53,10 +53,10 @@ AZURE_INSTANCE_API_VERSION = "2021-02-01"
 # Azure event types that take this VM away, and how. Freeze (a pause of a few
 # seconds) and types we do not know are not worth a drain.
 AZURE_EVENT_KINDS: dict[str, Kind] = {
-    "Preempt": "interruption",   # spot eviction
+    "Preempt": "interruption",  # spot eviction
     "Terminate": "interruption",  # scale-set delete with a terminate notification
     "Reboot": "maintenance",
-    "Redeploy": "maintenance",   # moved to another host: the local disk and GPU state are lost
+    "Redeploy": "maintenance",  # moved to another host: the local disk and GPU state are lost
 }
 
 
@@ -64,8 +64,9 @@ class UnrecognisedResponse(ValueError):
     """The metadata service answered something that is neither a notice nor "no notice"."""
 
 
-def _deadline(raw: object, *, cloud: str, kind: str, detected: datetime,
-              parse=parse_rfc3339) -> tuple[datetime, str | None]:
+def _deadline(
+    raw: object, *, cloud: str, kind: str, detected: datetime, parse=parse_rfc3339
+) -> tuple[datetime, str | None]:
     """The notice's own time when it gives one; the cloud's default notice when it gives none; now when unreadable."""
     if raw is None or raw == "":
         return default_deadline(cloud, kind, detected), None
@@ -86,13 +87,24 @@ def parse_aws_instance_action(body: str | None, *, detected: datetime) -> Notice
     if not isinstance(data, dict):
         # The item exists only when an action is scheduled, so even an
         # unreadable one means the instance is going.
-        return Notice(kind="interruption", cloud="aws", deadline=detected, detected=detected,
-                      ref=f"instance-action {body.strip()[:80]}",
-                      warning=f"spot/instance-action is not a JSON object: {body[:80]!r}; treated as now")
+        return Notice(
+            kind="interruption",
+            cloud="aws",
+            deadline=detected,
+            detected=detected,
+            ref=f"instance-action {body.strip()[:80]}",
+            warning=f"spot/instance-action is not a JSON object: {body[:80]!r}; treated as now",
+        )
     action, raw_time = data.get("action"), data.get("time")
     deadline, warning = _deadline(raw_time, cloud="aws", kind="interruption", detected=detected)
-    return Notice(kind="interruption", cloud="aws", deadline=deadline, detected=detected,
-                  ref=f"instance-action {action} {raw_time}", warning=warning)
+    return Notice(
+        kind="interruption",
+        cloud="aws",
+        deadline=deadline,
+        detected=detected,
+        ref=f"instance-action {action} {raw_time}",
+        warning=warning,
+    )
 
 
 def parse_aws_rebalance(body: str | None, *, detected: datetime) -> Notice | None:
@@ -109,8 +121,14 @@ def parse_aws_rebalance(body: str | None, *, detected: datetime) -> Notice | Non
         data = None
     notice_time = data.get("noticeTime") if isinstance(data, dict) else None
     warning = None if notice_time else f"rebalance recommendation without noticeTime: {body[:80]!r}"
-    return Notice(kind="rebalance", cloud="aws", deadline=default_deadline("aws", "rebalance", detected),
-                  detected=detected, ref=f"rebalance {notice_time or body.strip()[:80]}", warning=warning)
+    return Notice(
+        kind="rebalance",
+        cloud="aws",
+        deadline=default_deadline("aws", "rebalance", detected),
+        detected=detected,
+        ref=f"rebalance {notice_time or body.strip()[:80]}",
+        warning=warning,
+    )
 
 
 def parse_gce_preempted(body: str, *, detected: datetime) -> Notice | None:
@@ -119,8 +137,13 @@ def parse_gce_preempted(body: str, *, detected: datetime) -> Notice | None:
     if value == "FALSE":
         return None
     if value == "TRUE":
-        return Notice(kind="interruption", cloud="gcp", deadline=default_deadline("gcp", "interruption", detected),
-                      detected=detected, ref="preempted")
+        return Notice(
+            kind="interruption",
+            cloud="gcp",
+            deadline=default_deadline("gcp", "interruption", detected),
+            detected=detected,
+            ref="preempted",
+        )
     raise UnrecognisedResponse(f"instance/preempted answered {body[:80]!r}, expected TRUE or FALSE")
 
 
@@ -134,8 +157,13 @@ def parse_gce_maintenance_event(body: str, *, detected: datetime) -> Notice | No
     if value in ("NONE", "MIGRATE_ON_HOST_MAINTENANCE"):
         return None
     if value == "TERMINATE_ON_HOST_MAINTENANCE":
-        return Notice(kind="maintenance", cloud="gcp", deadline=default_deadline("gcp", "maintenance", detected),
-                      detected=detected, ref=f"maintenance-event {value}")
+        return Notice(
+            kind="maintenance",
+            cloud="gcp",
+            deadline=default_deadline("gcp", "maintenance", detected),
+            detected=detected,
+            ref=f"maintenance-event {value}",
+        )
     raise UnrecognisedResponse(f"instance/maintenance-event answered {body[:80]!r}")
 
 
@@ -182,10 +210,19 @@ def parse_azure_scheduled_events(body: str, *, detected: datetime, vm_name: str 
         if not not_before and event.get("EventStatus") == "Started":
             deadline, warning = detected, None  # already happening
         else:
-            deadline, warning = _deadline(not_before, cloud="azure", kind=kind, detected=detected,
-                                          parse=_parse_azure_time)
-        notices.append(Notice(kind=kind, cloud="azure", deadline=deadline, detected=detected,
-                              ref=f"{event.get('EventType')} {event.get('EventId')}", warning=warning))
+            deadline, warning = _deadline(
+                not_before, cloud="azure", kind=kind, detected=detected, parse=_parse_azure_time
+            )
+        notices.append(
+            Notice(
+                kind=kind,
+                cloud="azure",
+                deadline=deadline,
+                detected=detected,
+                ref=f"{event.get('EventType')} {event.get('EventId')}",
+                warning=warning,
+            )
+        )
     return most_urgent(notices)
 
 

@@ -58,9 +58,16 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-async def _send(client: httpx.AsyncClient, method: str, url: str, *, what: str,
-                headers: Mapping[str, str] | None = None, params: Mapping[str, str] | None = None,
-                timeout: httpx.Timeout | None = None) -> httpx.Response:
+async def _send(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    what: str,
+    headers: Mapping[str, str] | None = None,
+    params: Mapping[str, str] | None = None,
+    timeout: httpx.Timeout | None = None,
+) -> httpx.Response:
     """One request, with httpx's exceptions turned into the MetadataError tree."""
     kwargs = {} if timeout is None else {"timeout": timeout}
     try:
@@ -100,10 +107,17 @@ class AwsImds:
     async def token(self) -> str:
         async with self._lock:
             if self._token is None or time.monotonic() >= self._expires:
-                response = await _send(self.client, "PUT", self.base_url + clouds.AWS_TOKEN_PATH, what="IMDSv2 token",
-                                       headers={clouds.AWS_TOKEN_TTL_HEADER: str(self.ttl_s)})
+                response = await _send(
+                    self.client,
+                    "PUT",
+                    self.base_url + clouds.AWS_TOKEN_PATH,
+                    what="IMDSv2 token",
+                    headers={clouds.AWS_TOKEN_TTL_HEADER: str(self.ttl_s)},
+                )
                 if response.status_code != 200 or not response.text:
-                    raise MetadataBadAnswer(f"IMDSv2 token: PUT {clouds.AWS_TOKEN_PATH} answered {response.status_code}")
+                    raise MetadataBadAnswer(
+                        f"IMDSv2 token: PUT {clouds.AWS_TOKEN_PATH} answered {response.status_code}"
+                    )
                 self._token = response.text.strip()
                 self._expires = time.monotonic() + max(1, self.ttl_s - AWS_TOKEN_REFRESH_MARGIN_S)
             return self._token
@@ -112,8 +126,9 @@ class AwsImds:
         """The item's text, or None when IMDS answers 404 (the item does not exist yet)."""
         for attempt in range(2):
             token = await self.token()
-            response = await _send(self.client, "GET", self.base_url + path, what=path,
-                                   headers={clouds.AWS_TOKEN_HEADER: token})
+            response = await _send(
+                self.client, "GET", self.base_url + path, what=path, headers={clouds.AWS_TOKEN_HEADER: token}
+            )
             if response.status_code == 401 and attempt == 0:
                 # The token expired or IMDS restarted: take a new one, once.
                 async with self._lock:
@@ -148,8 +163,17 @@ class GceStream(Stream):
 
     long_polls = True
 
-    def __init__(self, client: httpx.AsyncClient, base_url: str, path: str,
-                 parse: Callable[..., Notice | None], name: str, *, long_poll_s: int, request_timeout: float) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        base_url: str,
+        path: str,
+        parse: Callable[..., Notice | None],
+        name: str,
+        *,
+        long_poll_s: int,
+        request_timeout: float,
+    ) -> None:
         self.client, self.url, self.parse, self.name = client, base_url.rstrip("/") + path, parse, name
         self.long_poll_s = long_poll_s
         self.request_timeout = request_timeout
@@ -165,8 +189,15 @@ class GceStream(Stream):
             if self.etag:
                 params["last_etag"] = self.etag
             read_timeout = self.long_poll_s + self.request_timeout
-        response = await _send(self.client, "GET", self.url, what=self.name, headers=clouds.GCE_HEADERS, params=params,
-                               timeout=httpx.Timeout(self.request_timeout, read=read_timeout))
+        response = await _send(
+            self.client,
+            "GET",
+            self.url,
+            what=self.name,
+            headers=clouds.GCE_HEADERS,
+            params=params,
+            timeout=httpx.Timeout(self.request_timeout, read=read_timeout),
+        )
         if response.status_code != 200:
             self.primed = False
             raise MetadataBadAnswer(f"GET {self.url} answered {response.status_code}")
@@ -192,21 +223,33 @@ class AzureStream(Stream):
 
     async def _vm_name(self) -> str | None:
         # Events come for every VM of the set; ours are the ones naming this VM.
-        response = await _send(self.client, "GET", self.base_url + clouds.AZURE_NAME_PATH, what="compute/name",
-                               headers=clouds.AZURE_HEADERS,
-                               params={"api-version": clouds.AZURE_INSTANCE_API_VERSION, "format": "text"})
+        response = await _send(
+            self.client,
+            "GET",
+            self.base_url + clouds.AZURE_NAME_PATH,
+            what="compute/name",
+            headers=clouds.AZURE_HEADERS,
+            params={"api-version": clouds.AZURE_INSTANCE_API_VERSION, "format": "text"},
+        )
         if response.status_code == 200 and response.text.strip():
             return response.text.strip()
-        logger.warning("Azure IMDS gave no VM name (%s); taking every scheduled event as this VM's",
-                       response.status_code)
+        logger.warning(
+            "Azure IMDS gave no VM name (%s); taking every scheduled event as this VM's", response.status_code
+        )
         return None
 
     async def read(self) -> Notice | None:
         if not self._named:
             self.vm_name = await self._vm_name()
             self._named = True
-        response = await _send(self.client, "GET", self.base_url + clouds.AZURE_EVENTS_PATH, what="scheduledevents",
-                               headers=clouds.AZURE_HEADERS, params={"api-version": clouds.AZURE_EVENTS_API_VERSION})
+        response = await _send(
+            self.client,
+            "GET",
+            self.base_url + clouds.AZURE_EVENTS_PATH,
+            what="scheduledevents",
+            headers=clouds.AZURE_HEADERS,
+            params={"api-version": clouds.AZURE_EVENTS_API_VERSION},
+        )
         if response.status_code != 200:
             raise MetadataBadAnswer(f"GET {clouds.AZURE_EVENTS_PATH} answered {response.status_code}")
         try:
@@ -215,17 +258,23 @@ class AzureStream(Stream):
             raise MetadataBadAnswer(str(exc)) from exc
 
 
-def streams_for(cloud: str, client: httpx.AsyncClient, base_url: str, *,
-                long_poll_s: int, request_timeout: float) -> list[Stream]:
+def streams_for(
+    cloud: str, client: httpx.AsyncClient, base_url: str, *, long_poll_s: int, request_timeout: float
+) -> list[Stream]:
     if cloud == "aws":
         imds = AwsImds(client, base_url)
-        return [AwsStream(imds, clouds.AWS_INSTANCE_ACTION_PATH, clouds.parse_aws_instance_action, "spot/instance-action"),
-                AwsStream(imds, clouds.AWS_REBALANCE_PATH, clouds.parse_aws_rebalance, "rebalance")]
+        return [
+            AwsStream(imds, clouds.AWS_INSTANCE_ACTION_PATH, clouds.parse_aws_instance_action, "spot/instance-action"),
+            AwsStream(imds, clouds.AWS_REBALANCE_PATH, clouds.parse_aws_rebalance, "rebalance"),
+        ]
     if cloud == "gcp":
-        return [GceStream(client, base_url, path, parse, name, long_poll_s=long_poll_s, request_timeout=request_timeout)
-                for path, parse, name in ((clouds.GCE_PREEMPTED_PATH, clouds.parse_gce_preempted, "preempted"),
-                                          (clouds.GCE_MAINTENANCE_PATH, clouds.parse_gce_maintenance_event,
-                                           "maintenance-event"))]
+        return [
+            GceStream(client, base_url, path, parse, name, long_poll_s=long_poll_s, request_timeout=request_timeout)
+            for path, parse, name in (
+                (clouds.GCE_PREEMPTED_PATH, clouds.parse_gce_preempted, "preempted"),
+                (clouds.GCE_MAINTENANCE_PATH, clouds.parse_gce_maintenance_event, "maintenance-event"),
+            )
+        ]
     if cloud == "azure":
         return [AzureStream(client, base_url)]
     raise ValueError(f"unknown cloud {cloud!r}")
@@ -251,17 +300,37 @@ async def _probe(client: httpx.AsyncClient, cloud: str, base_url: str, timeout: 
     base = base_url.rstrip("/")
     try:
         if cloud == "aws":
-            response = await _send(client, "PUT", base + clouds.AWS_TOKEN_PATH, what="probe aws",
-                                   headers={clouds.AWS_TOKEN_TTL_HEADER: "60"}, timeout=httpx.Timeout(timeout))
+            response = await _send(
+                client,
+                "PUT",
+                base + clouds.AWS_TOKEN_PATH,
+                what="probe aws",
+                headers={clouds.AWS_TOKEN_TTL_HEADER: "60"},
+                timeout=httpx.Timeout(timeout),
+            )
             return "yes" if response.status_code == 200 and response.text.strip() else "no"
         if cloud == "gcp":
-            response = await _send(client, "GET", base + clouds.GCE_ID_PATH, what="probe gcp",
-                                   headers=clouds.GCE_HEADERS, timeout=httpx.Timeout(timeout))
+            response = await _send(
+                client,
+                "GET",
+                base + clouds.GCE_ID_PATH,
+                what="probe gcp",
+                headers=clouds.GCE_HEADERS,
+                timeout=httpx.Timeout(timeout),
+            )
             # The header proves it is GCE's server and not anything else on port 80.
-            return "yes" if response.status_code == 200 and response.headers.get("Metadata-Flavor") == "Google" else "no"
-        response = await _send(client, "GET", base + clouds.AZURE_NAME_PATH, what="probe azure",
-                               headers=clouds.AZURE_HEADERS, timeout=httpx.Timeout(timeout),
-                               params={"api-version": clouds.AZURE_INSTANCE_API_VERSION, "format": "text"})
+            return (
+                "yes" if response.status_code == 200 and response.headers.get("Metadata-Flavor") == "Google" else "no"
+            )
+        response = await _send(
+            client,
+            "GET",
+            base + clouds.AZURE_NAME_PATH,
+            what="probe azure",
+            headers=clouds.AZURE_HEADERS,
+            timeout=httpx.Timeout(timeout),
+            params={"api-version": clouds.AZURE_INSTANCE_API_VERSION, "format": "text"},
+        )
         return "yes" if response.status_code == 200 else "no"
     except MetadataTimeout:
         return "slow"
@@ -273,5 +342,5 @@ async def detect_cloud(client: httpx.AsyncClient, base_urls: Mapping[str, str], 
     """Probe every cloud at once, each briefly; the first that answers like itself wins (AWS, GCP, Azure order)."""
     order = ("aws", "gcp", "azure")
     results = await asyncio.gather(*(_probe(client, cloud, base_urls[cloud], timeout) for cloud in order))
-    probes = dict(zip(order, results))
+    probes = dict(zip(order, results, strict=False))
     return Detection(next((cloud for cloud in order if probes[cloud] == "yes"), None), probes)

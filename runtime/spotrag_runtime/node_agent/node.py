@@ -85,8 +85,14 @@ class MarkPlan:
 KEEP = MarkPlan("keep")
 
 
-def plan_mark(current: Notice | None, active: Iterable[Notice | None], now: datetime, *,
-              all_observed: bool = True, grace: timedelta = STALE_GRACE) -> MarkPlan:
+def plan_mark(
+    current: Notice | None,
+    active: Iterable[Notice | None],
+    now: datetime,
+    *,
+    all_observed: bool = True,
+    grace: timedelta = STALE_GRACE,
+) -> MarkPlan:
     """What to write, given the mark on the Node and the notices the cloud shows now.
 
     - the most urgent active notice is written unless the Node already has it,
@@ -102,10 +108,12 @@ def plan_mark(current: Notice | None, active: Iterable[Notice | None], now: date
     if desired is not None and desired.same_notice(current):
         return KEEP
     shown = any(n.same_notice(current) for n in active)
-    if (all_observed and current.source == SOURCE and not shown and current.deadline + grace < now):
+    if all_observed and current.source == SOURCE and not shown and current.deadline + grace < now:
         return MarkPlan("write", desired) if desired else MarkPlan("clear")
     if desired is not None and (desired.severity, -desired.deadline.timestamp()) > (
-            current.severity, -current.deadline.timestamp()):
+        current.severity,
+        -current.deadline.timestamp(),
+    ):
         return MarkPlan("write", desired)
     return KEEP
 
@@ -125,8 +133,13 @@ def api_client_from(kubeconfig: str | None) -> kubernetes.client.ApiClient:
 class NodeMarker:
     """Reads and writes this node's mark. Blocking (the kubernetes client); the agent calls it in a thread."""
 
-    def __init__(self, api_client: kubernetes.client.ApiClient, node_name: str, *,
-                 request_timeout: tuple[float, float] = (3.0, 10.0)) -> None:
+    def __init__(
+        self,
+        api_client: kubernetes.client.ApiClient,
+        node_name: str,
+        *,
+        request_timeout: tuple[float, float] = (3.0, 10.0),
+    ) -> None:
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.node_name = node_name
         self.request_timeout = request_timeout
@@ -145,8 +158,9 @@ class NodeMarker:
 
     def read(self) -> dict[str, Any]:
         try:
-            response = self.core.read_node(self.node_name, _preload_content=False,
-                                           _request_timeout=self.request_timeout)
+            response = self.core.read_node(
+                self.node_name, _preload_content=False, _request_timeout=self.request_timeout
+            )
             return json.loads(response.data)
         except (kubernetes.client.ApiException, ValueError, *_TRANSPORT_ERRORS) as exc:
             raise self._error("reading", exc) from exc
@@ -168,8 +182,13 @@ class NodeMarker:
             if not ops:
                 return False
             try:
-                self.core.patch_node(self.node_name, ops, _content_type=JSON_PATCH, _preload_content=False,
-                                     _request_timeout=self.request_timeout)
+                self.core.patch_node(
+                    self.node_name,
+                    ops,
+                    _content_type=JSON_PATCH,
+                    _preload_content=False,
+                    _request_timeout=self.request_timeout,
+                )
             except kubernetes.client.ApiException as exc:
                 if exc.status in (409, 422) and self._changed_since(ops[0]["value"]):
                     continue  # someone else wrote the node first: compute the patch again
@@ -178,7 +197,9 @@ class NodeMarker:
                 raise self._error("patching", exc) from exc
             self.patches_sent += 1
             return True
-        raise NodeMarkError(f"patching node {self.node_name}: still conflicting after {MAX_CONFLICT_RETRIES} tries", 409)
+        raise NodeMarkError(
+            f"patching node {self.node_name}: still conflicting after {MAX_CONFLICT_RETRIES} tries", 409
+        )
 
     def _changed_since(self, resource_version: str | None) -> bool:
         return (self.read().get("metadata") or {}).get("resourceVersion") != resource_version

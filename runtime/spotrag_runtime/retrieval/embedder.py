@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from typing import Any
+
 import numpy as np
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -78,7 +79,11 @@ class Embedder:
         try:
             self._model = SentenceTransformer(path, device=self.device)
         except (OSError, ValueError) as exc:
-            offline = " (HF_HUB_OFFLINE is set: the model must be in the local cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
+            offline = (
+                " (HF_HUB_OFFLINE is set: the model must be in the local cache)"
+                if os.environ.get("HF_HUB_OFFLINE")
+                else ""
+            )
             raise ModelLoadError(f"cannot load embedding model {model!r} from {path!r}{offline}: {exc}") from exc
         if self.device.startswith("cuda"):
             self._model.half()
@@ -87,7 +92,9 @@ class Embedder:
         self.max_seq_length: int = int(self._model.max_seq_length)
         self.tokenizer = self._model.tokenizer
         self._special_head, self._special_tail = _special_token_template(self.tokenizer)
-        self._passage_prefix_ids: list[int] = self.tokenizer(passage_prefix, add_special_tokens=False)["input_ids"] if passage_prefix else []
+        self._passage_prefix_ids: list[int] = (
+            self.tokenizer(passage_prefix, add_special_tokens=False)["input_ids"] if passage_prefix else []
+        )
 
     def __repr__(self) -> str:
         return f"Embedder({self.model_name!r}, dimension={self.dimension}, device={self.device!r})"

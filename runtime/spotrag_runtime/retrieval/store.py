@@ -145,7 +145,9 @@ def resolve_version_dir(root: str | Path) -> Path:
         raise IndexNotFoundError(f"no index at {root}: neither {root / CURRENT_FILE} nor {root / MANIFEST_FILE} exists")
     path = version_dir(root, version)
     if not (path / MANIFEST_FILE).is_file():
-        raise IndexNotFoundError(f"{root / CURRENT_FILE} names version {version!r}, but {path / MANIFEST_FILE} does not exist")
+        raise IndexNotFoundError(
+            f"{root / CURRENT_FILE} names version {version!r}, but {path / MANIFEST_FILE} does not exist"
+        )
     return path
 
 
@@ -197,7 +199,9 @@ class LoadedIndex:
         if verify:
             actual = file_checksum([index_path, passages_path])
             if actual != manifest.checksum:
-                raise IndexCorruptError(f"index version {path}: checksum {actual} does not match the manifest's {manifest.checksum}")
+                raise IndexCorruptError(
+                    f"index version {path}: checksum {actual} does not match the manifest's {manifest.checksum}"
+                )
         try:
             index = faiss.read_index(str(index_path))
         except RuntimeError as exc:
@@ -208,7 +212,9 @@ class LoadedIndex:
                 f"index version {path}: {index.ntotal} vectors, {len(passages)} passages, manifest says {manifest.count}"
             )
         if index.d != manifest.dimension:
-            raise IndexCorruptError(f"index version {path}: vectors have dimension {index.d}, manifest says {manifest.dimension}")
+            raise IndexCorruptError(
+                f"index version {path}: vectors have dimension {index.d}, manifest says {manifest.dimension}"
+            )
         parameters = faiss.ParameterSpace()
         for name, value in manifest.search_params.items():
             parameters.set_index_parameter(index, name, value)
@@ -228,10 +234,13 @@ class LoadedIndex:
             "query_prefix": embedder.query_prefix,
             "passage_prefix": embedder.passage_prefix,
         }
-        differences = [f"{key} {actual[key]!r} (index: {expected[key]!r})" for key in expected if expected[key] != actual[key]]
+        differences = [
+            f"{key} {actual[key]!r} (index: {expected[key]!r})" for key in expected if expected[key] != actual[key]
+        ]
         if differences:
             raise IndexMismatchError(
-                f"index {self.path} (version {self.version}) was built differently from this embedder: " + "; ".join(differences)
+                f"index {self.path} (version {self.version}) was built differently from this embedder: "
+                + "; ".join(differences)
             )
 
     def search(self, query_vectors: np.ndarray, top_k: int, *, score_threshold: float | None = None) -> list[list[Hit]]:
@@ -249,9 +258,9 @@ class LoadedIndex:
             return []
         scores, ids = self._index.search(queries, min(top_k, self.size))
         results: list[list[Hit]] = []
-        for row_scores, row_ids in zip(scores, ids):
+        for row_scores, row_ids in zip(scores, ids, strict=False):
             hits = []
-            for score, passage_id in zip(row_scores.tolist(), row_ids.tolist()):
+            for score, passage_id in zip(row_scores.tolist(), row_ids.tolist(), strict=False):
                 # faiss pads with -1 when an approximate index finds fewer than k.
                 if passage_id < 0 or (score_threshold is not None and score < score_threshold):
                     continue

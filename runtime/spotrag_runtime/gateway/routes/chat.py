@@ -13,8 +13,6 @@ from fastapi.responses import JSONResponse
 
 from spotrag_runtime.gateway.errors import APIError, ClientClosedRequest, InvalidRequest
 from spotrag_runtime.gateway.relay import ChatJob, ChatOutcome
-from spotrag_runtime.gateway.schemas import ChatCompletionRequest
-from spotrag_runtime.gateway.service import Gateway
 from spotrag_runtime.gateway.routes.streaming import (
     DONE,
     EventStreamResponse,
@@ -24,6 +22,8 @@ from spotrag_runtime.gateway.routes.streaming import (
     until_disconnect,
     usage_chunk,
 )
+from spotrag_runtime.gateway.schemas import ChatCompletionRequest
+from spotrag_runtime.gateway.service import Gateway
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -97,7 +97,7 @@ async def _events(
     except APIError as failure:
         error = failure
         yield failure.sse_event()  # the stream has started: the error goes inside it
-    except Exception as failure:  # noqa: BLE001 - one request's bug must not look like success
+    except Exception as failure:
         log.exception("chat stream %s failed", job.id)
         error = failure
         yield APIError("The gateway failed while streaming this answer; see its log.").sse_event()

@@ -51,8 +51,14 @@ async def rag_query(body: RagQueryRequest, request: Request) -> dict[str, Any]:
     model = gateway.config.served_model_name
     if not body.generate:
         gateway.record(started, None)
-        return {"object": "rag.answer", "model": model, "answer": None, "finish_reason": None,
-                "passages": _passages(gateway.prompts.contexts(found)), "usage": None}
+        return {
+            "object": "rag.answer",
+            "model": model,
+            "answer": None,
+            "finish_reason": None,
+            "passages": _passages(gateway.prompts.contexts(found)),
+            "usage": None,
+        }
     try:
         chat = ChatCompletionRequest(
             model=model,
