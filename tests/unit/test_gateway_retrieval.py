@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+import pytest
 
 from spotrag_runtime.gateway.config import RetrievalConfig
 from spotrag_runtime.gateway.metrics import GatewayMetrics
@@ -18,7 +19,14 @@ from spotrag_runtime.gateway.retrieval_service import RetrievalService
 from spotrag_runtime.index import SAMPLE_CORPUS_DIR, build_index
 from spotrag_runtime.retrieval import LoadedIndex
 
-from .gateway_fixtures import RunningGateway, corpus_index, eventually, gateway_config, sample_questions, shared_embedder
+from .gateway_fixtures import (
+    RunningGateway,
+    corpus_index,
+    eventually,
+    gateway_config,
+    sample_questions,
+    shared_embedder,
+)
 
 HANDBOOK = SAMPLE_CORPUS_DIR / "handbook"
 WIND_QUESTION = "At what wind speed are sailings cancelled?"
@@ -53,9 +61,11 @@ async def test_concurrent_questions_are_embedded_in_batches_with_the_same_result
         one_by_one = [await service.search(question) for question in questions]
     finally:
         await service.close()
-    assert [[(p.passage.id, round(p.score, 5)) for p in hits] for hits in together] == [
-        [(p.passage.id, round(p.score, 5)) for p in hits] for hits in one_by_one
-    ]
+    # Batched and single embeddings run different BLAS kernels, so scores may differ in
+    # the last float32 bits: the same passages, each score within 1e-4 of the other.
+    assert [[p.passage.id for p in hits] for hits in together] == [[p.passage.id for p in hits] for hits in one_by_one]
+    for batched, single in zip(together, one_by_one, strict=True):
+        assert [p.score for p in batched] == pytest.approx([p.score for p in single], abs=1e-4)
     # The same ranking a direct faiss search of the same index gives.
     index = LoadedIndex.load(corpus_index())
     direct = index.search(shared_embedder().embed_queries(questions), 4, score_threshold=0.0)
