@@ -15,6 +15,7 @@ COPY pyproject.toml README.md ./
 COPY crds/ crds/
 COPY operator/ operator/
 COPY runtime/ runtime/
+COPY simulator/ simulator/
 COPY box/ box/
 # The base dependencies only: what `spotrag operator` and `spotrag node-agent` import.
 RUN python -m venv /opt/spotrag \

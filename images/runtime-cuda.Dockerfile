@@ -21,6 +21,7 @@ COPY pyproject.toml README.md ./
 COPY crds/ crds/
 COPY operator/ operator/
 COPY runtime/ runtime/
+COPY simulator/ simulator/
 COPY box/ box/
 # The runtime extra brings faiss-cpu, which installs the same "faiss" module
 # as faiss-gpu: remove it, then reinstall faiss-gpu over the files it shared.

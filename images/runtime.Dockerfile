@@ -23,6 +23,7 @@ COPY pyproject.toml README.md ./
 COPY crds/ crds/
 COPY operator/ operator/
 COPY runtime/ runtime/
+COPY simulator/ simulator/
 COPY box/ box/
 RUN /opt/spotrag/bin/pip install --no-cache-dir ".[runtime]" \
     && /opt/spotrag/bin/python -c "import torch, faiss, fastapi, sentence_transformers; assert not torch.version.cuda"
