@@ -1,6 +1,6 @@
 """How many engine emulators the box runs before the machine's cores are used up.
 
-    python -m bench.box_capacity_bench --engines 2,4,8,16 --seconds 10
+    python bench/box_capacity_bench.py --engines 2,4,8,16 --seconds 10
 
 For each count: a Deployment of that many `vllm serve` pods in the box (each
 an engine emulator process on a GPU node of its own), then, per engine, the
@@ -98,7 +98,7 @@ async def load(urls: list[str], streams: int, seconds: float) -> int:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.box_capacity_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python bench/box_capacity_bench.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", default="2,4,8,16", help="engine counts to try, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="measuring window per step")
     parser.add_argument("--streams", type=int, default=4, help="concurrent streams per engine under load")
