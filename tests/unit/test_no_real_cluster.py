@@ -1,5 +1,7 @@
 """The test session cannot reach a real cluster through ~/.kube/config or in-cluster config."""
 
+import os
+
 import pytest
 from kubernetes.config import ConfigException
 
@@ -8,6 +10,7 @@ from tests.conftest import NO_CLUSTER_KUBECONFIG
 
 
 def test_a_client_without_the_stand_ins_kubeconfig_fails_instead_of_finding_a_cluster() -> None:
+    assert os.environ["KUBECONFIG"] == NO_CLUSTER_KUBECONFIG
+    assert "KUBERNETES_SERVICE_HOST" not in os.environ
     with pytest.raises(ConfigException, match="No configuration found"):
         load_configuration()
-    assert NO_CLUSTER_KUBECONFIG.endswith("no-cluster-kubeconfig")
