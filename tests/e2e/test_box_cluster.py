@@ -198,8 +198,13 @@ def test_a_pod_that_fits_nowhere_stays_pending_with_the_schedulers_reason(e2e, n
     assert condition.reason == "Unschedulable"
     nodes = len(e2e.cluster.nodes())
     assert condition.message == f"0/{nodes} nodes are available: {nodes} Insufficient nvidia.com/gpu."
-    events = e2e.core.list_namespaced_event(namespace, field_selector="involvedObject.name=huge").items
-    assert any(e.reason == "FailedScheduling" and e.type == "Warning" for e in events)
+
+    # The scheduler writes the condition, then the Event (kube-scheduler orders them no more strictly).
+    def failed_scheduling_event():
+        events = e2e.core.list_namespaced_event(namespace, field_selector="involvedObject.name=huge").items
+        return [e for e in events if e.reason == "FailedScheduling" and e.type == "Warning"]
+
+    e2e.wait_for(failed_scheduling_event, what="a FailedScheduling Warning Event", namespace=namespace)
     assert e2e.core.read_namespaced_pod("huge", namespace).status.phase == "Pending"
 
 
