@@ -153,7 +153,7 @@ class Server:
         self.started = time.monotonic()
         self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait_ready(self, report: Report, port: int, timeout: float) -> float | None:
+    def wait_ready(self, report: Report, label: str, port: int, timeout: float) -> float | None:
         """Seconds to the first /health 200; what every probe before it saw."""
         seen: dict[str, int] = {}
         deadline = time.monotonic() + timeout
@@ -162,10 +162,10 @@ class Server:
             seen[outcome] = seen.get(outcome, 0) + 1
             if outcome == "200":
                 ready = time.monotonic() - self.started
-                report.fact("probes before ready", seen)
+                report.fact(f"{label}: probes before ready", seen)
                 return ready
             time.sleep(0.2)
-        report.fact("probes before ready (never ready)", seen)
+        report.fact(f"{label}: probes before ready (never ready)", seen)
         return None
 
     def kill(self) -> None:
@@ -235,11 +235,11 @@ def check_basic(report: Report, pod: dict, model: str, out: pathlib.Path) -> Non
     server = Server(command, out / "server-basic.log")
     gateway = None
     try:
-        ready = server.wait_ready(report, ENGINE_PORT, timeout=300)
+        ready = server.wait_ready(report, "basic", ENGINE_PORT, timeout=300)
         report.fact("basic: seconds to /health 200", ready)
         if not report.check("basic: rendered command line serves", ready is not None):
             return
-        report.check("basic: no 503 before ready", "503" not in report.data["facts"]["probes before ready"])
+        report.check("basic: no 503 before ready", "503" not in report.data["facts"]["basic: probes before ready"])
         gateway = start_gateway(served, out)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and gateway.poll() is None:
@@ -425,7 +425,7 @@ def check_features(report: Report, pod: dict, model: str, lora: str, out: pathli
     report.fact("features: command", command[3:])
     server = Server(command, out / "server-features.log")
     try:
-        ready = server.wait_ready(report, ENGINE_PORT, timeout=300)
+        ready = server.wait_ready(report, "features", ENGINE_PORT, timeout=300)
         report.fact("features: seconds to /health 200", ready)
         if not report.check("features: ngram speculation, LoRA and prefix caching flags accepted", ready is not None):
             return
