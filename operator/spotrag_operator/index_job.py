@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from spotrag_runtime.kube import label_selector
+from spotrag_runtime.kube.resources import label_selector
 
 from . import render
 

@@ -164,8 +164,6 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         jobs=observed.index_jobs,
         result=observed.index_result,
     )
-    report = _report_events(index, problems, old_status)
-
     status = engines_status(
         engines,
         spec=spec,
@@ -179,8 +177,31 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         endpoint=render.endpoint_url(body),
         now=now,
     )
+    status, persist = _with_scaling(status, observed, decision, placement, memory)
+    return ReconcilePlan(
+        memory=memory,
+        announce=announce,
+        counts=counts,
+        engines=engine_plan,
+        drains=drains,
+        creates=creates,
+        deletes=deletes,
+        index=index,
+        report=_report_events(index, problems, old_status),
+        gauges=EngineGauges(tuple(engines), decision.desired, observed.queued_tokens, cost_per_hour(engines, spec)),
+        status=status if status_changed(old_status, status) else None,
+        persist=persist,
+        notes=list(engine_plan.notes),
+    )
+
+
+def _with_scaling(
+    status: dict, observed: Observed, decision: Decision, placement: Placement, memory: ScalingMemory
+) -> tuple[dict, bool]:
+    """Status with the autoscaler's part; and whether it carries the scaling memory."""
+    now, generation = observed.now, observed.body["metadata"].get("generation")
     queued = observed.queued_tokens
-    status["queuedTokens"] = None if queued is None else int(round(queued))
+    status = status | {"queuedTokens": None if queued is None else int(round(queued))}
     status["conditions"] = set_condition(
         status["conditions"],
         "ScalingActive",
@@ -188,13 +209,12 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         decision.reason,
         decision.message,
         now=now,
-        generation=meta.get("generation"),
+        generation=generation,
     )
     if memory.autoscaler.last_scale_time is not None:
-        status["lastScaleTime"] = now_iso(
-            datetime.datetime.fromtimestamp(memory.autoscaler.last_scale_time, datetime.UTC)
-        )
-    old_scaling = old_status.get("scaling") or {}
+        last = datetime.datetime.fromtimestamp(memory.autoscaler.last_scale_time, datetime.UTC)
+        status["lastScaleTime"] = now_iso(last)
+    old_scaling = (observed.body.get("status") or {}).get("scaling") or {}
     persist = (
         decision.changed
         or placement.reason != old_scaling.get("placementReason")
@@ -209,21 +229,7 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         if persist
         else old_scaling
     )
-    return ReconcilePlan(
-        memory=memory,
-        announce=announce,
-        counts=counts,
-        engines=engine_plan,
-        drains=drains,
-        creates=creates,
-        deletes=deletes,
-        index=index,
-        report=report,
-        gauges=EngineGauges(tuple(engines), decision.desired, queued, cost_per_hour(engines, spec)),
-        status=status if status_changed(old_status, status) else None,
-        persist=persist,
-        notes=list(engine_plan.notes),
-    )
+    return status, persist
 
 
 def _scale(observed: Observed, memory: ScalingMemory) -> tuple[Decision, Placement, ScalingMemory]:
