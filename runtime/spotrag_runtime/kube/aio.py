@@ -151,11 +151,9 @@ async def list_watch(
         try:
             while True:
                 version = await _watch_once(client, path, version, label_selector, on_event)
-        except KubeError as error:
-            if error.gone:
-                continue  # the version is too old: list again now
-            log.warning("watch of %s failed: %r; listing again in %.1fs", name, error, first)
         except Exception as error:
+            if isinstance(error, KubeError) and error.gone:
+                continue  # the version is too old: list again now
             log.warning("watch of %s failed: %r; listing again in %.1fs", name, error, first)
         # Even a watch that fails at once (forbidden while list is allowed) must not spin.
         await asyncio.sleep(first)
