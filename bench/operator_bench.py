@@ -26,7 +26,7 @@ import time
 
 import yaml
 
-from spotrag_operator.kube import Kube, load_api_client
+from spotrag_runtime.kube import Kube, api_client
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHILDREN = [
@@ -105,7 +105,7 @@ def main() -> int:
                 raise SystemExit("the API stand-in did not start")
             time.sleep(0.1)
         time.sleep(0.5)
-        kube = Kube(load_api_client(str(kubeconfig)))
+        kube = Kube(api_client(str(kubeconfig)))
         env = os.environ | {"KUBECONFIG": str(kubeconfig)}
         operator = subprocess.Popen(
             [

@@ -12,8 +12,9 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from spotrag_runtime.kube import Kube, label_selector
+
 from . import render
-from .kube import Kube, label_selector
 
 METRIC = "spotrag_queued_tokens"
 

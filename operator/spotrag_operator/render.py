@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any
 
-from .kube import owner_reference
+from spotrag_runtime.kube.resources import owner_reference
 
 ENGINE_PORT = 8000
 GATEWAY_PORT = 8080
