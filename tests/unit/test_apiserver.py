@@ -532,7 +532,7 @@ def test_watch_timeout_seconds_ends_the_stream(core):
 
 def test_watch_from_a_forgotten_resource_version_is_410(api, http):
     # The server remembers a bounded window of changes, as etcd compacts: shrink it to one.
-    api.call(lambda emulator: setattr(emulator, "change_log_size", 1))
+    api.call(lambda emulator: setattr(emulator.store, "change_log_size", 1))
     for name in ("a", "b", "c"):
         http.post("/api/v1/namespaces/default/configmaps", json={"metadata": {"name": name}})
     _, events = watch_events(http, "/api/v1/namespaces/default/configmaps", 1, resourceVersion="2")
@@ -660,8 +660,8 @@ def test_kubectl_round_trip_on_a_custom_resource(kubeconfig, tmp_path, api):
     kubectl(kubeconfig, "replace", "-f", str(replacement))
     kubectl(kubeconfig, "wait", "--for=jsonpath={.spec.replicas}=7", "widget/demo", "--timeout=10s")
     api.call(
-        lambda emulator: emulator.patch(
-            emulator.lookup(GROUP, VERSION, PLURAL),
+        lambda emulator: emulator.writes.patch(
+            emulator.registry.lookup(GROUP, VERSION, PLURAL),
             "default",
             "demo",
             "application/merge-patch+json",
