@@ -10,8 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -23,7 +21,7 @@ import yaml
 from kubernetes.client import ApiException
 
 from spotrag_box.apiserver.server import KubeAPIServer, cli
-from spotrag_box.testing import helm, kubectl, running_kube_api
+from spotrag_box.testing import eventually, helm, kubectl, running_kube_api
 
 GROUP, VERSION, PLURAL = "example.test", "v1", "widgets"
 WIDGET_CRD = yaml.safe_load(
@@ -62,18 +60,6 @@ WIDGET_CRD = yaml.safe_load(
                 x-kubernetes-preserve-unknown-fields: true
 """)
 )
-
-
-def eventually(check: Callable[[], Any], *, timeout: float = 10.0, what: str = "the condition") -> Any:
-    """Poll until ``check`` returns a truthy value (for what the server does in the background)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last result: {result!r}")
-        time.sleep(0.05)
 
 
 def widget(name: str = "demo", **spec: Any) -> dict[str, Any]:
