@@ -23,20 +23,24 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from spotrag_box.apiserver.server import KubeAPIServer
+if TYPE_CHECKING:
+    from spotrag_box.apiserver.server import KubeAPIServer
 
 __all__ = [
     "eventually",
     "eventually_async",
+    "TimedOut",
     "Program",
     "ProgramExited",
     "spotrag_command",
+    "start_api_server",
+    "start_operator",
     "Metrics",
     "scrape",
     "scrape_async",
@@ -57,6 +61,10 @@ DEFAULT_INTERVAL = 0.02
 # --- waiting ------------------------------------------------------------------------------------
 
 
+class TimedOut(AssertionError):
+    """What ``eventually`` raises: an AssertionError, so a test reports it as a failure."""
+
+
 class _Deadline:
     """The one timing rule of both waits: fail naming what never happened, the last result and a diagnosis."""
 
@@ -67,9 +75,7 @@ class _Deadline:
     def check(self, last: object) -> None:
         if time.monotonic() > self.end:
             detail = f"\n{self.diagnose()}" if self.diagnose else ""
-            raise AssertionError(
-                f"timed out after {self.timeout:g}s waiting for {self.what}; last result: {last!r}{detail}"
-            )
+            raise TimedOut(f"timed out after {self.timeout:g}s waiting for {self.what}; last result: {last!r}{detail}")
 
 
 def eventually(
@@ -80,7 +86,7 @@ def eventually(
     interval: float = DEFAULT_INTERVAL,
     diagnose: Callable[[], str] | None = None,
 ) -> _T:
-    """Call ``check`` until it returns something truthy and return that; AssertionError after ``timeout``."""
+    """Call ``check`` until it returns something truthy and return that; TimedOut after ``timeout``."""
     deadline = _Deadline(what, timeout, diagnose)
     while not (result := check()):
         deadline.check(result)
@@ -167,6 +173,52 @@ class Program:
                 self.process.wait(5)
 
 
+def start_api_server(
+    kubeconfig: pathlib.Path,
+    log_path: pathlib.Path,
+    *,
+    crds: Iterable[pathlib.Path] = (),
+    port: int = 0,
+    timeout: float = 60.0,
+) -> Program:
+    """``spotrag api-server`` in its own process, once it has written ``kubeconfig`` for itself."""
+    argv = spotrag_command("api-server", "--port", str(port), "--kubeconfig-out", str(kubeconfig))
+    for crd in crds:
+        argv += ["--crd", str(crd)]
+    api = Program("api-server", argv, log_path)
+
+    def kubeconfig_written() -> bool:
+        api.check_alive()
+        return kubeconfig.exists()
+
+    try:
+        eventually(kubeconfig_written, what="the API stand-in to write its kubeconfig", timeout=timeout, interval=0.1)
+    except TimedOut:
+        api.stop()
+        raise
+    return api
+
+
+def start_operator(kubeconfig: pathlib.Path, log_path: pathlib.Path, *, reconcile_interval: float = 1.0) -> Program:
+    """``spotrag operator`` in its own process; no liveness or metrics port, so nothing fixed another run may hold."""
+    return Program(
+        "operator",
+        spotrag_command(
+            "operator",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--standalone",
+            "--liveness",
+            "",
+            "--metrics-port",
+            "0",
+            "--reconcile-interval",
+            f"{reconcile_interval:g}",
+        ),
+        log_path,
+    )
+
+
 # --- metrics ------------------------------------------------------------------------------------
 
 
@@ -197,8 +249,9 @@ class Metrics:
         return {sample.name for sample in self.samples}
 
 
-def scrape(url: str, *, timeout: float = 5.0) -> Metrics:
-    response = httpx.get(url, timeout=timeout)
+def scrape(url: str, *, timeout: float = 5.0, client: httpx.Client | None = None) -> Metrics:
+    """GET a Prometheus page (through ``client`` when given: kept-alive connections for tight loops)."""
+    response = (client or httpx).get(url, timeout=timeout)
     response.raise_for_status()
     return Metrics.parse(response.text)
 
@@ -219,8 +272,11 @@ _VALIDATING_SUBCOMMANDS = frozenset({"apply", "create", "replace"})
 @contextlib.contextmanager
 def running_kube_api(
     *, crds: Iterable[str | pathlib.Path] = (), version: str = "v1.36.0", graceful_pod_deletion: bool = True
-) -> Iterator[KubeAPIServer]:
+) -> Iterator["KubeAPIServer"]:
     """A started KubeAPIServer on a free port with the given CRD files applied; stopped on exit."""
+    # Imported here: the rest of this module needs only the base install, the stand-in the box extra.
+    from spotrag_box.apiserver.server import KubeAPIServer
+
     with KubeAPIServer(version=version, graceful_pod_deletion=graceful_pod_deletion) as api:
         for crd in crds:
             api.apply_crd_file(crd)
