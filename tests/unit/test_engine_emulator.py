@@ -37,35 +37,29 @@ def started(**options: object) -> EmulatorProcess:
     return engine
 
 
+# Fast clock and short answers: these tests check behaviour, not speed.
+FAST_ENGINE = {
+    "seed": 7,
+    "ttft_ms": 1,
+    "itl_ms": 1,
+    "max_model_len": 256,
+    "block_size": 16,
+    "num_gpu_blocks": 64,
+    "answer_words_min": 12,
+    "answer_words_max": 30,
+}
+
+
 @pytest.fixture(scope="module")
 def engine() -> Iterator[EmulatorProcess]:
-    # Fast clock and short answers: these tests check behaviour, not speed.
-    with started(
-        seed=7,
-        ttft_ms=1,
-        itl_ms=1,
-        max_model_len=256,
-        block_size=16,
-        num_gpu_blocks=64,
-        answer_words_min=12,
-        answer_words_max=30,
-    ) as process:
+    with started(**FAST_ENGINE) as process:
         yield process
 
 
 @pytest.fixture(scope="module")
 def twin_engine() -> Iterator[EmulatorProcess]:
     """A second engine with the same seed: where a broken stream is resumed."""
-    with started(
-        seed=7,
-        ttft_ms=1,
-        itl_ms=1,
-        max_model_len=256,
-        block_size=16,
-        num_gpu_blocks=64,
-        answer_words_min=12,
-        answer_words_max=30,
-    ) as process:
+    with started(**FAST_ENGINE) as process:
         yield process
 
 
