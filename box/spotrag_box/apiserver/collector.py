@@ -12,17 +12,18 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from spotrag_box.apiserver.deletion import CRD_CLEANUP_FINALIZER, FOREGROUND_FINALIZER, Deletions
 from spotrag_box.apiserver.errors import ApiError
 from spotrag_box.apiserver.registry import NAMESPACES, Registry
 from spotrag_box.apiserver.store import Key, Store
-from spotrag_box.apiserver.writes import CRD_CLEANUP_FINALIZER, FOREGROUND_FINALIZER, Writes
+from spotrag_box.apiserver.writes import Writes
 
 logger = logging.getLogger(__name__)
 
 
 class GarbageCollector:
-    def __init__(self, registry: Registry, store: Store, writes: Writes) -> None:
-        self.registry, self.store, self.writes = registry, store, writes
+    def __init__(self, registry: Registry, store: Store, writes: Writes, deletions: Deletions) -> None:
+        self.registry, self.store, self.writes, self.deletions = registry, store, writes, deletions
         self._scheduled = False
 
     def schedule(self) -> None:
@@ -70,7 +71,7 @@ class GarbageCollector:
             for owner in owners
         )
         if all(owner is None for owner in owners) or foreground:
-            self.writes.delete(served, namespace, name, {"propagationPolicy": "Background"})
+            self.deletions.delete(served, namespace, name, {"propagationPolicy": "Background"})
             return True
         if any(owner is None for owner in owners):
             remaining = [ref for ref, owner in zip(references, owners, strict=False) if owner is not None]
@@ -110,7 +111,7 @@ class GarbageCollector:
             remaining = True
             if not obj["metadata"].get("deletionTimestamp"):
                 served = self.registry.served_for_storage(key[0])
-                self.writes.delete(served, namespace, key[2], {"gracePeriodSeconds": 0})
+                self.deletions.delete(served, namespace, key[2], {"gracePeriodSeconds": 0})
                 progress = True
         if not remaining:
             served = self.registry.served(NAMESPACES)
@@ -127,5 +128,5 @@ class GarbageCollector:
         group, plural = crd["spec"]["group"], crd["spec"]["names"]["plural"]
         for key, obj in self.store.live():
             if (key[0].group, key[0].plural) == (group, plural) and not obj["metadata"].get("deletionTimestamp"):
-                self.writes.delete(self.registry.served_for_storage(key[0]), key[1], key[2])
+                self.deletions.delete(self.registry.served_for_storage(key[0]), key[1], key[2])
         return not any((key[0].group, key[0].plural) == (group, plural) for key, _ in self.store.live())

@@ -6,7 +6,8 @@ kubectl and helm look. Each concern is one module:
 - ``registry.py``: which resources are served (built-ins, kopf's peerings, applied CRDs)
 - ``store.py``: the objects, resourceVersions, the change log and open watches
 - ``validation.py`` and ``crd_admission.py``: what a write is checked against and defaulted with
-- ``writes.py``: create, update, every PATCH type, server-side apply, DELETE with finalizers
+- ``writes.py``: create, update, every PATCH type, server-side apply
+- ``deletion.py``: DELETE with preconditions, propagation policies, finalizers and grace periods
 - ``collector.py``: garbage collection by ownerReferences, namespace and CRD cleanup
 - ``subresources.py``: /scale, /eviction (PodDisruptionBudgets), /binding
 - ``reads.py``, ``watch.py``: lists, Tables, selectors, pages; watches that resume
@@ -29,6 +30,7 @@ this server records (``KubeAPIServer.requests``).
 """
 
 from spotrag_box.apiserver.collector import GarbageCollector
+from spotrag_box.apiserver.deletion import Deletions
 from spotrag_box.apiserver.discovery import DEFAULT_SERVER_VERSION, Discovery
 from spotrag_box.apiserver.http import DEFAULT_REQUEST_LOG_SIZE, HttpHandler
 from spotrag_box.apiserver.reads import Reads
@@ -54,16 +56,18 @@ class KubeEmulator:
     ) -> None:
         self.registry = Registry()
         self.store = Store()
-        self.writes = Writes(self.registry, self.store, graceful_pod_deletion=graceful_pod_deletion)
-        self.collector = GarbageCollector(self.registry, self.store, self.writes)
+        self.writes = Writes(self.registry, self.store)
+        self.deletions = Deletions(self.registry, self.store, self.writes, graceful_pod_deletion=graceful_pod_deletion)
+        self.collector = GarbageCollector(self.registry, self.store, self.writes, self.deletions)
         self.store.on_delete = self.collector.schedule
-        self.subresources = Subresources(self.registry, self.store, self.writes)
+        self.subresources = Subresources(self.registry, self.store, self.writes, self.deletions)
         self.discovery = Discovery(self.registry, server_version=server_version, server_address=server_address)
         reads = Reads(self.store)
         self.http = HttpHandler(
             registry=self.registry,
             store=self.store,
             writes=self.writes,
+            deletions=self.deletions,
             subresources=self.subresources,
             discovery=self.discovery,
             watches=Watches(self.store, reads),

@@ -21,6 +21,7 @@ import yaml
 from spotrag_box.apiserver import patches as kube_patches
 from spotrag_box.apiserver import protobuf as kube_protobuf
 from spotrag_box.apiserver import tables as kube_tables
+from spotrag_box.apiserver.deletion import Deletions
 from spotrag_box.apiserver.discovery import Discovery
 from spotrag_box.apiserver.errors import REASONS, ApiError, no_such_path
 from spotrag_box.apiserver.reads import Reads, integer, present, selectors, truthy
@@ -84,13 +85,15 @@ class HttpHandler:
         registry: Registry,
         store: Store,
         writes: Writes,
+        deletions: Deletions,
         subresources: Subresources,
         discovery: Discovery,
         watches: Watches,
         reads: Reads,
         request_log_size: int = DEFAULT_REQUEST_LOG_SIZE,
     ) -> None:
-        self.registry, self.store, self.writes, self.subresources = registry, store, writes, subresources
+        self.registry, self.store, self.writes, self.deletions = registry, store, writes, deletions
+        self.subresources = subresources
         self.discovery, self.watches, self.reads = discovery, watches, reads
         self._log: collections.deque[RecordedRequest] = collections.deque(maxlen=request_log_size)
         self._log_lock = threading.Lock()  # the log and the faults are read and set from other threads
@@ -286,11 +289,11 @@ class HttpHandler:
             options["gracePeriodSeconds"] = integer(params, "gracePeriodSeconds")
         dry_run = params.get("dryRun") == "All"
         if target.name is not None:
-            obj = self.writes.delete(served, namespace, target.name, options, dry_run=dry_run)
+            obj = self.deletions.delete(served, namespace, target.name, options, dry_run=dry_run)
             return aiohttp.web.json_response(present(served, obj))
         labels, fields = selectors(served, params)
         deleted = [
-            self.writes.delete(
+            self.deletions.delete(
                 served, obj["metadata"].get("namespace"), obj["metadata"]["name"], options, dry_run=dry_run
             )
             for obj in self.store.select(served, namespace, labels, fields)

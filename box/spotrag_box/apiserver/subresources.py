@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from spotrag_box.apiserver import selectors as kube_selectors
+from spotrag_box.apiserver.deletion import Deletions
 from spotrag_box.apiserver.errors import ApiError, conflict
 from spotrag_box.apiserver.registry import PDBS, PODS, Registry, Served
 from spotrag_box.apiserver.store import Store
@@ -13,8 +14,8 @@ from spotrag_box.apiserver.writes import Writes
 
 
 class Subresources:
-    def __init__(self, registry: Registry, store: Store, writes: Writes) -> None:
-        self.registry, self.store, self.writes = registry, store, writes
+    def __init__(self, registry: Registry, store: Store, writes: Writes, deletions: Deletions) -> None:
+        self.registry, self.store, self.writes, self.deletions = registry, store, writes, deletions
 
     def scale_of(self, served: Served, obj: Mapping[str, Any]) -> dict[str, Any]:
         paths = served.scale_paths()
@@ -84,7 +85,7 @@ class Subresources:
                         {"causes": [{"reason": "DisruptionBudget", "message": violation}]},
                     )
         options = (eviction or {}).get("deleteOptions") if isinstance(eviction, Mapping) else None
-        self.writes.delete(pods, namespace, name, options or {})
+        self.deletions.delete(pods, namespace, name, options or {})
 
     def _budget_violation(self, budget: Mapping[str, Any], pod: Mapping[str, Any]) -> str | None:
         spec = budget.get("spec") or {}

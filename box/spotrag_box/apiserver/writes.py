@@ -1,15 +1,12 @@
-"""Write semantics of the API stand-in: create, update (PUT), every PATCH type, server-side apply, DELETE.
+"""Write semantics of the API stand-in: create, update (PUT), every PATCH type, server-side apply.
 
 Server-set metadata (uid, creationTimestamp, generation, resourceVersion),
-optimistic concurrency on resourceVersion, the status subresource split, no-op
-writes that change nothing, finalizers and graceful pod deletion, and the three
-propagation policies. What a deletion leaves for later (dependents, server-owned
-finalizers) is the garbage collector's (``collector.py``).
+optimistic concurrency on resourceVersion, the status subresource split, and
+no-op writes that change nothing. An update that lifts the last finalizer of a
+deleted object ends its deletion (``deletion.py`` starts it).
 """
 
 import copy
-import datetime
-import json
 import random
 import uuid
 from collections.abc import Iterator, Mapping
@@ -19,12 +16,9 @@ from spotrag_box.apiserver import crd_admission as admission
 from spotrag_box.apiserver import patches as kube_patches
 from spotrag_box.apiserver import validation
 from spotrag_box.apiserver.errors import REASONS, ApiError, conflict, invalid, no_such_path, not_found
-from spotrag_box.apiserver.registry import CRDS, NAMESPACES, PODS, Registry, Served
+from spotrag_box.apiserver.registry import CRDS, NAMESPACES, Registry, Served
 from spotrag_box.apiserver.store import Store
 
-DEFAULT_POD_GRACE_SECONDS = 30
-CRD_CLEANUP_FINALIZER = "customresourcecleanup.apiextensions.k8s.io"
-FOREGROUND_FINALIZER = "foregroundDeletion"
 _NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # k8s.io/apiserver's generateName alphabet
 _SERVER_OWNED_ON_CREATE = ("deletionTimestamp", "deletionGracePeriodSeconds", "managedFields")
 _IMMUTABLE_METADATA = (
@@ -41,9 +35,8 @@ _IMMUTABLE_METADATA = (
 class Writes:
     """Every change to an object goes through here (the HTTP layer, subresources and the collector)."""
 
-    def __init__(self, registry: Registry, store: Store, *, graceful_pod_deletion: bool = True) -> None:
+    def __init__(self, registry: Registry, store: Store) -> None:
         self.registry, self.store = registry, store
-        self.graceful_pod_deletion = graceful_pod_deletion
         self._cluster_ips: Iterator[str] = (f"10.96.{n // 254}.{n % 254 + 1}" for n in range(1, 65000))
 
     def existing(self, served: Served, namespace: str | None, name: str) -> dict[str, Any]:
@@ -152,7 +145,7 @@ class Writes:
         if dry_run:
             return new, warnings
         new["metadata"]["resourceVersion"] = self.store.next_resource_version()
-        self.store.commit(served, "DELETED" if self.ready_to_go(served, new) else "MODIFIED", new, current)
+        self.store.commit(served, "DELETED" if ready_to_go(self.store, served, new) else "MODIFIED", new, current)
         if served.storage == CRDS and not new["metadata"].get("deletionTimestamp"):
             self.registry.register_crd(new)
         return new, warnings
@@ -193,74 +186,6 @@ class Writes:
         )
         return updated, warnings, 200
 
-    def delete(
-        self,
-        served: Served,
-        namespace: str | None,
-        name: str,
-        options: Mapping[str, Any] | None = None,
-        *,
-        dry_run: bool = False,
-    ) -> dict[str, Any]:
-        """DELETE: finalizers block, graceful pods wait for their kubelet, dependents follow the owner."""
-        options = options or {}
-        current = self.existing(served, namespace, name)
-        preconditions = options.get("preconditions") or {}
-        for field in ("uid", "resourceVersion"):
-            if preconditions.get(field) not in (None, current["metadata"].get(field)):
-                raise conflict(
-                    served,
-                    name,
-                    f"Precondition failed: {field}: {preconditions[field]}, "
-                    f"{field} in object meta: {current['metadata'].get(field)}",
-                )
-        if dry_run:
-            return current
-        policy = options.get("propagationPolicy") or ("Orphan" if options.get("orphanDependents") else "Background")
-        if policy not in ("Orphan", "Background", "Foreground"):
-            raise ApiError(
-                400,
-                "BadRequest",
-                f"propagationPolicy: Unsupported value: {json.dumps(policy)}: "
-                f'supported values: "Foreground", "Background", "Orphan"',
-            )
-        if policy == "Orphan":
-            self.orphan_dependents(current["metadata"]["uid"])
-        new = copy.deepcopy(current)
-        metadata = new["metadata"]
-        grace = self._grace_seconds(served, current, options)
-        finalizers = list(metadata.get("finalizers") or [])
-        if (
-            policy == "Foreground"
-            and FOREGROUND_FINALIZER not in finalizers
-            and self.store.has_dependents(metadata["uid"])
-        ):
-            finalizers.append(FOREGROUND_FINALIZER)
-        if served.storage == NAMESPACES:
-            new.setdefault("status", {})["phase"] = "Terminating"
-        if served.storage == CRDS and CRD_CLEANUP_FINALIZER not in finalizers:
-            finalizers.append(CRD_CLEANUP_FINALIZER)
-        if finalizers:
-            metadata["finalizers"] = finalizers
-        if metadata.get("deletionTimestamp"):
-            if grace is not None and grace < (metadata.get("deletionGracePeriodSeconds") or 0):
-                metadata["deletionGracePeriodSeconds"] = grace  # a shorter grace period, e.g. the kubelet's 0
-            elif new == current:
-                return current
-        else:
-            metadata["deletionTimestamp"] = (
-                datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=grace or 0)
-            ).strftime("%Y-%m-%dT%H:%M:%SZ")
-            metadata["deletionGracePeriodSeconds"] = grace or 0
-            metadata["generation"] = metadata.get("generation", 1) + 1
-        metadata["resourceVersion"] = self.store.next_resource_version()
-        if self.ready_to_go(served, new):
-            self.store.commit(served, "DELETED", new, current)
-        else:
-            self.store.commit(served, "MODIFIED", new, current)
-            self.store.on_delete()
-        return new
-
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Create the object or apply it over the existing one of that name (server-side apply)."""
         served = self.registry.served_for_kind(str(obj.get("apiVersion", "")), obj.get("kind"))
@@ -275,39 +200,6 @@ class Writes:
             return updated
         created, _ = self.create(served, namespace, dict(obj))
         return created
-
-    def orphan_dependents(self, uid: str) -> None:
-        for key, obj in self.store.live():
-            references = obj["metadata"].get("ownerReferences") or []
-            if any(reference.get("uid") == uid for reference in references):
-                remaining = [reference for reference in references if reference.get("uid") != uid]
-                self.update(
-                    self.registry.served_for_storage(key[0]),
-                    key[1],
-                    key[2],
-                    {**obj, "metadata": {**obj["metadata"], "ownerReferences": remaining}},
-                )
-
-    def ready_to_go(self, served: Served, obj: Mapping[str, Any]) -> bool:
-        """Whether a deleted object can leave: no finalizers, no grace left, and (namespaces) no content."""
-        metadata = obj["metadata"]
-        ready = bool(
-            metadata.get("deletionTimestamp")
-            and not metadata.get("finalizers")
-            and not metadata.get("deletionGracePeriodSeconds")
-        )
-        if ready and served.storage == NAMESPACES:
-            return self.store.namespace_is_empty(metadata["name"])
-        return ready
-
-    def _grace_seconds(self, served: Served, obj: Mapping[str, Any], options: Mapping[str, Any]) -> int | None:
-        """Pods on a node get a grace period: they stay Terminating until their kubelet deletes them."""
-        requested = options.get("gracePeriodSeconds")
-        if served.storage != PODS or not self.graceful_pod_deletion or not obj.get("spec", {}).get("nodeName"):
-            return 0 if requested is not None else None
-        if requested is not None:
-            return max(int(requested), 0)
-        return int(obj["spec"].get("terminationGracePeriodSeconds", DEFAULT_POD_GRACE_SECONDS))
 
     def _place_in_namespace(self, metadata: dict[str, Any], namespace: str | None) -> None:
         if namespace is None:
@@ -336,6 +228,19 @@ class Writes:
             name = prefix[:58] + "".join(random.choices(_NAME_CHARS, k=5))
             if self.store.current(served, namespace, name) is None:
                 return name
+
+
+def ready_to_go(store: Store, served: Served, obj: Mapping[str, Any]) -> bool:
+    """Whether a deleted object can leave: no finalizers, no grace left, and (namespaces) no content."""
+    metadata = obj["metadata"]
+    ready = bool(
+        metadata.get("deletionTimestamp")
+        and not metadata.get("finalizers")
+        and not metadata.get("deletionGracePeriodSeconds")
+    )
+    if ready and served.storage == NAMESPACES:
+        return store.namespace_is_empty(metadata["name"])
+    return ready
 
 
 def apply_patch(content_type: str, current: Mapping[str, Any], patch: Any, *, strategic: bool) -> dict[str, Any]:
