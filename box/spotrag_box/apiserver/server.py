@@ -30,6 +30,7 @@ from typing import Any, Self, TypeVar
 import aiohttp.web
 import yaml
 
+from spotrag_box.apiserver.discovery import DEFAULT_SERVER_VERSION
 from spotrag_box.apiserver.emulator import KubeEmulator
 from spotrag_box.apiserver.errors import ApiError
 from spotrag_box.apiserver.http import DEFAULT_REQUEST_LOG_SIZE, RecordedRequest
@@ -48,7 +49,7 @@ class KubeAPIServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        version: str = "v1.36.0",
+        version: str = DEFAULT_SERVER_VERSION,
         graceful_pod_deletion: bool = True,
         request_log_size: int = DEFAULT_REQUEST_LOG_SIZE,
     ) -> None:
@@ -236,7 +237,7 @@ def cli(argv: list[str]) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (default)")
-    parser.add_argument("--version", default="v1.36.0", help="the Kubernetes version /version reports")
+    parser.add_argument("--version", default=DEFAULT_SERVER_VERSION, help="the Kubernetes version /version reports")
     parser.add_argument("--kubeconfig-out", type=pathlib.Path, help="write a kubeconfig for the server here")
     parser.add_argument(
         "--crd",
