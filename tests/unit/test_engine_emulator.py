@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from spotrag_box.testing import eventually, scrape
 from spotrag_runtime.engine_emulator import EmulatorProcess, start_engine_emulator
 from spotrag_runtime.engine_emulator.text import cited_sentence, count_tokens
 
@@ -25,16 +24,6 @@ RAG_PROMPT = (
     "[2] Bridges cross the river in many places.\n"
     "Question: where is the tower?"
 )
-POLL_LIMIT_S = 10.0
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    """Poll until ``condition`` holds; fail (not time) when it never does."""
-    deadline = time.monotonic() + POLL_LIMIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"never happened: {what}")
-        time.sleep(0.01)
 
 
 def started(**options: object) -> EmulatorProcess:
@@ -48,35 +37,29 @@ def started(**options: object) -> EmulatorProcess:
     return engine
 
 
+# Fast clock and short answers: these tests check behaviour, not speed.
+FAST_ENGINE = {
+    "seed": 7,
+    "ttft_ms": 1,
+    "itl_ms": 1,
+    "max_model_len": 256,
+    "block_size": 16,
+    "num_gpu_blocks": 64,
+    "answer_words_min": 12,
+    "answer_words_max": 30,
+}
+
+
 @pytest.fixture(scope="module")
 def engine() -> Iterator[EmulatorProcess]:
-    # Fast clock and short answers: these tests check behaviour, not speed.
-    with started(
-        seed=7,
-        ttft_ms=1,
-        itl_ms=1,
-        max_model_len=256,
-        block_size=16,
-        num_gpu_blocks=64,
-        answer_words_min=12,
-        answer_words_max=30,
-    ) as process:
+    with started(**FAST_ENGINE) as process:
         yield process
 
 
 @pytest.fixture(scope="module")
 def twin_engine() -> Iterator[EmulatorProcess]:
     """A second engine with the same seed: where a broken stream is resumed."""
-    with started(
-        seed=7,
-        ttft_ms=1,
-        itl_ms=1,
-        max_model_len=256,
-        block_size=16,
-        num_gpu_blocks=64,
-        answer_words_min=12,
-        answer_words_max=30,
-    ) as process:
+    with started(**FAST_ENGINE) as process:
         yield process
 
 
@@ -96,12 +79,9 @@ def async_client(engine: EmulatorProcess) -> openai.AsyncOpenAI:
 
 
 def metric(engine: EmulatorProcess, name: str, **labels: str) -> float:
-    text = httpx.get(engine.url + "/metrics").text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    raise AssertionError(f"{name}{labels} not in /metrics")
+    samples = scrape(engine.url + "/metrics").find(name, **labels)
+    assert samples, f"{name}{labels} not in /metrics"
+    return sum(sample.value for sample in samples)
 
 
 def stream_chat(engine: EmulatorProcess, messages: list[dict], **params: object) -> tuple[list[str], str, object]:
@@ -395,7 +375,7 @@ async def test_requests_beyond_max_num_seqs_wait_and_a_disconnect_frees_the_slot
             for i in range(4)
         ]
         await asyncio.to_thread(
-            wait_until,
+            eventually,
             lambda: (
                 (
                     metric(narrow_engine, "vllm:num_requests_running", **labels),
@@ -403,16 +383,16 @@ async def test_requests_beyond_max_num_seqs_wait_and_a_disconnect_frees_the_slot
                 )
                 == (2, 2)
             ),
-            "2 running and 2 waiting",
+            what="2 running and 2 waiting",
         )
         assert metric(narrow_engine, "vllm:kv_cache_usage_perc", **labels) > 0
 
         # A short request queues behind them; closing a running stream makes room.
         short = asyncio.ensure_future(api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3))
         await asyncio.to_thread(
-            wait_until,
+            eventually,
             lambda: metric(narrow_engine, "vllm:num_requests_waiting", **labels) == 3,
-            "the short request queued",
+            what="the short request queued",
         )
         for holder in holders:
             await holder.close()
@@ -420,7 +400,7 @@ async def test_requests_beyond_max_num_seqs_wait_and_a_disconnect_frees_the_slot
 
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
     await asyncio.to_thread(
-        wait_until,
+        eventually,
         lambda: (
             (
                 metric(narrow_engine, "vllm:num_requests_running", **labels),
@@ -428,7 +408,7 @@ async def test_requests_beyond_max_num_seqs_wait_and_a_disconnect_frees_the_slot
             )
             == (0, 0)
         ),
-        "engine idle",
+        what="engine idle",
     )
     assert metric(narrow_engine, "vllm:request_success_total", finished_reason="abort", **labels) == aborted_before + 4
 
@@ -442,11 +422,11 @@ def test_a_client_giving_up_on_a_whole_answer_aborts_it(narrow_engine: EmulatorP
             timeout=httpx.Timeout(10, read=0.3),
             json={"messages": QUESTION, "max_tokens": 8000, "ignore_eos": True},
         )
-    wait_until(
+    eventually(
         lambda: (
             metric(narrow_engine, "vllm:request_success_total", finished_reason="abort", **labels) == aborted_before + 1
         ),
-        "the abandoned request aborted",
+        what="the abandoned request aborted",
     )
     assert metric(narrow_engine, "vllm:num_requests_running", **labels) == 0
 
@@ -515,7 +495,7 @@ def test_sigterm_with_shutdown_timeout_finishes_the_running_stream_then_exits() 
             next(chunks)  # the role chunk: the request is running
             process.terminate()
 
-            wait_until(lambda: process.health_status() != 200, "health leaves 200")
+            eventually(lambda: process.health_status() != 200, what="health leaves 200")
             assert process.health_status() in (503, None)  # 503 while draining, refused once gone
             with pytest.raises((openai.InternalServerError, openai.APIConnectionError)):
                 api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=1)

@@ -12,7 +12,9 @@ import threading
 import httpx
 import openai
 
-from .gateway_fixtures import SERVED_MODEL, direct_answer, running_engines, wait_until
+from spotrag_box.testing import eventually
+
+from .gateway_fixtures import SERVED_MODEL, direct_answer, running_engines
 
 
 def free_port() -> int:
@@ -55,7 +57,7 @@ def test_the_gateway_command_serves_and_drains_on_sigterm(tmp_path) -> None:
                 except httpx.HTTPError:
                     return process.poll() is not None  # exited: fail below, not by timeout
 
-            wait_until(ready, "the gateway to be ready", timeout=30)
+            eventually(ready, what="the gateway to be ready", timeout=30)
             assert process.poll() is None, (tmp_path / "gateway.log").read_text()
             received: list[str] = []
             finished = threading.Event()
@@ -71,7 +73,7 @@ def test_the_gateway_command_serves_and_drains_on_sigterm(tmp_path) -> None:
 
             reader = threading.Thread(target=stream)
             reader.start()
-            wait_until(lambda: len(received) >= 5, "the answer to start")
+            eventually(lambda: len(received) >= 5, what="the answer to start")
             process.send_signal(signal.SIGTERM)
 
             def refused() -> bool:
@@ -81,7 +83,7 @@ def test_the_gateway_command_serves_and_drains_on_sigterm(tmp_path) -> None:
                     return True
                 return False
 
-            wait_until(refused, "the gateway to stop taking connections")
+            eventually(refused, what="the gateway to stop taking connections")
             assert not finished.is_set()  # still streaming when new connections were already refused
             reader.join(timeout=30)
             assert finished.is_set()

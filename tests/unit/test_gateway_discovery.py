@@ -12,10 +12,11 @@ import kubernetes
 import pytest
 
 from spotrag_box.apiserver.server import KubeAPIServer
+from spotrag_box.testing import eventually, scrape
 from spotrag_runtime.gateway.config import EnginesConfig
 from spotrag_runtime.gateway.discovery import _engine_urls
 
-from .gateway_fixtures import SERVED_MODEL, RunningGateway, gateway_config, running_engines, scrape, wait_until
+from .gateway_fixtures import SERVED_MODEL, RunningGateway, gateway_config, running_engines
 
 SERVICE = "demo-engines"
 
@@ -42,7 +43,7 @@ def kube(tmp_path: Path) -> Iterator[tuple[kubernetes.client.DiscoveryV1Api, Pat
 
 def served_requests(engine) -> float:
     return sum(
-        scrape(f"{engine.url}/metrics", "vllm:request_success_total", finished_reason=reason)
+        scrape(f"{engine.url}/metrics").value("vllm:request_success_total", finished_reason=reason)
         for reason in ("stop", "length")
     )
 
@@ -75,13 +76,17 @@ def test_only_ready_endpoints_of_the_service_get_requests_and_a_drained_one_none
             discovery.patch_namespaced_endpoint_slice(
                 "engines-b", "default", {"endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}]}
             )
-            wait_until(lambda: gateway.metric("spotrag_engines", state="serving") == 2, "the second engine to join")
+            eventually(
+                lambda: gateway.metric("spotrag_engines", state="serving") == 2, what="the second engine to join"
+            )
 
             # Drain the first: the operator flips its serving label, it leaves the slice.
             discovery.patch_namespaced_endpoint_slice(
                 "engines-a", "default", {"endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": False}}]}
             )
-            wait_until(lambda: gateway.metric("spotrag_engines", state="serving") == 1, "the first engine to leave")
+            eventually(
+                lambda: gateway.metric("spotrag_engines", state="serving") == 1, what="the first engine to leave"
+            )
             before = served_requests(first)
             for _ in range(4):
                 ask()
@@ -89,7 +94,7 @@ def test_only_ready_endpoints_of_the_service_get_requests_and_a_drained_one_none
             assert served_requests(second) == 4
 
             discovery.delete_namespaced_endpoint_slice("engines-b", "default")
-            wait_until(lambda: httpx.get(f"{gateway.url}/readyz").status_code == 503, "no engine to be left")
+            eventually(lambda: httpx.get(f"{gateway.url}/readyz").status_code == 503, what="no engine to be left")
             assert "no engine is serving" in httpx.get(f"{gateway.url}/readyz").json()["error"]["message"]
 
 

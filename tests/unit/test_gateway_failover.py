@@ -14,15 +14,9 @@ import httpx
 import openai
 import pytest
 
-from .gateway_fixtures import (
-    SERVED_MODEL,
-    RunningGateway,
-    direct_answer,
-    eventually,
-    gateway_config,
-    running_engines,
-    scrape_async,
-)
+from spotrag_box.testing import eventually_async, scrape_async
+
+from .gateway_fixtures import SERVED_MODEL, RunningGateway, direct_answer, gateway_config, running_engines
 
 QUESTION = [{"role": "user", "content": "Tell me about the night ferry to Kestrel Island."}]
 # Answers far longer than max_tokens, so every answer here ends by length.
@@ -42,7 +36,7 @@ async def engine_with_work(gateway: RunningGateway, engines: list) -> object:
                 return engine
         return None
 
-    return await eventually(busy, "the request to reach an engine")
+    return await eventually_async(busy, what="the request to reach an engine")
 
 
 async def test_an_engine_killed_before_the_first_token_is_invisible_to_the_client() -> None:
@@ -125,8 +119,8 @@ async def test_with_no_engine_left_a_broken_stream_ends_with_an_error_event_not_
         assert await gateway.metric_async("spotrag_queued_tokens") == 0
 
 
-async def _engine_settled(engine) -> bool:
-    return await scrape_async(f"{engine.url}/metrics", "vllm:num_requests_running") == 0
+async def engine_metric(engine, name: str, **labels: str) -> float:
+    return (await scrape_async(f"{engine.url}/metrics")).value(name, **labels)
 
 
 @pytest.mark.parametrize("streaming", [True, False])
@@ -143,17 +137,21 @@ async def test_a_client_that_goes_away_cancels_its_request_on_the_engine(streami
                             break  # leaving the block closes the connection
             else:
                 request = asyncio.create_task(http.post("/v1/chat/completions", json=body))
-                await engine_with_work(gateway, [engine])
-                await asyncio.sleep(0.2)  # some tokens into the answer
+                await eventually_async(
+                    lambda: engine_metric(engine, "vllm:generation_tokens_total"), what="some tokens into the answer"
+                )
                 request.cancel()  # the client gives up: its connection closes
                 with pytest.raises(asyncio.CancelledError):
                     await request
-        await eventually(lambda: _engine_settled(engine), "the engine to drop the request")
-        aborted = await scrape_async(f"{engine.url}/metrics", "vllm:request_success_total", finished_reason="abort")
-        assert aborted == 1
+
+        async def engine_settled() -> bool:
+            return await engine_metric(engine, "vllm:num_requests_running") == 0
+
+        await eventually_async(engine_settled, what="the engine to drop the request")
+        assert await engine_metric(engine, "vllm:request_success_total", finished_reason="abort") == 1
         # The engine stopped early: far fewer than the 300 tokens it was asked for.
-        assert await scrape_async(f"{engine.url}/metrics", "vllm:generation_tokens_total") < 150
-        await eventually(
-            lambda: gateway.metric_async("spotrag_requests_total", outcome="cancelled"), "the gateway to count it"
+        assert await engine_metric(engine, "vllm:generation_tokens_total") < 150
+        await eventually_async(
+            lambda: gateway.metric_async("spotrag_requests_total", outcome="cancelled"), what="the gateway to count it"
         )
         assert await gateway.metric_async("spotrag_queued_tokens") == 0
