@@ -125,6 +125,7 @@ class Engine:
         self._timer_at = math.inf
         self._idle = asyncio.Event()
         self._idle.set()
+        self.stopped = False
 
     # -- what the server and the metrics read -------------------------------
 
@@ -166,12 +167,24 @@ class Engine:
         for seq in [*self.running, *self.waiting]:
             self.abort(seq)
 
+    def stop(self) -> None:
+        """The engine process is gone (vLLM's --shutdown-timeout ran out): no more
+        steps. Its requests stay unfinished, so their responses wait for bytes
+        that never come, until their clients give up (``abort``)."""
+        self.stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = math.inf
+
     # -- the step loop ---------------------------------------------------------
 
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.config.block_size)
 
     def _admit(self, now: float) -> None:
+        if self.stopped:
+            return
         config = self.config
         while self.waiting and len(self.running) < config.max_num_seqs:
             seq = self.waiting[0]
@@ -290,6 +303,8 @@ class Engine:
             self._idle.set()
 
     def _arm(self) -> None:
+        if self.stopped:
+            return
         when = math.inf
         if self.prefilling:
             when = self.prefilling[0].first_token_at
