@@ -14,15 +14,30 @@ Failover:
   ``continue_final_message: true``, ``add_generation_prompt: false`` and
   max_tokens lowered by the tokens already sent. The client sees one stream
   (same id, no second role chunk).
+- A stream that stalls is resumed too: vLLM whose ``--shutdown-timeout``
+  runs out with a stream open stops sending bytes but keeps the connection
+  open (and does not exit until the client drops it), so waiting for the read
+  timeout would freeze the answer. Once an attempt has produced a token, a
+  silence longer than ``max(failover.stallTimeoutSeconds,
+  failover.stallItlMultiplier x this stream's inter-token latency p99)`` ends
+  the attempt: the connection is dropped (which lets that vLLM exit) and the
+  answer goes on elsewhere. A vLLM aborting its requests at shutdown
+  (``finish_reason: "abort"``) is resumed the same way.
 - ``failover.maxAttempts`` attempts in a row that produce no new token fail
   the request (502). An attempt that streamed tokens before it broke does not
   use one up: its work is kept, so a long answer survives several
-  interruptions. An engine's own 4xx is passed to the client, not retried.
+  interruptions. A refused connection (an engine still loading or already
+  shutting down) does not use one up either while some engine has not
+  refused this request: the engine is not serving, which says nothing about
+  the rest of the fleet. An engine's own 4xx is passed to the client, not
+  retried.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import heapq
 import logging
 import time
 import uuid
@@ -35,7 +50,7 @@ from spotrag_runtime.gateway.errors import EnginesFailed
 from spotrag_runtime.gateway.metrics import GatewayMetrics
 from spotrag_runtime.gateway.prompt import message_text
 from spotrag_runtime.gateway.token_queue import AdmissionController, Ticket
-from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure
+from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure, EngineRefused
 
 log = logging.getLogger(__name__)
 
@@ -94,27 +109,41 @@ class ChatRelay:
         chunk only if asked; ``outcome`` holds the totals at the end)."""
         ticket = Ticket(prompt_tokens=job.prompt_tokens, max_tokens=job.max_tokens, affinity=job.affinity)
         failures_in_a_row = 0
+        refused_by: set[str] = set()
         retry = False
         stream = _ClientStream(job, outcome, self.metrics)
         try:
             while True:
                 engine = await self.admission.admit(ticket, retry=retry)
                 stream.attempt_started()
+                stall = _StallWatch(self.failover)
                 try:
                     body = self._attempt_body(job, outcome)
                     async with contextlib.aclosing(self.client.stream_chat(engine.url, body)) as upstream:
-                        async for events in upstream:
+                        while True:
+                            events = await stall.next(upstream, armed=stream.attempt_progressed)
+                            if events is None:
+                                break
                             chunks = [chunk for event in events if (chunk := stream.take(event)) is not None]
                             self.admission.progress(ticket, outcome.generated)
                             if chunks:
                                 yield chunks
+                    if stream.aborted:
+                        raise EngineFailure(f"{engine.url} aborted the answer (shutting down)")
                     if outcome.finish_reason is None:
                         raise EngineFailure(f"{engine.url} ended the answer without a finish_reason")
                     return
                 except EngineFailure as failure:
                     if outcome.finish_reason is not None:
                         return  # the answer was complete; only the stream's trailer was lost
-                    failures_in_a_row = 1 if stream.attempt_progressed else failures_in_a_row + 1
+                    if isinstance(failure, _Stalled):
+                        self.metrics.stalled_streams.inc()
+                    if isinstance(failure, EngineRefused):
+                        refused_by.add(engine.url)
+                    if isinstance(failure, EngineRefused) and not refused_by >= self.admission.engines.keys():
+                        pass  # not serving: no strike while another engine may take it
+                    else:
+                        failures_in_a_row = 1 if stream.attempt_progressed else failures_in_a_row + 1
                     log.warning("attempt on %s failed after %d tokens: %s", engine.url, outcome.generated, failure)
                     if outcome.generated >= job.max_tokens:
                         # Every allowed token was sent; only the finish chunk was lost.
@@ -183,9 +212,11 @@ class _ClientStream:
         self.role_sent = False
         self.last_content_at: float | None = None
         self.produced_before = 0
+        self.aborted = False
 
     def attempt_started(self) -> None:
         self.produced_before = self.outcome.generated
+        self.aborted = False
 
     @property
     def attempt_progressed(self) -> bool:
@@ -207,6 +238,14 @@ class _ClientStream:
             outcome.generated = self.produced_before + usage["completion_tokens"]
         elif content:
             outcome.generated += 1
+        if finish_reason == "abort":
+            # The engine gave up the request (vLLM shutting down with no time
+            # left): not the client's answer's end; its text is kept and resumed.
+            self.aborted = True
+            choice["finish_reason"] = finish_reason = None
+            choice.pop("stop_reason", None)
+            if not content:
+                return None
         if finish_reason:
             outcome.finish_reason = finish_reason
         if self.role_sent:
@@ -226,3 +265,51 @@ class _ClientStream:
         if self.job.continuous_usage:
             chunk["usage"] = outcome.usage(self.job)
         return chunk
+
+
+class _Stalled(EngineFailure):
+    """The engine stopped sending mid-answer with the connection left open."""
+
+
+# Inter-token gaps above the 99th percentile are kept (a heap of the largest 1 %).
+_ITL_QUANTILE = 0.99
+
+
+class _StallWatch:
+    """Reads an attempt's stream with a deadline on each read once it is armed
+    (after the attempt's first token): max(floor, k x the p99 of this stream's
+    gaps between reads so far). Cheap per token: one timer and a heap push."""
+
+    def __init__(self, failover: FailoverConfig) -> None:
+        self.floor = failover.stall_timeout_seconds
+        self.multiplier = failover.stall_itl_multiplier
+        self.gaps = 0
+        self.largest: list[float] = []  # min-heap of the largest 1 % of gaps (at least one)
+
+    @property
+    def bound(self) -> float:
+        p99 = self.largest[0] if self.largest else 0.0
+        return max(self.floor, self.multiplier * p99)
+
+    def _observe(self, gap: float) -> None:
+        self.gaps += 1
+        keep = max(1, int(self.gaps * (1 - _ITL_QUANTILE)) + 1)
+        if len(self.largest) < keep:
+            heapq.heappush(self.largest, gap)
+        elif gap > self.largest[0]:
+            heapq.heapreplace(self.largest, gap)
+
+    async def next(self, upstream: AsyncIterator[list[dict[str, Any]]], *, armed: bool) -> list[dict[str, Any]] | None:
+        """The next list of events, or None at the end of the stream."""
+        if not armed or self.floor <= 0:
+            return await anext(upstream, None)
+        started = time.perf_counter()
+        bound = self.bound
+        try:
+            # Only the wait is bounded, never the client's side of the relay.
+            async with asyncio.timeout(bound):
+                events = await anext(upstream, None)
+        except TimeoutError:
+            raise _Stalled(f"no token for {bound:.2f}s (stall bound) with the stream still open") from None
+        self._observe(time.perf_counter() - started)
+        return events
