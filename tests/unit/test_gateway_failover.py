@@ -213,3 +213,18 @@ async def test_a_client_that_goes_away_cancels_its_request_on_the_engine(streami
             lambda: gateway.metric_async("spotrag_requests_total", outcome="cancelled"), "the gateway to count it"
         )
         assert await gateway.metric_async("spotrag_queued_tokens") == 0
+
+
+def test_the_stall_bound_follows_the_streams_own_inter_token_p99_above_a_floor() -> None:
+    from spotrag_runtime.gateway.config import FailoverConfig
+    from spotrag_runtime.gateway.relay import _StallWatch
+
+    watch = _StallWatch(FailoverConfig(stall_timeout_seconds=2.0, stall_itl_multiplier=10.0), max_tokens=1000)
+    assert watch.bound == 2.0  # no gap seen yet: the floor
+    for _ in range(198):
+        watch.observe(0.5)  # a slow engine: half a second a token
+    watch.observe(30.0)  # one prefill stall, an outlier above the p99
+    assert watch.p99 == 0.5 and watch.bound == 5.0
+    watch.observe(0.01)
+    watch.observe(0.01)
+    assert watch.bound == 5.0  # fast gaps do not pull the p99 under the slow ones

@@ -116,7 +116,7 @@ class ChatRelay:
             while True:
                 engine = await self.admission.admit(ticket, retry=retry)
                 stream.attempt_started()
-                stall = _StallWatch(self.failover)
+                stall = _StallWatch(self.failover, job.max_tokens - outcome.generated)
                 try:
                     body = self._attempt_body(job, outcome)
                     async with contextlib.aclosing(self.client.stream_chat(engine.url, body)) as upstream:
@@ -271,30 +271,42 @@ class _Stalled(EngineFailure):
     """The engine stopped sending mid-answer with the connection left open."""
 
 
-# Inter-token gaps above the 99th percentile are kept (a heap of the largest 1 %).
+# The stall bound scales with this quantile of the stream's gaps between reads.
 _ITL_QUANTILE = 0.99
 
 
 class _StallWatch:
     """Reads an attempt's stream with a deadline on each read once it is armed
     (after the attempt's first token): max(floor, k x the p99 of this stream's
-    gaps between reads so far). Cheap per token: one timer and a heap push."""
+    gaps between reads so far). Cheap per token: one timer, and a heap of the
+    largest 1 % of the gaps the answer can have (sized by its max_tokens)."""
 
-    def __init__(self, failover: FailoverConfig) -> None:
+    def __init__(self, failover: FailoverConfig, max_tokens: int) -> None:
         self.floor = failover.stall_timeout_seconds
         self.multiplier = failover.stall_itl_multiplier
         self.gaps = 0
-        self.largest: list[float] = []  # min-heap of the largest 1 % of gaps (at least one)
+        self.capacity = self._rank(max_tokens)
+        self.largest: list[float] = []  # min-heap of the `capacity` largest gaps
+
+    @staticmethod
+    def _rank(count: int) -> int:
+        """Which largest gap is the p99 of ``count`` gaps (1: the largest)."""
+        return int(count * (1 - _ITL_QUANTILE)) + 1
+
+    @property
+    def p99(self) -> float:
+        if not self.largest:
+            return 0.0
+        rank = min(self._rank(self.gaps), len(self.largest))
+        return self.largest[0] if rank == len(self.largest) else heapq.nlargest(rank, self.largest)[-1]
 
     @property
     def bound(self) -> float:
-        p99 = self.largest[0] if self.largest else 0.0
-        return max(self.floor, self.multiplier * p99)
+        return max(self.floor, self.multiplier * self.p99)
 
-    def _observe(self, gap: float) -> None:
+    def observe(self, gap: float) -> None:
         self.gaps += 1
-        keep = max(1, int(self.gaps * (1 - _ITL_QUANTILE)) + 1)
-        if len(self.largest) < keep:
+        if len(self.largest) < self.capacity:
             heapq.heappush(self.largest, gap)
         elif gap > self.largest[0]:
             heapq.heapreplace(self.largest, gap)
@@ -311,5 +323,5 @@ class _StallWatch:
                 events = await anext(upstream, None)
         except TimeoutError:
             raise _Stalled(f"no token for {bound:.2f}s (stall bound) with the stream still open") from None
-        self._observe(time.perf_counter() - started)
+        self.observe(time.perf_counter() - started)
         return events
