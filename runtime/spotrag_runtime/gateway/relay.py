@@ -20,8 +20,10 @@ Failover:
   timeout would freeze the answer. Once an attempt has produced a token, a
   silence longer than ``max(failover.stallTimeoutSeconds,
   failover.stallItlMultiplier x this stream's inter-token latency p99)`` ends
-  the attempt: the connection is dropped (which lets that vLLM exit) and the
-  answer goes on elsewhere. A vLLM aborting its requests at shutdown
+  the attempt (``failover.drainingStallTimeoutSeconds`` instead of the first
+  once the engine has left the serving set: it is draining, and its drain's
+  end is what a silence most likely means): the connection is dropped (which
+  lets that vLLM exit) and the answer goes on elsewhere. A vLLM aborting its requests at shutdown
   (``finish_reason: "abort"``) is resumed the same way.
 - ``failover.maxAttempts`` attempts in a row that produce no new token fail
   the request (502). An attempt that streamed tokens before it broke does not
@@ -49,7 +51,7 @@ from spotrag_runtime.gateway.config import FailoverConfig
 from spotrag_runtime.gateway.errors import EnginesFailed
 from spotrag_runtime.gateway.metrics import GatewayMetrics
 from spotrag_runtime.gateway.prompt import message_text
-from spotrag_runtime.gateway.token_queue import AdmissionController, Ticket
+from spotrag_runtime.gateway.token_queue import AdmissionController, Engine, Ticket
 from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure, EngineRefused
 
 log = logging.getLogger(__name__)
@@ -116,7 +118,7 @@ class ChatRelay:
             while True:
                 engine = await self.admission.admit(ticket, retry=retry)
                 stream.attempt_started()
-                stall = _StallWatch(self.failover, job.max_tokens - outcome.generated)
+                stall = _StallWatch(self.failover, job.max_tokens - outcome.generated, engine)
                 try:
                     body = self._attempt_body(job, outcome)
                     async with contextlib.aclosing(self.client.stream_chat(engine.url, body)) as upstream:
@@ -281,9 +283,11 @@ class _StallWatch:
     gaps between reads so far). Cheap per token: one timer, and a heap of the
     largest 1 % of the gaps the answer can have (sized by its max_tokens)."""
 
-    def __init__(self, failover: FailoverConfig, max_tokens: int) -> None:
+    def __init__(self, failover: FailoverConfig, max_tokens: int, engine: Engine | None = None) -> None:
         self.floor = failover.stall_timeout_seconds
+        self.draining_floor = failover.draining_stall_timeout_seconds
         self.multiplier = failover.stall_itl_multiplier
+        self.engine = engine
         self.gaps = 0
         self.capacity = self._rank(max_tokens)
         self.largest: list[float] = []  # min-heap of the `capacity` largest gaps
@@ -302,7 +306,10 @@ class _StallWatch:
 
     @property
     def bound(self) -> float:
-        return max(self.floor, self.multiplier * self.p99)
+        # An engine that left the serving set is draining: its silence is likely the end.
+        draining = self.engine is not None and not self.engine.present
+        floor = min(self.floor, self.draining_floor) if draining else self.floor
+        return max(floor, self.multiplier * self.p99)
 
     def observe(self, gap: float) -> None:
         self.gaps += 1
