@@ -103,10 +103,12 @@ class EngineClient:
         per token. Closing the iterator early (the client went away) closes the
         connection, which makes vLLM abort the request and free its slot.
         """
+        responded = False
         try:
             async with self.http.post(
                 f"{engine_url}/v1/chat/completions", data=fastjson.dumps(body), headers=_JSON
             ) as response:
+                responded = True
                 if response.status >= 400:
                     content = await response.read()
                     if response.status >= 500 or response.status == 429:
@@ -142,6 +144,12 @@ class EngineClient:
                     return
         except aiohttp.ClientConnectorError as error:
             raise EngineRefused(f"{engine_url}: {error!r}") from error
+        except aiohttp.ServerDisconnectedError as error:
+            if not responded:
+                # A pooled connection the engine closed as it began to shut down (vLLM
+                # closes idle ones ~0.1 s after SIGTERM): nothing was served there.
+                raise EngineRefused(f"{engine_url}: {error!r}") from error
+            raise EngineFailure(f"{engine_url}: {error!r}") from error
         except (TimeoutError, aiohttp.ClientError) as error:
             raise EngineFailure(f"{engine_url}: {error!r}") from error
         except fastjson.JSONDecodeError as error:
