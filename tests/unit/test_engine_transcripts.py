@@ -355,3 +355,9 @@ def test_sigterm_under_a_stream_does_what_the_real_server_did(
         assert alive_while_open
     assert code == 0  # runE: exit 0 once the client dropped the stream; runA, runC: on their own
     assert facts["rc"] == 0
+    if run == "runC":
+        # The aborted stream's last chunks have the real shapes too.
+        body = (
+            (DATA / run / "sigterm_inflight_stream.sse.txt").read_text().partition("\n---- de-chunked body ----\n")[2]
+        )
+        assert chunk_kinds(events)[-3:] == chunk_kinds(sse_data(body))[-3:]

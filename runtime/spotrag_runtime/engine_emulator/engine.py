@@ -163,8 +163,16 @@ class Engine:
         self._admit(now)
         self._arm()
 
-    def abort_all(self) -> None:
+    def abort_all(self, *, last_step: bool = False) -> None:
+        """Abort every request; with ``last_step``, as vLLM shutting down with no
+        timeout does: a decoding sequence's abort carries the step in flight (one
+        more token), as the real server's last chunk does."""
         for seq in [*self.running, *self.waiting]:
+            if last_step and seq.state is State.DECODING and seq.generated < seq.stop_at:
+                (seq.pending if seq.streaming else seq.text_parts).append(next(seq.deltas))
+                seq.generated += 1
+                seq.context_tokens += 1
+                self.observer.tokens_generated(1)
             self.abort(seq)
 
     def stop(self) -> None:

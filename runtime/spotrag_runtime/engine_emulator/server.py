@@ -448,7 +448,7 @@ class _DrainingServer(uvicorn.Server):
             timeout,
         )
         if timeout <= 0:
-            engine.abort_all()  # streams end with finish_reason "abort"
+            engine.abort_all(last_step=True)  # streams end with finish_reason "abort"
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(engine.wait_idle(), timeout)
