@@ -111,6 +111,11 @@ class GatewayMetrics:
             "Answers continued on another engine after theirs broke mid-answer.",
             registry=self.registry,
         )
+        self.stalled_streams = Counter(
+            "spotrag_stalled_streams",
+            "Engine streams given up because no token came within the stall bound (then resumed elsewhere).",
+            registry=self.registry,
+        )
         self.time_to_first_token = Histogram(
             "spotrag_time_to_first_token_seconds",
             "From request arrival to the first answer token.",
