@@ -367,6 +367,20 @@ def need_for(policy: ScalingPolicy, observed: Observation) -> Need:
     return Need(engines=queued / target, how=note, target=target)
 
 
+def unmeetable_slo(slo: Slo, rates: EngineRates, mean_prompt_tokens: float | None) -> str | None:
+    """An SLO no engine can meet: the TTFT is below one prefill of the typical
+    prompt. Accepted (the fleet still scales), but to be shown in a condition."""
+    if not mean_prompt_tokens:
+        return None
+    prefill = mean_prompt_tokens * rates.seconds_per_prompt_token
+    if prefill < slo.ttft_seconds:
+        return None
+    return (
+        f"the TTFT SLO of {slo.ttft_seconds:g}s is below one prefill of the mean prompt: {mean_prompt_tokens:.0f} tokens "
+        f"at {rates.prefill_tokens_per_second:.0f} tok/s take {prefill:.2f}s on any engine; more engines cannot meet it"
+    )
+
+
 def recommend(queued_tokens: float, current: int, policy: ScalingPolicy) -> tuple[int, bool]:
     """Engines the queue needs at an explicit target, and whether it fell inside the tolerance band."""
     target = policy.target_queued_tokens_per_replica or FALLBACK_TARGET_QUEUED_TOKENS

@@ -15,10 +15,10 @@ stepping all along), its time went to prefill and to decode steps:
 
 with a decode step costing `a + k · batch`. That is linear in
 (t_prefill, a, k), so each interval is one row of a least-squares fit. The
-fit is ridge-regularised towards the preset (which it reads as a prior worth
-`PRIOR_WEIGHT` intervals) and forgets old rows (`FORGET` per row), so the
-estimate starts at the preset, moves as evidence comes in and follows an
-engine that slows down. Rows are relative (divided by Δt) so a long interval
+fit starts from the preset as prior evidence (`PRIOR_WEIGHT`), forgets old
+rows and the prior alike (`FORGET` per row) down to a small ridge towards the
+preset, so the estimate starts at the preset, moves as evidence comes in and
+follows an engine that slows down. Rows are relative (divided by Δt) so a long interval
 weighs no more than a short one.
 
 Not used: engines that are starting, draining or erroring (their numbers
@@ -194,6 +194,8 @@ PROMPT_TOKENS = "vllm:prompt_tokens_total"
 GENERATION_TOKENS = "vllm:generation_tokens_total"
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
+REQUEST_PROMPT_SUM = "vllm:request_prompt_tokens_sum"  # prompt lengths of finished requests
+REQUEST_PROMPT_COUNT = "vllm:request_prompt_tokens_count"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,11 +209,15 @@ class EngineSample:
     running: float
     waiting: float
     state: str = SERVING  # only serving engines calibrate
+    finished_prompt_tokens: float = 0.0  # counter: prompt tokens of finished requests
+    finished_requests: float = 0.0  # counter
 
 
 def parse_engine_metrics(text: str, *, name: str, time: float, state: str = SERVING) -> EngineSample:
     """A vLLM /metrics page → an EngineSample (summed over vLLM's `engine` label: data-parallel ranks)."""
-    totals = dict.fromkeys((PROMPT_TOKENS, GENERATION_TOKENS, RUNNING, WAITING), 0.0)
+    totals = dict.fromkeys(
+        (PROMPT_TOKENS, GENERATION_TOKENS, RUNNING, WAITING, REQUEST_PROMPT_SUM, REQUEST_PROMPT_COUNT), 0.0
+    )
     seen = set()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -229,12 +235,17 @@ def parse_engine_metrics(text: str, *, name: str, time: float, state: str = SERV
         running=totals[RUNNING],
         waiting=totals[WAITING],
         state=state,
+        finished_prompt_tokens=totals[REQUEST_PROMPT_SUM],
+        finished_requests=totals[REQUEST_PROMPT_COUNT],
     )
 
 
 # -- the online fit ---------------------------------------------------------------------
 
-PRIOR_WEIGHT = 20.0  # the preset counts as this many intervals of evidence
+# The preset's weight in the fit, in the units of a row (a row's parts add up
+# to ~1, the interval): at first worth ~10 intervals, fading as they come.
+PRIOR_WEIGHT = 1.0
+RIDGE = 0.02
 FORGET = 0.98  # each new interval discounts the old ones: ~50 intervals of memory
 MAX_INTERVAL_SECONDS = 120.0
 MIN_INTERVAL_SECONDS = 1.0
@@ -248,13 +259,15 @@ RATE_SMOOTHING_SECONDS = 60.0  # time constant of the smoothed token rates
 class CalibrationState:
     """What calibration keeps between reconciles (status.scaling.calibration)."""
 
-    last: dict[str, list[float]] = field(default_factory=dict)  # engine → [time, prompt, generated, running+waiting]
+    # engine → [time, prompt, generated, running+waiting, finished prompt tokens, finished requests]
+    last: dict[str, list[float]] = field(default_factory=dict)
     xx: list[list[float]] = field(default_factory=lambda: [[0.0] * 3 for _ in range(3)])  # Σ x xᵀ (forgetting)
     xy: list[float] = field(default_factory=lambda: [0.0] * 3)  # Σ x · 1
     intervals: float = 0.0  # evidence seen, discounted like the sums
     prompt_rate: float | None = None  # prompt tokens/s over the fleet, smoothed
     generation_rate: float | None = None
     rates_at: float | None = None
+    mean_prompt_tokens: float | None = None  # of finished requests, smoothed
     feedback: float = 1.0
     feedback_at: float | None = None
     ttft_buckets: dict[str, float] = field(default_factory=dict)  # last cumulative TTFT histogram seen
@@ -268,6 +281,7 @@ class CalibrationState:
             "promptRate": self.prompt_rate,
             "generationRate": self.generation_rate,
             "ratesAt": self.rates_at,
+            "meanPromptTokens": self.mean_prompt_tokens,
             "feedback": self.feedback,
             "feedbackAt": self.feedback_at,
             "ttftBuckets": dict(self.ttft_buckets),
@@ -287,6 +301,7 @@ class CalibrationState:
                 prompt_rate=_optional(data.get("promptRate")),
                 generation_rate=_optional(data.get("generationRate")),
                 rates_at=_optional(data.get("ratesAt")),
+                mean_prompt_tokens=_optional(data.get("meanPromptTokens")),
                 feedback=float(data.get("feedback", 1.0)),
                 feedback_at=_optional(data.get("feedbackAt")),
                 ttft_buckets={str(k): float(v) for k, v in (data.get("ttftBuckets") or {}).items()},
@@ -295,8 +310,8 @@ class CalibrationState:
             raise ValueError(f"calibration state is malformed: {error}") from None
         if len(state.xx) != 3 or any(len(row) != 3 for row in state.xx) or len(state.xy) != 3:
             raise ValueError("calibration state: xx must be 3×3 and xy 3 long")
-        if any(len(v) != 4 for v in state.last.values()):
-            raise ValueError("calibration state: each engine's last sample is [time, prompt, generated, busy]")
+        if any(len(v) != 6 for v in state.last.values()):
+            raise ValueError("calibration state: each engine's last sample has 6 numbers")
         if not FEEDBACK_MIN <= state.feedback <= FEEDBACK_MAX:
             raise ValueError(f"calibration state: feedback {state.feedback} is outside its bounds")
         return state
@@ -313,6 +328,7 @@ class Calibration:
     rates: EngineRates
     prompt_tokens_per_second: float | None  # arriving prompt work over the fleet, smoothed
     generation_tokens_per_second: float | None
+    mean_prompt_tokens: float | None
     intervals: float  # evidence behind the fit (0: the preset alone)
     factors: tuple[float, float, float]  # fitted / preset: prefill time, step fixed cost, per-sequence cost
     feedback: float  # > 1: fewer engines (TTFT well under the SLO); < 1: more
@@ -326,6 +342,7 @@ class Calibration:
             "generationTokensPerSecond": None
             if self.generation_tokens_per_second is None
             else round(self.generation_tokens_per_second, 1),
+            "meanPromptTokens": None if self.mean_prompt_tokens is None else round(self.mean_prompt_tokens),
             "intervals": round(self.intervals, 1),
             "factors": [round(f, 3) for f in self.factors],
             "feedback": round(self.feedback, 3),
@@ -339,7 +356,7 @@ def interval_row(previous: list[float], sample: EngineSample) -> tuple[list[floa
     backwards (restart: not a negative rate), too short or too long, or the
     engine sat idle at either end. The token deltas are 0 after a restart.
     """
-    then, prompt, generated, busy = previous
+    then, prompt, generated, busy = previous[:4]
     elapsed = sample.time - then
     d_prompt, d_generated = sample.prompt_tokens - prompt, sample.generation_tokens - generated
     if d_prompt < 0 or d_generated < 0 or elapsed <= 0:
@@ -378,7 +395,7 @@ def calibrate(
     xy = state.xy[:]
     intervals = state.intervals
     scale = (preset.seconds_per_prompt_token, preset.decode_step_seconds, preset.seconds_per_sequence)
-    prompt_sum = generated_sum = 0.0
+    prompt_sum = generated_sum = finished_tokens = finished = 0.0
     fresh = False
     seen = set()
     for sample in samples:
@@ -392,9 +409,15 @@ def calibrate(
             sample.prompt_tokens,
             sample.generation_tokens,
             sample.running + sample.waiting,
+            sample.finished_prompt_tokens,
+            sample.finished_requests,
         ]
         if previous is None:
             continue
+        d_tokens, d_finished = sample.finished_prompt_tokens - previous[4], sample.finished_requests - previous[5]
+        if d_tokens >= 0 and d_finished > 0:  # a restart's negative delta says nothing
+            finished_tokens += d_tokens
+            finished += d_finished
         row, d_prompt, d_generated = interval_row(previous, sample)
         elapsed = sample.time - previous[0]
         if 0 < elapsed <= MAX_INTERVAL_SECONDS:
@@ -421,9 +444,18 @@ def calibrate(
         )
         rates_at = now
 
-    prior = [[PRIOR_WEIGHT if i == j else 0.0 for j in range(3)] for i in range(3)]
+    mean_prompt = state.mean_prompt_tokens
+    if finished:
+        observed = finished_tokens / finished
+        mean_prompt = observed if mean_prompt is None else mean_prompt + 0.2 * (observed - mean_prompt)
+
+    # The preset is evidence that is forgotten like any interval (FORGET**n
+    # of it is left after n intervals), down to a small ridge that keeps a
+    # parameter the data cannot tell apart (a batch that never changes) at it.
+    remembered = max(0.0, 1.0 - intervals * (1.0 - FORGET))
+    prior = PRIOR_WEIGHT * remembered + RIDGE
     factors = _solve3(
-        [[xx[i][j] + prior[i][j] for j in range(3)] for i in range(3)], [xy[i] + PRIOR_WEIGHT for i in range(3)]
+        [[xx[i][j] + (prior if i == j else 0.0) for j in range(3)] for i in range(3)], [xy[i] + prior for i in range(3)]
     )
     factors = [min(MAX_FACTOR, max(1.0 / MAX_FACTOR, f)) for f in factors]
     rates = replace(
@@ -444,11 +476,13 @@ def calibrate(
         prompt_rate=prompt_rate,
         generation_rate=generation_rate,
         rates_at=rates_at,
+        mean_prompt_tokens=mean_prompt,
     )
     return Calibration(
         rates=rates,
         prompt_tokens_per_second=prompt_rate,
         generation_tokens_per_second=generation_rate,
+        mean_prompt_tokens=mean_prompt,
         intervals=intervals,
         factors=tuple(factors),
         feedback=state.feedback,
