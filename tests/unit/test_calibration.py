@@ -423,3 +423,32 @@ def test_feedback_waits_a_period_needs_enough_requests_and_stays_bounded():
     few = {le: 5 for le in over}
     value, _, _ = feedback(CalibrationState(), few, slo_seconds=2.0, percentile=95, now=0)
     assert value == 1.0  # 5 requests say nothing about a p95
+
+
+# -- what gateways report -------------------------------------------------------------------
+
+GATEWAY = """# TYPE spotrag_queued_tokens gauge
+spotrag_queued_tokens 150.0
+# TYPE spotrag_queued_prompt_tokens gauge
+spotrag_queued_prompt_tokens 100.0
+# TYPE spotrag_queued_output_tokens gauge
+spotrag_queued_output_tokens 50.0
+# TYPE spotrag_waiting_requests gauge
+spotrag_waiting_requests 2.0
+# TYPE spotrag_time_to_first_token_seconds histogram
+spotrag_time_to_first_token_seconds_bucket{le="1.0"} 3.0
+spotrag_time_to_first_token_seconds_bucket{le="+Inf"} 4.0
+spotrag_time_to_first_token_seconds_count 4.0
+spotrag_time_to_first_token_seconds_sum 5.0
+"""
+
+
+def test_gateway_readings_are_parsed_and_summed_and_an_old_gateway_drops_the_parts():
+    from spotrag_operator.queued_tokens import QueuedWork, parse_gateway, sum_work
+
+    new = parse_gateway(GATEWAY)
+    assert new == QueuedWork(150, 100, 50, 2, {"1.0": 3, "+Inf": 4})
+    assert sum_work([new, new]) == QueuedWork(300, 200, 100, 4, {"1.0": 6, "+Inf": 8})
+    old = parse_gateway("spotrag_queued_tokens 10\n")
+    assert sum_work([new, old]) == QueuedWork(160, None, None, None, None)
+    assert parse_gateway("something_else 1\n") is None
