@@ -36,7 +36,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .calibration import Calibration, EngineRates, rates_from_spec
+from .calibration import (
+    Calibration,
+    CalibrationState,
+    EngineRates,
+    EngineSample,
+    calibrate,
+    feedback,
+    rates_from_spec,
+)
 
 DEFAULT_TOLERANCE = 0.10
 # HPA's default scale-up policy period: the step cap holds per period, not per
@@ -104,6 +112,7 @@ class ScalingPolicy:
     slo: Slo = field(default_factory=lambda: Slo())
     engine_rates: EngineRates | None = None  # the preset before calibration; None: calibration.DEFAULT_PRESET
     max_inflight_tokens_per_engine: int | None = None  # the gateway's cap on one engine's work
+    calibrate_online: bool = True  # False: the preset's rates only (scaling.calibration.online)
 
     def __post_init__(self) -> None:
         problems = []
@@ -159,6 +168,7 @@ class ScalingPolicy:
             ),
             engine_rates=rates,
             max_inflight_tokens_per_engine=(spec.get("gateway") or {}).get("maxInflightTokensPerEngine"),
+            calibrate_online=(scaling.get("calibration") or {}).get("online", True),
             **overrides,
         )
 
@@ -527,3 +537,54 @@ def decide(
     return Decision(
         desired=desired, previous=current, reason=reason, message=message, recommendation=raw, need=sized
     ), new_state
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScalingStep:
+    """One reconcile's scaling: the decision, the rates it used, and what to report."""
+
+    decision: Decision
+    calibration: Calibration
+    slo_problem: str | None  # an SLO no engine can meet (for a condition), else None
+    feedback_note: str  # what the TTFT feedback saw this period ("" when it did not look)
+
+    def sizing_status(self) -> dict:
+        """For status.sizing: the basis and parts of the last recommendation, the rates and why."""
+        need = self.decision.need.to_dict() if self.decision.need else {"basis": "unavailable"}
+        return need | self.calibration.to_dict() | ({"sloProblem": self.slo_problem} if self.slo_problem else {})
+
+
+def scale(
+    policy: ScalingPolicy,
+    observed: Observation,
+    *,
+    samples: list[EngineSample],
+    ttft_buckets: dict[str, float] | None,
+    autoscaler: AutoscalerState | None,
+    calibration_state: CalibrationState | None,
+) -> tuple[ScalingStep, AutoscalerState, CalibrationState]:
+    """calibrate → feedback → decide, once: what the operator runs every reconcile
+    and the simulator every control interval (the same function, so the
+    simulator shows what the operator does)."""
+    state = calibration_state or CalibrationState()
+    if policy.calibrate_online:
+        result, state = calibrate(state, policy.rates, samples, now=observed.now)
+    else:
+        result, _ = calibrate(CalibrationState(), policy.rates, [], now=observed.now)
+    factor, note, state = feedback(
+        state, ttft_buckets, slo_seconds=policy.slo.ttft_seconds, percentile=policy.slo.percentile, now=observed.now
+    )
+    result = Calibration(**{**result.__dict__, "feedback": factor})
+    decision, autoscaler_state = decide(policy, _with_calibration(observed, result), autoscaler)
+    problem = None
+    if policy.target_queued_tokens_per_replica is None:
+        problem = unmeetable_slo(policy.slo, result.rates, result.mean_prompt_tokens)
+    return (
+        ScalingStep(decision=decision, calibration=result, slo_problem=problem, feedback_note=note),
+        (autoscaler_state),
+        state,
+    )
+
+
+def _with_calibration(observed: Observation, result: Calibration) -> Observation:
+    return Observation(**{**observed.__dict__, "calibration": result})

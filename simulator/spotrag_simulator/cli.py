@@ -101,7 +101,11 @@ def cli(argv: list[str]) -> int:
     print(
         f"\n{meta['requests']} requests over {meta['hours']:g} h on {profile.gpu} / {profile.model}; "
         f"on-demand for peak = {meta['peak_engines']} engines; autoscalers up to {meta['max_replicas']}; "
-        f"spotrag target {meta['target_queued_tokens_per_replica']} queued tokens per engine"
+        + (
+            f"spotrag target {meta['target_queued_tokens_per_replica']} queued tokens per engine"
+            if meta["target_queued_tokens_per_replica"]
+            else f"spotrag sized to TTFT p{profile.slo_percentile:g} <= {profile.slo_ttft_seconds:g}s"
+        )
     )
     if not args.no_png:
         try:

@@ -27,6 +27,7 @@ from typing import Protocol
 
 from spotrag_operator import autoscale, placement
 from spotrag_operator.autoscale import AutoscalerState, Observation, ScalingPolicy
+from spotrag_operator.calibration import CalibrationState
 from spotrag_operator.placement import EngineView, PlacementState, SpotSettings
 
 from .presets import KedaSettings, KubeAISettings
@@ -48,6 +49,10 @@ class ClusterView:
     queued_tokens: float  # spotrag's gateway gauge
     in_flight_requests: int  # KubeAI's proxy count
     waiting_requests: int  # vllm:num_requests_waiting summed over engines
+    prompt_tokens: float | None = None  # the prompt part of queued_tokens (spotrag_queued_prompt_tokens)
+    output_tokens: float | None = None
+    engine_samples: list = field(default_factory=list)  # calibration.EngineSample per ready or draining engine
+    ttft_buckets: dict | None = None  # the gateway's cumulative TTFT histogram
 
     def count(self, phase: str) -> int:
         return sum(1 for e in self.engines if e.phase == phase)
@@ -70,6 +75,9 @@ class DecisionLog:
     placements: Counter = field(default_factory=Counter)
     give_ups: int = 0
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (time, desired) at each change
+    feedback_changes: int = 0  # how often the TTFT feedback factor moved (flapping shows here)
+    last_feedback: float = 1.0
+    last_calibration: object = None  # the calibration in use at the end of the run
 
 
 class SpotragController:
@@ -83,6 +91,7 @@ class SpotragController:
         self.spot = spot
         self.interval = interval
         self.scaler_state = AutoscalerState()
+        self.calibration_state = CalibrationState()
         self.placement_state = PlacementState()
         self.log = DecisionLog()
 
@@ -113,9 +122,24 @@ class SpotragController:
             ready=sum(1 for e in live if e.phase == placement.READY),
             starting=sum(1 for e in live if e.phase != placement.READY),
             draining=len(view.engines) - len(live),
+            prompt_tokens=view.prompt_tokens,
+            output_tokens=view.output_tokens,
+            requests=view.in_flight_requests,
         )
-        decision, self.scaler_state = autoscale.decide(self.policy, observed, self.scaler_state)
+        step, self.scaler_state, self.calibration_state = autoscale.scale(
+            self.policy,
+            observed,
+            samples=view.engine_samples,
+            ttft_buckets=view.ttft_buckets,
+            autoscaler=self.scaler_state,
+            calibration_state=self.calibration_state,
+        )
+        decision = step.decision
         self.log.reasons[decision.reason] += 1
+        if step.calibration.feedback != self.log.last_feedback:
+            self.log.feedback_changes += 1
+            self.log.last_feedback = step.calibration.feedback
+        self.log.last_calibration = step.calibration
         if decision.changed:
             self.log.changes += 1
             self.log.timeline.append((view.now, decision.desired))

@@ -151,9 +151,14 @@ def plot(path: pathlib.Path, results: dict[str, RunResult], profile: Profile, fo
     load.set_ylabel("arriving tokens/s")
     load.set_title(f"{profile.gpu} · {profile.model} — load, queued tokens and engines over the trace")
     queue.plot(hours, main.samples["queued_tokens"], color="tab:purple", linewidth=0.8)
-    target = profile.spec["scaling"]["targetQueuedTokensPerReplica"]
+    target = profile.spec["scaling"].get("targetQueuedTokensPerReplica")
     queue.set_ylabel(f"queued tokens ({focus})")
-    queue.annotate(f"target {target} per engine", xy=(0.01, 0.9), xycoords="axes fraction", fontsize=8)
+    basis = (
+        f"target {target} per engine"
+        if target
+        else f"sized to TTFT p{profile.slo_percentile:g} <= {profile.slo_ttft_seconds:g}s"
+    )
+    queue.annotate(basis, xy=(0.01, 0.9), xycoords="axes fraction", fontsize=8)
     engines.stackplot(
         hours,
         main.samples["ready_on_demand"],

@@ -66,12 +66,12 @@ def controller_for(name: str, profile: Profile, *, peak: int):
 
 
 def sized(profile: Profile, trace: list[TraceRequest], peak: int, utilization: float = TARGET_UTILIZATION) -> Profile:
-    """Fill in what the profile left to the simulator: the targets (for engines
-    `utilization` busy) and maxReplicas (1.5x the peak fleet)."""
+    """Fill in what the profile left to the simulator: KubeAI's target (for
+    engines `utilization` busy) and maxReplicas (1.5x the peak fleet).
+    spotrag sizes itself to the SLO unless the profile sets
+    targetQueuedTokensPerReplica."""
     scaling = profile.spec["scaling"]
     load = suggested_targets(profile.engine, trace, utilization)
-    if not profile.target_set:
-        profile = profile.with_scaling(targetQueuedTokensPerReplica=max(1, round(load.queued_tokens)))
     if not profile.max_replicas_set:
         profile = profile.with_scaling(
             maxReplicas=max(math.ceil(1.5 * peak), scaling["onDemandBaseline"], scaling["minReplicas"], 1)
@@ -120,8 +120,10 @@ def compare(
         "requests": len(trace),
         "peak_engines": peak,
         "max_replicas": scaling["maxReplicas"],
-        "target_queued_tokens_per_replica": scaling["targetQueuedTokensPerReplica"],
-        "target_sized_for_utilization": None if profile.target_set else utilization,
+        "target_queued_tokens_per_replica": scaling.get("targetQueuedTokensPerReplica"),
+        "spotrag_sizing": "targetQueuedTokensPerReplica" if profile.target_set else "slo",
+        "spotrag_calibration": scaling.get("calibration"),
+        "queue_timeout_seconds": profile.spec["gateway"]["queueTimeoutSeconds"],
         "kubeai_target_requests": profile.kubeai.target_requests,
         "keda_waiting_threshold": profile.keda.waiting_threshold,
         "spot_outages_hours": [[round(a / 3600.0, 3), round(b / 3600.0, 3)] for a, b in outages],
