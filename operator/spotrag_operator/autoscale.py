@@ -55,10 +55,8 @@ DEFAULT_SCALE_UP_PERIOD_SECONDS = 15.0
 FALLBACK_TARGET_QUEUED_TOKENS = 2048
 # Sizing to the SLO: the prompt backlog must be prefilled within this share of
 # the TTFT SLO (the newest request waits for the backlog ahead of it, and more
-# arrives meanwhile); the flow of prompts is sized for engines this busy
-# prefilling.
+# arrives meanwhile).
 BACKLOG_SHARE = 0.5
-PREFILL_UTILIZATION = 0.8
 # Requests in flight unknown: an answer's allowance (max_tokens) guessed at this.
 OUTPUT_TOKENS_PER_REQUEST_GUESS = 256
 
@@ -85,12 +83,17 @@ class Slo:
     ttft_seconds: float = 2.0
     percentile: float = 95.0
     inter_token_latency_seconds: float | None = None
+    # How busy the steady work may keep the engines: new ones take minutes to
+    # arrive, and the running ones must absorb the load's growth meanwhile.
+    target_utilization: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.ttft_seconds > 0:
             raise InvalidScalingPolicy(f"slo.ttftSeconds must be positive (got {self.ttft_seconds})")
         if not 0 < self.percentile <= 100:
             raise InvalidScalingPolicy(f"slo.percentile must be in (0, 100] (got {self.percentile})")
+        if not 0 < self.target_utilization <= 1:
+            raise InvalidScalingPolicy(f"slo.targetUtilization must be in (0, 1] (got {self.target_utilization})")
         if self.inter_token_latency_seconds is not None and not self.inter_token_latency_seconds > 0:
             raise InvalidScalingPolicy(
                 f"slo.interTokenLatencySeconds must be positive (got {self.inter_token_latency_seconds})"
@@ -165,6 +168,7 @@ class ScalingPolicy:
                 ttft_seconds=float(slo.get("ttftSeconds", 2.0)),
                 percentile=float(slo.get("percentile", 95.0)),
                 inter_token_latency_seconds=slo.get("interTokenLatencySeconds"),
+                target_utilization=float(slo.get("targetUtilization", 0.5)),
             ),
             engine_rates=rates,
             max_inflight_tokens_per_engine=(spec.get("gateway") or {}).get("maxInflightTokensPerEngine"),
@@ -312,27 +316,36 @@ def engines_needed(
     prompt_tokens_per_second: float | None = None,
     feedback: float = 1.0,
     max_inflight_tokens_per_engine: int | None = None,
+    mean_prompt_tokens: float | None = None,
 ) -> Need:
-    """Engines needed so the queued work meets the SLO (pure; tables in tests/unit/test_autoscale.py).
+    """Engines needed so the queued work meets the SLO (pure; tables in tests/unit/test_calibration.py).
 
-    prefill: the arriving prompt tokens/s at PREFILL_UTILIZATION of the
-    prefill rate, plus the queued prompt tokens drained within BACKLOG_SHARE
-    of the TTFT SLO (a burst asks for its engines in one go);
-    decode: the requests in flight over the batch one engine can run (vLLM's
-    max_num_seqs, its KV cache, the gateway's token cap per engine and, with
-    an inter-token latency SLO, the batch whose step meets it). Divided by
-    the feedback factor (calibration.feedback).
+    steady work, at `slo.target_utilization` of the engines:
+      prefill flow: the prompt tokens/s the engines prefill (calibrated), at
+      the prefill rate;
+      decode: the requests in flight over the batch one engine can run
+      (vLLM's max_num_seqs, its KV cache for a request of the mean prompt
+      plus its output, the gateway's token cap per engine and, with an
+      inter-token latency SLO, the batch whose step meets it);
+    plus the prompt backlog, prefilled within BACKLOG_SHARE of the TTFT SLO
+    (a burst asks for its engines in one go). Divided by the feedback factor
+    (calibration.feedback).
     """
     prompt_seconds = rates.seconds_per_prompt_token
-    flow = (prompt_tokens_per_second or 0.0) * prompt_seconds / PREFILL_UTILIZATION
+    busy = slo.target_utilization
+    flow = (prompt_tokens_per_second or 0.0) * prompt_seconds / busy
     backlog = prompt_tokens * prompt_seconds / (BACKLOG_SHARE * slo.ttft_seconds)
     if requests is None:
         requests = output_tokens / OUTPUT_TOKENS_PER_REQUEST_GUESS
-    per_request = (prompt_tokens + output_tokens) / requests if requests > 0 else None
+    per_request = None
+    if requests > 0:
+        # A request holds its whole prompt in the KV cache, not only the part still queued.
+        prompt = mean_prompt_tokens if mean_prompt_tokens else prompt_tokens / requests
+        per_request = prompt + output_tokens / requests
     batch = rates.batch_for(inter_token_latency=slo.inter_token_latency_seconds, tokens_per_request=per_request)
     if max_inflight_tokens_per_engine and per_request:
         batch = max(1.0, min(batch, max_inflight_tokens_per_engine / per_request))
-    decode = requests / batch
+    decode = requests / (batch * busy)
     engines = (flow + backlog + decode) / feedback
     how = (
         f"prefill {flow + backlog:.2f} ({(prompt_tokens_per_second or 0):.0f} prompt tok/s and {prompt_tokens:.0f} "
@@ -369,6 +382,7 @@ def need_for(policy: ScalingPolicy, observed: Observation) -> Need:
             prompt_tokens_per_second=calibration.prompt_tokens_per_second if calibration else None,
             feedback=calibration.feedback if calibration else 1.0,
             max_inflight_tokens_per_engine=policy.max_inflight_tokens_per_engine,
+            mean_prompt_tokens=calibration.mean_prompt_tokens if calibration else None,
         )
     if target is None:
         target, note = FALLBACK_TARGET_QUEUED_TOKENS, " (the gateways export no prompt/output split)"

@@ -12,7 +12,7 @@ from .presets import GPUS, MODELS, ProfileError, build_profile, load_profile
 from .report import plot, table, write_json
 from .run import POLICIES, compare
 from .sizing import TARGET_UTILIZATION
-from .trace import GENERATORS, TraceError, generate_trace, load_trace, write_trace
+from .trace import GENERATORS, TraceError, drop_oversized, generate_trace, load_trace, write_trace
 
 EXIT_BAD_INPUT = 2
 
@@ -54,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="where report.json, report.md and timeline.png go",
     )
     parser.add_argument("--no-png", action="store_true", help="skip the timeline PNG")
+    parser.add_argument(
+        "--drop-oversized",
+        action="store_true",
+        help="drop requests longer than the model's context (counted in the report) instead of refusing the trace",
+    )
+    parser.add_argument(
+        "--start-engines",
+        type=int,
+        help="engines every autoscaler has ready at the start (default: the floor, minReplicas / on-demand baseline)",
+    )
     return parser
 
 
@@ -76,11 +86,25 @@ def cli(argv: list[str]) -> int:
                 raise TraceError(
                     f"the generated trace has no requests (--hours {args.hours}, --peak-rps {args.peak_rps})"
                 )
+        dropped = 0
+        if args.drop_oversized:
+            trace, dropped = drop_oversized(trace, profile.engine.max_model_len)
+            if not trace:
+                raise TraceError("every request is longer than the model's context")
+        if args.start_engines is not None and args.start_engines < 0:
+            raise ValueError(f"--start-engines must not be negative, got {args.start_engines}")
         if not 0 < args.utilization < 1:
             raise ValueError(f"--utilization must be between 0 and 1, got {args.utilization}")
         policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
         comparison = compare(
-            profile, trace, seed=args.seed, horizon=horizon, policies=policies, utilization=args.utilization
+            profile,
+            trace,
+            seed=args.seed,
+            horizon=horizon,
+            policies=policies,
+            utilization=args.utilization,
+            start_engines=args.start_engines,
+            dropped_oversized=dropped,
         )
     except (ProfileError, TraceError, ValueError) as error:
         print(f"spotrag simulate: error: {error}", file=sys.stderr)
@@ -112,5 +136,8 @@ def cli(argv: list[str]) -> int:
             plot(args.out / "timeline.png", comparison.results, comparison.profile, focus=policies[-1])
         except ImportError:
             print("no timeline.png: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+    print(meta["start"])
+    if dropped:
+        print(f"dropped {dropped} requests longer than the context ({profile.engine.max_model_len} tokens)")
     print(f"wrote {args.out}/ in {time.monotonic() - started:.0f}s")
     return 0

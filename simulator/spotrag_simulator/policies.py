@@ -6,7 +6,8 @@ says how many engines it wants. spotrag's controllers call
 unchanged, exactly as the operator's timer does. The baselines are written
 after the projects they stand for:
 
-- on-demand for peak: a fixed fleet sized for the trace's busiest minute;
+- on-demand for peak: the smallest fixed on-demand fleet that meets the SLO
+  in the trace's busiest minutes (run.peak_fleet searches for it);
 - KubeAI: in-flight requests averaged over a moving window / targetRequests
   (internal/modelautoscaler), scale-down after consecutive lower answers;
 - KEDA on vLLM's `num_requests_waiting`: the HPA algorithm on a threshold of
@@ -85,8 +86,11 @@ class SpotragController:
 
     uses_gateway = True
 
-    def __init__(self, *, name: str, policy: ScalingPolicy, spot: SpotSettings, interval: float) -> None:
+    def __init__(
+        self, *, name: str, policy: ScalingPolicy, spot: SpotSettings, interval: float, start: int | None = None
+    ) -> None:
         self.name = name
+        self.start = policy.floor if start is None else start
         self.policy = policy
         self.spot = spot
         self.interval = interval
@@ -109,7 +113,7 @@ class SpotragController:
         return Target(desired=desired, by_capacity=result.target, give_up=result.give_up)
 
     def initial(self) -> Target:
-        desired = self.policy.floor
+        desired = self.start
         self.scaler_state = AutoscalerState(desired=desired)
         self.log.timeline.append((0.0, desired))
         return self._split(desired, [], 0.0)
@@ -169,7 +173,9 @@ class KubeAIController:
 
     uses_gateway = False
 
-    def __init__(self, *, name: str, settings: KubeAISettings, min_replicas: int, max_replicas: int) -> None:
+    def __init__(
+        self, *, name: str, settings: KubeAISettings, min_replicas: int, max_replicas: int, start: int | None = None
+    ) -> None:
         self.name = name
         self.settings = settings
         self.interval = settings.interval_seconds
@@ -179,8 +185,8 @@ class KubeAIController:
         self.window: deque[float] = deque([0.0] * samples, maxlen=samples)
         self.required_scale_downs = math.ceil(settings.scale_down_delay_seconds / settings.interval_seconds)
         self.scale_downs = 0
-        self.desired = min_replicas
-        self.log = DecisionLog(timeline=[(0.0, min_replicas)])
+        self.desired = min_replicas if start is None else start
+        self.log = DecisionLog(timeline=[(0.0, self.desired)])
 
     def initial(self) -> Target:
         return Target(desired=self.desired)
@@ -210,14 +216,16 @@ class KedaController:
     TOLERANCE = 0.1  # the HPA's
     SCALE_UP_PODS, SCALE_UP_PERIOD = 4, 15.0  # HPA default scale-up policy: max(4 pods, 100%) per 15 s
 
-    def __init__(self, *, name: str, settings: KedaSettings, min_replicas: int, max_replicas: int) -> None:
+    def __init__(
+        self, *, name: str, settings: KedaSettings, min_replicas: int, max_replicas: int, start: int | None = None
+    ) -> None:
         self.name = name
         self.settings = settings
         self.interval = settings.polling_interval_seconds
         self.min_replicas, self.max_replicas = min_replicas, max_replicas
-        self.desired = min_replicas
+        self.desired = min_replicas if start is None else start
         self.recommendations: deque[tuple[float, int]] = deque()
-        self.log = DecisionLog(timeline=[(0.0, min_replicas)])
+        self.log = DecisionLog(timeline=[(0.0, self.desired)])
 
     def initial(self) -> Target:
         return Target(desired=self.desired)
