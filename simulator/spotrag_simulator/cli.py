@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument("--generate", choices=GENERATORS, help="generate a trace instead (default: bursty)")
     parser.add_argument("--hours", type=float, default=24.0, help="length of a generated trace")
+    parser.add_argument(
+        "--start-hour",
+        type=float,
+        default=0.0,
+        help="hour of the day a generated trace starts at (14: busy from the first minute, a warm-up at the floor)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seeds the generated trace, interruptions and outages")
     parser.add_argument(
         "--peak-rps", type=float, default=2.0, help="requests/s of a generated trace at the busiest hour, before bursts"
@@ -80,7 +86,13 @@ def cli(argv: list[str]) -> int:
             trace = load_trace(args.trace)
             horizon = None
         else:
-            trace = generate_trace(args.generate or "bursty", hours=args.hours, seed=args.seed, peak_rps=args.peak_rps)
+            trace = generate_trace(
+                args.generate or "bursty",
+                hours=args.hours,
+                seed=args.seed,
+                peak_rps=args.peak_rps,
+                start_hour=args.start_hour,
+            )
             horizon = args.hours * 3600.0
             if not trace:
                 raise TraceError(
@@ -114,7 +126,7 @@ def cli(argv: list[str]) -> int:
     meta = comparison.meta | {
         "trace": str(args.trace)
         if args.trace
-        else f"generated {args.generate or 'bursty'}, {args.hours:g} h, peak {args.peak_rps:g} req/s"
+        else f"generated {args.generate or 'bursty'}, {args.hours:g} h from {args.start_hour:g}:00, peak {args.peak_rps:g} req/s"
     }
     rendered = table(comparison.summaries)
     write_json(args.out / "report.json", comparison.summaries, meta)
@@ -136,6 +148,12 @@ def cli(argv: list[str]) -> int:
             plot(args.out / "timeline.png", comparison.results, comparison.profile, focus=policies[-1])
         except ImportError:
             print("no timeline.png: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+    if not meta["peak_fleet_meets_slo"]:
+        print(
+            f"no static fleet up to {meta['peak_engines'] * 8} engines meets TTFT p{profile.slo_percentile:g} <= "
+            f"{profile.slo_ttft_seconds:g}s in the busiest minutes: on-demand for peak uses the rule of thumb "
+            f"({meta['peak_engines']} engines at 80% busy)"
+        )
     print(meta["start"])
     if dropped:
         print(f"dropped {dropped} requests longer than the context ({profile.engine.max_model_len} tokens)")

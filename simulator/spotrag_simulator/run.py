@@ -133,26 +133,37 @@ def _fleet_meets_slo(profile: Profile, trace: list[TraceRequest], minute: int, e
     return bool(np.isnan(value) or value <= profile.slo_ttft_seconds)
 
 
-def peak_fleet(profile: Profile, trace: list[TraceRequest], horizon: float, *, seed: int) -> tuple[int, list[int]]:
+# No fleet this many times the rule of thumb meets it: the SLO is out of reach
+# (prompts whose prefill alone takes longer), and the search stops there.
+PEAK_SEARCH_LIMIT = 8
+
+
+def peak_fleet(
+    profile: Profile, trace: list[TraceRequest], horizon: float, *, seed: int
+) -> tuple[int, list[int], bool]:
     """The smallest static on-demand fleet whose TTFT percentile meets the SLO in
     each of the trace's busiest minutes (searched: the fluid engine model, not
-    a utilization rule of thumb). Returns (engines, the minutes checked)."""
+    a utilization rule of thumb). Returns (engines, the minutes checked,
+    whether it meets the SLO: False when no fleet up to PEAK_SEARCH_LIMIT×
+    the rule of thumb does; that fleet is then used)."""
     minutes = busiest_minutes(trace, profile, horizon, PEAK_MINUTES_CHECKED)
 
     def meets(n: int) -> bool:
         return all(_fleet_meets_slo(profile, trace, m, n, seed) for m in minutes)
 
     low = 1
-    high = max(1, peak_engines(trace, profile.engine, horizon))
+    high = rule = max(1, peak_engines(trace, profile.engine, horizon))
     while not meets(high):  # grow until it meets, then bisect
-        low, high = high + 1, high * 2
+        if high >= PEAK_SEARCH_LIMIT * rule:
+            return rule, minutes, False
+        low, high = high + 1, min(high * 2, PEAK_SEARCH_LIMIT * rule)
     while low < high:
         middle = (low + high) // 2
         if meets(middle):
             high = middle
         else:
             low = middle + 1
-    return high, minutes
+    return high, minutes, True
 
 
 def compare(
@@ -174,7 +185,7 @@ def compare(
         raise ValueError("the trace has no requests")
     check_fits(trace, profile.engine.max_model_len)
     horizon = horizon or math.ceil(max(r.arrival for r in trace) / 60.0 + 1) * 60.0
-    peak, peak_minutes = peak_fleet(profile, trace, horizon, seed=seed)
+    peak, peak_minutes, peak_meets = peak_fleet(profile, trace, horizon, seed=seed)
     profile = sized(profile, trace, peak, utilization)
     scaling = profile.spec["scaling"]
     start = profile.scaling_policy().floor if start_engines is None else start_engines
@@ -196,6 +207,7 @@ def compare(
         "peak_engines": peak,
         "peak_engines_rule_of_thumb": peak_engines(trace, profile.engine, horizon),
         "peak_minutes_checked": peak_minutes,
+        "peak_fleet_meets_slo": peak_meets,
         "start": (
             f"every autoscaler starts with {start} engine(s) ready (the on-demand baseline first, then spot) and "
             f"nothing queued; on-demand for peak starts with its {peak} engines ready"

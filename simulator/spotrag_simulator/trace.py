@@ -159,7 +159,9 @@ def diurnal_rate(hour_of_day: np.ndarray) -> np.ndarray:
     return 0.15 + 0.85 * (0.5 - 0.5 * np.cos(2 * np.pi * (hour_of_day - 4.0) / 24.0)) ** 1.5
 
 
-def generate_trace(kind: str, *, hours: float, seed: int, peak_rps: float = 2.0) -> list[TraceRequest]:
+def generate_trace(
+    kind: str, *, hours: float, seed: int, peak_rps: float = 2.0, start_hour: float = 0.0
+) -> list[TraceRequest]:
     """A synthetic trace: `diurnal` (a smooth day) or `bursty` (the day plus sudden bursts).
 
     Arrivals are a non-homogeneous Poisson process drawn by thinning; bursts
@@ -173,7 +175,7 @@ def generate_trace(kind: str, *, hours: float, seed: int, peak_rps: float = 2.0)
     if not peak_rps > 0:
         raise TraceError(f"the peak request rate must be positive, got {peak_rps}")
     if kind in SHAPES:
-        return shaped_trace(SHAPES[kind], hours=hours, seed=seed, peak_rps=peak_rps)
+        return shaped_trace(SHAPES[kind], hours=hours, seed=seed, peak_rps=peak_rps, start_hour=start_hour)
     rng = np.random.default_rng(seed)
     duration = hours * 3600.0
     bursts: list[tuple[float, float, float]] = []
@@ -186,7 +188,7 @@ def generate_trace(kind: str, *, hours: float, seed: int, peak_rps: float = 2.0)
     # Thinning: candidate arrivals at the ceiling rate, each kept with rate(t)/ceiling.
     candidates = np.cumsum(rng.exponential(1.0 / ceiling, int(duration * ceiling * 1.2) + 100))
     candidates = candidates[candidates < duration]
-    rate = peak_rps * diurnal_rate((candidates / 3600.0) % 24.0)
+    rate = peak_rps * diurnal_rate((start_hour + candidates / 3600.0) % 24.0)
     for start, end, multiplier in bursts:
         inside = (candidates >= start) & (candidates < end)
         rate[inside] *= multiplier
@@ -204,14 +206,17 @@ def generate_trace(kind: str, *, hours: float, seed: int, peak_rps: float = 2.0)
     ]
 
 
-def shaped_trace(shape: Shape, *, hours: float, seed: int, peak_rps: float) -> list[TraceRequest]:
-    """A day of `shape`: the diurnal curve (peak_rps at the busiest hour), each
-    minute's rate varied log-normally, and bursts of a few minutes on top;
-    Poisson arrivals within each minute."""
+def shaped_trace(
+    shape: Shape, *, hours: float, seed: int, peak_rps: float, start_hour: float = 0.0
+) -> list[TraceRequest]:
+    """A day of `shape`: the diurnal curve (peak_rps at the busiest hour, the
+    trace starting at `start_hour` of the day), each minute's rate varied
+    log-normally, and bursts of a few minutes on top; Poisson arrivals within
+    each minute."""
     rng = np.random.default_rng([seed, 11])
     minutes = int(math.ceil(hours * 60))
     start = np.arange(minutes) * 60.0
-    rate = peak_rps * diurnal_rate((start / 3600.0) % 24.0)
+    rate = peak_rps * diurnal_rate((start_hour + start / 3600.0) % 24.0)
     rate *= rng.lognormal(-(shape.minute_sigma**2) / 2, shape.minute_sigma, minutes)  # mean 1
     for _ in range(rng.poisson(shape.bursts_per_hour * hours)):
         first = int(rng.integers(0, minutes))

@@ -93,16 +93,16 @@ def test_an_unknown_preset_is_refused():
         ("nothing", {"prompt_tokens": 0, "output_tokens": 0, "requests": 0}, (0.0, 0.0, 0.0)),
         # 80,000 prompt tokens = 2 s of one engine; to drain within half the 2 s SLO: 2 engines.
         ("prompt backlog", {"prompt_tokens": 80_000, "output_tokens": 0, "requests": 0}, (0.0, 2.0, 0.0)),
-        # 32,000 prompt tok/s arriving = 0.8 of an engine, sized for 80% busy: 1 engine.
+        # 20,000 prompt tok/s arriving = half an engine, sized for engines half busy: 1 engine.
         (
             "prompt flow",
-            {"prompt_tokens": 0, "output_tokens": 0, "requests": 0, "prompt_tokens_per_second": 32_000},
+            {"prompt_tokens": 0, "output_tokens": 0, "requests": 0, "prompt_tokens_per_second": 20_000},
             (1.0, 0.0, 0.0),
         ),
-        # 512 short requests decoding, 256 to an engine.
-        ("decode", {"prompt_tokens": 0, "output_tokens": 51_200, "requests": 512}, (0.0, 0.0, 2.0)),
-        # The same output tokens with no request count: guessed at 256 allowed per request.
-        ("decode, requests unknown", {"prompt_tokens": 0, "output_tokens": 131_072, "requests": None}, (0.0, 0.0, 2.0)),
+        # 256 short requests decoding: one engine's full batch, sized for engines half busy: 2 engines.
+        ("decode", {"prompt_tokens": 0, "output_tokens": 25_600, "requests": 256}, (0.0, 0.0, 2.0)),
+        # Output tokens with no request count: guessed at 256 allowed per request.
+        ("decode, requests unknown", {"prompt_tokens": 0, "output_tokens": 65_536, "requests": None}, (0.0, 0.0, 2.0)),
     ],
 )
 def test_engines_needed_weighs_prompt_and_output_apart(case, work, expected):
@@ -119,14 +119,36 @@ def test_engines_needed_weighs_prompt_and_output_apart(case, work, expected):
 def test_the_same_tokens_weigh_differently_as_prompt_or_as_output():
     prompt_heavy = engines_needed(prompt_tokens=200_000, output_tokens=10_000, requests=100, rates=H200, slo=SLO)
     output_heavy = engines_needed(prompt_tokens=10_000, output_tokens=200_000, requests=800, rates=H200, slo=SLO)
-    assert round(prompt_heavy.engines, 2) == 5.39  # 5 for the prompts, 100/256 for decode
-    assert round(output_heavy.engines, 2) == 3.38  # 0.25 for the prompts, 800/256 for decode
+    assert round(prompt_heavy.engines, 2) == 5.78  # 5 for the prompt backlog, 100/(256 × 0.5) for decode
+    assert round(output_heavy.engines, 2) == 6.5  # 0.25 for the prompt backlog, 800/(256 × 0.5) for decode
 
 
 def test_a_slower_engine_needs_more_of_itself_for_the_same_work():
     work = {"prompt_tokens": 40_000, "output_tokens": 20_000, "requests": 100, "prompt_tokens_per_second": 20_000}
     fast, slow = engines_needed(rates=H200, slo=SLO, **work), engines_needed(rates=L4, slo=SLO, **work)
     assert fast.engines < 3 and slow.engines > 15  # 2.0 vs 17.0
+
+
+def test_the_kv_cache_holds_whole_prompts_not_the_queued_part():
+    # 30 requests, all prefilled (no prompt queued), 100 output tokens left each, prompts of 7,000 on average:
+    # an L4's 42,724 KV tokens hold 5.99 of them, not 427.
+    need = engines_needed(
+        prompt_tokens=0, output_tokens=3_000, requests=30, rates=L4, slo=SLO, mean_prompt_tokens=7_000
+    )
+    assert close(need.batch, L4.kv_cache_tokens / 7_100, 1e-9)
+
+
+@pytest.mark.parametrize(("utilization", "engines"), [(0.25, 4.0), (0.5, 2.0), (1.0, 1.0)])
+def test_target_utilization_scales_the_steady_work(utilization, engines):
+    need = engines_needed(
+        prompt_tokens=0,
+        output_tokens=0,
+        requests=0,
+        prompt_tokens_per_second=40_000,
+        rates=H200,
+        slo=Slo(target_utilization=utilization),
+    )
+    assert close(need.engines, engines)
 
 
 @pytest.mark.parametrize(
@@ -147,7 +169,7 @@ def test_the_decode_batch_follows_the_itl_slo_and_the_gateway_cap(itl, gateway_c
         max_inflight_tokens_per_engine=gateway_cap,
     )
     assert close(need.batch, batch, 1e-9)
-    assert close(need.decode, 100 / batch, 1e-9)
+    assert close(need.decode, 100 / (batch * 0.5), 1e-9)  # engines half busy (slo.targetUtilization)
 
 
 @pytest.mark.parametrize(("factor", "engines"), [(0.5, 8.0), (1.0, 4.0), (1.5, 4.0 / 1.5)])
