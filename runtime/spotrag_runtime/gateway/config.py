@@ -109,7 +109,7 @@ class AdmissionConfig:
         default=256, metadata=_key("maxInflightRequestsPerEngine", check=_positive)
     )
     max_queued_requests: int = field(default=1024, metadata=_key("maxQueuedRequests", check=_non_negative))
-    queue_timeout_seconds: float = field(default=30.0, metadata=_key("queueTimeoutSeconds", check=_positive))
+    queue_timeout_seconds: float = field(default=300.0, metadata=_key("queueTimeoutSeconds", check=_positive))
     # null: min(4096, maxModelLen / 2), so any context length leaves room for a prompt.
     max_tokens_limit: int | None = field(default=None, metadata=_key("maxTokensLimit", check=_positive))
     # null: min(512, the limit).

@@ -101,6 +101,7 @@ class Gateway:
         self.auth = APIKeyStore(config.auth.api_keys_dir) if config.auth.api_keys_dir else None
         live = self.metrics.live
         live.queued_tokens = lambda: self.admission.queued_tokens
+        live.queued_prompt_tokens = lambda: self.admission.queued_prompt_tokens
         live.waiting_requests = lambda: self.admission.waiting_requests
         live.engine_inflight_tokens = self.admission.engine_inflight_tokens
         live.engines_by_state = self.admission.engines_by_state
