@@ -238,3 +238,31 @@ async def test_a_cancelled_waiter_leaves_the_queue() -> None:
     assert control.waiting_requests == 0 and control.queued_tokens == 20
     control.release(holder)
     assert control.engine_inflight_tokens() == {A: 0}
+
+
+async def test_queued_tokens_split_into_prompt_and_output_parts_that_add_up() -> None:
+    control = controller(engines=(A,))
+    ticket = Ticket(prompt_tokens=100, max_tokens=50)
+    engine = await control.admit(ticket)
+    parts = [(control.queued_prompt_tokens, control.queued_output_tokens, control.queued_tokens)]
+    control.progress(ticket, 1)  # prefilled: the prompt part goes, the output part counts down
+    parts.append((control.queued_prompt_tokens, control.queued_output_tokens, control.queued_tokens))
+    control.requeue(ticket, failed=engine, prompt_tokens=101)  # resumed elsewhere: the answer so far is prompt again
+    parts.append((control.queued_prompt_tokens, control.queued_output_tokens, control.queued_tokens))
+    control.release(ticket)
+    parts.append((control.queued_prompt_tokens, control.queued_output_tokens, control.queued_tokens))
+    assert parts == [(100, 50, 150), (0, 49, 49), (101, 49, 150), (0, 0, 0)]
+
+
+def test_the_gateway_exports_both_parts_of_queued_tokens() -> None:
+    from prometheus_client import generate_latest
+
+    from spotrag_runtime.gateway.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics()
+    metrics.live.queued_tokens = lambda: 150
+    metrics.live.queued_prompt_tokens = lambda: 100
+    text = generate_latest(metrics.registry).decode()
+    assert "spotrag_queued_tokens 150.0" in text
+    assert "spotrag_queued_prompt_tokens 100.0" in text
+    assert "spotrag_queued_output_tokens 50.0" in text
