@@ -176,9 +176,15 @@ def test_answer_quotes_the_reference_sentence_that_matches_the_question(engine: 
             ["The tower is tall [2].", "Bridges cross the river [1].", "Boats are slow [1].", "It is old [2]."],
         ),
         # Headings are not sentences; a sentence without a stop gets one; "[1]:" is a marker too.
-        ("[1]: # Title\nParis has a tower!  More text\nQuestion: a tower?", ["Paris has a tower [1]!", "More text [1]."]),
+        (
+            "[1]: # Title\nParis has a tower!  More text\nQuestion: a tower?",
+            ["Paris has a tower [1]!", "More text [1]."],
+        ),
         # Japanese has no spaces: matched by character pairs, cited after the full stop.
-        ("[1] 台風の日は欠航します。運賃は戻ります。\nQuestion: 台風の日は?", ["台風の日は欠航します。 [1]", "運賃は戻ります。 [1]"]),
+        (
+            "[1] 台風の日は欠航します。運賃は戻ります。\nQuestion: 台風の日は?",
+            ["台風の日は欠航します。 [1]", "運賃は戻ります。 [1]"],
+        ),
         ("A reference like [1] inside a sentence is not a reference.", []),
         ("[2] Numbering that does not start at 1 is not references.", []),
     ],
