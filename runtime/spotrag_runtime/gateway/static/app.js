@@ -329,7 +329,7 @@
     if (state.busy) return;
     if (state.config.auth && !apiKey()) {
       state.pending = turn;
-      setState(turn, "needs-key", "Waiting for an API key.");
+      setState(turn, "needs-key", "This gateway needs an API key: enter it below, and the question is sent.");
       askForKey("This gateway needs an API key.");
       return;
     }
@@ -498,6 +498,7 @@
       $("settings").hidden = !open;
       $("settings-toggle").setAttribute("aria-expanded", String(open));
     });
+    $("question").addEventListener("input", () => notice(""));
     $("question").addEventListener("keydown", (event) => {
       if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
         event.preventDefault();
