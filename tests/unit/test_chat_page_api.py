@@ -100,3 +100,34 @@ def test_a_rag_query_keeps_the_conversation_it_is_given(gateway: RunningGateway)
     assert followed["usage"]["prompt_tokens"] > alone["usage"]["prompt_tokens"]
     assert followed["passages"] == alone["passages"]
     assert refused.status_code == 400 and refused.json()["error"]["param"].startswith("messages")
+
+
+def test_the_spec_turns_the_page_off_or_moves_it() -> None:
+    from spotrag_operator import render
+    from spotrag_operator.crd import defaulted_spec
+
+    from .operator_fixtures import ragdeployment
+
+    def page(gateway_spec: dict) -> tuple[bool, str]:
+        body = ragdeployment({"gateway": gateway_spec})
+        ui = GatewayConfig.from_mapping(render.gateway_config(body, defaulted_spec(body))).ui
+        return ui.enabled, ui.path
+
+    assert page({}) == (True, "/")
+    assert page({"ui": {"enabled": False}}) == (False, "/")
+    assert page({"ui": {"path": "/chat"}}) == (True, "/chat")
+
+
+@pytest.mark.parametrize(("path", "refused"), [("/chat", False), ("/", False), ("/v1/chat", True), ("/metrics", True)])
+def test_the_crd_refuses_a_page_path_under_the_api(path: str, refused: bool) -> None:
+    import yaml
+
+    from spotrag_box.apiserver.crd_admission import validate_custom_resource
+    from spotrag_operator.crd import CRD_PATH
+
+    from .operator_fixtures import ragdeployment
+
+    _, errors = validate_custom_resource(
+        yaml.safe_load(CRD_PATH.read_text()), ragdeployment({"gateway": {"ui": {"path": path}}})
+    )
+    assert [error for error in errors if "ui.path" in str(error)] if refused else not errors
