@@ -207,3 +207,33 @@ def test_errors_are_said_plainly_and_can_be_retried(browser) -> None:
     browser.find_element(By.CSS_SELECTOR, "#turn-1 .retry").click()
     wait(browser, lambda: "Could not reach the gateway" in answer_state(browser, 1)["status"], "the dropped gateway")
     assert browser.find_element(By.CSS_SELECTOR, "#turn-1 .retry").is_displayed()
+
+
+def test_an_answer_resumed_on_another_engine_shows_as_one(browser) -> None:
+    """The engine writing the answer dies mid-answer: the gateway resumes it
+    on the other, and the page shows one answer, the one engine's text."""
+    question = "At what wind speed are sailings cancelled?"
+    with running_engines(2, itl_ms=20, answer_words_min=150, answer_words_max=150) as engines:
+        config = gateway_config([engine.url for engine in engines], admission={"defaultMaxTokens": 200})
+        with RunningGateway(config) as running:
+            browser.get(running.url)
+            wait(browser, lambda: browser.find_element(By.TAG_NAME, "body").get_attribute("data-ready"), "the page")
+            ask(browser, question)
+            wait(browser, lambda: (s := answer_state(browser, 1))["state"] == "streaming" and s["text"], "tokens")
+            serving = wait(
+                browser,
+                lambda: next(
+                    (e for e in engines if running.metric("spotrag_engine_inflight_tokens", engine=e.url) > 0), None
+                ),
+                "the engine that writes the answer",
+            )
+            serving.kill()
+            shown = wait(
+                browser, lambda: (s := answer_state(browser, 1))["state"] in ("done", "cut", "error") and s, ""
+            )
+            assert shown["state"] == "done" and shown["status"] == "", shown
+            assert running.metric("spotrag_resumed_streams_total") == 1
+            expected = httpx.post(
+                f"{running.url}/v1/rag/query", json={"question": question, "max_tokens": 200, "top_k": 4}, timeout=30
+            ).json()
+            assert shown["text"] == expected["answer"]
