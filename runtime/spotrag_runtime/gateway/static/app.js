@@ -447,20 +447,29 @@
       const tokens = usage ? `${usage.completion_tokens} tokens, ` : "";
       turn.meta.textContent = `${tokens}${seconds} s${first}`;
       setState(turn, "done", finish === "length" ? "Stopped at the max tokens limit (see Settings)." : "");
-      state.history = [...turn.history, { role: "user", content: turn.question }, { role: "assistant", content: answer }];
+      remember(turn, answer);
     } catch (error) {
       if (error.name !== "AbortError") {
         setState(turn, "error", `The page could not read the answer (${error.message}).`, true);
         return;
       }
       setState(turn, "stopped", "Stopped.", true);
-      if (answer) state.history = [...turn.history, { role: "user", content: turn.question }, { role: "assistant", content: answer }];
+      if (answer) remember(turn, answer);
     } finally {
       state.busy = false;
       state.controller = null;
       $("send").disabled = false;
       $("stop").hidden = true;
     }
+  }
+
+  // An answered turn joins the conversation sent with the next question: the
+  // latest turn in place of what it had before (a stopped partial answer), an
+  // older one retried later after the turns since.
+  function remember(turn, answer) {
+    if (!turn.node.isConnected) return; // from before "New chat"
+    const base = turn.index === state.turns ? turn.history : state.history;
+    state.history = [...base, { role: "user", content: turn.question }, { role: "assistant", content: answer }];
   }
 
   function newChat() {
