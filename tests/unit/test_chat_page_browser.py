@@ -65,6 +65,7 @@ def browser() -> Iterator[webdriver.Chrome]:
     chromium, driver_path = browser_binaries()
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, checked for errors
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
         options.add_argument(argument)
     try:
@@ -95,6 +96,16 @@ def ask(browser, question: str) -> None:
     box = browser.find_element(By.ID, "question")
     box.clear()
     box.send_keys(question, Keys.ENTER)
+
+
+def console_errors(browser) -> list[str]:
+    """Errors in the page's console (a script error, a blocked resource), less
+    the failed requests the test causes on purpose (401, 503, a gone gateway)."""
+    return [
+        entry["message"]
+        for entry in browser.get_log("browser")
+        if entry["level"] == "SEVERE" and "Failed to load resource" not in entry["message"]
+    ]
 
 
 def screenshot(browser, name: str) -> None:
@@ -188,6 +199,7 @@ def test_a_streamed_cited_conversation_behind_an_api_key(gateway: RunningGateway
     browser.find_element(By.ID, "send").click()
     wait(browser, lambda: "too long" in notice.text, "the long question's notice")
     assert "accepts at most 16 KiB" in notice.text and answer_state(browser, 3) is None
+    assert console_errors(browser) == []
 
 
 def test_errors_are_said_plainly_and_can_be_retried(browser) -> None:
