@@ -369,6 +369,7 @@ def gateway_config(body: dict, spec: dict) -> dict:
             "prefixAffinity": spec["model"]["enablePrefixCaching"],
         },
         "auth": {"apiKeysDir": API_KEYS_DIR if gateway.get("apiKeySecret") else None},
+        "ui": {"enabled": gateway["ui"]["enabled"], "path": gateway["ui"]["path"]},
     }
 
 
