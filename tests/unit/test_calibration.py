@@ -549,3 +549,46 @@ def test_with_online_calibration_off_the_preset_is_kept():
             policy, observed, samples=[s], ttft_buckets=None, autoscaler=autoscaler, calibration_state=state
         )
     assert step.calibration.rates.prefill_tokens_per_second == 40_000 and step.calibration.intervals == 0
+
+
+def test_engine_states_for_calibration_and_the_observation_from_readings():
+    import datetime
+
+    from spotrag_operator.autoscale import observation_from
+    from spotrag_operator.engine_load import calibration_state
+    from spotrag_operator.plan import Engine
+    from spotrag_operator.queued_tokens import QueuedWork
+
+    def engine(**facts):
+        base = {"serving": True, "ready": True, "failed": False, "terminating": False}
+        return Engine(
+            name="e", capacity="spot", spec_hash="", created=datetime.datetime.now(datetime.UTC), **(base | facts)
+        )
+
+    states = [
+        calibration_state(engine()),
+        calibration_state(engine(ready=False)),
+        calibration_state(engine(serving=False)),
+        calibration_state(engine(terminating=True)),
+        calibration_state(engine(failed=True)),
+    ]
+    assert states == [
+        calibration.SERVING,
+        calibration.STARTING,
+        calibration.DRAINING,
+        calibration.DRAINING,
+        calibration.ERRORING,
+    ]
+
+    samples = [sample("a", 0, 0, 0, running=5, waiting=2), sample("b", 0, 0, 0, running=3)]
+    observed = observation_from(QueuedWork(150, 100, 50, 4), samples, now=1, ready=2, starting=0)
+    assert (observed.queued_tokens, observed.prompt_tokens, observed.output_tokens, observed.requests) == (
+        150,
+        100,
+        50,
+        14,
+    )
+    old_gateway = observation_from(QueuedWork(150), samples, now=1, ready=2, starting=0)
+    assert (old_gateway.prompt_tokens, old_gateway.requests) == (None, None)
+    failed = observation_from(None, samples, now=1, ready=2, starting=0, metric_problem="no gateway")
+    assert failed.queued_tokens is None and failed.metric_problem == "no gateway"
