@@ -615,3 +615,25 @@ def test_helper_refuses_unknown_options_before_starting_anything() -> None:
         start_engine_emulator(max_num_seq=4)
     with pytest.raises(ValueError, match="itl_ms must not be negative"):
         start_engine_emulator(itl_ms=-1)
+
+
+def test_a_hardware_preset_sets_the_capacity_model_and_explicit_flags_still_win() -> None:
+    from spotrag_runtime.engine_emulator.config import HARDWARE_PRESETS, config_from_args, parse_arguments
+
+    preset = HARDWARE_PRESETS["h200-llama-3.1-8b"]
+    _, args = parse_arguments(["--hardware", "h200-llama-3.1-8b"])
+    config = config_from_args(args)
+    assert {name: getattr(config, name) for name in preset} == preset
+    assert config.kv_capacity_tokens == 896_912  # the measured KV cache
+
+    _, args = parse_arguments(["--hardware", "h200-llama-3.1-8b", "--itl-ms", "7"])
+    assert config_from_args(args).itl_ms == 7
+    assert config_from_args(args).prefill_tokens_per_s == preset["prefill_tokens_per_s"]
+
+
+def test_a_completion_prompt_of_token_ids_counts_one_token_per_id(engine: EmulatorProcess) -> None:
+    body = {"model": MODEL, "prompt": [1000, 2000, 3000, 4000], "max_tokens": 3, "ignore_eos": True}
+    response = httpx.post(engine.url + "/v1/completions", json=body, timeout=10)
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (4, 3, 7)
