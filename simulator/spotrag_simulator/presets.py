@@ -18,10 +18,10 @@ published vLLM measurements:
   after the weights and ~1.5 GB of activations and CUDA graphs.
 
 Measured presets replace the roofline where the project has numbers
-(`MEASURED`): H200 + Llama-3.1-8B from vLLM 0.26.0 on an H200, one run,
-shared/vllm/README.md ("First measurements on the H200"): prefill ~40,000
-tok/s (41,004 and 37,090 measured), a lone stream 203 tok/s, 64 streams
-9,001 tok/s (the step model is fitted to these two), KV cache 896,912
+(`MEASURED`): H200 + Llama-3.1-8B from vLLM 0.26.0 on an H200, a sweep of 3
+repeats (bench/vllm/capacity.json, docs/benchmarks.md): prefill ~40,000
+tok/s (37,664-41,004 by prompt length), a lone stream 206 tok/s, 64 streams
+9,545 tok/s (the step model is fitted to these two), KV cache 896,912
 tokens, `max_num_batched_tokens` 8192 (vLLM's default on a GPU of >= 70 GiB,
 in the observed logs), start to /health 110-148 s (130 s used). The model
 then gives ~18,000 tok/s for 256 streams in pure decode, where the README's
@@ -147,7 +147,7 @@ class EngineSpec:
         return 1.0 / (self.decode_step_seconds + self.seconds_per_token)
 
 
-MEASURED_H200_8B = "vLLM 0.26.0 on H200, one run, shared/vllm/README.md"
+MEASURED_H200_8B = "vLLM 0.26.0 on H200, 3 repeats, bench/vllm/capacity.json"
 
 
 @dataclass(frozen=True)
@@ -158,18 +158,18 @@ class Measured:
 
 
 # A step costs d + t·(n + chunk) + c·KV: t from the prefill rate (1/40,000 s);
-# d + t + c·256 = 1/203 s (one stream of 128 + 256 tokens); d + 64·t + c·64·256
-# = 64/9,001 s (64 such streams) give d and c.
+# d + t + c·256 = 1/206 s (one stream of 128 + 256 tokens); d + 64·t + c·64·256
+# = 64/9,545 s (64 such streams) give d and c.
 MEASURED = {
     ("H200", "8b"): Measured(
         engine=EngineSpec(
-            decode_step_seconds=0.004891,
+            decode_step_seconds=0.004825,
             seconds_per_token=1 / 40_000,
-            seconds_per_context_token=3.78e-8,
+            seconds_per_context_token=1.71e-8,
             kv_cache_tokens=896_912,
             max_num_batched_tokens=8192,
         ),
-        model_load_seconds=130.0,
+        model_load_seconds=145.0,  # to /health 200, weights from local disk, caches cold (bench/vllm/coldstart-disk.json)
         source=MEASURED_H200_8B,
     )
 }
