@@ -122,6 +122,46 @@ def gpu_count(spec: dict) -> int:
     return spec["gpu"].get("count") or spec["model"]["tensorParallelSize"]
 
 
+# Accelerators -------------------------------------------------------------
+
+# The AWS Neuron device plugin's resources (Inferentia2, Trainium): one per
+# NeuronCore, or one per chip (2 NeuronCores on inf2 and trn1).
+NEURON_CORE = "aws.amazon.com/neuroncore"
+NEURON_DEVICE = "aws.amazon.com/neurondevice"
+# The taint EKS and Karpenter Neuron NodePools put on their nodes
+# (docs/install-eks.md), tolerated by Neuron engines only.
+NEURON_TAINT = "aws.amazon.com/neuron"
+NEURON_COMPILE_CACHE = f"{MODEL_CACHE_MOUNT}/neuron-compile-cache"
+
+
+def is_neuron(spec: dict) -> bool:
+    """Engines on AWS Inferentia/Trainium: the spec asks for a Neuron device plugin resource."""
+    return spec["gpu"]["resourceName"].startswith("aws.amazon.com/neuron")
+
+
+def accelerator_args(spec: dict) -> list[str]:
+    """Flags that differ by accelerator. vLLM on Neuron sizes its KV cache from
+    the Neuron config, not from a share of GPU memory, so it gets no
+    --gpu-memory-utilization; the platform is detected by the vllm-neuron
+    plugin in the image."""
+    if is_neuron(spec):
+        return []
+    return ["--gpu-memory-utilization", str(spec["model"]["gpuMemoryUtilization"])]
+
+
+def accelerator_tolerations(spec: dict) -> list[dict]:
+    return [{"key": NEURON_TAINT, "operator": "Exists", "effect": "NoSchedule"}] if is_neuron(spec) else []
+
+
+def accelerator_env(spec: dict) -> list[dict]:
+    """Neuron compiles the model for its shapes at first load: the compiled
+    artifacts go to the model cache volume, so a restarted container on the
+    same node skips the compile."""
+    if not is_neuron(spec):
+        return []
+    return [{"name": "NEURON_COMPILE_CACHE_URL", "value": NEURON_COMPILE_CACHE}]
+
+
 # Engines -----------------------------------------------------------------
 
 
@@ -149,8 +189,7 @@ def engine_args(body: dict, spec: dict) -> list[str]:
         served_model_name(body, spec),
         "--tensor-parallel-size",
         str(model["tensorParallelSize"]),
-        "--gpu-memory-utilization",
-        str(model["gpuMemoryUtilization"]),
+        *accelerator_args(spec),
         "--max-model-len",
         str(model["maxModelLen"]),
         "--dtype",
@@ -226,7 +265,7 @@ def engine_pod(body: dict, spec: dict, capacity: str) -> dict:
         LABEL_SERVING: "true",
         LABEL_SPEC_HASH: spec_hash,
     }
-    env = [{"name": "HF_HOME", "value": MODEL_CACHE_MOUNT}]
+    env = [{"name": "HF_HOME", "value": MODEL_CACHE_MOUNT}, *accelerator_env(spec)]
     if token := model.get("hfTokenSecret"):
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token["name"], "key": token["key"]}}})
     volumes: list[dict] = [
@@ -250,6 +289,7 @@ def engine_pod(body: dict, spec: dict, capacity: str) -> dict:
     resources["requests"][gpu["resourceName"]] = str(gpus)
     resources["limits"][gpu["resourceName"]] = str(gpus)
     tolerations = [{"key": gpu["resourceName"], "operator": "Exists", "effect": "NoSchedule"}]
+    tolerations += accelerator_tolerations(spec)
     if capacity == SPOT:
         tolerations += SPOT_TOLERATIONS
     tolerations += gpu.get("tolerations") or []
