@@ -7,6 +7,7 @@ reference, so deleting the RAGDeployment garbage-collects everything.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any
@@ -758,3 +759,127 @@ def index_job(body: dict, spec: dict, corpus_digest: str) -> dict:
             },
         },
     }
+
+
+# Engine groups: one engine over several nodes ------------------------------
+
+# The upstream LeaderWorkerSet API (kubernetes-sigs/lws) and the labels and
+# environment its controller gives every pod of a group.
+LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
+LWS_KIND = "LeaderWorkerSet"
+LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"
+LWS_GROUP_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/group-index"
+LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
+LWS_SIZE_ANNOTATION = "leaderworkerset.sigs.k8s.io/size"
+LWS_LEADER_ADDRESS_ENV = "LWS_LEADER_ADDRESS"
+LWS_WORKER_INDEX_ENV = "LWS_WORKER_INDEX"
+COMPONENT_WORKER = "engine-worker"
+# vLLM's torch.distributed rendezvous on the leader (--master-port).
+MASTER_PORT = 29500
+
+
+def nodes_per_engine(spec: dict) -> int:
+    return spec["gpu"].get("nodesPerEngine") or 1
+
+
+def group_args(spec: dict, rank: str) -> list[str]:
+    """vLLM's multi-node flags (multiprocessing backend, no Ray): pipeline
+    parallel across the group's nodes, tensor parallel inside each; every
+    node runs `vllm serve` with its rank, the workers without an API server
+    (--headless). $(VAR) is expanded by the kubelet from the env LWS sets."""
+    nodes = nodes_per_engine(spec)
+    args = [
+        "--pipeline-parallel-size",
+        str(nodes),
+        "--distributed-executor-backend",
+        "mp",
+        "--nnodes",
+        str(nodes),
+        "--node-rank",
+        rank,
+        "--master-addr",
+        f"$({LWS_LEADER_ADDRESS_ENV})",
+        "--master-port",
+        str(MASTER_PORT),
+    ]
+    return args if rank == "0" else [*args, "--headless"]
+
+
+def engine_group(body: dict, spec: dict, capacity: str) -> dict:
+    """One engine over `gpu.nodesPerEngine` nodes: a LeaderWorkerSet of one
+    group (replicas 1), so the operator still decides per engine which goes on
+    scale-in and when, as it does for single-node engine pods.
+
+    The leader is the engine pod as `engine_pod` renders it (the one the
+    gateways see: it alone carries the serving label the engines Service
+    selects); the workers run the same `vllm serve` headless. A pod lost
+    restarts the whole group (RecreateGroupOnPodRestart): a pipeline stage
+    cannot be replaced on its own. Workers follow the group's capacity type,
+    unless gpu.mixedCapacityGroups lets a spot group's workers use on-demand
+    nodes too.
+    """
+    leader = engine_pod(body, spec, capacity)
+    leader_spec = leader["spec"]
+    leader_container = leader_spec["containers"][0]
+    base_args = list(leader_container["args"])
+    leader_container["args"] = base_args + group_args(spec, "0")
+    leader_container["ports"].append({"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"})
+
+    worker_spec = copy.deepcopy(leader_spec)
+    worker = worker_spec["containers"][0]
+    worker["args"] = base_args + group_args(spec, f"$({LWS_WORKER_INDEX_ENV})")
+    worker["ports"] = []
+    # No API server on a worker: it is alive while its process is; the group's
+    # readiness is the leader's, whose /health answers once every stage joined.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        worker.pop(probe, None)
+    worker.pop("lifecycle", None)
+    if spec["gpu"]["mixedCapacityGroups"] and capacity == SPOT:
+        worker_spec["affinity"] = _engine_affinity(spec, SPOT)
+        terms = worker_spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        terms["nodeSelectorTerms"] += _engine_affinity(spec, ON_DEMAND)["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]["nodeSelectorTerms"]
+    leader_labels = leader["metadata"]["labels"]
+    worker_labels = common_labels(body, COMPONENT_WORKER) | {
+        LABEL_CAPACITY: capacity,
+        LABEL_SPEC_HASH: leader_labels[LABEL_SPEC_HASH],
+    }
+    annotations = dict(leader["metadata"]["annotations"]) | {"spotrag.io/nodes": str(nodes_per_engine(spec))}
+    return {
+        "apiVersion": LWS_API_VERSION,
+        "kind": LWS_KIND,
+        "metadata": {
+            "generateName": resource_name(body, "engine-"),
+            "namespace": body["metadata"]["namespace"],
+            # The group's record: capacity, serving and the drain annotations live here,
+            # so a drain survives the group being recreated.
+            "labels": dict(leader_labels),
+            "annotations": annotations,
+            "ownerReferences": [owner_reference(body)],
+        },
+        "spec": {
+            "replicas": 1,
+            "startupPolicy": "LeaderCreated",
+            "rolloutStrategy": {"type": "RollingUpdate", "rollingUpdateConfiguration": {"maxUnavailable": 1}},
+            "leaderWorkerTemplate": {
+                "size": nodes_per_engine(spec),
+                "restartPolicy": "RecreateGroupOnPodRestart",
+                "leaderTemplate": {
+                    "metadata": {"labels": dict(leader_labels), "annotations": dict(annotations)},
+                    "spec": leader_spec,
+                },
+                "workerTemplate": {
+                    "metadata": {"labels": worker_labels, "annotations": dict(annotations)},
+                    "spec": worker_spec,
+                },
+            },
+        },
+    }
+
+
+def engine_unit(body: dict, spec: dict, capacity: str) -> dict:
+    """What the operator creates for one engine: a pod, or a group over nodes."""
+    if nodes_per_engine(spec) > 1:
+        return engine_group(body, spec, capacity)
+    return engine_pod(body, spec, capacity)
