@@ -62,6 +62,7 @@ class Engine:
     leader: str | None = None
     group_nodes: tuple[str, ...] = ()
     unschedulable: str | None = None
+    leader_serving: bool = False  # the leader pod's own serving label (a recreated group's leader has it anew)
 
     @classmethod
     def from_pod(cls, pod: dict, running_requests: int | None = None) -> Engine:
@@ -124,6 +125,8 @@ class Engine:
             leader=leader["metadata"]["name"] if leader else None,
             group_nodes=tuple(sorted({n for p in live if (n := (p.get("spec") or {}).get("nodeName"))})),
             unschedulable=unschedulable,
+            leader_serving=bool(leader)
+            and (leader["metadata"].get("labels") or {}).get(render.LABEL_SERVING) == "true",
         )
 
     @property

@@ -156,6 +156,7 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         give_up=set(placement.give_up),
     )
     drains = [_drain_action(drain, now, labels, observed.engines) for drain in engine_plan.drain]
+    drains += _leaders_back_out(observed.engines, {d.name for d in engine_plan.drain})
     creates = [(capacity, render.engine_unit(body, spec, capacity)) for capacity in engine_plan.create]
     deletes = [_delete_action(name, observed.engines, now) for name in engine_plan.delete]
     engines = engines_after(observed.engines, engine_plan, spec_hash=spec_hash, now=now)
@@ -280,6 +281,23 @@ def _scaling_events(
     if placement.reason != (old_status.get("scaling") or {}).get("placementReason"):
         events.append(Event(placement.reason, placement.message, warning=placement.reason == "SpotShort"))
     return events, counts
+
+
+def _leaders_back_out(engines: list[Engine], draining_now: set[str]) -> list[DrainAction]:
+    """A draining group whose pod went is recreated by its LeaderWorkerSet with
+    a leader labelled serving from the template: take it out of the Service
+    again (no new Events: the drain was announced)."""
+    return [
+        DrainAction(
+            e.name,
+            {"metadata": {"labels": {render.LABEL_SERVING: "false"}}},
+            (),
+            (),
+            (("v1", "Pod", e.leader),),
+        )
+        for e in engines
+        if e.group and e.draining and e.leader and e.leader_serving and not e.terminating and e.name not in draining_now
+    ]
 
 
 def _groups_schedulable(engines: list[Engine], spec: dict) -> tuple[bool, str, str]:

@@ -297,3 +297,19 @@ async def test_the_box_lws_controller_creates_a_group_and_recreates_it_when_a_po
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await client.close()
+
+
+def test_a_draining_group_recreated_by_its_set_has_its_new_leader_taken_out_of_serving_again():
+    body, spec = rendered()
+    recreated = group(
+        spec_hash=render.engine_spec_hash(spec),
+        serving=False,
+        drain_since=NOW - datetime.timedelta(seconds=2),
+        drain_deadline=NOW + datetime.timedelta(seconds=60),
+        ready=False,
+        leader_serving=True,
+    )
+    plan = plan_reconcile(observed([recreated]), None)
+    (relabel,) = plan.drains
+    assert relabel.targets == (("v1", "Pod", "g1-0"),) and relabel.events == ()
+    assert relabel.patch == {"metadata": {"labels": {render.LABEL_SERVING: "false"}}}
