@@ -313,3 +313,50 @@ def test_a_draining_group_recreated_by_its_set_has_its_new_leader_taken_out_of_s
     (relabel,) = plan.drains
     assert relabel.targets == (("v1", "Pod", "g1-0"),) and relabel.events == ()
     assert relabel.patch == {"metadata": {"labels": {render.LABEL_SERVING: "false"}}}
+
+
+# --- observed over HTTP --------------------------------------------------------
+
+
+def test_observe_sees_each_group_as_one_engine_with_every_node_it_holds(api):
+    """The operator's read of a RAGDeployment with engine groups, against the
+    API stand-in: a set with its leader and worker, and a set whose pods are
+    not there yet, become two engines; the workers' nodes are read too."""
+    import httpx
+
+    from spotrag_operator.observe import observe
+    from spotrag_runtime.kube import Kube, api_client
+
+    async def install() -> None:
+        client = AsyncKube.from_kubeconfig(api)
+        try:
+            await leaderworkersets.install_crd(client)
+        finally:
+            await client.close()
+
+    asyncio.run(install())
+    kube = Kube(api_client(api))
+    body, spec = rendered()
+    for name in ("node-a", "node-b"):
+        kube.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+
+    def unowned(lws: dict) -> dict:
+        lws["metadata"].pop("ownerReferences")  # no RAGDeployment stored here to own it
+        return lws
+
+    placed = kube.create(unowned(render.engine_group(body, spec, render.SPOT)))
+    waiting = kube.create(unowned(render.engine_group(body, spec, render.ON_DEMAND)))
+    for worker, node in ((0, "node-a"), (1, "node-b")):
+        pod = leaderworkersets.group_pod(placed, 0, worker, 2)
+        pod["spec"]["nodeName"] = node
+        kube.create(pod)
+    with httpx.Client() as http:
+        seen = observe(kube, http, body, now=NOW)
+    engines = {e.name: e for e in seen.engines}
+    assert set(engines) == {placed["metadata"]["name"], waiting["metadata"]["name"]}
+    group_a = engines[placed["metadata"]["name"]]
+    assert group_a.group and group_a.leader == f"{placed['metadata']['name']}-0"
+    assert group_a.nodes == ("node-a", "node-b") and group_a.capacity == render.SPOT and group_a.serving
+    group_b = engines[waiting["metadata"]["name"]]
+    assert group_b.leader is None and group_b.capacity == render.ON_DEMAND and not group_b.ready
+    assert set(seen.nodes) == {"node-a", "node-b"}

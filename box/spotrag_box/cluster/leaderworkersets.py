@@ -98,6 +98,58 @@ def _gone_or_failed(pod: dict) -> bool:
     )
 
 
+def group_pod(lws: dict, group: int, worker: int, size: int) -> dict:
+    """Pod `worker` (0: the leader) of group `group`, as the LWS controller makes it."""
+    meta = lws["metadata"]
+    template_set = lws["spec"]["leaderWorkerTemplate"]
+    template = copy.deepcopy(
+        template_set.get("leaderTemplate")
+        if worker == 0 and template_set.get("leaderTemplate")
+        else template_set["workerTemplate"]
+    )
+    leader_name = f"{meta['name']}-{group}"
+    name = leader_name if worker == 0 else f"{leader_name}-{worker}"
+    pod_meta = template.get("metadata") or {}
+    labels = dict(pod_meta.get("labels") or {}) | {
+        NAME_LABEL: meta["name"],
+        GROUP_INDEX_LABEL: str(group),
+        WORKER_INDEX_LABEL: str(worker),
+        GROUP_KEY_LABEL: f"{meta['uid'][:8]}-{group}",
+    }
+    annotations = dict(pod_meta.get("annotations") or {}) | {SIZE_ANNOTATION: str(size)}
+    if worker:
+        annotations[LEADER_NAME_ANNOTATION] = leader_name
+    pod_spec = template.get("spec") or {}
+    env = [
+        {"name": "LWS_LEADER_ADDRESS", "value": f"{leader_name}.{meta['name']}.{meta['namespace']}"},
+        {"name": "LWS_GROUP_SIZE", "value": str(size)},
+        {"name": "LWS_WORKER_INDEX", "value": str(worker)},
+    ]
+    for container in pod_spec.get("containers") or []:
+        container["env"] = [*(container.get("env") or []), *env]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": "LeaderWorkerSet",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": pod_spec | {"hostname": name, "subdomain": meta["name"]},
+    }
+
+
 class LeaderWorkerSetController(Controller):
     name = "leaderworkerset-controller"
 
@@ -156,59 +208,9 @@ class LeaderWorkerSetController(Controller):
                 await self._create(lws, group, worker, size)
         await self._write_status(lws, ready_groups)
 
-    def _pod(self, lws: dict, group: int, worker: int, size: int) -> dict:
-        meta = lws["metadata"]
-        template_set = lws["spec"]["leaderWorkerTemplate"]
-        template = copy.deepcopy(
-            template_set.get("leaderTemplate")
-            if worker == 0 and template_set.get("leaderTemplate")
-            else template_set["workerTemplate"]
-        )
-        leader_name = f"{meta['name']}-{group}"
-        name = leader_name if worker == 0 else f"{leader_name}-{worker}"
-        pod_meta = template.get("metadata") or {}
-        labels = dict(pod_meta.get("labels") or {}) | {
-            NAME_LABEL: meta["name"],
-            GROUP_INDEX_LABEL: str(group),
-            WORKER_INDEX_LABEL: str(worker),
-            GROUP_KEY_LABEL: f"{meta['uid'][:8]}-{group}",
-        }
-        annotations = dict(pod_meta.get("annotations") or {}) | {SIZE_ANNOTATION: str(size)}
-        if worker:
-            annotations[LEADER_NAME_ANNOTATION] = leader_name
-        pod_spec = template.get("spec") or {}
-        env = [
-            {"name": "LWS_LEADER_ADDRESS", "value": f"{leader_name}.{meta['name']}.{meta['namespace']}"},
-            {"name": "LWS_GROUP_SIZE", "value": str(size)},
-            {"name": "LWS_WORKER_INDEX", "value": str(worker)},
-        ]
-        for container in pod_spec.get("containers") or []:
-            container["env"] = [*(container.get("env") or []), *env]
-        return {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": name,
-                "namespace": meta["namespace"],
-                "labels": labels,
-                "annotations": annotations,
-                "ownerReferences": [
-                    {
-                        "apiVersion": API_VERSION,
-                        "kind": "LeaderWorkerSet",
-                        "name": meta["name"],
-                        "uid": meta["uid"],
-                        "controller": True,
-                        "blockOwnerDeletion": True,
-                    }
-                ],
-            },
-            "spec": pod_spec | {"hostname": name, "subdomain": meta["name"]},
-        }
-
     async def _create(self, lws: dict, group: int, worker: int, size: int) -> None:
         meta = lws["metadata"]
-        pod = self._pod(lws, group, worker, size)
+        pod = group_pod(lws, group, worker, size)
         try:
             await self.client.create(collection_path("v1", "pods", meta["namespace"]), pod)
         except KubeError as error:
