@@ -122,6 +122,9 @@ def _groups_if_any(kube: Kube, namespace: str, selector: str) -> list[dict]:
     try:
         return kube.list(render.LWS_API_VERSION, render.LWS_KIND, namespace, label_selector=selector)
     except KubeError as error:
-        if error.not_found:  # the LeaderWorkerSet API is not installed: no groups
+        # The LeaderWorkerSet API not installed, or not granted (RBAC of an older
+        # chart): then there are no groups to clean up, and single-node engines
+        # must not stop reconciling for it.
+        if error.not_found or error.forbidden:
             return []
         raise
