@@ -103,6 +103,9 @@ def observe(kube: Kube, http: httpx.Client, body: dict, *, now: datetime.datetim
         for name in sorted({(p.get("spec") or {}).get("nodeName") for p in pods} - {None})
         if (node := kube.get("v1", "Node", name)) is not None
     }
+    if any(e.group and e.unschedulable for e in engines):
+        # A group that finds no nodes: every node, to say which would fit it.
+        nodes = {n["metadata"]["name"]: n for n in kube.list("v1", "Node")} | nodes
     queued, metric_problem = read_queued_tokens(kube, http, body, spec)
     found = {(kind, name): kube.get("v1", kind, name, namespace) for kind, name in named_objects(spec)}
     jobs: list[dict] = []

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from . import render
 from .autoscale import AutoscalerState, Decision, Observation, ScalingPolicy, decide
 from .checks import find_problems
+from .groups import fitting_nodes
 from .index_job import IndexPlan, plan_index
 from .metrics import Count, EngineGauges
 from .observe import Observed
@@ -188,7 +189,7 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         status["conditions"] = set_condition(
             status["conditions"],
             "GroupsSchedulable",
-            *_groups_schedulable(engines, spec),
+            *_groups_schedulable(engines, spec, observed.nodes),
             now=now,
             generation=meta.get("generation"),
         )
@@ -300,15 +301,24 @@ def _leaders_back_out(engines: list[Engine], draining_now: set[str]) -> list[Dra
     ]
 
 
-def _groups_schedulable(engines: list[Engine], spec: dict) -> tuple[bool, str, str]:
-    """Whether every engine group found its nodes; if not, which nodes would fit."""
+def _groups_schedulable(engines: list[Engine], spec: dict, nodes: dict[str, dict]) -> tuple[bool, str, str]:
+    """Whether every engine group found its nodes; if not, which nodes would fit
+    (`nodes`: every node of the cluster, as observe reads them for a stuck group)."""
     stuck = [e for e in engines if e.group and e.unschedulable and not e.terminating]
     if not stuck:
         return True, "NodesFound", ""
+    wanted = render.nodes_per_engine(spec)
+    parts = []
+    for capacity in sorted({e.capacity for e in stuck}):
+        fit = fitting_nodes(spec, capacity, nodes)
+        parts.append(
+            f"{capacity} nodes that would fit: {', '.join(fit) or 'none'} ({len(fit)} of the {wanted} a group needs)"
+        )
     return (
         False,
         "NoNodesForGroup",
-        f"{', '.join(e.name for e in stuck)}: {group_fit(spec)}; the scheduler says: {stuck[0].unschedulable}",
+        f"{', '.join(e.name for e in stuck)}: {group_fit(spec)}; {'; '.join(parts)}; "
+        f"the scheduler says: {stuck[0].unschedulable}",
     )
 
 

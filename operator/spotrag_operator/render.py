@@ -878,6 +878,11 @@ def engine_group(body: dict, spec: dict, capacity: str) -> dict:
     }
 
 
+def engine_pod_affinity(spec: dict, capacity: str) -> dict:
+    """The node affinity of an engine pod of `capacity` (for judging nodes)."""
+    return _engine_affinity(spec, capacity)
+
+
 def engine_unit(body: dict, spec: dict, capacity: str) -> dict:
     """What the operator creates for one engine: a pod, or a group over nodes."""
     if nodes_per_engine(spec) > 1:

@@ -212,5 +212,6 @@ def test_a_group_size_no_nodes_can_hold_stays_pending_and_says_which_nodes_would
         assert found["reason"] == "NoNodesForGroup"
         assert "needs 4 nodes at once" in found["message"] and "g6.12xlarge" in found["message"]
         assert "nodes are available" in found["message"]  # the scheduler's own words
+        assert "on-demand nodes that would fit: none (0 of the 4 a group needs)" in found["message"]
     finally:
         e2e.kubectl("delete", "ragdeployment", DEPLOYMENT, "-n", namespace, "--wait=false", check=False)

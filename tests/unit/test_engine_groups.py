@@ -224,24 +224,42 @@ def test_scaling_and_status_count_groups_and_price_every_node():
     assert plan.status["costPerHour"] == "$2.00"
 
 
+def node(name: str, capacity: str, instance: str, gpus: int, **spec) -> dict:
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {"karpenter.sh/capacity-type": capacity, "node.kubernetes.io/instance-type": instance},
+        },
+        "spec": spec,
+        "status": {"allocatable": {"nvidia.com/gpu": str(gpus)}},
+    }
+
+
 def test_a_group_with_no_nodes_to_go_to_is_pending_with_a_condition_naming_the_nodes_that_would_fit():
-    body, spec = rendered({"gpu": GROUPS["gpu"] | {"instanceTypes": ["g6.12xlarge"]}})
-    spec_hash = render.engine_spec_hash(spec)
+    overrides = {"gpu": GROUPS["gpu"] | {"instanceTypes": ["g6.12xlarge"]}, "model": {"tensorParallelSize": 4}}
+    body, spec = rendered(overrides)
     pending = group(
-        spec_hash=spec_hash,
+        spec_hash=render.engine_spec_hash(spec),
+        capacity=render.ON_DEMAND,
         ready=False,
         node=None,
         group_nodes=(),
         unschedulable="0/6 nodes are available: 6 node(s) didn't match Pod's node affinity/selector.",
     )
-    plan = plan_reconcile(
-        observed([pending], overrides={"gpu": GROUPS["gpu"] | {"instanceTypes": ["g6.12xlarge"]}}), None
-    )
+    nodes = {
+        "od-big": node("od-big", "on-demand", "g6.12xlarge", 4),
+        "od-big-cordoned": node("od-big-cordoned", "on-demand", "g6.12xlarge", 4, unschedulable=True),
+        "od-small": node("od-small", "on-demand", "g6.2xlarge", 1),
+        "spot-big": node("spot-big", "spot", "g6.12xlarge", 4),
+    }
+    plan = plan_reconcile(observed([pending], nodes=nodes, overrides=overrides), None)
     condition = next(c for c in plan.status["conditions"] if c["type"] == "GroupsSchedulable")
     assert condition["status"] == "False" and condition["reason"] == "NoNodesForGroup"
-    assert "needs 2 nodes at once, all spot or all on-demand, each with 1 free nvidia.com/gpu" in condition["message"]
-    assert "of instance type g6.12xlarge" in condition["message"]
-    assert "didn't match Pod's node affinity" in condition["message"]
+    message = condition["message"]
+    assert "needs 2 nodes at once, all spot or all on-demand, each with 4 free nvidia.com/gpu" in message
+    assert "of instance type g6.12xlarge" in message
+    assert "on-demand nodes that would fit: od-big (1 of the 2 a group needs)" in message
+    assert "didn't match Pod's node affinity" in message  # the scheduler's own words
 
 
 # --- the box's LeaderWorkerSet controller, over HTTP ---------------------------------
@@ -275,7 +293,7 @@ async def test_the_box_lws_controller_creates_a_group_and_recreates_it_when_a_po
                 and not p["metadata"].get("deletionTimestamp")
             }
 
-        await eventually_async(lambda: len(group_pods()) == 2, what="the group's two pods")
+        await eventually_async(lambda: len(group_pods()) == 2, what="the group's two pods", timeout=60)
         first = group_pods()
         leader, worker = first[f"{name}-0"], first[f"{name}-0-1"]
         assert leader["metadata"]["labels"][render.LWS_WORKER_INDEX_LABEL] == "0"
@@ -291,6 +309,7 @@ async def test_the_box_lws_controller_creates_a_group_and_recreates_it_when_a_po
         await eventually_async(
             lambda: len(group_pods()) == 2 and not {p["metadata"]["uid"] for p in group_pods().values()} & old_uids,
             what="the group recreated, leader included",
+            timeout=60,
         )
     finally:
         for task in tasks:
