@@ -59,6 +59,9 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     kopf.timer(*RAGD, interval=interval, initial_delay=interval, registry=registry)(reconcile_timer)
     engine_pods = {render.LABEL_COMPONENT: "engine", render.LABEL_DEPLOYMENT: kopf.PRESENT}
     kopf.on.event("pods", labels=engine_pods, registry=registry)(engine_pod_changed)
+    # A worker of an engine group (LeaderWorkerSet) changed: its group's readiness did.
+    group_workers = {render.LABEL_COMPONENT: render.COMPONENT_WORKER, render.LABEL_DEPLOYMENT: kopf.PRESENT}
+    kopf.on.event("pods", labels=group_workers, id="engine_worker_changed", registry=registry)(engine_pod_changed)
     kopf.on.event(*RAGD, registry=registry)(ragdeployment_event)
     kopf.on.event("nodes", registry=registry)(node_changed)
 
