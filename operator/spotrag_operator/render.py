@@ -771,6 +771,7 @@ LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"
 LWS_GROUP_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/group-index"
 LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
 LWS_SIZE_ANNOTATION = "leaderworkerset.sigs.k8s.io/size"
+LWS_GROUP_KEY_LABEL = "leaderworkerset.sigs.k8s.io/group-key"
 LWS_LEADER_ADDRESS_ENV = "LWS_LEADER_ADDRESS"
 LWS_WORKER_INDEX_ENV = "LWS_WORKER_INDEX"
 COMPONENT_WORKER = "engine-worker"
@@ -840,6 +841,15 @@ def engine_group(body: dict, spec: dict, capacity: str) -> dict:
         terms["nodeSelectorTerms"] += _engine_affinity(spec, ON_DEMAND)["nodeAffinity"][
             "requiredDuringSchedulingIgnoredDuringExecution"
         ]["nodeSelectorTerms"]
+    # One node per pod of a group: a pipeline stage per node, whatever the node's size
+    # (matchLabelKeys: the pods of the same group, by the group key LWS gives them).
+    apart = {
+        "labelSelector": {"matchLabels": {LABEL_DEPLOYMENT: body["metadata"]["name"]}},
+        "matchLabelKeys": [LWS_GROUP_KEY_LABEL],
+        "topologyKey": "kubernetes.io/hostname",
+    }
+    for pod_spec in (leader_spec, worker_spec):
+        pod_spec["affinity"]["podAntiAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": [apart]}
     leader_labels = leader["metadata"]["labels"]
     worker_labels = common_labels(body, COMPONENT_WORKER) | {
         LABEL_CAPACITY: capacity,

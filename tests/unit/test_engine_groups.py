@@ -66,6 +66,10 @@ def test_an_engine_group_is_a_leaderworkerset_of_one_group_with_vllms_multi_node
     assert render.LABEL_SERVING not in worker["metadata"]["labels"]
     assert "readinessProbe" in leader["spec"]["containers"][0]
     assert "readinessProbe" not in worker["spec"]["containers"][0]
+    for pod_template in (leader, worker):
+        (apart,) = pod_template["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert apart["topologyKey"] == "kubernetes.io/hostname"
+        assert apart["matchLabelKeys"] == ["leaderworkerset.sigs.k8s.io/group-key"]
     # The group's record: the operator keeps capacity, serving and drains on the set.
     assert lws["metadata"]["labels"][render.LABEL_CAPACITY] == render.SPOT
     assert lws["metadata"]["ownerReferences"][0]["kind"] == "RAGDeployment"
@@ -379,3 +383,17 @@ def test_observe_sees_each_group_as_one_engine_with_every_node_it_holds(api):
     group_b = engines[waiting["metadata"]["name"]]
     assert group_b.leader is None and group_b.capacity == render.ON_DEMAND and not group_b.ready
     assert set(seen.nodes) == {"node-a", "node-b"}
+
+
+@pytest.mark.parametrize("version", ["1.29.0", "1.31.0", "1.33.0"])
+def test_the_groups_pod_templates_validate_strictly_as_pods(version):
+    import json
+
+    import kubernetes_validate
+
+    body, spec = rendered({"gpu": GROUPS["gpu"] | {"mixedCapacityGroups": True}})
+    template = render.engine_group(body, spec, render.SPOT)["spec"]["leaderWorkerTemplate"]
+    for part in ("leaderTemplate", "workerTemplate"):
+        pod = json.loads(json.dumps({"apiVersion": "v1", "kind": "Pod", **template[part]}))
+        pod["metadata"]["name"] = f"grouped-{part.lower()}"
+        kubernetes_validate.validate(pod, version, strict=True)
