@@ -105,7 +105,8 @@ def test_a_two_node_engine_group_loses_a_spot_node_drains_as_a_unit_and_is_repla
         DEPLOYMENT,
         gpu={"nodesPerEngine": 2},
         scaling={"minReplicas": 2, "maxReplicas": 2, "onDemandBaseline": 1},
-        spot={"fallbackAfterSeconds": 10, "retryAfterSeconds": 30},
+        # A group needs two spot nodes at once; the box has four, two per zone.
+        spot={"fallbackAfterSeconds": 30, "retryAfterSeconds": 30},
         interruption={"drainTimeoutSeconds": 30},
     )
     e2e.apply([e2e.corpus_configmap(namespace), manifest])
