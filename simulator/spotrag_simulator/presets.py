@@ -91,6 +91,16 @@ GPUS = {
         Gpu("A100-80GB", 80e9, 2039e9, 312e12, 40.9657 / 8, "p4de.24xlarge / 8"),
         Gpu("H100", 80e9, 3350e9, 989e12, 55.04 / 8, "p5.48xlarge / 8 (after the 2025 price cut)"),
         Gpu("H200", 141e9, 4800e9, 989e12, 63.296 / 8, "p5en.48xlarge / 8 (an assumption, see above)"),
+        # AWS Neuron, one engine per whole instance (tensor parallel over all its
+        # NeuronCores), so the "GPU" here is the instance: memory, bandwidth and
+        # BF16 throughput summed over its chips (AWS's instance pages: inf2.48xlarge
+        # 12 Inferentia2, 384 GB, 9.8 TB/s, 2.3 PFLOPS; trn1.32xlarge 16 Trainium,
+        # 512 GB, 9.8 TB/s, 3.04 PFLOPS) and the instance's us-east-1 on-demand
+        # list price as known when written (verify: $12.98/h and $21.50/h). The
+        # roofline's GPU efficiencies are optimistic for a 24- or 32-way
+        # tensor-parallel engine; put measured rates in the profile's engine.
+        Gpu("inf2.48xlarge", 384e9, 9.8e12, 2.3e15, 12.98127, "inf2.48xlarge on-demand list price (verify)"),
+        Gpu("trn1.32xlarge", 512e9, 9.8e12, 3.04e15, 21.50, "trn1.32xlarge on-demand list price (verify)"),
     )
 }
 
@@ -101,6 +111,7 @@ MODELS = {
         Model("7b", "mistralai/Mistral-7B-Instruct-v0.3", 7.25e9, 2 * 32 * 8 * 128 * 2),
         Model("8b", "meta-llama/Llama-3.1-8B-Instruct", 8.03e9, 2 * 32 * 8 * 128 * 2),
         Model("13b", "meta-llama/Llama-2-13b-chat-hf", 13.0e9, 2 * 40 * 40 * 128 * 2),
+        Model("70b", "meta-llama/Llama-3.1-70B-Instruct", 70.6e9, 2 * 80 * 8 * 128 * 2),
     )
 }
 

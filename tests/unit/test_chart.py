@@ -227,6 +227,7 @@ OPERATOR_NAMESPACED: set[Triple] = (
             ("apps", "deployments"),
             ("policy", "poddisruptionbudgets"),
             ("batch", "jobs"),
+            ("leaderworkerset.x-k8s.io", "leaderworkersets"),
             ("rbac.authorization.k8s.io", "roles"),
             ("rbac.authorization.k8s.io", "rolebindings"),
         ]
