@@ -32,7 +32,7 @@ from starlette.types import Receive, Scope, Send
 
 from spotrag_runtime.frontdoor.auth import KeyRing
 from spotrag_runtime.frontdoor.config import FrontDoorConfig
-from spotrag_runtime.frontdoor.discovery import Directory, KubeDiscovery, StaticDiscovery
+from spotrag_runtime.frontdoor.discovery import Directory, KubeDiscovery, Snapshot, StaticDiscovery
 from spotrag_runtime.frontdoor.metrics import FrontDoorMetrics
 from spotrag_runtime.frontdoor.proxy import Upstream, answer_text, moderated_events
 from spotrag_runtime.frontdoor.routing import Backend, RouteTable, Variant
@@ -221,11 +221,12 @@ async def routed(request: Request) -> Response:
             raise InvalidRequest(f"The request body is not valid JSON: {error}") from None
         if not isinstance(body, dict):
             raise InvalidRequest("The request body must be a JSON object.")
-        table = frontdoor.directory.table
+        snapshot = frontdoor.directory.current
+        table = snapshot.table
         route = _resolve(table, frontdoor.visible_models(table, key_name), body.get("model"))
         labels = (route.model, "")
         sticky = request.headers.get(route.sticky_header) if route.sticky_header else None
-        variant = route.pick(sticky, frontdoor.rng, frontdoor.directory.usable)
+        variant = route.pick(sticky, frontdoor.rng, snapshot.usable)
         if variant is None:
             raise Unavailable(
                 f"No RAGDeployment behind model '{route.model}' can take requests now"
@@ -233,7 +234,7 @@ async def routed(request: Request) -> Response:
                 code="no_backend",
             )
         labels = (route.model, variant.backend.key)
-        return await _forward(request, frontdoor, route, variant, body, raw, labels, started)
+        return await _forward(request, frontdoor, snapshot, route, variant, body, raw, labels, started)
     except APIError as error:
         frontdoor.metrics.requests.labels(*labels, str(error.status)).inc()
         return error.response()
@@ -245,6 +246,7 @@ async def routed(request: Request) -> Response:
 async def _forward(
     request: Request,
     frontdoor: FrontDoor,
+    snapshot: Snapshot,
     route: ModelRoute,
     variant: Variant,
     body: dict[str, Any],
@@ -264,7 +266,7 @@ async def _forward(
     headers = _forward_headers(request, route.sticky_header)
     upstream = None
     for _attempt in range(2):  # a gateway that refuses the connection: once more, maybe on another pod
-        url = frontdoor.directory.url(backend)
+        url = snapshot.url(backend)
         if url is None:
             raise Unavailable(f"RAGDeployment {backend.key} has no ready gateway.", code="no_backend")
         try:
@@ -364,7 +366,7 @@ class SSEResponse(StreamingResponse):
 # --- models, health, metrics -------------------------------------------------
 
 
-def _card(route: ModelRoute, frontdoor: FrontDoor, created: int) -> dict[str, Any]:
+def _card(route: ModelRoute, snapshot: Snapshot, created: int) -> dict[str, Any]:
     shares = route.shares()
     return {
         "id": route.model,
@@ -380,7 +382,7 @@ def _card(route: ModelRoute, frontdoor: FrontDoor, created: int) -> dict[str, An
                     "weight": v.weight,
                     "share": round(shares.get(v.backend.key, 0.0), 6),
                     "ready": v.backend.ready,
-                    "reachable": frontdoor.directory.usable(v.backend),
+                    "reachable": snapshot.usable(v.backend),
                 }
                 for v in route.variants
             ],
@@ -395,12 +397,13 @@ async def list_models(request: Request) -> Response:
         key_name = frontdoor.authenticate(request)
     except APIError as error:
         return error.response()
-    table = frontdoor.directory.table
+    snapshot = frontdoor.directory.current
+    table = snapshot.table
     created = request.app.state.started_at
     return JSONResponse(
         {
             "object": "list",
-            "data": [_card(table.routes[m], frontdoor, created) for m in frontdoor.visible_models(table, key_name)],
+            "data": [_card(table.routes[m], snapshot, created) for m in frontdoor.visible_models(table, key_name)],
             "spotrag_problems": list(table.problems) if frontdoor.keys is None else [],
         }
     )
@@ -410,11 +413,13 @@ async def get_model(request: Request) -> Response:
     frontdoor: FrontDoor = request.app.state.frontdoor
     try:
         key_name = frontdoor.authenticate(request)
-        table = frontdoor.directory.table
-        route = _resolve(table, frontdoor.visible_models(table, key_name), request.path_params["model"])
+        snapshot = frontdoor.directory.current
+        route = _resolve(
+            snapshot.table, frontdoor.visible_models(snapshot.table, key_name), request.path_params["model"]
+        )
     except APIError as error:
         return error.response()
-    return JSONResponse(_card(route, frontdoor, request.app.state.started_at))
+    return JSONResponse(_card(route, snapshot, request.app.state.started_at))
 
 
 async def healthz(request: Request) -> Response:

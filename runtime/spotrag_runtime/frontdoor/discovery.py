@@ -30,19 +30,14 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 STATIC_NAMESPACE = "static"
 
 
-class Directory:
-    """The current table and where each backend is reached. Shared by the app
-    and a discovery; the discovery writes, requests read."""
+class Snapshot:
+    """A route table and where each of its backends is reached, published
+    together: a request reads one snapshot from start to end."""
 
-    def __init__(self) -> None:
-        self.table = RouteTable()
-        self.synced = False
-        self._urls: dict[str, list[str]] = {}
+    def __init__(self, table: RouteTable, urls: dict[str, list[str]]) -> None:
+        self.table = table
+        self._urls = urls
         self._turn: dict[str, itertools.count[int]] = {}
-
-    def publish(self, table: RouteTable, urls: dict[str, list[str]]) -> None:
-        self.table, self._urls = table, urls
-        self.synced = True
 
     def usable(self, backend: Backend) -> bool:
         return bool(self._urls.get(backend.key))
@@ -56,6 +51,23 @@ class Directory:
             return urls[0]
         turn = self._turn.setdefault(backend.key, itertools.count())
         return urls[next(turn) % len(urls)]
+
+
+class Directory:
+    """The current snapshot, shared by the app and a discovery: the discovery
+    replaces it (one assignment), requests read it."""
+
+    def __init__(self) -> None:
+        self.current = Snapshot(RouteTable(), {})
+        self.synced = False
+
+    @property
+    def table(self) -> RouteTable:
+        return self.current.table
+
+    def publish(self, table: RouteTable, urls: dict[str, list[str]]) -> None:
+        self.current = Snapshot(table, urls)
+        self.synced = True
 
 
 class StaticDiscovery:

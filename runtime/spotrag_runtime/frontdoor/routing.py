@@ -146,6 +146,8 @@ def build_table(
     table = RouteTable()
     broken: set[str] = set()
     for ragd in sorted(ragdeployments, key=_age_key):
+        if not _meta(ragd).get("name"):
+            continue
         backend, problem = backend_of(ragd)
         table.backends[backend.key] = backend
         if problem:
