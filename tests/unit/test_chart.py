@@ -52,6 +52,13 @@ EVERY_FEATURE_NAMESPACED = {
         "dashboard": {"enabled": True, "namespace": "monitoring", "annotations": {"grafana_folder": "spotrag"}},
     },
     "networkPolicy": {"enabled": True},
+    "frontDoor": {
+        "enabled": True,
+        "namespaces": ["team-a", "team-b"],
+        "address": "endpointslices",
+        "apiKeys": {"secretName": "front-door-keys", "models": {"team-a": ["chat"]}},
+        "service": {"type": "LoadBalancer"},
+    },
     "imagePullSecrets": [{"name": "regcred"}],
     "commonLabels": {"cost-center": "ml"},
 }
@@ -69,6 +76,7 @@ EVERY_FEATURE_CLUSTER_WIDE = {
         "namespaces": ["default"],
         "prometheusPodSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
     },
+    "frontDoor": {"enabled": True, "replicas": 3},
 }
 SCENARIOS = {
     "defaults": {},
@@ -204,7 +212,12 @@ def test_crds_are_installed_but_never_templated(rendered, helm):
     """Helm installs crds/ before the templates and never deletes or upgrades
     them, which is what keeps RAGDeployments alive through an uninstall."""
     crd_names = {o["metadata"]["name"] for o in find(rendered["defaults"], "CustomResourceDefinition")}
-    assert crd_names == {"ragdeployments.spotrag.io", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+    assert crd_names == {
+        "ragdeployments.spotrag.io",
+        "modelroutes.spotrag.io",
+        "clusterkopfpeerings.kopf.dev",
+        "kopfpeerings.kopf.dev",
+    }
     assert not find(template(helm, {}), "CustomResourceDefinition")
 
 
@@ -294,7 +307,7 @@ def test_operator_rules_watching_listed_namespaces(rendered):
         binding = only(objects, "RoleBinding", "spotrag-operator", namespace)
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "spotrag-operator", "namespace": NAMESPACE}]
-    assert len(find(objects, "Role")) == 2
+    assert len(find(objects, "Role", "spotrag-operator")) == 2
 
 
 def test_node_agent_may_only_get_and_patch_nodes(rendered):
