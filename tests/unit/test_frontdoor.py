@@ -18,7 +18,7 @@ import pytest
 
 from spotrag_runtime.frontdoor.config import FrontDoorConfig, StaticBackend
 
-from .frontdoor_fixtures import RunningFrontDoor
+from .frontdoor_fixtures import RunningFrontDoor, moderation_checker
 from .gateway_fixtures import RunningGateway, gateway_config, running_engines, sample_value
 
 QUESTION = [{"role": "user", "content": "When does the first ferry leave on Sundays?"}]
@@ -286,3 +286,27 @@ def test_a_blocked_answer_is_cut_in_its_stream_before_the_blocked_window(gateway
         )
         == 1
     )
+
+
+@pytest.mark.parametrize(("on_error", "status"), [("allow", 200), ("block", 503)])
+async def test_a_hanging_checker_times_out_and_the_request_follows_the_choice(gateways, on_error, status) -> None:
+    async with moderation_checker(hang=True) as checker:
+        moderation = {"checker": {"url": checker["url"], "timeoutSeconds": 0.3, "onError": on_error}, "output": False}
+        guarded = StaticBackend(
+            "guarded", "guarded", gateways.v1.url, served_model_name="chat-v1", moderation=moderation
+        )
+        with RunningFrontDoor(FrontDoorConfig(static=(guarded,))) as running:
+            async with httpx.AsyncClient(timeout=30) as client:
+                body = {"model": "guarded", "messages": QUESTION, "max_tokens": 4}
+                response = await client.post(f"{running.url}/v1/chat/completions", json=body)
+                text = (await client.get(f"{running.url}/metrics")).text
+        assert checker["inputs"] == [QUESTION[0]["content"]]
+    assert response.status_code == status
+    labels = {"model": "guarded", "variant": "static/guarded", "stage": "input"}
+    if on_error == "allow":
+        assert (
+            sample_value(text, "spotrag_frontdoor_moderation_total", **labels, outcome="checker_error", reason="") == 1
+        )
+    else:
+        assert response.json()["error"]["code"] == "moderation_unavailable"
+        assert response.json()["error"]["reason"] == "checker_unavailable"
