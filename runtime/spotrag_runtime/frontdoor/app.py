@@ -340,7 +340,10 @@ async def _relay(
         code = "499"  # the client went away
         raise
     finally:
-        upstream.close()  # the gateway sees its client leave and stops the engine
+        if upstream.content.at_eof():
+            upstream.release()  # read to the end: the connection goes back to the pool
+        else:
+            upstream.close()  # cut short: the gateway sees its client leave and stops the engine
         frontdoor.metrics.inflight.labels(*labels).dec()
         frontdoor.metrics.requests.labels(*labels, code).inc()
         frontdoor.metrics.duration.labels(*labels).observe(time.perf_counter() - started)
