@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from aiohttp import web
 
 from spotrag_runtime.frontdoor.config import FrontDoorConfig, StaticBackend
 
@@ -310,3 +311,67 @@ async def test_a_hanging_checker_times_out_and_the_request_follows_the_choice(ga
     else:
         assert response.json()["error"]["code"] == "moderation_unavailable"
         assert response.json()["error"]["reason"] == "checker_unavailable"
+
+
+def test_the_rag_endpoint_through_the_door_with_its_question_redacted_and_its_answer_checked() -> None:
+    """A gateway that retrieves (the bundled corpus's index, the real embedder):
+    /v1/rag/query is routed like chat and moderated like it."""
+    with running_engines(1, served_model_name="handbook") as [engine]:
+        with RunningGateway(gateway_config([engine.url], servedModelName="handbook")) as gateway:
+            moderation = {"redactPII": True, "blockList": ["zzyzx"]}
+            backend = StaticBackend("handbook", "handbook", gateway.url, moderation=moderation)
+            with RunningFrontDoor(FrontDoorConfig(static=(backend,))) as running:
+                question = "How many pets can I bring? Reply to jane@example.com"
+                answer = httpx.post(
+                    f"{running.url}/v1/rag/query", json={"question": question, "max_tokens": 16}, timeout=60
+                )
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["passages"] and answer.json()["answer"]
+                blocked = httpx.post(
+                    f"{running.url}/v1/rag/query", json={"question": "what is zzyzx?", "max_tokens": 4}, timeout=60
+                )
+                text = httpx.get(f"{running.url}/metrics").text
+    assert blocked.status_code == 400 and blocked.json()["error"]["reason"] == "blocked_term"
+    labels = {"model": "handbook", "variant": "static/handbook", "stage": "input"}
+    assert sample_value(text, "spotrag_frontdoor_moderation_total", **labels, outcome="redacted", reason="") == 1
+
+
+async def test_what_reaches_the_gateway_is_the_redacted_question_under_its_served_name() -> None:
+    """A recording HTTP server in the gateway's place shows the body the front door sends."""
+    received: list[dict] = []
+
+    async def chat_completions(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        message = {"role": "assistant", "content": "Noted."}
+        return web.json_response({"object": "chat.completion", "choices": [{"index": 0, "message": message}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    backend = StaticBackend("chat", "v7", url, served_model_name="chat-v7", moderation={"redactPII": True})
+    try:
+        with RunningFrontDoor(FrontDoorConfig(static=(backend,))) as running:
+            async with httpx.AsyncClient(timeout=30) as client:
+                messages = [
+                    {"role": "system", "content": "Be brief. Write to ops@example.com if unsure."},
+                    {"role": "user", "content": [{"type": "text", "text": "Call me on +44 20 7946 0958 or a@b.io"}]},
+                ]
+                body = {"model": "chat", "messages": messages, "temperature": 0.2}
+                response = await client.post(f"{running.url}/v1/chat/completions", json=body)
+    finally:
+        await runner.cleanup()
+    assert response.status_code == 200
+    assert received == [
+        {
+            "model": "chat-v7",
+            "messages": [
+                messages[0],  # only the question is moderated
+                {"role": "user", "content": [{"type": "text", "text": "Call me on [phone] or [email]"}]},
+            ],
+            "temperature": 0.2,
+        }
+    ]
