@@ -26,6 +26,7 @@ import httpx
 from spotrag_box.apiserver.server import KubeAPIServer
 from spotrag_box.cluster.node_pools import ClusterProfile, NodePool, Timing
 from spotrag_box.cluster.simulated import SimulatedCluster
+from spotrag_box.testing import eventually
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -122,8 +123,12 @@ def main(argv: list[str]) -> int:
             )
             for count in counts:
                 api.apply(deployment(count))
-                while len(ready := _ready_pods(kubeconfig)) < count:
-                    time.sleep(0.5)
+
+                def all_ready() -> list[str] | None:
+                    pods = _ready_pods(kubeconfig)
+                    return pods if len(pods) >= count else None
+
+                ready = eventually(all_ready, what=f"{count} engines to be ready", timeout=300, interval=0.5)
                 pids = [p.pid for p in cluster.processes()]
                 urls = [f"http://{ip}:8000" for ip in ready]
                 idle = _cpu_window(pids, args.seconds)

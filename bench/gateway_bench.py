@@ -50,6 +50,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 
+from spotrag_box.testing import eventually, scrape
 from spotrag_runtime.engine_emulator import EmulatorProcess, start_engine_emulator
 
 MODEL = "bench"
@@ -222,15 +223,14 @@ def free_port() -> int:
 
 
 def wait_http(url: str, process: subprocess.Popen | None, timeout: float, headers: dict | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, headers=headers, timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready after {timeout:.0f}s")
+            return httpx.get(url, headers=headers, timeout=2).status_code == 200
+        return False
+
+    eventually(ready, what=f"{url} to answer 200", timeout=timeout, interval=0.2)
 
 
 @contextlib.contextmanager
@@ -509,22 +509,16 @@ def discovery_benchmark(args: argparse.Namespace, work: Path) -> dict:
             "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": ready}}],
         }
 
-    def serving(metrics_url: str) -> float:
-        for line in httpx.get(metrics_url, timeout=5).text.splitlines():
-            if line.startswith('spotrag_engines{state="serving"}'):
-                return float(line.split()[-1])
-        return -1.0
-
     def wait_for(metrics_url: str, count: int) -> float:
+        def seen() -> bool:
+            return scrape(metrics_url, client=http).value("spotrag_engines", state="serving") == count
+
         started = time.perf_counter()
-        while serving(metrics_url) != count:
-            if time.perf_counter() - started > 30:
-                raise RuntimeError(f"the gateway never saw {count} engines")
-            time.sleep(0.005)
+        eventually(seen, what=f"the gateway to see {count} engines", timeout=30, interval=0.005)
         return time.perf_counter() - started
 
     latencies = []
-    with KubeAPIServer() as api:
+    with KubeAPIServer() as api, httpx.Client() as http:  # one kept-alive connection for the 5 ms polls
         kubeconfig = api.write_kubeconfig(work / "kubeconfig")
         with kubernetes.config.new_client_from_config(str(kubeconfig)) as client:
             discovery = kubernetes.client.DiscoveryV1Api(client)

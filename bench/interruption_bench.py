@@ -42,9 +42,7 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -58,6 +56,8 @@ from typing import Any
 import httpx
 import kubernetes
 import yaml
+
+from spotrag_box.testing import Program, eventually, scrape, start_api_server, start_operator
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_FILE = REPO / "crds" / "spotrag.io_ragdeployments.yaml"
@@ -143,49 +143,15 @@ async def run_load(
 # The box -------------------------------------------------------------------------------
 
 
-class Program:
-    """A command of ours in its own process group, dying with this process."""
-
-    def __init__(self, name: str, argv: list[str], log: Path, *, stdin: int | None = subprocess.DEVNULL):
-        self.name, self.log = name, log
-        with open(log, "ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "spotrag_box.cluster.launch", str(os.getpid()), "--", *argv],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=stdin,
-                start_new_session=True,
-            )
-
-    def check(self) -> None:
-        if self.process.poll() is not None:
-            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
-            raise SystemExit(f"{self.name} exited with {self.process.returncode}:\n{tail}")
-
-    def stop(self, grace: float = 10) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-
-
-def spotrag(*args: str) -> list[str]:
-    return [sys.executable, "-m", "spotrag_runtime.cli", *args]
-
-
 def wait(check, what: str, timeout: float, programs: list[Program], interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
+    """``eventually``, failing early when one of ``programs`` has exited."""
+
+    def checked() -> Any:
         for program in programs:
-            program.check()
-        if result := check():
-            return result
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+            program.check_alive()
+        return check()
+
+    return eventually(checked, what=what, timeout=timeout, interval=interval)
 
 
 @contextlib.contextmanager
@@ -196,13 +162,7 @@ def box(work: Path, args: argparse.Namespace) -> Iterator[tuple[Path, Any, list[
     programs: list[Program] = []
     cluster = None
     try:
-        api = Program(
-            "api-server",
-            spotrag("api-server", "--port", "0", "--kubeconfig-out", str(kubeconfig), "--crd", str(CRD_FILE)),
-            work / "api-server.log",
-        )
-        programs.append(api)
-        wait(kubeconfig.exists, "the API stand-in's kubeconfig", 60, programs)
+        programs.append(start_api_server(kubeconfig, work / "api-server.log", crds=[CRD_FILE]))
         timing = Timing(
             image_pull=args.image_pull,
             model_load=args.model_load,
@@ -216,24 +176,7 @@ def box(work: Path, args: argparse.Namespace) -> Iterator[tuple[Path, Any, list[
             .with_pool_size("gpu-spot-b", args.spot_nodes_per_zone)
         )
         cluster = SimulatedCluster(kubeconfig, workdir=work / "cluster", timing=timing, profile=profile).start()
-        programs.append(
-            Program(
-                "operator",
-                spotrag(
-                    "operator",
-                    "--kubeconfig",
-                    str(kubeconfig),
-                    "--standalone",
-                    "--liveness",
-                    "",
-                    "--metrics-port",
-                    "0",
-                    "--reconcile-interval",
-                    "1",
-                ),
-                work / "operator.log",
-            )
-        )
+        programs.append(start_operator(kubeconfig, work / "operator.log", reconcile_interval=1))
         yield kubeconfig, cluster, programs
     finally:
         for program in reversed(programs[1:]):
@@ -374,23 +317,14 @@ class Watcher:
 def gateway_engines(url: str, http: httpx.Client) -> int | None:
     """Engines in the gateway's serving set (serving + cooling down), from its /metrics."""
     try:
-        text = http.get(f"{url}/metrics", timeout=2).text
+        metrics = scrape(f"{url}/metrics", timeout=2, client=http)
     except httpx.HTTPError:
         return None
-    total = 0
-    for line in text.splitlines():
-        if line.startswith(('spotrag_engines{state="serving"}', 'spotrag_engines{state="cooling_down"}')):
-            total += int(float(line.rpartition(" ")[2]))
-    return total
+    return int(sum(metrics.value("spotrag_engines", state=state) for state in ("serving", "cooling_down")))
 
 
-def gateway_counter(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    return sum(
-        float(line.rpartition(" ")[2])
-        for line in text.splitlines()
-        if line.startswith(name) and not line.startswith("#")
-    )
+def gateway_counter(url: str, name: str, **labels: str) -> float:
+    return scrape(f"{url}/metrics").value(name, **labels)
 
 
 # The run -------------------------------------------------------------------------------
@@ -562,7 +496,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load.process.stdin.close()
         load.process.wait(180)
         outcomes = {
-            o: gateway_counter(url, f'spotrag_requests_total{{outcome="{o}"}}')
+            o: gateway_counter(url, "spotrag_requests_total", outcome=o)
             for o in ("success", "engine_failed", "unavailable", "queue_full", "error")
         }
         programs.remove(load)

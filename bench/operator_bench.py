@@ -14,19 +14,16 @@ run as separate processes, as in a cluster; RSS is the operator process's.
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import yaml
 
-from spotrag_operator.kube import Kube, load_api_client
+from spotrag_box.testing import eventually, start_api_server, start_operator
+from spotrag_runtime.kube import Kube, api_client
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHILDREN = [
@@ -40,12 +37,6 @@ CHILDREN = [
     ("rbac.authorization.k8s.io/v1", "Role", "{name}-gateway"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding", "{name}-gateway"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mib(pid: int) -> float:
@@ -80,63 +71,24 @@ def main() -> int:
 
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="spotrag-bench-"))
     kubeconfig = workdir / "kubeconfig"
-    port = free_port()
-    spotrag = [sys.executable, "-m", "spotrag_runtime.cli"]
-    api = subprocess.Popen(
-        [
-            *spotrag,
-            "api-server",
-            "--port",
-            str(port),
-            "--kubeconfig-out",
-            str(kubeconfig),
-            "--crd",
-            str(ROOT / "crds" / "spotrag.io_ragdeployments.yaml"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    api = start_api_server(
+        kubeconfig, workdir / "api-server.log", crds=[ROOT / "crds" / "spotrag.io_ragdeployments.yaml"], timeout=30
     )
     operator = None
     try:
-        deadline = time.monotonic() + 30
-        while not kubeconfig.exists():
-            if time.monotonic() > deadline or api.poll() is not None:
-                raise SystemExit("the API stand-in did not start")
-            time.sleep(0.1)
-        time.sleep(0.5)
-        kube = Kube(load_api_client(str(kubeconfig)))
-        env = os.environ | {"KUBECONFIG": str(kubeconfig)}
-        operator = subprocess.Popen(
-            [
-                *spotrag,
-                "operator",
-                "--standalone",
-                "--liveness",
-                "",
-                "--metrics-port",
-                "0",
-                "--reconcile-interval",
-                str(args.reconcile_interval),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        kube = Kube(api_client(str(kubeconfig)))
+        operator = start_operator(kubeconfig, workdir / "operator.log", reconcile_interval=args.reconcile_interval)
         # Warm up: the operator's first reconcile includes its start.
         kube.create(ragd("warmup"))
-        while not all_children(kube, "warmup", 2):
-            time.sleep(0.05)
-        rss_idle = rss_mib(operator.pid)
+        eventually(lambda: all_children(kube, "warmup", 2), what="the warm-up's children", timeout=60, interval=0.05)
+        rss_idle = rss_mib(operator.process.pid)
 
         latencies = []
         for i in range(args.creates):
             name = f"lat{i}"
             start = time.perf_counter()
             kube.create(ragd(name))
-            while not all_children(kube, name, 2):
-                time.sleep(0.01)
+            eventually(lambda: all_children(kube, name, 2), what=f"{name}'s children", interval=0.01)
             latencies.append(time.perf_counter() - start)
         latencies.sort()
         p95 = latencies[max(0, int(round(0.95 * len(latencies))) - 1)]
@@ -149,23 +101,18 @@ def main() -> int:
             kube.create(ragd(f"fleet{i}"))
         start = time.perf_counter()
         for i in range(existing, args.fleet):
-            while not all_children(kube, f"fleet{i}", 2):
-                time.sleep(0.05)
+            eventually(lambda: all_children(kube, f"fleet{i}", 2), what=f"fleet{i}'s children", interval=0.05)
         print(
             f"fleet of {args.fleet} RAGDeployments reconciled ({time.perf_counter() - start:.1f}s after the last create)"
         )
         time.sleep(3 * args.reconcile_interval)  # a few timer rounds over the whole fleet
         print(
-            f"operator RSS: {rss_idle:.0f} MiB with 1 RAGDeployment, {rss_mib(operator.pid):.0f} MiB with {args.fleet} after {3 * args.reconcile_interval:.0f}s of timers"
+            f"operator RSS: {rss_idle:.0f} MiB with 1 RAGDeployment, {rss_mib(operator.process.pid):.0f} MiB with {args.fleet} after {3 * args.reconcile_interval:.0f}s of timers"
         )
     finally:
-        for process in (operator, api):
-            if process is not None and process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
+        if operator is not None:
+            operator.stop()
+        api.stop()
     return 0
 
 

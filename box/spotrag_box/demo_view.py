@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import re
 import time
 from collections.abc import Callable
 
@@ -18,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .demo_traffic import Counts
+from .testing import scrape
 
 DEPLOYMENT_LABEL = "spotrag.io/deployment"
 NOTICE_TAINTS = {
@@ -106,11 +106,10 @@ def queued_tokens(gateway_url: str | None) -> int | None:
     if gateway_url is None:
         return None
     try:
-        text = httpx.get(f"{gateway_url}/metrics", timeout=2).text
+        samples = scrape(f"{gateway_url}/metrics", timeout=2).find("spotrag_queued_tokens")
     except httpx.HTTPError:
         return None
-    values = re.findall(r"^spotrag_queued_tokens(?:\{[^}]*\})? (\S+)$", text, re.MULTILINE)
-    return int(sum(float(v) for v in values)) if values else None
+    return int(sum(sample.value for sample in samples)) if samples else None
 
 
 class Observer:

@@ -1,14 +1,16 @@
-"""Problems the CRD schema cannot catch, found by looking at the cluster.
+"""Problems the CRD schema cannot catch, found in what the cluster holds.
 
-Each problem is a sentence that tells the user what to change; the operator
+Pure: `named_objects` says which objects the spec names, the operator reads
+them, and `find_problems` judges what it found. Each problem is a sentence that tells the user what to change; the operator
 shows them in the Degraded condition and an Event, and keeps reconciling
 (no crash, no hot loop) so fixing the cause is enough.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from . import render
-from .kube import Kube
 
 # GPUs per node of the instance types people run vLLM on. An instance type
 # not listed here is not judged.
@@ -96,25 +98,38 @@ def gpu_fit_problem(spec: dict) -> str | None:
     return None
 
 
-def find_problems(kube: Kube, body: dict, spec: dict) -> list[str]:
-    namespace = body["metadata"]["namespace"]
+def named_objects(spec: dict) -> list[tuple[str, str]]:
+    """The (kind, name) of every object in the RAGDeployment's namespace that its spec names."""
+    named = []
+    if secret := spec["gateway"].get("apiKeySecret"):
+        named.append(("Secret", secret))
+    if token := spec["model"].get("hfTokenSecret"):
+        named.append(("Secret", token["name"]))
+    corpus = spec["retrieval"].get("corpus") or {}
+    if spec["retrieval"]["enabled"] and corpus.get("configMap"):
+        named.append(("ConfigMap", corpus["configMap"]))
+    return named
+
+
+def find_problems(spec: dict, namespace: str, found: Mapping[tuple[str, str], dict | None]) -> list[str]:
+    """`found`: the objects of `named_objects`, None (or absent) where missing."""
+
+    def missing(kind: str, name: str) -> bool:
+        return found.get((kind, name)) is None
+
     problems: list[str] = []
     secret = spec["gateway"].get("apiKeySecret")
-    if secret and kube.get("v1", "Secret", secret, namespace) is None:
+    if secret and missing("Secret", secret):
         problems.append(
             f"gateway.apiKeySecret names Secret {secret!r}, which does not exist in namespace {namespace!r}: create it or remove the field"
         )
     token = spec["model"].get("hfTokenSecret")
-    if token and kube.get("v1", "Secret", token["name"], namespace) is None:
+    if token and missing("Secret", token["name"]):
         problems.append(
             f"model.hfTokenSecret names Secret {token['name']!r}, which does not exist in namespace {namespace!r}"
         )
     corpus = spec["retrieval"].get("corpus") or {}
-    if (
-        spec["retrieval"]["enabled"]
-        and corpus.get("configMap")
-        and kube.get("v1", "ConfigMap", corpus["configMap"], namespace) is None
-    ):
+    if spec["retrieval"]["enabled"] and corpus.get("configMap") and missing("ConfigMap", corpus["configMap"]):
         problems.append(
             f"retrieval.corpus.configMap names ConfigMap {corpus['configMap']!r}, which does not exist in namespace {namespace!r}"
         )

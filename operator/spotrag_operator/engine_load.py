@@ -1,4 +1,5 @@
-"""How much work a draining engine still has, read from its vLLM /metrics."""
+"""What an engine reports on its vLLM /metrics: how much work a draining engine
+still has, and the counters calibration fits engine rates to."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import render
+from .calibration import EngineSample, parse_engine_metrics
 
 BUSY_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 
@@ -35,5 +37,20 @@ def running_requests(client: httpx.Client, pod: dict) -> int | None:
         response = client.get(f"{url}/metrics", timeout=1.0)
         response.raise_for_status()
         return parse_busy_requests(response.text)
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def engine_sample(client: httpx.Client, pod: dict, *, state: str, now: float) -> EngineSample | None:
+    """One scrape for calibration (calibration.calibrate); None when the engine
+    cannot be asked. `state` is calibration.SERVING / STARTING / DRAINING /
+    ERRORING, from what the operator knows of the pod."""
+    url = engine_url(pod)
+    if url is None:
+        return None
+    try:
+        response = client.get(f"{url}/metrics", timeout=1.0)
+        response.raise_for_status()
+        return parse_engine_metrics(response.text, name=pod["metadata"]["name"], time=now, state=state)
     except (httpx.HTTPError, ValueError):
         return None

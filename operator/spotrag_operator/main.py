@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 
 
 def cli(argv: list[str]) -> int:
@@ -37,32 +38,34 @@ def cli(argv: list[str]) -> int:
     parser.add_argument(
         "--reconcile-interval",
         type=float,
-        default=None,
+        default=10.0,
         help="seconds between periodic reconciles of each RAGDeployment (default 10)",
     )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
 
-    if args.kubeconfig:
-        os.environ["KUBECONFIG"] = args.kubeconfig
-    if args.reconcile_interval is not None:
-        if args.reconcile_interval <= 0:
-            parser.error("--reconcile-interval must be positive")
-        os.environ["SPOTRAG_RECONCILE_INTERVAL"] = str(args.reconcile_interval)
+    if args.reconcile_interval <= 0:
+        parser.error("--reconcile-interval must be positive")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
-    import secrets
-
-    import kopf  # after the environment is set: handlers read it at import
+    import kopf
     import prometheus_client
 
-    from . import handlers  # noqa: F401  (registers the handlers)
+    from .handlers import OperatorConfig, register
 
+    config = OperatorConfig(
+        # The `kubernetes` package reads $KUBECONFIG once, at its import: name it now.
+        kubeconfig=args.kubeconfig or os.environ.get("KUBECONFIG"),
+        reconcile_interval=args.reconcile_interval,
+    )
+    registry = kopf.OperatorRegistry()
+    register(registry, config)
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port)
     kopf.run(
+        registry=registry,
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         standalone=args.standalone,

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import Counter, Gauge
 
 from . import render
@@ -29,6 +31,29 @@ SCALE_EVENTS = Counter(
 )
 
 STATES = ("ready", "starting", "pending", "draining")
+COUNTERS = {"drains": DRAINS, "interruptions": INTERRUPTIONS, "scale_events": SCALE_EVENTS}
+
+
+@dataclass(frozen=True)
+class Count:
+    """One increment of a counter, as a reconcile plans it."""
+
+    counter: str  # a key of COUNTERS
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EngineGauges:
+    """The gauges of one RAGDeployment after a reconcile."""
+
+    engines: tuple[Engine, ...]
+    desired: int
+    queued: float | None
+    cost: float | None
+
+
+def count(sample: Count) -> None:
+    COUNTERS[sample.counter].labels(*sample.labels).inc()
 
 
 def engine_state(engine: Engine) -> str:
@@ -39,19 +64,17 @@ def engine_state(engine: Engine) -> str:
     return "starting" if engine.node else "pending"
 
 
-def record_engines(
-    namespace: str, name: str, engines: list[Engine], desired: int, queued: float | None, cost: float | None
-) -> None:
+def record(namespace: str, name: str, gauges: EngineGauges) -> None:
     counts = {(c, s): 0 for c in render.CAPACITY_TYPES for s in STATES}
-    for engine in engines:
+    for engine in gauges.engines:
         if not engine.terminating and not engine.failed:
             counts[(engine.capacity, engine_state(engine))] += 1
     for (capacity, state), count in counts.items():
         ENGINES.labels(namespace, name, capacity, state).set(count)
-    DESIRED.labels(namespace, name).set(desired)
-    QUEUED_TOKENS.labels(namespace, name).set(-1 if queued is None else queued)
-    if cost is not None:
-        COST_PER_HOUR.labels(namespace, name).set(cost)
+    DESIRED.labels(namespace, name).set(gauges.desired)
+    QUEUED_TOKENS.labels(namespace, name).set(-1 if gauges.queued is None else gauges.queued)
+    if gauges.cost is not None:
+        COST_PER_HOUR.labels(namespace, name).set(gauges.cost)
 
 
 def forget(namespace: str, name: str) -> None:

@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any
 
-from .kube import owner_reference
+from spotrag_runtime.kube.resources import owner_reference
 
 ENGINE_PORT = 8000
 GATEWAY_PORT = 8080
@@ -369,6 +369,7 @@ def gateway_config(body: dict, spec: dict) -> dict:
             "prefixAffinity": spec["model"]["enablePrefixCaching"],
         },
         "auth": {"apiKeysDir": API_KEYS_DIR if gateway.get("apiKeySecret") else None},
+        "ui": {"enabled": gateway["ui"]["enabled"], "path": gateway["ui"]["path"]},
     }
 
 

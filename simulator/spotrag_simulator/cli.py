@@ -12,7 +12,7 @@ from .presets import GPUS, MODELS, ProfileError, build_profile, load_profile
 from .report import plot, table, write_json
 from .run import POLICIES, compare
 from .sizing import TARGET_UTILIZATION
-from .trace import GENERATORS, TraceError, generate_trace, load_trace, write_trace
+from .trace import GENERATORS, TraceError, drop_oversized, generate_trace, load_trace, write_trace
 
 EXIT_BAD_INPUT = 2
 
@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument("--generate", choices=GENERATORS, help="generate a trace instead (default: bursty)")
     parser.add_argument("--hours", type=float, default=24.0, help="length of a generated trace")
+    parser.add_argument(
+        "--start-hour",
+        type=float,
+        default=0.0,
+        help="hour of the day a generated trace starts at (14: busy from the first minute, a warm-up at the floor)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seeds the generated trace, interruptions and outages")
     parser.add_argument(
         "--peak-rps", type=float, default=2.0, help="requests/s of a generated trace at the busiest hour, before bursts"
@@ -54,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="where report.json, report.md and timeline.png go",
     )
     parser.add_argument("--no-png", action="store_true", help="skip the timeline PNG")
+    parser.add_argument(
+        "--drop-oversized",
+        action="store_true",
+        help="drop requests longer than the model's context (counted in the report) instead of refusing the trace",
+    )
+    parser.add_argument(
+        "--start-engines",
+        type=int,
+        help="engines every autoscaler has ready at the start (default: the floor, minReplicas / on-demand baseline)",
+    )
     return parser
 
 
@@ -70,17 +86,37 @@ def cli(argv: list[str]) -> int:
             trace = load_trace(args.trace)
             horizon = None
         else:
-            trace = generate_trace(args.generate or "bursty", hours=args.hours, seed=args.seed, peak_rps=args.peak_rps)
+            trace = generate_trace(
+                args.generate or "bursty",
+                hours=args.hours,
+                seed=args.seed,
+                peak_rps=args.peak_rps,
+                start_hour=args.start_hour,
+            )
             horizon = args.hours * 3600.0
             if not trace:
                 raise TraceError(
                     f"the generated trace has no requests (--hours {args.hours}, --peak-rps {args.peak_rps})"
                 )
+        dropped = 0
+        if args.drop_oversized:
+            trace, dropped = drop_oversized(trace, profile.engine.max_model_len)
+            if not trace:
+                raise TraceError("every request is longer than the model's context")
+        if args.start_engines is not None and args.start_engines < 0:
+            raise ValueError(f"--start-engines must not be negative, got {args.start_engines}")
         if not 0 < args.utilization < 1:
             raise ValueError(f"--utilization must be between 0 and 1, got {args.utilization}")
         policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
         comparison = compare(
-            profile, trace, seed=args.seed, horizon=horizon, policies=policies, utilization=args.utilization
+            profile,
+            trace,
+            seed=args.seed,
+            horizon=horizon,
+            policies=policies,
+            utilization=args.utilization,
+            start_engines=args.start_engines,
+            dropped_oversized=dropped,
         )
     except (ProfileError, TraceError, ValueError) as error:
         print(f"spotrag simulate: error: {error}", file=sys.stderr)
@@ -90,7 +126,7 @@ def cli(argv: list[str]) -> int:
     meta = comparison.meta | {
         "trace": str(args.trace)
         if args.trace
-        else f"generated {args.generate or 'bursty'}, {args.hours:g} h, peak {args.peak_rps:g} req/s"
+        else f"generated {args.generate or 'bursty'}, {args.hours:g} h from {args.start_hour:g}:00, peak {args.peak_rps:g} req/s"
     }
     rendered = table(comparison.summaries)
     write_json(args.out / "report.json", comparison.summaries, meta)
@@ -101,12 +137,25 @@ def cli(argv: list[str]) -> int:
     print(
         f"\n{meta['requests']} requests over {meta['hours']:g} h on {profile.gpu} / {profile.model}; "
         f"on-demand for peak = {meta['peak_engines']} engines; autoscalers up to {meta['max_replicas']}; "
-        f"spotrag target {meta['target_queued_tokens_per_replica']} queued tokens per engine"
+        + (
+            f"spotrag target {meta['target_queued_tokens_per_replica']} queued tokens per engine"
+            if meta["target_queued_tokens_per_replica"]
+            else f"spotrag sized to TTFT p{profile.slo_percentile:g} <= {profile.slo_ttft_seconds:g}s"
+        )
     )
     if not args.no_png:
         try:
             plot(args.out / "timeline.png", comparison.results, comparison.profile, focus=policies[-1])
         except ImportError:
             print("no timeline.png: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+    if not meta["peak_fleet_meets_slo"]:
+        print(
+            f"no static fleet up to {meta['peak_engines'] * 8} engines meets TTFT p{profile.slo_percentile:g} <= "
+            f"{profile.slo_ttft_seconds:g}s in the busiest minutes: on-demand for peak uses the rule of thumb "
+            f"({meta['peak_engines']} engines at 80% busy)"
+        )
+    print(meta["start"])
+    if dropped:
+        print(f"dropped {dropped} requests longer than the context ({profile.engine.max_model_len} tokens)")
     print(f"wrote {args.out}/ in {time.monotonic() - started:.0f}s")
     return 0

@@ -83,6 +83,7 @@ class Engine:
         self.interrupted = False
         self.waiting: deque[Request] = deque()
         self.waiting_tokens = 0
+        self.waiting_prompt = 0  # the prompt part of waiting_tokens
         self.prefill: deque[Request] = deque()
         self.prefill_total = 0.0  # prompt tokens still to prefill
         self.prefill_outputs = 0  # output tokens of requests still in prefill
@@ -92,6 +93,12 @@ class Engine:
         self.kv_used = 0
         self.last = created
         self.version = 0  # bumps when the next event time changes
+        # vLLM's counters, for the operator's calibration: prompt tokens
+        # prefilled, tokens generated, and the prompts of finished requests.
+        self.prompt_counter = 0.0
+        self.generation_counter = 0.0
+        self.finished_prompt_counter = 0.0
+        self.finished_counter = 0
 
     # -- accounting -------------------------------------------------------------
 
@@ -107,6 +114,10 @@ class Engine:
         """Prompt tokens not yet prefilled + output tokens not yet generated (the gateway's definition)."""
         decode_left = self.sum_finish - len(self.running) * self.v
         return self.waiting_tokens + self.prefill_total + self.prefill_outputs + decode_left
+
+    def queued_prompt_tokens(self) -> float:
+        """The prompt part of queued_tokens (the gateway's spotrag_queued_prompt_tokens)."""
+        return self.waiting_prompt + self.prefill_total
 
     def assigned_tokens(self) -> int:
         return self.waiting_tokens + self.kv_used
@@ -130,8 +141,10 @@ class Engine:
                 done = elapsed * chunk / step
                 self.prefill[0].prefill_left -= done
                 self.prefill_total -= done
+                self.prompt_counter += done
             if self.running:
                 self.v += elapsed / step
+                self.generation_counter += len(self.running) * elapsed / step
         self.last = now
 
     def next_event(self) -> float | None:
@@ -150,6 +163,7 @@ class Engine:
         self.advance(now)
         self.waiting.append(request)
         self.waiting_tokens += request.need
+        self.waiting_prompt += request.prompt
         self.admit()
 
     def admit(self) -> None:
@@ -161,6 +175,7 @@ class Engine:
         ):
             request = self.waiting.popleft()
             self.waiting_tokens -= request.need
+            self.waiting_prompt -= request.prompt
             request.reserved = request.need
             self.kv_used += request.reserved
             request.prefill_left = float(request.prompt)
@@ -182,6 +197,7 @@ class Engine:
                 request.first_token = now
                 first.append(request)
             # The prefill step produced one token; the rest are decoded.
+            self.generation_counter += 1
             request.output -= 1
             if request.output <= 0:
                 self._release(request)
@@ -205,12 +221,14 @@ class Engine:
     def _release(self, request: Request) -> None:
         self.kv_used -= request.reserved
         request.reserved = 0
+        self.finished_prompt_counter += request.prompt
+        self.finished_counter += 1
 
     def take_all(self) -> tuple[list[Request], list[Request]]:
         """Empty the engine (its node is going): (never started, started), each as it stands."""
         not_started = list(self.waiting)
         self.waiting.clear()
-        self.waiting_tokens = 0
+        self.waiting_tokens = self.waiting_prompt = 0
         started = []
         for request in self.prefill:
             # No token was produced yet: the whole prompt is redone elsewhere.
@@ -236,5 +254,5 @@ class Engine:
         """Hand back requests the engine has not started (a gateway retries them elsewhere)."""
         taken = list(self.waiting)
         self.waiting.clear()
-        self.waiting_tokens = 0
+        self.waiting_tokens = self.waiting_prompt = 0
         return taken

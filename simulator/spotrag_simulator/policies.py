@@ -6,7 +6,8 @@ says how many engines it wants. spotrag's controllers call
 unchanged, exactly as the operator's timer does. The baselines are written
 after the projects they stand for:
 
-- on-demand for peak: a fixed fleet sized for the trace's busiest minute;
+- on-demand for peak: the smallest fixed on-demand fleet that meets the SLO
+  in the trace's busiest minutes (run.peak_fleet searches for it);
 - KubeAI: in-flight requests averaged over a moving window / targetRequests
   (internal/modelautoscaler), scale-down after consecutive lower answers;
 - KEDA on vLLM's `num_requests_waiting`: the HPA algorithm on a threshold of
@@ -27,6 +28,7 @@ from typing import Protocol
 
 from spotrag_operator import autoscale, placement
 from spotrag_operator.autoscale import AutoscalerState, Observation, ScalingPolicy
+from spotrag_operator.calibration import CalibrationState
 from spotrag_operator.placement import EngineView, PlacementState, SpotSettings
 
 from .presets import KedaSettings, KubeAISettings
@@ -48,6 +50,10 @@ class ClusterView:
     queued_tokens: float  # spotrag's gateway gauge
     in_flight_requests: int  # KubeAI's proxy count
     waiting_requests: int  # vllm:num_requests_waiting summed over engines
+    prompt_tokens: float | None = None  # the prompt part of queued_tokens (spotrag_queued_prompt_tokens)
+    output_tokens: float | None = None
+    engine_samples: list = field(default_factory=list)  # calibration.EngineSample per ready or draining engine
+    ttft_buckets: dict | None = None  # the gateway's cumulative TTFT histogram
 
     def count(self, phase: str) -> int:
         return sum(1 for e in self.engines if e.phase == phase)
@@ -70,6 +76,9 @@ class DecisionLog:
     placements: Counter = field(default_factory=Counter)
     give_ups: int = 0
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (time, desired) at each change
+    feedback_changes: int = 0  # how often the TTFT feedback factor moved (flapping shows here)
+    last_feedback: float = 1.0
+    last_calibration: object = None  # the calibration in use at the end of the run
 
 
 class SpotragController:
@@ -77,12 +86,16 @@ class SpotragController:
 
     uses_gateway = True
 
-    def __init__(self, *, name: str, policy: ScalingPolicy, spot: SpotSettings, interval: float) -> None:
+    def __init__(
+        self, *, name: str, policy: ScalingPolicy, spot: SpotSettings, interval: float, start: int | None = None
+    ) -> None:
         self.name = name
+        self.start = policy.floor if start is None else start
         self.policy = policy
         self.spot = spot
         self.interval = interval
         self.scaler_state = AutoscalerState()
+        self.calibration_state = CalibrationState()
         self.placement_state = PlacementState()
         self.log = DecisionLog()
 
@@ -100,7 +113,7 @@ class SpotragController:
         return Target(desired=desired, by_capacity=result.target, give_up=result.give_up)
 
     def initial(self) -> Target:
-        desired = self.policy.floor
+        desired = self.start
         self.scaler_state = AutoscalerState(desired=desired)
         self.log.timeline.append((0.0, desired))
         return self._split(desired, [], 0.0)
@@ -113,9 +126,24 @@ class SpotragController:
             ready=sum(1 for e in live if e.phase == placement.READY),
             starting=sum(1 for e in live if e.phase != placement.READY),
             draining=len(view.engines) - len(live),
+            prompt_tokens=view.prompt_tokens,
+            output_tokens=view.output_tokens,
+            requests=view.in_flight_requests,
         )
-        decision, self.scaler_state = autoscale.decide(self.policy, observed, self.scaler_state)
+        step, self.scaler_state, self.calibration_state = autoscale.scale(
+            self.policy,
+            observed,
+            samples=view.engine_samples,
+            ttft_buckets=view.ttft_buckets,
+            autoscaler=self.scaler_state,
+            calibration_state=self.calibration_state,
+        )
+        decision = step.decision
         self.log.reasons[decision.reason] += 1
+        if step.calibration.feedback != self.log.last_feedback:
+            self.log.feedback_changes += 1
+            self.log.last_feedback = step.calibration.feedback
+        self.log.last_calibration = step.calibration
         if decision.changed:
             self.log.changes += 1
             self.log.timeline.append((view.now, decision.desired))
@@ -145,7 +173,9 @@ class KubeAIController:
 
     uses_gateway = False
 
-    def __init__(self, *, name: str, settings: KubeAISettings, min_replicas: int, max_replicas: int) -> None:
+    def __init__(
+        self, *, name: str, settings: KubeAISettings, min_replicas: int, max_replicas: int, start: int | None = None
+    ) -> None:
         self.name = name
         self.settings = settings
         self.interval = settings.interval_seconds
@@ -155,8 +185,8 @@ class KubeAIController:
         self.window: deque[float] = deque([0.0] * samples, maxlen=samples)
         self.required_scale_downs = math.ceil(settings.scale_down_delay_seconds / settings.interval_seconds)
         self.scale_downs = 0
-        self.desired = min_replicas
-        self.log = DecisionLog(timeline=[(0.0, min_replicas)])
+        self.desired = min_replicas if start is None else start
+        self.log = DecisionLog(timeline=[(0.0, self.desired)])
 
     def initial(self) -> Target:
         return Target(desired=self.desired)
@@ -186,14 +216,16 @@ class KedaController:
     TOLERANCE = 0.1  # the HPA's
     SCALE_UP_PODS, SCALE_UP_PERIOD = 4, 15.0  # HPA default scale-up policy: max(4 pods, 100%) per 15 s
 
-    def __init__(self, *, name: str, settings: KedaSettings, min_replicas: int, max_replicas: int) -> None:
+    def __init__(
+        self, *, name: str, settings: KedaSettings, min_replicas: int, max_replicas: int, start: int | None = None
+    ) -> None:
         self.name = name
         self.settings = settings
         self.interval = settings.polling_interval_seconds
         self.min_replicas, self.max_replicas = min_replicas, max_replicas
-        self.desired = min_replicas
+        self.desired = min_replicas if start is None else start
         self.recommendations: deque[tuple[float, int]] = deque()
-        self.log = DecisionLog(timeline=[(0.0, min_replicas)])
+        self.log = DecisionLog(timeline=[(0.0, self.desired)])
 
     def initial(self) -> Target:
         return Target(desired=self.desired)

@@ -17,9 +17,22 @@ published vLLM measurements:
 - KV cache: what is left of `gpuMemoryUtilization` (0.9) of the GPU's memory
   after the weights and ~1.5 GB of activations and CUDA graphs.
 
+Measured presets replace the roofline where the project has numbers
+(`MEASURED`): H200 + Llama-3.1-8B from vLLM 0.26.0 on an H200, one run,
+shared/vllm/README.md ("First measurements on the H200"): prefill ~40,000
+tok/s (41,004 and 37,090 measured), a lone stream 203 tok/s, 64 streams
+9,001 tok/s (the step model is fitted to these two), KV cache 896,912
+tokens, `max_num_batched_tokens` 8192 (vLLM's default on a GPU of >= 70 GiB,
+in the observed logs), start to /health 110-148 s (130 s used). The model
+then gives ~18,000 tok/s for 256 streams in pure decode, where the README's
+10,850 tok/s at 256 includes a 2.5 s median TTFT of the whole batch
+arriving at once: not a like-for-like point.
+
 Prices are AWS us-east-1 on-demand list prices per GPU-hour; spot is taken
 as 40% of on-demand, an assumption (spot prices move by region and hour: put
-yours in `pricing`).
+yours in `pricing`). The H200's price is an assumption too (p5en.48xlarge / 8,
+not checked against a price list here); ratios between policies do not depend
+on it.
 """
 
 from __future__ import annotations
@@ -77,6 +90,7 @@ GPUS = {
         Gpu("A100-40GB", 40e9, 1555e9, 312e12, 32.7726 / 8, "p4d.24xlarge / 8"),
         Gpu("A100-80GB", 80e9, 2039e9, 312e12, 40.9657 / 8, "p4de.24xlarge / 8"),
         Gpu("H100", 80e9, 3350e9, 989e12, 55.04 / 8, "p5.48xlarge / 8 (after the 2025 price cut)"),
+        Gpu("H200", 141e9, 4800e9, 989e12, 63.296 / 8, "p5en.48xlarge / 8 (an assumption, see above)"),
     )
 }
 
@@ -133,7 +147,60 @@ class EngineSpec:
         return 1.0 / (self.decode_step_seconds + self.seconds_per_token)
 
 
+MEASURED_H200_8B = "vLLM 0.26.0 on H200, one run, shared/vllm/README.md"
+
+
+@dataclass(frozen=True)
+class Measured:
+    engine: EngineSpec
+    model_load_seconds: float
+    source: str
+
+
+# A step costs d + t·(n + chunk) + c·KV: t from the prefill rate (1/40,000 s);
+# d + t + c·256 = 1/203 s (one stream of 128 + 256 tokens); d + 64·t + c·64·256
+# = 64/9,001 s (64 such streams) give d and c.
+MEASURED = {
+    ("H200", "8b"): Measured(
+        engine=EngineSpec(
+            decode_step_seconds=0.004891,
+            seconds_per_token=1 / 40_000,
+            seconds_per_context_token=3.78e-8,
+            kv_cache_tokens=896_912,
+            max_num_batched_tokens=8192,
+        ),
+        model_load_seconds=130.0,
+        source=MEASURED_H200_8B,
+    )
+}
+
+# The operator's preset (spotrag_operator.calibration.PRESETS) for each GPU and model.
+OPERATOR_PRESETS = {
+    ("L4", "7b"): "L4/Mistral-7B",
+    ("A100-80GB", "8b"): "A100-80GB/Llama-3.1-8B",
+    ("H100", "8b"): "H100/Llama-3.1-8B",
+    ("H200", "8b"): "H200/Llama-3.1-8B",
+}
+# Context the roofline's KV read is averaged at, to give the operator a per-sequence step cost.
+PRESET_CONTEXT_TOKENS = 1500
+
+
+def operator_rates(spec: EngineSpec, context: float = PRESET_CONTEXT_TOKENS) -> dict:
+    """The simulated engine as `spec.scaling.calibration` numbers (what a user who measured it would write)."""
+    single = 1.0 / (spec.decode_step_seconds + spec.seconds_per_token + spec.seconds_per_context_token * context)
+    step64 = spec.decode_step_seconds + 64 * (spec.seconds_per_token + spec.seconds_per_context_token * context)
+    return {
+        "prefillTokensPerSecond": round(spec.prefill_tokens_per_second, 1),
+        "decodeTokensPerSecond": round(single, 3),
+        "batchDecodeTokensPerSecond": round(64 / step64, 1),
+        "kvCacheTokens": spec.kv_cache_tokens,
+    }
+
+
 def engine_spec_for(gpu: Gpu, model: Model, *, max_model_len: int = 8192) -> EngineSpec:
+    measured = MEASURED.get((gpu.name, model.name))
+    if measured is not None:
+        return dataclasses.replace(measured.engine, max_model_len=max_model_len)
     usable = gpu.memory_bytes * GPU_MEMORY_UTILIZATION - model.weight_bytes - RUNTIME_OVERHEAD_BYTES
     if usable <= 0:
         raise ProfileError(
@@ -245,6 +312,25 @@ def build_profile(
 
     deployment = _section(data, "deployment", {"scaling", "spot", "gateway", "interruption", "model"}, source)
     scaling = dict(deployment.get("scaling") or {})
+    if "calibration" not in scaling:
+        # The simulated operator starts from the preset for this GPU and model,
+        # or from the engine's own numbers (a user who measured it).
+        preset = OPERATOR_PRESETS.get((gpu_name, model_name))
+        if preset is not None:
+            scaling["calibration"] = {"preset": preset}
+        elif gpu_name in GPUS and model_name in MODELS:
+            try:
+                scaling["calibration"] = operator_rates(engine_spec_for(GPUS[gpu_name], MODELS[model_name]))
+            except ProfileError:
+                pass  # reported below, with the others
+    profile_slo = data.get("slo") or {}
+    if "slo" not in scaling and isinstance(profile_slo, dict):
+        # One SLO: the profile's is the deployment's unless the deployment sets its own.
+        scaling["slo"] = {
+            k: v
+            for k, v in (("ttftSeconds", profile_slo.get("ttftSeconds")), ("percentile", profile_slo.get("percentile")))
+            if v is not None
+        }
     body = {
         "spec": {
             **deployment,
@@ -289,10 +375,17 @@ def build_profile(
     outages = _outages(spot.get("outages") or [], problems)
     nodes = _section(data, "nodes", {"startSeconds", "modelLoadSeconds"}, source)
     node_start = _number(nodes, "startSeconds", 120.0, problems, "nodes")
-    model_load = _number(nodes, "modelLoadSeconds", 90.0, problems, "nodes")
+    measured = MEASURED.get((gpu_name, model_name))
+    model_load = _number(
+        nodes, "modelLoadSeconds", measured.model_load_seconds if measured else 90.0, problems, "nodes"
+    )
     slo = _section(data, "slo", {"ttftSeconds", "percentile"}, source)
     slo_ttft = _number(slo, "ttftSeconds", 2.0, problems, "slo")
     slo_percentile = _number(slo, "percentile", 95.0, problems, "slo")
+    deployment_slo = spec["scaling"].get("slo") or {}
+    if not problems and isinstance(deployment_slo, dict):  # the deployment's own SLO wins
+        slo_ttft = float(deployment_slo.get("ttftSeconds", slo_ttft))
+        slo_percentile = float(deployment_slo.get("percentile", slo_percentile))
     interval = _number(data, "controlIntervalSeconds", 10.0, problems, "")
     grace = _number(data, "terminationGracePeriodSeconds", 30.0, problems, "")
     not_negative = {

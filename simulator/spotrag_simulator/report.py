@@ -38,6 +38,12 @@ class Summary:
     scale_changes: int
     spot_fallbacks: int
     max_ready_engines: int
+    # Warm-up (from the start until WARM_MINUTES minutes in a row meet the SLO), reported apart.
+    warmup_seconds: float = 0.0  # to the SLO (the horizon if never)
+    warmup_lost: int = 0
+    steady_slo_minutes: float = 1.0  # after warm-up
+    steady_lost: int = 0
+    feedback_changes: int = 0
 
     @property
     def lost(self) -> int:
@@ -71,6 +77,19 @@ def minute_percentiles(arrivals: np.ndarray, ttft: np.ndarray, horizon: float, p
     return result
 
 
+WARM_MINUTES = 5
+
+
+def warmup_minutes(met: np.ndarray) -> int:
+    """Minutes until the first run of WARM_MINUTES met minutes begins (len(met) if none)."""
+    run = 0
+    for minute, ok in enumerate(met):
+        run = run + 1 if ok else 0
+        if run == WARM_MINUTES:
+            return minute - WARM_MINUTES + 1
+    return len(met)
+
+
 def summarize(result: RunResult, profile: Profile) -> Summary:
     requests = [r for r in result.requests if r.arrival < result.horizon]
     arrivals = np.array([r.arrival for r in requests])
@@ -80,6 +99,9 @@ def summarize(result: RunResult, profile: Profile) -> Summary:
     done = ttft[np.isfinite(ttft)]
     per_minute = minute_percentiles(arrivals, ttft, result.horizon, profile.slo_percentile)
     met = np.isnan(per_minute) | (per_minute <= profile.slo_ttft_seconds)
+    warm = warmup_minutes(met)
+    lost = np.array([r.lost is not None for r in requests], dtype=bool)
+    after = arrivals >= warm * 60.0
     hours = gpu_hours(result, profile)
     cost = hours[SPOT] * profile.spot_price + hours[ON_DEMAND] * profile.on_demand_price
     log = result.log
@@ -105,6 +127,11 @@ def summarize(result: RunResult, profile: Profile) -> Summary:
         scale_changes=getattr(log, "changes", 0),
         spot_fallbacks=getattr(log, "give_ups", 0),
         max_ready_engines=int(max(result.samples["ready"], default=0)),
+        warmup_seconds=warm * 60.0,
+        warmup_lost=int(np.sum(lost & ~after)),
+        steady_slo_minutes=float(met[warm:].mean()) if warm < len(met) else 0.0,
+        steady_lost=int(np.sum(lost & after)),
+        feedback_changes=getattr(log, "feedback_changes", 0),
     )
 
 
@@ -112,6 +139,7 @@ def table(summaries: list[Summary]) -> str:
     """A Markdown table, one row per policy."""
     header = (
         "| policy | cost | × on-demand peak | GPU-h spot / on-demand | TTFT p50 / p95 / p99 (s) | minutes in SLO "
+        "| after warm-up: minutes in SLO / lost | warm-up: s to SLO / lost "
         "| lost (interrupted / 503 / unfinished) | served after the queue timeout | resumed | interruptions | most engines ready |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -120,6 +148,7 @@ def table(summaries: list[Summary]) -> str:
         lines.append(
             f"| {s.policy} | ${s.cost:,.2f} | {ratio} | {s.gpu_hours_spot:.1f} / {s.gpu_hours_on_demand:.1f} | "
             f"{s.ttft_p50:.2f} / {s.ttft_p95:.2f} / {s.ttft_p99:.2f} | {s.slo_minutes:.2%} | "
+            f"{s.steady_slo_minutes:.2%} / {s.steady_lost} | {s.warmup_seconds:.0f} / {s.warmup_lost} | "
             f"{s.lost} ({s.lost_interrupted} / {s.lost_queue_timeout} / {s.unfinished}) | {s.ttft_over_timeout} | {s.resumed} | {s.interruptions} | {s.max_ready_engines} |"
         )
     return "\n".join(lines)
@@ -151,9 +180,14 @@ def plot(path: pathlib.Path, results: dict[str, RunResult], profile: Profile, fo
     load.set_ylabel("arriving tokens/s")
     load.set_title(f"{profile.gpu} · {profile.model} — load, queued tokens and engines over the trace")
     queue.plot(hours, main.samples["queued_tokens"], color="tab:purple", linewidth=0.8)
-    target = profile.spec["scaling"]["targetQueuedTokensPerReplica"]
+    target = profile.spec["scaling"].get("targetQueuedTokensPerReplica")
     queue.set_ylabel(f"queued tokens ({focus})")
-    queue.annotate(f"target {target} per engine", xy=(0.01, 0.9), xycoords="axes fraction", fontsize=8)
+    basis = (
+        f"target {target} per engine"
+        if target
+        else f"sized to TTFT p{profile.slo_percentile:g} <= {profile.slo_ttft_seconds:g}s"
+    )
+    queue.annotate(basis, xy=(0.01, 0.9), xycoords="axes fraction", fontsize=8)
     engines.stackplot(
         hours,
         main.samples["ready_on_demand"],

@@ -27,6 +27,7 @@ is deleted once it has finished its requests.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import deque
@@ -34,7 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from spotrag_operator import placement
+from spotrag_operator import calibration, placement
+from spotrag_operator.calibration import EngineSample
 from spotrag_operator.placement import EngineView
 
 from .engine_model import DRAINING, GONE, PENDING, READY, STARTING, Engine, Request
@@ -46,6 +48,9 @@ ON_DEMAND, SPOT = placement.ON_DEMAND, placement.SPOT
 SAMPLE_SECONDS = 60.0
 # Work left at the end of the trace is given this long to finish.
 DRAIN_AFTER_TRACE_SECONDS = 3600.0
+
+# The gateway's TTFT histogram buckets (runtime/spotrag_runtime/gateway/metrics.py).
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80)
 
 # Event kinds, in the order they run at equal times.
 _ENGINE, _NODE_UP, _LOADED, _NOTICE, _DEADLINE, _OUTAGE_END, _CONTROL, _SAMPLE = range(8)
@@ -105,6 +110,8 @@ class Simulation:
         self.serving: list[Engine] = []
         self.queue: deque[Request] = deque()  # the gateway's, or requests with no engine to go to
         self.queue_tokens = 0
+        self.queue_prompt = 0  # the prompt part of queue_tokens
+        self.ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)  # per bucket, the last one +Inf
         self.requests: list[Request] = []
         self.target: Target | None = None
         self.interruptions = 0
@@ -163,6 +170,7 @@ class Simulation:
             while self.queue:
                 request = self.queue.popleft()
                 self.queue_tokens -= request.need
+                self.queue_prompt -= request.prompt
                 self._route(request)
 
     def _remove(self, engine: Engine) -> None:
@@ -195,6 +203,7 @@ class Simulation:
         if self.gateway:
             self.queue.append(request)
             self.queue_tokens += request.need
+            self.queue_prompt += request.prompt
             self._dispatch()
         else:
             self._route(request)
@@ -207,6 +216,7 @@ class Simulation:
             else:
                 self.queue.append(request)
             self.queue_tokens += request.need
+            self.queue_prompt += request.prompt
 
     def _dispatch(self) -> None:
         """The gateway: least queued tokens first, never more than maxInflightTokensPerEngine on one engine."""
@@ -217,6 +227,7 @@ class Simulation:
                 return
             self.queue.popleft()
             self.queue_tokens -= request.need
+            self.queue_prompt -= request.prompt
             engine.accept(request, self.now)
             self._reschedule(engine)
 
@@ -225,6 +236,7 @@ class Simulation:
         if not self.serving:
             self.queue.append(request)  # held until an engine is ready (KubeAI's proxy does this)
             self.queue_tokens += request.need
+            self.queue_prompt += request.prompt
             return
         engine = min(self.serving, key=lambda e: e.requests)
         engine.accept(request, self.now)
@@ -238,6 +250,7 @@ class Simulation:
             if self.now - request.queued_at > self.queue_timeout:
                 request.lost = "queue timeout"
                 self.queue_tokens -= request.need
+                self.queue_prompt -= request.prompt
             else:
                 kept.append(request)
         self.queue = kept
@@ -246,6 +259,8 @@ class Simulation:
 
     def _view(self) -> ClusterView:
         views, waiting, in_flight = [], 0, len(self.queue)
+        samples = []
+        prompt = float(self.queue_prompt)
         for engine in self.engines:
             if engine.phase == GONE:
                 continue
@@ -258,12 +273,39 @@ class Simulation:
             views.append(EngineView(name=engine.name, capacity=engine.capacity, phase=phase, since=engine.since))
             waiting += len(engine.waiting)
             in_flight += engine.requests
+            if engine.phase in (READY, DRAINING):
+                engine.advance(self.now)
+                prompt += engine.queued_prompt_tokens()
+                # What the operator would scrape from this engine's vLLM /metrics.
+                samples.append(
+                    EngineSample(
+                        name=engine.name,
+                        time=self.now,
+                        prompt_tokens=engine.prompt_counter,
+                        generation_tokens=engine.generation_counter,
+                        running=len(engine.running) + len(engine.prefill),
+                        waiting=len(engine.waiting),
+                        state=calibration.SERVING if engine.phase == READY else calibration.DRAINING,
+                        finished_prompt_tokens=engine.finished_prompt_counter,
+                        finished_requests=engine.finished_counter,
+                    )
+                )
+        queued = self.queued_tokens()
+        prompt = min(max(0.0, prompt), queued)
+        cumulative, total = {}, 0
+        for bound, count in zip((*TTFT_BUCKETS, "+Inf"), self.ttft_counts, strict=True):
+            total += count
+            cumulative[str(float(bound)) if bound != "+Inf" else bound] = float(total)
         return ClusterView(
             now=self.now,
             engines=views,
-            queued_tokens=self.queued_tokens(),
+            queued_tokens=queued,
             in_flight_requests=in_flight,
             waiting_requests=waiting,
+            prompt_tokens=prompt,
+            output_tokens=queued - prompt,
+            engine_samples=samples,
+            ttft_buckets=cumulative,
         )
 
     def queued_tokens(self) -> float:
@@ -372,7 +414,9 @@ class Simulation:
     # -- the loop -----------------------------------------------------------------------
 
     def _engine_event(self, engine: Engine) -> None:
-        _, finished = engine.progress(self.now)
+        first, finished = engine.progress(self.now)
+        for request in first:  # the gateway's TTFT histogram
+            self.ttft_counts[bisect.bisect_left(TTFT_BUCKETS, self.now - request.arrival)] += 1
         for request in finished:
             request.done = self.now
         if engine.phase == DRAINING and engine.empty:

@@ -1,4 +1,5 @@
-"""Request traces: load one (JSONL or CSV) or generate one (diurnal, bursty).
+"""Request traces: load one (JSONL or CSV) or generate one (diurnal, bursty,
+conversation, code).
 
 A trace row is one request: `arrival` (seconds from the start of the trace),
 `prompt_tokens` and `output_tokens`. JSONL rows are objects with those keys;
@@ -17,12 +18,51 @@ from dataclasses import dataclass
 import numpy as np
 
 FIELDS = ("arrival", "prompt_tokens", "output_tokens")
-GENERATORS = ("diurnal", "bursty")
+GENERATORS = ("diurnal", "bursty", "conversation", "code")
 
 # Shape of a RAG request (system prompt + top-k passages + question in, a
 # cited answer out): log-normal, clipped.
 PROMPT_MEDIAN, PROMPT_SIGMA, PROMPT_RANGE = 1400, 0.35, (200, 6000)
 OUTPUT_MEDIAN, OUTPUT_SIGMA, OUTPUT_RANGE = 180, 0.6, (8, 1500)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A traffic shape: log-normal lengths (median, sigma, clip) and minute-level bursts."""
+
+    prompt: tuple[float, float, tuple[int, int]]
+    output: tuple[float, float, tuple[int, int]]
+    minute_sigma: float  # each minute's rate is multiplied by a log-normal of this sigma
+    bursts_per_hour: float
+    burst_minutes: tuple[int, int]
+    burst_multiplier: tuple[float, float]
+    source: str
+
+
+# Shapes of two public production traces the issue measured (not shipped with
+# the project): the generated lengths follow their percentiles, the minute
+# rates their spread (conversation: 0-507 requests a minute, median 326;
+# code: up to 632). Sigmas from p50 and p90; the clip holds p99 near theirs.
+SHAPES = {
+    "conversation": Shape(
+        prompt=(1020, 0.77, (16, 4500)),  # p50 1,020 / p90 2,731 / p99 4,142
+        output=(129, 0.93, (1, 700)),  # p50 129 / p90 424 / p99 601
+        minute_sigma=0.15,
+        bursts_per_hour=2.0,
+        burst_minutes=(1, 4),
+        burst_multiplier=(1.2, 1.6),
+        source="a production conversation trace's percentiles (issue 12)",
+    ),
+    "code": Shape(
+        prompt=(1469, 0.98, (16, 7800)),  # p50 1,469 / p90 5,186
+        output=(13, 1.12, (1, 380)),  # p50 13 / p90 55
+        minute_sigma=0.2,
+        bursts_per_hour=3.0,
+        burst_minutes=(1, 3),
+        burst_multiplier=(1.2, 1.6),
+        source="a production code-completion trace's percentiles (issue 12)",
+    ),
+}
 
 
 class TraceError(ValueError):
@@ -119,7 +159,9 @@ def diurnal_rate(hour_of_day: np.ndarray) -> np.ndarray:
     return 0.15 + 0.85 * (0.5 - 0.5 * np.cos(2 * np.pi * (hour_of_day - 4.0) / 24.0)) ** 1.5
 
 
-def generate_trace(kind: str, *, hours: float, seed: int, peak_rps: float = 2.0) -> list[TraceRequest]:
+def generate_trace(
+    kind: str, *, hours: float, seed: int, peak_rps: float = 2.0, start_hour: float = 0.0
+) -> list[TraceRequest]:
     """A synthetic trace: `diurnal` (a smooth day) or `bursty` (the day plus sudden bursts).
 
     Arrivals are a non-homogeneous Poisson process drawn by thinning; bursts
@@ -132,6 +174,8 @@ def generate_trace(kind: str, *, hours: float, seed: int, peak_rps: float = 2.0)
         raise TraceError(f"--hours must be positive, got {hours}")
     if not peak_rps > 0:
         raise TraceError(f"the peak request rate must be positive, got {peak_rps}")
+    if kind in SHAPES:
+        return shaped_trace(SHAPES[kind], hours=hours, seed=seed, peak_rps=peak_rps, start_hour=start_hour)
     rng = np.random.default_rng(seed)
     duration = hours * 3600.0
     bursts: list[tuple[float, float, float]] = []
@@ -144,7 +188,7 @@ def generate_trace(kind: str, *, hours: float, seed: int, peak_rps: float = 2.0)
     # Thinning: candidate arrivals at the ceiling rate, each kept with rate(t)/ceiling.
     candidates = np.cumsum(rng.exponential(1.0 / ceiling, int(duration * ceiling * 1.2) + 100))
     candidates = candidates[candidates < duration]
-    rate = peak_rps * diurnal_rate((candidates / 3600.0) % 24.0)
+    rate = peak_rps * diurnal_rate((start_hour + candidates / 3600.0) % 24.0)
     for start, end, multiplier in bursts:
         inside = (candidates >= start) & (candidates < end)
         rate[inside] *= multiplier
@@ -160,6 +204,44 @@ def generate_trace(kind: str, *, hours: float, seed: int, peak_rps: float = 2.0)
         TraceRequest(arrival=float(a), prompt_tokens=int(p), output_tokens=int(o), row=i + 1)
         for i, (a, p, o) in enumerate(zip(arrivals, prompts, outputs, strict=True))
     ]
+
+
+def shaped_trace(
+    shape: Shape, *, hours: float, seed: int, peak_rps: float, start_hour: float = 0.0
+) -> list[TraceRequest]:
+    """A day of `shape`: the diurnal curve (peak_rps at the busiest hour, the
+    trace starting at `start_hour` of the day), each minute's rate varied
+    log-normally, and bursts of a few minutes on top; Poisson arrivals within
+    each minute."""
+    rng = np.random.default_rng([seed, 11])
+    minutes = int(math.ceil(hours * 60))
+    start = np.arange(minutes) * 60.0
+    rate = peak_rps * diurnal_rate((start_hour + start / 3600.0) % 24.0)
+    rate *= rng.lognormal(-(shape.minute_sigma**2) / 2, shape.minute_sigma, minutes)  # mean 1
+    for _ in range(rng.poisson(shape.bursts_per_hour * hours)):
+        first = int(rng.integers(0, minutes))
+        length = int(rng.integers(shape.burst_minutes[0], shape.burst_minutes[1] + 1))
+        rate[first : first + length] *= rng.uniform(*shape.burst_multiplier)
+    counts = rng.poisson(rate * 60.0)
+    duration = hours * 3600.0
+    arrivals = np.sort(np.concatenate([s + rng.uniform(0, 60.0, c) for s, c in zip(start, counts, strict=True)]))
+    arrivals = arrivals[arrivals < duration]
+
+    def lengths(spec: tuple[float, float, tuple[int, int]]) -> np.ndarray:
+        median, sigma, bounds = spec
+        return np.clip(np.round(rng.lognormal(np.log(median), sigma, arrivals.size)), *bounds).astype(int)
+
+    prompts, outputs = lengths(shape.prompt), lengths(shape.output)
+    return [
+        TraceRequest(arrival=float(a), prompt_tokens=int(p), output_tokens=int(o), row=i + 1)
+        for i, (a, p, o) in enumerate(zip(arrivals, prompts, outputs, strict=True))
+    ]
+
+
+def drop_oversized(requests: list[TraceRequest], max_model_len: int) -> tuple[list[TraceRequest], int]:
+    """The requests that fit the context, and how many did not (--drop-oversized)."""
+    kept = [r for r in requests if r.prompt_tokens + r.output_tokens <= max_model_len]
+    return kept, len(requests) - len(kept)
 
 
 def write_trace(requests: list[TraceRequest], path: str | pathlib.Path) -> None:

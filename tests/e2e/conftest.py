@@ -34,8 +34,6 @@ import re
 import secrets
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -46,7 +44,7 @@ import pytest
 import yaml
 
 from spotrag_box.cluster import SimulatedCluster, Timing
-from spotrag_box.testing import kubectl_binary
+from spotrag_box.testing import Program, eventually, kubectl_binary, start_api_server, start_operator
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "spotrag.io_ragdeployments.yaml"
@@ -74,46 +72,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # Processes -------------------------------------------------------------------
-
-
-class Program:
-    """A program of ours run for the session, in its own process group, dying
-    with this process (the box's launcher sets a parent-death signal)."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
-        self.name = name
-        self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "spotrag_box.cluster.launch", str(os.getpid()), "--", *argv],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env={**os.environ, **(env or {})},
-            )
-
-    def tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            pytest.fail(f"{self.name} exited with {self.process.returncode}:\n{self.tail()}")
-
-    def stop(self, grace: float = 10.0) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-
-
-def spotrag(*args: str) -> list[str]:
-    return [sys.executable, "-m", "spotrag_runtime.cli", *args]
 
 
 # The environment -------------------------------------------------------------
@@ -192,18 +150,15 @@ class E2E:
         interval: float = 0.5,
     ) -> Any:
         """Poll `check` until truthy; fail with a diagnosis of `namespace` if it never is."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def checked() -> Any:
             for program in self.programs:
                 program.check_alive()
-            result = check()
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"timed out after {timeout:.0f}s waiting for {what}.\n{self.diagnose(namespace)}", pytrace=False
-                )
-            time.sleep(interval)
+            return check()
+
+        return eventually(
+            checked, what=what, timeout=timeout, interval=interval, diagnose=lambda: self.diagnose(namespace)
+        )
 
     def diagnose(self, namespace: str) -> str:
         """What is wrong in `namespace`: unready pods and why, Warning events, logs."""
@@ -380,17 +335,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
             kubeconfig = Path(REAL_KUBECONFIG)
         else:
             kubeconfig = workdir / "kubeconfig"
-            api = Program(
-                "api-server",
-                spotrag("api-server", "--port", "0", "--kubeconfig-out", str(kubeconfig), "--crd", str(CRD_FILE)),
-                workdir / "api-server.log",
-            )
-            deadline = time.monotonic() + START_TIMEOUT
-            while not kubeconfig.exists():
-                api.check_alive()
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the API stand-in wrote no kubeconfig in {START_TIMEOUT:.0f}s:\n{api.tail()}")
-                time.sleep(0.1)
+            api = start_api_server(kubeconfig, workdir / "api-server.log", crds=[CRD_FILE], timeout=START_TIMEOUT)
             cluster = SimulatedCluster(kubeconfig, workdir=workdir / "cluster", timing=BOX_TIMING).start()
         if not REAL_KUBECONFIG or os.environ.get("SPOTRAG_E2E_OPERATOR", "local") == "local":
             if REAL_KUBECONFIG:
@@ -399,23 +344,8 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
                     check=True,
                     capture_output=True,
                 )
-            operator = Program(
-                "operator",
-                # No fixed ports: other test sessions may share this machine.
-                spotrag(
-                    "operator",
-                    "--kubeconfig",
-                    str(kubeconfig),
-                    "--standalone",
-                    "--liveness",
-                    "",
-                    "--metrics-port",
-                    "0",
-                    "--reconcile-interval",
-                    "1",
-                ),
-                workdir / "operator.log",
-            )
+            # No fixed ports: other test sessions may share this machine.
+            operator = start_operator(kubeconfig, workdir / "operator.log", reconcile_interval=1)
         programs = [p for p in (api, operator) if p is not None]
         yield E2E(kubeconfig=kubeconfig, workdir=workdir, cluster=cluster, programs=programs)
     finally:

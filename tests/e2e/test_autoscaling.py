@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import pytest
 
+from spotrag_box.testing import scrape
+
 from .test_interruptions import (
     Load,
     engine_selector,
-    gateway_counter,
     long_requests,
     ragd_events,
     serving_engines,
@@ -98,7 +99,7 @@ def test_load_rises_spot_runs_out_load_falls(e2e, namespace):
                 what="the engines above the on-demand baseline to be drained and deleted once the load is gone",
             )
             wait_event(e2e, namespace, "Scaled", "→ 1", deployment=DEPLOYMENT)
-            assert gateway_counter(url, 'spotrag_requests_total{outcome="engine_failed"}') == 0
+            assert scrape(f"{url}/metrics").value("spotrag_requests_total", outcome="engine_failed") == 0
         status = _status(e2e, namespace)
         assert (status["desiredReplicas"], status["onDemandReplicas"], status["spotReplicas"]) == (1, 1, 0), status
         [baseline] = e2e.pods(namespace, engine_selector(DEPLOYMENT))

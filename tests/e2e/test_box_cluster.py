@@ -6,11 +6,12 @@ Deployments roll and Jobs retry."""
 
 from __future__ import annotations
 
-import re
 import threading
 
 import httpx
 import pytest
+
+from spotrag_box.testing import scrape
 
 pytestmark = pytest.mark.box_only
 
@@ -122,9 +123,7 @@ def endpoints(e2e, namespace: str, service_name: str) -> list[tuple]:
 
 def running_requests(url: str) -> float:
     """vllm:num_requests_running from the engine's /metrics."""
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    match = re.search(r"^vllm:num_requests_running(?:\{[^}]*\})? (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    return scrape(f"{url}/metrics").value("vllm:num_requests_running")
 
 
 def test_engine_pod_serves_then_finishes_its_request_while_stopping(e2e, namespace):

@@ -6,19 +6,17 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import sys
 
 import pytest
 
 from spotrag_box.apiserver.server import KubeAPIServer
+from spotrag_box.testing import spotrag_command
 
 pytestmark = pytest.mark.box_only
 
 
 def demo(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "spotrag_runtime.cli", "demo", *args], capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run(spotrag_command("demo", *args), capture_output=True, text=True, timeout=timeout)
 
 
 def test_the_tour_answers_every_request_through_a_spot_interruption():

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import Program, spotrag
+from spotrag_box.testing import Program, spotrag_command
 
 pytestmark = pytest.mark.box_only
 
@@ -57,7 +57,9 @@ def door(e2e, module_namespace):
     port = _free_port()
     program = Program(
         "front-door",
-        spotrag("front-door", "--config", str(config), "--kubeconfig", str(e2e.kubeconfig), "--port", str(port)),
+        spotrag_command(
+            "front-door", "--config", str(config), "--kubeconfig", str(e2e.kubeconfig), "--port", str(port)
+        ),
         e2e.workdir / f"frontdoor-{namespace}.log",
     )
     url = f"http://127.0.0.1:{port}"

@@ -31,6 +31,7 @@ import httpx
 import openai
 import pytest
 
+from spotrag_box.testing import scrape
 from spotrag_runtime.engine_emulator import text as emulator_text
 from spotrag_runtime.node_agent.mark import Notice
 
@@ -213,19 +214,6 @@ class Load:
 
 def _first_difference(a: str, b: str) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-
-
-def gateway_counter(url: str, name: str) -> float:
-    """A counter from the gateway's /metrics (summed over its labels)."""
-    response = httpx.get(f"{url}/metrics", timeout=5)
-    response.raise_for_status()
-    total = 0.0
-    for line in response.text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            metric, _, value = line.rpartition(" ")
-            if metric == name or metric.startswith(name + "{"):
-                total += float(value)
-    return total
 
 
 # The cluster, as the scenarios read it ---------------------------------------------
@@ -505,7 +493,7 @@ def test_a_short_gke_notice_resumes_the_answers_still_running_on_another_engine(
     wait_steady(e2e, namespace, spot=2, on_demand=1)
     # ~1500 tokens at the box's 8 ms per token: well over the notice.
     long = long_requests(e2e, max_tokens=1500)
-    resumed_before = gateway_counter(spotty.url, "spotrag_resumed_streams_total")
+    resumed_before = scrape(f"{spotty.url}/metrics").value("spotrag_resumed_streams_total")
     with Load(spotty.url, long, threads=4, timeout=120) as load:
 
         def victim_busy() -> Any:
@@ -532,7 +520,7 @@ def test_a_short_gke_notice_resumes_the_answers_still_running_on_another_engine(
             what=f"node {node} to be taken away after its notice",
         )
         e2e.wait_for(
-            lambda: gateway_counter(spotty.url, "spotrag_resumed_streams_total") > resumed_before,
+            lambda: scrape(f"{spotty.url}/metrics").value("spotrag_resumed_streams_total") > resumed_before,
             namespace=namespace,
             timeout=30,
             what=f"the gateway to resume the answers cut on {name} (spotrag_resumed_streams_total still {resumed_before})",
@@ -547,12 +535,9 @@ def test_a_short_gke_notice_resumes_the_answers_still_running_on_another_engine(
 def _running(pod: Any) -> float:
     """vllm:num_requests_running of an engine, read from its pod IP (0 when unreadable)."""
     try:
-        text = httpx.get(f"http://{pod.status.pod_ip}:8000/metrics", timeout=2).text
+        return scrape(f"http://{pod.status.pod_ip}:8000/metrics", timeout=2).value("vllm:num_requests_running")
     except httpx.HTTPError:
         return 0
-    return sum(
-        float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith("vllm:num_requests_running")
-    )
 
 
 def test_the_node_agents_mark_drains_like_any_other_signal(e2e, spotty):

@@ -8,7 +8,6 @@ process, however many test modules use them.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import functools
@@ -16,16 +15,15 @@ import shutil
 import socket
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
 
+from spotrag_box.testing import eventually, scrape, scrape_async
 from spotrag_runtime.engine_emulator import EmulatorProcess, start_engine_emulator
 from spotrag_runtime.gateway import GatewayConfig
 from spotrag_runtime.gateway.app import create_app
@@ -104,11 +102,9 @@ class RunningGateway:
 
     def start(self) -> RunningGateway:
         self._thread.start()
-        deadline = time.monotonic() + 60
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the gateway did not start; see the log above")
-            time.sleep(0.02)
+        eventually(lambda: self._server.started or not self._thread.is_alive(), what="the gateway to start", timeout=60)
+        if not self._server.started:
+            raise RuntimeError("the gateway did not start; see the log above")
         return self
 
     def stop(self) -> None:
@@ -129,60 +125,15 @@ class RunningGateway:
         )
 
     def metric(self, name: str, **labels: str) -> float:
-        return scrape(f"{self.url}/metrics", name, **labels)
+        return scrape(f"{self.url}/metrics").value(name, **labels)
 
     async def metric_async(self, name: str, **labels: str) -> float:
-        async with httpx.AsyncClient(timeout=5) as http:
-            return sample_value((await http.get(f"{self.url}/metrics")).text, name, **labels)
+        return (await scrape_async(f"{self.url}/metrics")).value(name, **labels)
 
     def async_client(self, **options: Any) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(
             base_url=f"{self.url}/v1", api_key=options.pop("api_key", API_KEY), max_retries=0, **options
         )
-
-
-def scrape(url: str, name: str, **labels: str) -> float:
-    """The value of one sample on a Prometheus page (0 when absent)."""
-    return sample_value(httpx.get(url, timeout=5).text, name, **labels)
-
-
-async def scrape_async(url: str, name: str, **labels: str) -> float:
-    async with httpx.AsyncClient(timeout=5) as http:
-        return sample_value((await http.get(url)).text, name, **labels)
-
-
-def sample_value(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
-
-
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    """Poll until ``condition()`` is truthy; fail the test naming ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-async def eventually(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    """``wait_until`` for async tests: ``condition`` may be a coroutine function."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @contextlib.contextmanager

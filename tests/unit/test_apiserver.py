@@ -10,8 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -23,7 +21,7 @@ import yaml
 from kubernetes.client import ApiException
 
 from spotrag_box.apiserver.server import KubeAPIServer, cli
-from spotrag_box.testing import helm, kubectl, running_kube_api
+from spotrag_box.testing import eventually, helm, kubectl, running_kube_api
 
 GROUP, VERSION, PLURAL = "example.test", "v1", "widgets"
 WIDGET_CRD = yaml.safe_load(
@@ -62,18 +60,6 @@ WIDGET_CRD = yaml.safe_load(
                 x-kubernetes-preserve-unknown-fields: true
 """)
 )
-
-
-def eventually(check: Callable[[], Any], *, timeout: float = 10.0, what: str = "the condition") -> Any:
-    """Poll until ``check`` returns a truthy value (for what the server does in the background)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last result: {result!r}")
-        time.sleep(0.05)
 
 
 def widget(name: str = "demo", **spec: Any) -> dict[str, Any]:
@@ -532,7 +518,7 @@ def test_watch_timeout_seconds_ends_the_stream(core):
 
 def test_watch_from_a_forgotten_resource_version_is_410(api, http):
     # The server remembers a bounded window of changes, as etcd compacts: shrink it to one.
-    api.call(lambda emulator: setattr(emulator, "change_log_size", 1))
+    api.call(lambda emulator: setattr(emulator.store, "change_log_size", 1))
     for name in ("a", "b", "c"):
         http.post("/api/v1/namespaces/default/configmaps", json={"metadata": {"name": name}})
     _, events = watch_events(http, "/api/v1/namespaces/default/configmaps", 1, resourceVersion="2")
@@ -660,8 +646,8 @@ def test_kubectl_round_trip_on_a_custom_resource(kubeconfig, tmp_path, api):
     kubectl(kubeconfig, "replace", "-f", str(replacement))
     kubectl(kubeconfig, "wait", "--for=jsonpath={.spec.replicas}=7", "widget/demo", "--timeout=10s")
     api.call(
-        lambda emulator: emulator.patch(
-            emulator.lookup(GROUP, VERSION, PLURAL),
+        lambda emulator: emulator.writes.patch(
+            emulator.registry.lookup(GROUP, VERSION, PLURAL),
             "default",
             "demo",
             "application/merge-patch+json",

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from spotrag_operator import autoscale
-from spotrag_operator.autoscale import AutoscalerState, InvalidScalingPolicy, Observation, ScalingPolicy, decide
+from spotrag_operator.autoscale import AutoscalerState, InvalidScalingPolicy, Observation, ScalingPolicy, Slo, decide
+from spotrag_operator.calibration import rates_from_spec
 from spotrag_operator.crd import defaulted_spec
 
 POLICY = ScalingPolicy(
@@ -206,10 +207,14 @@ def test_policy_from_the_crd_defaults():
         min_replicas=1,
         max_replicas=4,
         on_demand_baseline=1,
-        target_queued_tokens_per_replica=2048,
+        target_queued_tokens_per_replica=None,  # sized to the SLO
         scale_up_stabilization_seconds=30,
         scale_down_stabilization_seconds=300,
         max_scale_up_step=4,
+        max_scale_up_percent=100,
+        slo=Slo(ttft_seconds=2.0, percentile=95.0),
+        engine_rates=rates_from_spec({"preset": "L4/Mistral-7B"}),
+        max_inflight_tokens_per_engine=65536,
     )
 
 

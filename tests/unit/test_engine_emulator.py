@@ -4,18 +4,18 @@ spoken to with the official openai client (sync and async) and plain HTTP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from spotrag_box.testing import eventually, scrape
 from spotrag_runtime.engine_emulator import EmulatorProcess, start_engine_emulator
-from spotrag_runtime.engine_emulator.text import cited_sentence, count_tokens
+from spotrag_runtime.engine_emulator.text import count_tokens, quotes
 
 MODEL = "emu-model"
 QUESTION = [{"role": "user", "content": "Where is the tower?"}]
@@ -25,16 +25,6 @@ RAG_PROMPT = (
     "[2] Bridges cross the river in many places.\n"
     "Question: where is the tower?"
 )
-POLL_LIMIT_S = 10.0
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    """Poll until ``condition`` holds; fail (not time) when it never does."""
-    deadline = time.monotonic() + POLL_LIMIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"never happened: {what}")
-        time.sleep(0.01)
 
 
 def started(**options: object) -> EmulatorProcess:
@@ -48,35 +38,29 @@ def started(**options: object) -> EmulatorProcess:
     return engine
 
 
+# Fast clock and short answers: these tests check behaviour, not speed.
+FAST_ENGINE = {
+    "seed": 7,
+    "ttft_ms": 1,
+    "itl_ms": 1,
+    "max_model_len": 256,
+    "block_size": 16,
+    "num_gpu_blocks": 64,
+    "answer_words_min": 12,
+    "answer_words_max": 30,
+}
+
+
 @pytest.fixture(scope="module")
 def engine() -> Iterator[EmulatorProcess]:
-    # Fast clock and short answers: these tests check behaviour, not speed.
-    with started(
-        seed=7,
-        ttft_ms=1,
-        itl_ms=1,
-        max_model_len=256,
-        block_size=16,
-        num_gpu_blocks=64,
-        answer_words_min=12,
-        answer_words_max=30,
-    ) as process:
+    with started(**FAST_ENGINE) as process:
         yield process
 
 
 @pytest.fixture(scope="module")
 def twin_engine() -> Iterator[EmulatorProcess]:
     """A second engine with the same seed: where a broken stream is resumed."""
-    with started(
-        seed=7,
-        ttft_ms=1,
-        itl_ms=1,
-        max_model_len=256,
-        block_size=16,
-        num_gpu_blocks=64,
-        answer_words_min=12,
-        answer_words_max=30,
-    ) as process:
+    with started(**FAST_ENGINE) as process:
         yield process
 
 
@@ -96,12 +80,9 @@ def async_client(engine: EmulatorProcess) -> openai.AsyncOpenAI:
 
 
 def metric(engine: EmulatorProcess, name: str, **labels: str) -> float:
-    text = httpx.get(engine.url + "/metrics").text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    raise AssertionError(f"{name}{labels} not in /metrics")
+    samples = scrape(engine.url + "/metrics").find(name, **labels)
+    assert samples, f"{name}{labels} not in /metrics"
+    return sum(sample.value for sample in samples)
 
 
 def stream_chat(engine: EmulatorProcess, messages: list[dict], **params: object) -> tuple[list[str], str, object]:
@@ -156,26 +137,47 @@ def test_answer_stops_at_its_natural_end_unless_told_to_go_on(engine: EmulatorPr
     assert forced.choices[0].message.content.startswith(natural.choices[0].message.content + " ")
 
 
-def test_answer_cites_the_first_numbered_context(engine: EmulatorProcess) -> None:
+def test_answer_quotes_the_reference_sentence_that_matches_the_question(engine: EmulatorProcess) -> None:
     with client(engine) as api:
         reply = api.chat.completions.create(
             model=MODEL, max_tokens=20, messages=[{"role": "user", "content": RAG_PROMPT}]
         )
-    assert reply.choices[0].message.content.startswith("According to [1], the tower stands in Paris, by the river. ")
+    assert reply.choices[0].message.content.startswith(
+        "Emulated answer, quoting the references: The tower stands in Paris, by the river [1]."
+    )
 
 
 @pytest.mark.parametrize(
-    ("prompt", "sentence"),
+    ("prompt", "quoted"),
     [
-        ("Contexts:\n[1] The tower is tall. It is old.\n[2] Other.", "the tower is tall."),
-        ("[1]: Paris has a tower!  More text", "Paris has a tower!"),
-        ("  [1]\nNo final stop here", "No final stop here."),
-        ("A reference like [1] inside a sentence is not a context.", None),
-        ("[2] Only a second passage.", None),
+        # The sentence with the question's words comes first, whatever its reference.
+        (
+            "References:\n[1] Bridges cross the river. Boats are slow.\n\n[2] The tower is tall. It is old.\n\n"
+            "Question: How tall is the tower?",
+            ["The tower is tall [2].", "Bridges cross the river [1].", "Boats are slow [1].", "It is old [2]."],
+        ),
+        # Headings are not sentences; a sentence without a stop gets one; "[1]:" is a marker too.
+        (
+            "[1]: # Title\nParis has a tower!  More text\nQuestion: a tower?",
+            ["Paris has a tower [1]!", "More text [1]."],
+        ),
+        # Japanese has no spaces: matched by character pairs, cited after the full stop.
+        (
+            "[1] 台風の日は欠航します。運賃は戻ります。\nQuestion: 台風の日は?",
+            ["台風の日は欠航します。 [1]", "運賃は戻ります。 [1]"],
+        ),
+        ("A reference like [1] inside a sentence is not a reference.", []),
+        ("[2] Numbering that does not start at 1 is not references.", []),
     ],
 )
-def test_cited_sentence_is_the_first_sentence_of_passage_one(prompt: str, sentence: str | None) -> None:
-    assert cited_sentence(prompt) == sentence
+def test_quotes_rank_reference_sentences_by_the_question(prompt: str, quoted: list[str]) -> None:
+    assert [" ".join(quote.words) for quote in quotes(prompt)] == quoted
+
+
+def test_without_references_the_answer_says_it_is_filler(engine: EmulatorProcess) -> None:
+    with client(engine) as api:
+        reply = api.chat.completions.create(model=MODEL, max_tokens=8, messages=QUESTION)
+    assert reply.choices[0].message.content.startswith("Emulated answer, without references: ")
 
 
 def test_text_is_a_function_of_seed_and_conversation(
@@ -209,7 +211,7 @@ async def test_text_completions_stream_and_whole(engine: EmulatorProcess) -> Non
 
     assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
     assert "".join(pieces) == whole.choices[0].text
-    assert whole.choices[0].text.startswith("According to [1], the tower")
+    assert whole.choices[0].text.startswith("Emulated answer, quoting the references: The tower")
     assert finish_reason == whole.choices[0].finish_reason == "length"
     assert usage.completion_tokens == whole.usage.completion_tokens == 12
     assert usage.prompt_tokens == count_tokens(RAG_PROMPT)
@@ -306,30 +308,36 @@ def test_prompt_longer_than_the_context_is_400(engine: EmulatorProcess) -> None:
     error = error_of(caught.value.response)
     assert error["type"] == "BadRequestError" and error["param"] == "input_tokens"
     assert error["message"].startswith(
-        "This model's maximum context length is 256 tokens. However, your request has 303 input tokens."
+        "This model's maximum context length is 256 tokens. However, you requested 1 output tokens and your "
+        "prompt contains at least 256 input tokens"
     )
 
 
 def test_max_tokens_past_the_context_is_400(engine: EmulatorProcess) -> None:
     with client(engine) as api, pytest.raises(openai.BadRequestError) as caught:
-        api.completions.create(model=MODEL, prompt="a b c", max_tokens=254)
+        api.completions.create(model=MODEL, prompt="a b c", max_tokens=300)
     error = error_of(caught.value.response)
     assert error["param"] == "max_tokens"
     assert error["message"] == (
-        "'max_tokens' or 'max_completion_tokens' is too large: 254. This model's "
-        "maximum context length is 256 tokens and your request has 3 input tokens "
-        "(254 > 256 - 3)."
+        "max_tokens=300 cannot be greater than max_model_len=max_total_tokens=256. "
+        "Please request fewer output tokens. (parameter=max_tokens, value=300)"
     )
+    # Fits alone but not with the prompt: vLLM blames the input.
+    with client(engine) as api, pytest.raises(openai.BadRequestError) as caught:
+        api.completions.create(model=MODEL, prompt="a b c", max_tokens=254)
+    error = error_of(caught.value.response)
+    assert error["param"] == "input_tokens"
+    assert "you requested 254 output tokens and your prompt contains at least 3 input tokens" in error["message"]
 
 
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        (b"{not json", "not valid JSON"),
+        (b"{not json", "'msg': 'JSON decode error'"),
         (b"[1, 2]", "must be a JSON object"),
-        (b'{"model": "emu-model"}', "messages: Field required"),
-        (b'{"messages": []}', "messages: List should have at least 1 item"),
-        (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "max_tokens: Input should be greater"),
+        (b'{"model": "emu-model"}', "'loc': ('body', 'messages'), 'msg': 'Field required'"),
+        (b'{"messages": []}', "'msg': 'List should have at least 1 item after validation, not 0'"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "'msg': 'Input should be greater"),
         (
             b'{"messages": [{"role": "user", "content": "x"}], "continue_final_message": true}',
             "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
@@ -346,12 +354,12 @@ def test_bad_bodies_are_400_in_the_error_envelope(engine: EmulatorProcess, body:
     )
     assert response.status_code == 400
     error = error_of(response)
-    assert error["type"] == "BadRequestError"
+    assert error["type"] in ("Bad Request", "BadRequestError")  # vLLM's words for validation and for the rest
     assert expected in error["message"]
 
 
-def test_unknown_path_and_method_use_the_envelope_too(engine: EmulatorProcess) -> None:
-    assert error_of(httpx.get(engine.url + "/v1/nothing-here"))["type"] == "NotFoundError"
+def test_unknown_path_and_method_are_fastapis_plain_errors(engine: EmulatorProcess) -> None:
+    assert httpx.get(engine.url + "/v1/nothing-here").json() == {"detail": "Not Found"}
     assert httpx.get(engine.url + "/v1/chat/completions").status_code == 405
 
 
@@ -395,7 +403,7 @@ async def test_requests_beyond_max_num_seqs_wait_and_a_disconnect_frees_the_slot
             for i in range(4)
         ]
         await asyncio.to_thread(
-            wait_until,
+            eventually,
             lambda: (
                 (
                     metric(narrow_engine, "vllm:num_requests_running", **labels),
@@ -403,16 +411,16 @@ async def test_requests_beyond_max_num_seqs_wait_and_a_disconnect_frees_the_slot
                 )
                 == (2, 2)
             ),
-            "2 running and 2 waiting",
+            what="2 running and 2 waiting",
         )
         assert metric(narrow_engine, "vllm:kv_cache_usage_perc", **labels) > 0
 
         # A short request queues behind them; closing a running stream makes room.
         short = asyncio.ensure_future(api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3))
         await asyncio.to_thread(
-            wait_until,
+            eventually,
             lambda: metric(narrow_engine, "vllm:num_requests_waiting", **labels) == 3,
-            "the short request queued",
+            what="the short request queued",
         )
         for holder in holders:
             await holder.close()
@@ -420,7 +428,7 @@ async def test_requests_beyond_max_num_seqs_wait_and_a_disconnect_frees_the_slot
 
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
     await asyncio.to_thread(
-        wait_until,
+        eventually,
         lambda: (
             (
                 metric(narrow_engine, "vllm:num_requests_running", **labels),
@@ -428,7 +436,7 @@ async def test_requests_beyond_max_num_seqs_wait_and_a_disconnect_frees_the_slot
             )
             == (0, 0)
         ),
-        "engine idle",
+        what="engine idle",
     )
     assert metric(narrow_engine, "vllm:request_success_total", finished_reason="abort", **labels) == aborted_before + 4
 
@@ -442,11 +450,11 @@ def test_a_client_giving_up_on_a_whole_answer_aborts_it(narrow_engine: EmulatorP
             timeout=httpx.Timeout(10, read=0.3),
             json={"messages": QUESTION, "max_tokens": 8000, "ignore_eos": True},
         )
-    wait_until(
+    eventually(
         lambda: (
             metric(narrow_engine, "vllm:request_success_total", finished_reason="abort", **labels) == aborted_before + 1
         ),
-        "the abandoned request aborted",
+        what="the abandoned request aborted",
     )
     assert metric(narrow_engine, "vllm:num_requests_running", **labels) == 0
 
@@ -488,60 +496,86 @@ def test_full_kv_cache_preempts_and_recomputes_without_changing_the_text() -> No
 # -- lifecycle -----------------------------------------------------------------
 
 
-def test_health_is_503_until_the_emulated_load_ends() -> None:
+def test_connections_are_refused_until_the_emulated_load_ends() -> None:
     with start_engine_emulator(served_model_name=MODEL, startup_delay=1.5) as loading:
-        # The parent already listens, so this waits for the child and gets its first answer.
-        assert loading.health_status(timeout=10) == 503
-        response = httpx.post(loading.url + "/v1/chat/completions", json={"messages": QUESTION})
-        assert response.status_code == 503
-        assert error_of(response)["type"] == "ServiceUnavailableError"
+        # vLLM has no 503 phase: until it is ready nothing listens.
+        assert loading.health_status() is None
+        with pytest.raises(httpx.ConnectError):
+            httpx.post(loading.url + "/v1/chat/completions", json={"messages": QUESTION})
         loading.wait_ready()
         assert loading.health_status() == 200
+
+
+@contextlib.contextmanager
+def open_stream(process: EmulatorProcess, max_tokens: int, read_timeout: float = 30.0) -> Iterator[Iterator[str]]:
+    """A raw streamed chat (its SSE lines), started and past its role chunk."""
+    body = {
+        "model": MODEL,
+        "messages": QUESTION,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+    timeout = httpx.Timeout(30.0, read=read_timeout)
+    with httpx.stream("POST", process.url + "/v1/chat/completions", json=body, timeout=timeout) as response:
+        lines = (line for line in response.iter_lines() if line)
+        assert '"role":"assistant"' in next(lines)
+        yield lines
 
 
 def test_sigterm_with_shutdown_timeout_finishes_the_running_stream_then_exits() -> None:
     process = started(seed=5, ttft_ms=1, itl_ms=20, shutdown_timeout=30)
     try:
-        with client(process) as api:
-            stream = api.chat.completions.create(
-                model=MODEL,
-                messages=QUESTION,
-                max_tokens=60,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_body={"ignore_eos": True},
-            )
-            chunks = iter(stream)
-            next(chunks)  # the role chunk: the request is running
+        with open_stream(process, 60) as lines:
             process.terminate()
-
-            wait_until(lambda: process.health_status() != 200, "health leaves 200")
-            assert process.health_status() in (503, None)  # 503 while draining, refused once gone
-            with pytest.raises((openai.InternalServerError, openai.APIConnectionError)):
-                api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=1)
-
-            rest = list(chunks)
-        assert rest[-2].choices[0].finish_reason == "length"
-        assert rest[-1].usage.completion_tokens == 60
+            # Refused from ~0.1 s after SIGTERM; never a 503.
+            eventually(lambda: process.health_status() is None, what="health refused")
+            with pytest.raises(httpx.ConnectError):
+                httpx.post(process.url + "/v1/chat/completions", json={"messages": QUESTION})
+            rest = list(lines)
+        assert rest[-1] == "data: [DONE]"
+        assert '"finish_reason":"length"' in rest[-3]
+        assert '"completion_tokens":60' in rest[-2]
         assert process.wait(timeout=10) == 0
     finally:
         process.kill()
         process.wait()
 
 
-def test_sigterm_without_shutdown_timeout_cuts_running_streams_at_once() -> None:
+def test_sigterm_without_shutdown_timeout_aborts_running_streams_cleanly() -> None:
     process = started(seed=5, ttft_ms=1, itl_ms=20)
     try:
-        with client(process) as api:
-            stream = api.chat.completions.create(
-                model=MODEL, messages=QUESTION, max_tokens=5000, stream=True, extra_body={"ignore_eos": True}
-            )
-            chunks = iter(stream)
-            next(chunks)
+        with open_stream(process, 5000) as lines:
+            next(lines)
             process.terminate()
-            with pytest.raises((httpx.RemoteProtocolError, openai.APIError)):
-                for _ in chunks:
-                    pass
+            rest = list(lines)
+        # As vLLM with --shutdown-timeout 0: a last chunk that says "abort", the usage, [DONE].
+        assert rest[-1] == "data: [DONE]"
+        assert '"choices":[]' in rest[-2] and '"usage"' in rest[-2]
+        assert '"finish_reason":"abort"' in rest[-3]
+        assert process.wait(timeout=10) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_shutdown_timeout_that_runs_out_stalls_the_stream_until_the_client_drops_it() -> None:
+    process = started(seed=5, ttft_ms=1, itl_ms=20, shutdown_timeout=0.3)
+    try:
+        with open_stream(process, 5000, read_timeout=1.0) as lines:
+            next(lines)
+            process.terminate()
+            eventually(lambda: process.health_status() is None, what="health refused")
+            eventually(lambda: "shutdown timeout over" in process.log(), what="the drain to run out")
+            # As vLLM 0.26: the bytes stop, with no finish_reason and no [DONE], and
+            # the connection stays open (a read times out rather than ending).
+            seen = []
+            with pytest.raises(httpx.ReadTimeout):
+                seen.extend(lines)
+            assert seen and not any('finish_reason":"' in line or "[DONE]" in line for line in seen)
+            assert process.returncode is None  # waiting for the connection to close
+        # The client dropped it: now the process exits.
         assert process.wait(timeout=10) == 0
     finally:
         process.kill()

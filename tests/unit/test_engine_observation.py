@@ -1,10 +1,10 @@
-"""Which engines the operator asks for their load (handlers.observe_engines)."""
+"""Which engines the operator asks for their load (observe.observe_engines)."""
 
 from __future__ import annotations
 
 import httpx
 
-from spotrag_operator.handlers import observe_engines
+from spotrag_operator.observe import observe_engines
 
 
 def engine_pod(name: str, ip: str, *, serving: bool, deleting: bool = False) -> dict:

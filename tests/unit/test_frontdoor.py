@@ -19,8 +19,8 @@ from aiohttp import web
 
 from spotrag_runtime.frontdoor.config import FrontDoorConfig, StaticBackend
 
-from .frontdoor_fixtures import RunningFrontDoor, moderation_checker
-from .gateway_fixtures import RunningGateway, gateway_config, running_engines, sample_value
+from .frontdoor_fixtures import RunningFrontDoor, moderation_checker, sample_value
+from .gateway_fixtures import RunningGateway, gateway_config, running_engines
 
 QUESTION = [{"role": "user", "content": "When does the first ferry leave on Sundays?"}]
 

@@ -18,8 +18,8 @@ import pytest
 from spotrag_box.apiserver.server import KubeAPIServer
 from spotrag_runtime.frontdoor.config import FrontDoorConfig
 
-from .frontdoor_fixtures import RunningFrontDoor
-from .gateway_fixtures import RunningGateway, gateway_config, running_engines, wait_until
+from .frontdoor_fixtures import RunningFrontDoor, wait_until
+from .gateway_fixtures import RunningGateway, gateway_config, running_engines
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "default"

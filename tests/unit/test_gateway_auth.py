@@ -11,9 +11,10 @@ import httpx
 import openai
 import pytest
 
+from spotrag_box.testing import eventually
 from spotrag_runtime.gateway.auth import APIKeyStore
 
-from .gateway_fixtures import API_KEY, SERVED_MODEL, RunningGateway, gateway_config, wait_until
+from .gateway_fixtures import API_KEY, SERVED_MODEL, RunningGateway, gateway_config
 
 
 def mount_secret(folder: Path, keys: dict[str, str], generation: int) -> None:
@@ -106,5 +107,5 @@ def test_the_gateway_follows_a_rotated_secret(secured_gateway) -> None:
     def status_with(key: str) -> int:
         return httpx.get(f"{gateway.url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
 
-    wait_until(lambda: status_with(API_KEY) == 401, "the old key to be refused")
+    eventually(lambda: status_with(API_KEY) == 401, what="the old key to be refused")
     assert status_with("sk-rotated") == 200

@@ -12,7 +12,9 @@ import threading
 import httpx
 import openai
 
-from .gateway_fixtures import SERVED_MODEL, direct_answer, running_engines, wait_until
+from spotrag_box.testing import eventually
+
+from .gateway_fixtures import SERVED_MODEL, direct_answer, running_engines
 
 
 def free_port() -> int:
@@ -55,7 +57,7 @@ def test_the_gateway_command_serves_and_drains_on_sigterm(tmp_path) -> None:
                 except httpx.HTTPError:
                     return process.poll() is not None  # exited: fail below, not by timeout
 
-            wait_until(ready, "the gateway to be ready", timeout=30)
+            eventually(ready, what="the gateway to be ready", timeout=30)
             assert process.poll() is None, (tmp_path / "gateway.log").read_text()
             received: list[str] = []
             finished = threading.Event()
@@ -63,7 +65,7 @@ def test_the_gateway_command_serves_and_drains_on_sigterm(tmp_path) -> None:
             def stream() -> None:
                 with openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0) as client:
                     for chunk in client.chat.completions.create(
-                        model=SERVED_MODEL, messages=question, max_tokens=40, stream=True
+                        model=SERVED_MODEL, messages=question, max_tokens=80, stream=True
                     ):
                         if chunk.choices and chunk.choices[0].delta.content:
                             received.append(chunk.choices[0].delta.content)
@@ -71,7 +73,7 @@ def test_the_gateway_command_serves_and_drains_on_sigterm(tmp_path) -> None:
 
             reader = threading.Thread(target=stream)
             reader.start()
-            wait_until(lambda: len(received) >= 5, "the answer to start")
+            eventually(lambda: len(received) >= 5, what="the answer to start")
             process.send_signal(signal.SIGTERM)
 
             def refused() -> bool:
@@ -79,13 +81,20 @@ def test_the_gateway_command_serves_and_drains_on_sigterm(tmp_path) -> None:
                     httpx.get(f"{url}/healthz", timeout=1)
                 except httpx.ConnectError:
                     return True
+                except httpx.TransportError:
+                    # A poll that connected just as the drain began: uvicorn closes
+                    # connections it has not read a request from (and the kernel resets
+                    # ones not yet accepted) without an answer. Not refused yet: poll on.
+                    # (Raising here once killed the gateway in `finally` and cut the
+                    # stream: CI's "incomplete chunked read".)
+                    return False
                 return False
 
-            wait_until(refused, "the gateway to stop taking connections")
+            eventually(refused, what="the gateway to stop taking connections")
             assert not finished.is_set()  # still streaming when new connections were already refused
             reader.join(timeout=30)
             assert finished.is_set()
-            assert "".join(received) == direct_answer(engine, question, max_tokens=40)
+            assert "".join(received) == direct_answer(engine, question, max_tokens=80)
             # Drained, then gone: uvicorn re-raises the SIGTERM it caught once it is done.
             assert process.wait(timeout=30) in (0, -signal.SIGTERM)
         finally:

@@ -12,10 +12,11 @@ import kubernetes
 import pytest
 
 from spotrag_box.apiserver.server import KubeAPIServer
+from spotrag_box.testing import eventually, scrape
 from spotrag_runtime.gateway.config import EnginesConfig
 from spotrag_runtime.gateway.discovery import _engine_urls
 
-from .gateway_fixtures import SERVED_MODEL, RunningGateway, gateway_config, running_engines, scrape, wait_until
+from .gateway_fixtures import SERVED_MODEL, RunningGateway, direct_answer, gateway_config, running_engines
 
 SERVICE = "demo-engines"
 
@@ -42,7 +43,7 @@ def kube(tmp_path: Path) -> Iterator[tuple[kubernetes.client.DiscoveryV1Api, Pat
 
 def served_requests(engine) -> float:
     return sum(
-        scrape(f"{engine.url}/metrics", "vllm:request_success_total", finished_reason=reason)
+        scrape(f"{engine.url}/metrics").value("vllm:request_success_total", finished_reason=reason)
         for reason in ("stop", "length")
     )
 
@@ -75,13 +76,17 @@ def test_only_ready_endpoints_of_the_service_get_requests_and_a_drained_one_none
             discovery.patch_namespaced_endpoint_slice(
                 "engines-b", "default", {"endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}]}
             )
-            wait_until(lambda: gateway.metric("spotrag_engines", state="serving") == 2, "the second engine to join")
+            eventually(
+                lambda: gateway.metric("spotrag_engines", state="serving") == 2, what="the second engine to join"
+            )
 
             # Drain the first: the operator flips its serving label, it leaves the slice.
             discovery.patch_namespaced_endpoint_slice(
                 "engines-a", "default", {"endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": False}}]}
             )
-            wait_until(lambda: gateway.metric("spotrag_engines", state="serving") == 1, "the first engine to leave")
+            eventually(
+                lambda: gateway.metric("spotrag_engines", state="serving") == 1, what="the first engine to leave"
+            )
             before = served_requests(first)
             for _ in range(4):
                 ask()
@@ -89,8 +94,51 @@ def test_only_ready_endpoints_of_the_service_get_requests_and_a_drained_one_none
             assert served_requests(second) == 4
 
             discovery.delete_namespaced_endpoint_slice("engines-b", "default")
-            wait_until(lambda: httpx.get(f"{gateway.url}/readyz").status_code == 503, "no engine to be left")
+            eventually(lambda: httpx.get(f"{gateway.url}/readyz").status_code == 503, what="no engine to be left")
             assert "no engine is serving" in httpx.get(f"{gateway.url}/readyz").json()["error"]["message"]
+
+
+def test_an_answer_on_a_draining_engine_moves_on_soon_after_its_drain_runs_out(kube) -> None:
+    discovery, kubeconfig = kube
+    question = [{"role": "user", "content": "Tell me about the night ferry."}]
+    long_answers = {"answer_words_min": 600, "answer_words_max": 600}
+    with running_engines(2, itl_ms=15, shutdown_timeout=0.3, **long_answers) as engines:
+        slices = {}
+        for name, engine in zip(("engines-a", "engines-b"), engines, strict=True):
+            discovery.create_namespaced_endpoint_slice("default", endpoint_slice(name, engine.port, ready=True))
+            slices[engine.url] = name
+        config = gateway_config(
+            retrieval={"enabled": False},
+            engines={"discovery": "endpointslices", "service": SERVICE, "namespace": "default"},
+            # Above the read timeout (10 s): only the draining engine's bound can call this a stall.
+            failover={"stallTimeoutSeconds": 60},
+        )
+        with RunningGateway(config, kubeconfig=str(kubeconfig)) as gateway, gateway.client() as client:
+            eventually(lambda: gateway.metric("spotrag_engines", state="serving") == 2, what="both engines to serve")
+            chunks = []
+            for chunk in client.chat.completions.create(
+                model=SERVED_MODEL, messages=question, max_tokens=400, stream=True
+            ):
+                chunks.append(chunk)
+                if len(chunks) == 10:
+                    victim = next(e for e in engines if gateway.metric("spotrag_engine_inflight_tokens", engine=e.url))
+                    # The operator takes it out of serving, then the pod is deleted: preStop, SIGTERM,
+                    # and 400 tokens take ~6 s, far past the 0.3 s shutdown timeout.
+                    discovery.patch_namespaced_endpoint_slice(
+                        slices[victim.url],
+                        "default",
+                        {"endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": False}}]},
+                    )
+                    eventually(
+                        lambda: gateway.metric("spotrag_engines", state="serving") == 1, what="the victim to leave"
+                    )
+                    victim.terminate()
+            survivor = next(e for e in engines if e is not victim)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert text == direct_answer(survivor, question, max_tokens=400)
+            assert gateway.metric("spotrag_stalled_streams_total") == 1
+            assert gateway.metric("spotrag_resumed_streams_total") == 1
+        assert victim.wait(timeout=10) == 0  # the gateway dropped the stalled connection
 
 
 CONFIG = EnginesConfig(discovery="endpointslices", service=SERVICE, port=8000)

@@ -14,15 +14,10 @@ import httpx
 import openai
 import pytest
 
-from .gateway_fixtures import (
-    SERVED_MODEL,
-    RunningGateway,
-    direct_answer,
-    eventually,
-    gateway_config,
-    running_engines,
-    scrape_async,
-)
+from spotrag_box.testing import eventually_async, scrape_async
+from spotrag_runtime.engine_emulator import start_engine_emulator
+
+from .gateway_fixtures import SERVED_MODEL, RunningGateway, direct_answer, gateway_config, running_engines
 
 QUESTION = [{"role": "user", "content": "Tell me about the night ferry to Kestrel Island."}]
 # Answers far longer than max_tokens, so every answer here ends by length.
@@ -42,7 +37,7 @@ async def engine_with_work(gateway: RunningGateway, engines: list) -> object:
                 return engine
         return None
 
-    return await eventually(busy, "the request to reach an engine")
+    return await eventually_async(busy, what="the request to reach an engine")
 
 
 async def test_an_engine_killed_before_the_first_token_is_invisible_to_the_client() -> None:
@@ -103,6 +98,60 @@ async def test_a_stream_broken_mid_answer_is_resumed_as_one_uninterrupted_answer
         assert await gateway.metric_async("spotrag_queued_tokens") == 0
 
 
+async def test_a_stream_whose_engine_drain_runs_out_is_resumed_not_left_frozen() -> None:
+    # vLLM 0.26 whose --shutdown-timeout runs out mid-answer stops sending but keeps
+    # the connection open; the gateway's read timeout (10 s here) would freeze the answer.
+    with (
+        running_engines(2, itl_ms=15, shutdown_timeout=0.3, **LONG_ANSWERS) as engines,
+        RunningGateway(config([e.url for e in engines])) as gateway,
+    ):
+        async with gateway.async_client() as client:
+            stream = await client.chat.completions.create(
+                model=SERVED_MODEL, messages=QUESTION, max_tokens=200, stream=True
+            )
+            chunks = []
+            async for chunk in stream:
+                chunks.append(chunk)
+                if len(chunks) == 10:
+                    victim = await engine_with_work(gateway, engines)
+                    victim.terminate()  # 200 tokens take ~3 s: the 0.3 s drain runs out
+        survivor = next(engine for engine in engines if engine is not victim)
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+        assert text == direct_answer(survivor, QUESTION, max_tokens=200)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+        # Resumed because the stream stalled (not because the read timeout ran out).
+        assert await gateway.metric_async("spotrag_stalled_streams_total") == 1
+        assert await gateway.metric_async("spotrag_resumed_streams_total") == 1
+        assert await gateway.metric_async("spotrag_requests_total", outcome="success") == 1
+        assert await gateway.metric_async("spotrag_queued_tokens") == 0
+        # The gateway dropped the stalled connection, so that vLLM could exit.
+        assert await asyncio.to_thread(victim.wait, 10) == 0
+
+
+async def test_a_refused_connection_is_an_engine_not_serving_not_a_failed_attempt() -> None:
+    # Listed first, so the first pick: vLLM refuses connections while it loads.
+    loading = start_engine_emulator(served_model_name=SERVED_MODEL, startup_delay=300)
+    try:
+        with running_engines(1, **LONG_ANSWERS) as (serving,):
+            urls = [loading.url, serving.url]
+            settings = {"retrieval": {"enabled": False}, "admission": {"tokenCounting": "estimate"}}
+            with RunningGateway(gateway_config(urls, failover={"maxAttempts": 1}, **settings)) as gateway:
+                async with gateway.async_client() as client:
+                    reply = await client.chat.completions.create(model=SERVED_MODEL, messages=QUESTION, max_tokens=20)
+                assert reply.choices[0].message.content == direct_answer(serving, QUESTION, max_tokens=20)
+                assert await gateway.metric_async("spotrag_retries_total") == 1
+                assert await gateway.metric_async("spotrag_requests_total", outcome="success") == 1
+            # When every engine refuses, the request still fails rather than going round.
+            with RunningGateway(gateway_config([loading.url], failover={"maxAttempts": 1}, **settings)) as gateway:
+                async with gateway.async_client() as client:
+                    with pytest.raises(openai.APIStatusError) as refused:
+                        await client.chat.completions.create(model=SERVED_MODEL, messages=QUESTION, max_tokens=5)
+                assert refused.value.status_code == 502
+    finally:
+        loading.kill()
+        loading.wait()
+
+
 async def test_with_no_engine_left_a_broken_stream_ends_with_an_error_event_not_a_hang() -> None:
     with running_engines(1, itl_ms=30, **LONG_ANSWERS) as (engine,), RunningGateway(config([engine.url])) as gateway:
         async with gateway.async_client() as client:
@@ -125,8 +174,8 @@ async def test_with_no_engine_left_a_broken_stream_ends_with_an_error_event_not_
         assert await gateway.metric_async("spotrag_queued_tokens") == 0
 
 
-async def _engine_settled(engine) -> bool:
-    return await scrape_async(f"{engine.url}/metrics", "vllm:num_requests_running") == 0
+async def engine_metric(engine, name: str, **labels: str) -> float:
+    return (await scrape_async(f"{engine.url}/metrics")).value(name, **labels)
 
 
 @pytest.mark.parametrize("streaming", [True, False])
@@ -143,17 +192,36 @@ async def test_a_client_that_goes_away_cancels_its_request_on_the_engine(streami
                             break  # leaving the block closes the connection
             else:
                 request = asyncio.create_task(http.post("/v1/chat/completions", json=body))
-                await engine_with_work(gateway, [engine])
-                await asyncio.sleep(0.2)  # some tokens into the answer
+                await eventually_async(
+                    lambda: engine_metric(engine, "vllm:generation_tokens_total"), what="some tokens into the answer"
+                )
                 request.cancel()  # the client gives up: its connection closes
                 with pytest.raises(asyncio.CancelledError):
                     await request
-        await eventually(lambda: _engine_settled(engine), "the engine to drop the request")
-        aborted = await scrape_async(f"{engine.url}/metrics", "vllm:request_success_total", finished_reason="abort")
-        assert aborted == 1
+
+        async def engine_settled() -> bool:
+            return await engine_metric(engine, "vllm:num_requests_running") == 0
+
+        await eventually_async(engine_settled, what="the engine to drop the request")
+        assert await engine_metric(engine, "vllm:request_success_total", finished_reason="abort") == 1
         # The engine stopped early: far fewer than the 300 tokens it was asked for.
-        assert await scrape_async(f"{engine.url}/metrics", "vllm:generation_tokens_total") < 150
-        await eventually(
-            lambda: gateway.metric_async("spotrag_requests_total", outcome="cancelled"), "the gateway to count it"
+        assert await engine_metric(engine, "vllm:generation_tokens_total") < 150
+        await eventually_async(
+            lambda: gateway.metric_async("spotrag_requests_total", outcome="cancelled"), what="the gateway to count it"
         )
         assert await gateway.metric_async("spotrag_queued_tokens") == 0
+
+
+def test_the_stall_bound_follows_the_streams_own_inter_token_p99_above_a_floor() -> None:
+    from spotrag_runtime.gateway.config import FailoverConfig
+    from spotrag_runtime.gateway.relay import _StallWatch
+
+    watch = _StallWatch(FailoverConfig(stall_timeout_seconds=2.0, stall_itl_multiplier=10.0), max_tokens=1000)
+    assert watch.bound == 2.0  # no gap seen yet: the floor
+    for _ in range(198):
+        watch.observe(0.5)  # a slow engine: half a second a token
+    watch.observe(30.0)  # one prefill stall, an outlier above the p99
+    assert watch.p99 == 0.5 and watch.bound == 5.0
+    watch.observe(0.01)
+    watch.observe(0.01)
+    assert watch.bound == 5.0  # fast gaps do not pull the p99 under the slow ones

@@ -15,15 +15,9 @@ import httpx
 import openai
 import pytest
 
-from .gateway_fixtures import (
-    SERVED_MODEL,
-    RunningGateway,
-    eventually,
-    gateway_config,
-    running_engines,
-    scrape_async,
-    tokenize_count,
-)
+from spotrag_box.testing import eventually_async, scrape_async
+
+from .gateway_fixtures import SERVED_MODEL, RunningGateway, gateway_config, running_engines, tokenize_count
 
 STALL_MS = 1500  # time to first token of the engines here: longer than the tests look
 
@@ -55,9 +49,9 @@ async def test_queued_tokens_are_exact_while_a_burst_waits_and_zero_after() -> N
             for number, (messages, max_tokens) in enumerate(burst, start=1):
                 tasks.append(asyncio.create_task(stream_text(client, messages, max_tokens)))
                 # Each request is counted from the moment it asks for admission.
-                await eventually(
+                await eventually_async(
                     lambda n=number: _equals(gateway, "spotrag_queued_tokens", sum(costs[:n])),
-                    f"request {number} to be counted",
+                    what=f"request {number} to be counted",
                 )
             # Two admitted to the engine (its budget), two waiting; nothing prefilled yet.
             assert await gateway.metric_async("spotrag_queued_tokens") == sum(costs)
@@ -84,12 +78,14 @@ async def test_requests_go_to_the_engine_with_the_least_outstanding_tokens() -> 
         prompt = tokenize_count(first, question)
         async with gateway.async_client() as client:
             tasks = [asyncio.create_task(stream_text(client, question, 400))]
-            await eventually(lambda: _equals(gateway, "spotrag_queued_tokens", prompt + 400), "the long request")
+            await eventually_async(
+                lambda: _equals(gateway, "spotrag_queued_tokens", prompt + 400), what="the long request"
+            )
             for count in range(1, 4):
                 tasks.append(asyncio.create_task(stream_text(client, question, 50)))
-                await eventually(
+                await eventually_async(
                     lambda c=count: _equals(gateway, "spotrag_queued_tokens", prompt + 400 + c * (prompt + 50)),
-                    f"short request {count}",
+                    what=f"short request {count}",
                 )
             # All three short ones went to the second engine: even with three of
             # them it holds fewer outstanding tokens than the first.
@@ -98,8 +94,8 @@ async def test_requests_go_to_the_engine_with_the_least_outstanding_tokens() -> 
 
             # The engines agree on where the requests are.
             async def engine_requests(engine) -> float:
-                running = await scrape_async(f"{engine.url}/metrics", "vllm:num_requests_running")
-                waiting = await scrape_async(f"{engine.url}/metrics", "vllm:num_requests_waiting")
+                running = (await scrape_async(f"{engine.url}/metrics")).value("vllm:num_requests_running")
+                waiting = (await scrape_async(f"{engine.url}/metrics")).value("vllm:num_requests_waiting")
                 return running + waiting
 
             assert [await engine_requests(first), await engine_requests(second)] == [1, 3]
@@ -119,14 +115,14 @@ async def test_a_full_queue_answers_429_and_a_request_no_engine_takes_in_time_50
         cost = tokenize_count(engine, question) + 5
         async with gateway.async_client() as client:
             holder = asyncio.create_task(stream_text(client, question, 5))
-            await eventually(
+            await eventually_async(
                 lambda: _equals(gateway, "spotrag_engine_inflight_tokens", cost, engine=engine.url),
-                "the first request to be admitted",
+                what="the first request to be admitted",
             )
             waiter = asyncio.create_task(
                 client.chat.completions.create(model=SERVED_MODEL, messages=question, max_tokens=5)
             )
-            await eventually(lambda: _equals(gateway, "spotrag_waiting_requests", 1), "the second to wait")
+            await eventually_async(lambda: _equals(gateway, "spotrag_waiting_requests", 1), what="the second to wait")
             with pytest.raises(openai.RateLimitError) as full:
                 await client.chat.completions.create(model=SERVED_MODEL, messages=question, max_tokens=5)
             assert full.value.response.headers["Retry-After"] == "1"

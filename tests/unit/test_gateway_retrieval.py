@@ -13,20 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from spotrag_box.testing import eventually_async
 from spotrag_runtime.gateway.config import RetrievalConfig
 from spotrag_runtime.gateway.metrics import GatewayMetrics
 from spotrag_runtime.gateway.retrieval_service import RetrievalService
 from spotrag_runtime.index import SAMPLE_CORPUS_DIR, build_index
 from spotrag_runtime.retrieval import LoadedIndex
 
-from .gateway_fixtures import (
-    RunningGateway,
-    corpus_index,
-    eventually,
-    gateway_config,
-    sample_questions,
-    shared_embedder,
-)
+from .gateway_fixtures import RunningGateway, corpus_index, gateway_config, sample_questions, shared_embedder
 
 HANDBOOK = SAMPLE_CORPUS_DIR / "handbook"
 WIND_QUESTION = "At what wind speed are sailings cancelled?"
@@ -103,14 +97,14 @@ async def test_a_new_index_version_is_swapped_in_without_dropping_a_search(tmp_p
 
     asker = asyncio.create_task(keep_asking())
     try:
-        await eventually(lambda: len(answered) >= 3, "searches on the first version")
+        await eventually_async(lambda: len(answered) >= 3, what="searches on the first version")
         assert service.index.version == first.version
         assert "weather-cancellation-policy.md" not in answered
         grown = corpus(tmp_path, "pets-onboard.md", "fleet.md", "weather-cancellation-policy.md")
         second = await asyncio.to_thread(build_index, [grown], root, embedder=shared_embedder())
-        await eventually(lambda: service.index.version == second.version, "the second version to be loaded")
+        await eventually_async(lambda: service.index.version == second.version, what="the second version to be loaded")
         seen = len(answered)
-        await eventually(lambda: len(answered) > seen + 2, "searches on the second version")
+        await eventually_async(lambda: len(answered) > seen + 2, what="searches on the second version")
 
         # A version built with other prefixes would give vectors that do not compare:
         # it is refused and the second one keeps serving.
@@ -118,7 +112,7 @@ async def test_a_new_index_version_is_swapped_in_without_dropping_a_search(tmp_p
         prefixed.query_prefix, prefixed.passage_prefix = "query: ", "passage: "
         with caplog.at_level(logging.ERROR, logger="spotrag_runtime.gateway.retrieval_service"):
             third = await asyncio.to_thread(build_index, [grown], root, embedder=prefixed)
-            await eventually(lambda: "not loaded" in caplog.text, "the third version to be refused")
+            await eventually_async(lambda: "not loaded" in caplog.text, what="the third version to be refused")
         assert f"index version {third.version} not loaded" in caplog.text
         assert "query_prefix" in caplog.text
         assert service.index.version == second.version
@@ -147,7 +141,7 @@ async def test_a_gateway_without_an_index_is_not_ready_until_one_is_published(tm
             async def ready() -> bool:
                 return (await http.get("/readyz")).status_code == 200
 
-            await eventually(ready, "the gateway to load the published index")
+            await eventually_async(ready, what="the gateway to load the published index")
             query = await http.post("/v1/rag/query", json={"question": WIND_QUESTION, "generate": False})
             assert query.status_code == 200
             assert query.json()["passages"][0]["source"].endswith("weather-cancellation-policy.md")

@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from spotrag_box.testing import eventually_async
 from spotrag_runtime.gateway.config import AdmissionConfig
 from spotrag_runtime.gateway.errors import QueueFull, Unavailable
 from spotrag_runtime.gateway.token_queue import (
@@ -39,8 +40,9 @@ def controller(engines=(A, B), clock=None, **admission) -> AdmissionController:
 
 async def waiting(control: AdmissionController, ticket: Ticket) -> asyncio.Task:
     """Start admitting a ticket that will have to wait, and let it reach the queue."""
+    queued = control.waiting_requests + 1
     task = asyncio.create_task(control.admit(ticket))
-    await asyncio.sleep(0)
+    await eventually_async(lambda: control.waiting_requests == queued, what="the ticket to queue")
     assert not task.done()
     return task
 
@@ -77,10 +79,10 @@ async def test_a_burst_is_counted_while_it_waits_and_admitted_in_arrival_order()
     control.progress(tickets[0], 100)
     assert control.queued_tokens == 650 - 110
     control.release(tickets[0])
-    await asyncio.sleep(0)
+    await eventually_async(tasks[0].done, what="a waiting ticket to be admitted")
     assert [task.done() for task in tasks] == [True, False, False]  # the oldest first
     control.release(tickets[1])
-    await asyncio.sleep(0)
+    await eventually_async(tasks[1].done, what="the next waiting ticket to be admitted")
     assert [task.done() for task in tasks] == [True, True, False]
     assert control.queued_tokens == 130 + 140 + 150
     for ticket in tickets[2:4]:
@@ -97,8 +99,8 @@ async def test_the_token_budget_holds_tickets_back_but_an_idle_engine_takes_any(
     small = Ticket(prompt_tokens=10, max_tokens=10)
     task = await waiting(control, small)
     control.progress(big, 1)  # prefilled: 399 left, and 399 + 20 fits
-    await asyncio.sleep(0)
-    assert task.done() and small.engine is big.engine
+    await eventually_async(task.done, what="the small ticket to be admitted")
+    assert small.engine is big.engine
 
 
 async def test_the_engine_with_least_outstanding_tokens_is_picked() -> None:
@@ -208,12 +210,12 @@ async def test_a_failed_attempt_requeues_at_the_front_avoiding_the_engine_that_f
     assert broken.outstanding == 120 + 30
     assert control.queued_tokens == 150 + 20 + 20
     retry_task = asyncio.create_task(control.admit(broken, retry=True))
-    await asyncio.sleep(0)
     # A is cooling down and B is busy: the retry waits, at the head of the queue.
+    await eventually_async(lambda: control.waiting_requests == 2, what="the retry to queue")
     assert not retry_task.done()
     control.release(other)
-    await asyncio.sleep(0)
-    assert retry_task.done() and (await retry_task).url == B
+    await eventually_async(retry_task.done, what="the retry to be admitted")
+    assert (await retry_task).url == B
     assert not newcomer_task.done()
     clock.now += 5.0  # A's cooldown is over
     control.set_engines([A, B])  # any change makes the controller look again
@@ -236,3 +238,31 @@ async def test_a_cancelled_waiter_leaves_the_queue() -> None:
     assert control.waiting_requests == 0 and control.queued_tokens == 20
     control.release(holder)
     assert control.engine_inflight_tokens() == {A: 0}
+
+
+async def test_queued_tokens_split_into_prompt_and_output_parts_that_add_up() -> None:
+    control = controller(engines=(A,))
+    ticket = Ticket(prompt_tokens=100, max_tokens=50)
+    engine = await control.admit(ticket)
+    parts = [(control.queued_prompt_tokens, control.queued_output_tokens, control.queued_tokens)]
+    control.progress(ticket, 1)  # prefilled: the prompt part goes, the output part counts down
+    parts.append((control.queued_prompt_tokens, control.queued_output_tokens, control.queued_tokens))
+    control.requeue(ticket, failed=engine, prompt_tokens=101)  # resumed elsewhere: the answer so far is prompt again
+    parts.append((control.queued_prompt_tokens, control.queued_output_tokens, control.queued_tokens))
+    control.release(ticket)
+    parts.append((control.queued_prompt_tokens, control.queued_output_tokens, control.queued_tokens))
+    assert parts == [(100, 50, 150), (0, 49, 49), (101, 49, 150), (0, 0, 0)]
+
+
+def test_the_gateway_exports_both_parts_of_queued_tokens() -> None:
+    from prometheus_client import generate_latest
+
+    from spotrag_runtime.gateway.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics()
+    metrics.live.queued_tokens = lambda: 150
+    metrics.live.queued_prompt_tokens = lambda: 100
+    text = generate_latest(metrics.registry).decode()
+    assert "spotrag_queued_tokens 150.0" in text
+    assert "spotrag_queued_prompt_tokens 100.0" in text
+    assert "spotrag_queued_output_tokens 50.0" in text

@@ -8,13 +8,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 
+from spotrag_box.testing import eventually
 from spotrag_runtime.index import (
     RESULT_FILE,
     SAMPLE_CORPUS_DIR,
@@ -166,11 +166,12 @@ def test_build_killed_midway_resumes_from_its_checkpoints(tmp_path, sample_build
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )
     try:
-        deadline = time.monotonic() + 120
-        while len(list(work.glob("*/shard-*.npy"))) < 3:
+
+        def checkpoints_written() -> bool:
             assert process.poll() is None, process.stderr.read().decode()
-            assert time.monotonic() < deadline, "the build wrote no checkpoints"
-            time.sleep(0.02)
+            return len(list(work.glob("*/shard-*.npy"))) >= 3
+
+        eventually(checkpoints_written, what="the build to write checkpoints", timeout=120)
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait()

@@ -5,7 +5,7 @@ import os
 import pytest
 from kubernetes.config import ConfigException
 
-from spotrag_runtime.kubeconfig import load_configuration
+from spotrag_runtime.kube import load_configuration
 from tests.conftest import NO_CLUSTER_KUBECONFIG
 
 

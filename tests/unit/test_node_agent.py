@@ -27,6 +27,7 @@ import pytest
 
 from spotrag_box.apiserver.server import KubeAPIServer
 from spotrag_box.metadata_server import MetadataServer
+from spotrag_box.testing import eventually_async
 from spotrag_operator.signals import Action, node_signal
 from spotrag_runtime.node_agent import (
     ANNOTATION,
@@ -465,21 +466,6 @@ async def read_node(core) -> dict:
     return json.loads(response.data)
 
 
-async def wait_until(predicate: Callable, what: str, *, timeout: float = 15.0):
-    """Poll ``predicate`` (sync or async) until it returns something truthy; fail after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 def fast_config(kubeconfig: str, metadata_url: str, **overrides) -> AgentConfig:
     settings = {
         "node_name": NODE,
@@ -542,16 +528,16 @@ async def test_agent_marks_its_node_when_the_cloud_gives_notice(
             # No notice yet: the agent reads the endpoint and leaves the node alone.
             # (GCE: the first read answers at once; the long-polls after it answer only on a change.)
             reads = 1 if cloud == "gcp" else 3
-            await wait_until(
+            await eventually_async(
                 lambda: answered(metadata, endpoint, 404 if cloud == "aws" else 200) >= reads,
-                f"the agent to read {endpoint}",
+                what=f"the agent to read {endpoint}",
             )
             assert agent.cloud == cloud  # found by --cloud auto
             assert our_mark(await read_node(core)) is None and node_patches(kube_api) == []
 
             before = datetime.now(UTC).replace(microsecond=0)
             announce(metadata)
-            node = await wait_until(lambda: _marked(core), f"the node to be marked for {kind}")
+            node = await eventually_async(lambda: _marked(core), what=f"the node to be marked for {kind}")
 
     mark = our_mark(node)
     assert (mark.kind, mark.cloud, mark.source, mark.warning) == (kind, cloud, "node-agent", None)
@@ -578,17 +564,19 @@ async def test_a_notice_seen_many_times_and_after_a_restart_marks_once(kube_api,
     with MetadataServer("aws") as metadata:
         metadata.interrupt()
         async with running(Agent(fast_config(kubeconfig, metadata.url, cloud="aws"))):
-            await wait_until(lambda: _marked(core), "the node to be marked")
+            await eventually_async(lambda: _marked(core), what="the node to be marked")
             seen = answered(metadata, "spot/instance-action")
-            await wait_until(
-                lambda: answered(metadata, "spot/instance-action") >= seen + 5, "the agent to read the notice again"
+            await eventually_async(
+                lambda: answered(metadata, "spot/instance-action") >= seen + 5,
+                what="the agent to read the notice again",
             )
         marked = await read_node(core)
         # A restarted agent finds its own mark and the same notice: nothing to write.
         async with running(Agent(fast_config(kubeconfig, metadata.url, cloud="aws"))):
             seen = answered(metadata, "spot/instance-action")
-            await wait_until(
-                lambda: answered(metadata, "spot/instance-action") >= seen + 5, "the restarted agent to read the notice"
+            await eventually_async(
+                lambda: answered(metadata, "spot/instance-action") >= seen + 5,
+                what="the restarted agent to read the notice",
             )
     assert len(node_patches(kube_api)) == 1
     assert (await read_node(core))["metadata"]["resourceVersion"] == marked["metadata"]["resourceVersion"]
@@ -600,13 +588,15 @@ async def test_slow_metadata_times_out_quietly_and_recovers(kube_api, core, kube
         metadata.delay = 1.0  # longer than the agent's 0.5 s request timeout
         async with running(Agent(fast_config(kubeconfig, metadata.url, cloud="aws"))):
             # The token PUT is the first request of each try; several tries mean it backs off and goes on.
-            await wait_until(
+            await eventually_async(
                 lambda: len([r for r in metadata.requests() if r.method == "PUT"]) >= 3,
-                "the agent to retry the slow endpoint",
+                what="the agent to retry the slow endpoint",
             )
             metadata.delay = 0
             metadata.interrupt()
-            node = await wait_until(lambda: _marked(core), "the node to be marked once metadata is fast again")
+            node = await eventually_async(
+                lambda: _marked(core), what="the node to be marked once metadata is fast again"
+            )
     assert our_mark(node).kind == "interruption"
     slow = [r.getMessage() for r in caplog.records if " is slow" in r.getMessage()]
     # Logged once per endpoint when it turned slow, not once per timeout.
@@ -619,11 +609,11 @@ async def test_detection_waits_for_a_slow_metadata_service(kube_api, core, kubec
     with MetadataServer("azure") as metadata:
         metadata.delay = 1.0  # connects, then answers later than the 0.5 s probe timeout: a cloud, slow
         async with running(Agent(fast_config(kubeconfig, metadata.url))) as agent:
-            await wait_until(lambda: len(metadata.requests()) >= 6, "the agent to probe twice")
+            await eventually_async(lambda: len(metadata.requests()) >= 6, what="the agent to probe twice")
             assert agent.cloud is None  # still detecting, not given up
             metadata.delay = 0
             metadata.interrupt()
-            node = await wait_until(lambda: _marked(core), "the node to be marked once detection succeeds")
+            node = await eventually_async(lambda: _marked(core), what="the node to be marked once detection succeeds")
     assert (agent.cloud, our_mark(node).cloud) == ("azure", "azure")
     retrying = [r for r in caplog.records if "accepts connections but does not answer" in r.getMessage()]
     assert len(retrying) == 1
@@ -640,9 +630,9 @@ async def test_no_cloud_wait_keeps_running_until_stopped(caplog) -> None:
             no_cloud="wait",
         )
         async with running(Agent(config)) as agent:
-            await wait_until(
+            await eventually_async(
                 lambda: any("not a cloud instance" in r.getMessage() for r in caplog.records),
-                "the agent to find no cloud",
+                what="the agent to find no cloud",
             )
             assert agent.cloud is None and agent.marker is None  # waiting, touching nothing
 
@@ -652,13 +642,16 @@ async def test_metadata_down_backs_off_without_crashing_and_recovers(kube_api, c
     with MetadataServer("gcp") as metadata:
         metadata.down = True
         async with running(Agent(fast_config(kubeconfig, metadata.url, cloud="gcp"))) as agent:
-            await wait_until(
-                lambda: answered(metadata, "instance/preempted", None) >= 4, "the agent to retry the dropped endpoint"
+            await eventually_async(
+                lambda: answered(metadata, "instance/preempted", None) >= 4,
+                what="the agent to retry the dropped endpoint",
             )
             metadata.down = False
-            await wait_until(lambda: answered(metadata, "instance/preempted") >= 1, "the agent to read again")
+            await eventually_async(
+                lambda: answered(metadata, "instance/preempted") >= 1, what="the agent to read again"
+            )
             metadata.interrupt()
-            node = await wait_until(lambda: _marked(core), "the node to be marked after the outage")
+            node = await eventually_async(lambda: _marked(core), what="the node to be marked after the outage")
             assert agent.active["preempted"].kind == "interruption"
     assert our_mark(node).kind == "interruption"
     down = [r.getMessage() for r in caplog.records if " is down" in r.getMessage()]
@@ -670,7 +663,7 @@ async def test_a_failing_api_server_is_retried(kube_api, core, kubeconfig) -> No
     with MetadataServer("azure") as metadata:
         metadata.interrupt()
         async with running(Agent(fast_config(kubeconfig, metadata.url, cloud="azure"))):
-            await wait_until(lambda: _marked(core), "the node to be marked despite API errors")
+            await eventually_async(lambda: _marked(core), what="the node to be marked despite API errors")
     assert [r.status for r in node_patches(kube_api)] == [500, 500, 200]
 
 
@@ -687,7 +680,7 @@ async def test_a_stale_mark_is_cleared_when_the_instance_survived(kube_api, core
     await asyncio.to_thread(core.patch_node, NODE, mark_patch(node, stale), _content_type="application/json-patch+json")
     with MetadataServer("gcp") as metadata:
         async with running(Agent(fast_config(kubeconfig, metadata.url, cloud="gcp"))):
-            node = await wait_until(lambda: _cleared(core), "the stale mark to be removed")
+            node = await eventually_async(lambda: _cleared(core), what="the stale mark to be removed")
     assert node["spec"]["taints"] == [GPU_TAINT]
 
 
@@ -770,14 +763,14 @@ async def test_sigterm_stops_it_during_a_long_poll(kube_api, kubeconfig) -> None
         )
         try:
             # The first reads answer at once; after them the agent holds 300 s long-polls.
-            await wait_until(
+            await eventually_async(
                 lambda: (
                     answered(metadata, "instance/preempted") >= 1
                     and answered(metadata, "instance/maintenance-event") >= 1
                 ),
-                "the agent to start watching",
+                what="the agent to start watching",
             )
-            await wait_until(lambda: _read_its_node(kube_api), "the agent to read its node")
+            await eventually_async(lambda: _read_its_node(kube_api), what="the agent to read its node")
             process.send_signal(signal.SIGTERM)
             # Far sooner than the long-poll would end on its own.
             _, stderr = await asyncio.wait_for(process.communicate(), 20)

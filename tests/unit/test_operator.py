@@ -8,9 +8,7 @@ API as a kubelet would.
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 import pathlib
 import time
 from collections.abc import Callable
@@ -25,7 +23,8 @@ from spotrag_box.apiserver.server import KubeAPIServer
 from spotrag_box.testing import kubectl
 from spotrag_operator import render
 from spotrag_operator.crd import API_VERSION, KIND
-from spotrag_operator.kube import Kube, load_api_client
+from spotrag_operator.handlers import OperatorConfig, register
+from spotrag_runtime.kube import Kube, api_client, label_selector
 
 from .operator_fixtures import ROOT, load_example
 
@@ -61,33 +60,17 @@ def kubeconfig(api, tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def kube(kubeconfig) -> Kube:
-    return Kube(load_api_client(str(kubeconfig)))
+    return Kube(api_client(str(kubeconfig)))
 
 
 @pytest.fixture(scope="module")
 def operator(kubeconfig, kube):
-    """The operator's handlers, registered afresh into their own registry
-    (kopf keeps one default registry per process, which other tests' kopf
-    runs may have replaced), run by kopf against the stand-in."""
-    previous_config = os.environ.get("KUBECONFIG")
-    previous_registry = kopf.get_default_registry()
-    os.environ["KUBECONFIG"] = str(kubeconfig)
+    """The operator's handlers, registered into their own registry and
+    configured as the CLI would (a 1 s timer), run by kopf against the stand-in."""
     registry = kopf.OperatorRegistry()
-    kopf.set_default_registry(registry)
-    try:
-        import spotrag_operator.handlers as handlers
-
-        importlib.reload(handlers)  # the decorators register into the default registry at import
-        with kopf.testing.KopfRunner(
-            ["run", "--all-namespaces", "--standalone"], registry=registry, timeout=60
-        ) as runner:
-            yield runner
-    finally:
-        kopf.set_default_registry(previous_registry)
-        if previous_config is None:
-            os.environ.pop("KUBECONFIG", None)
-        else:
-            os.environ["KUBECONFIG"] = previous_config
+    register(registry, OperatorConfig(kubeconfig=str(kubeconfig), reconcile_interval=1.0))
+    with kopf.testing.KopfRunner(["run", "--all-namespaces", "--standalone"], registry=registry, timeout=60) as runner:
+        yield runner
 
 
 _counter = iter(range(10_000))
@@ -209,18 +192,33 @@ def events_of(kube: Kube, body: dict) -> list:
     return [e for e in listed.items if e.involved_object.name == body["metadata"]["name"]]
 
 
+def reconciles(api: KubeAPIServer, body: dict, since: int) -> list[int]:
+    """Request ids of the reads that start each reconcile of `body` since `since`:
+    observing lists the engine pods exactly once per reconcile, and reconciles
+    of one RAGDeployment run one after the other, so the n-th read comes after
+    the (n-1)-th reconcile has written all it writes."""
+    selector = label_selector(render.engine_selector(body))
+    path = f"/api/v1/namespaces/{body['metadata']['namespace']}/pods"
+    return [
+        r.id
+        for r in api.requests(since=since)
+        if r.method == "GET" and r.path == path and r.query.get("labelSelector") == selector
+    ]
+
+
 def test_reconcile_is_idempotent(operator, kube, api):
     body = new_ragd(kube)
     pods = wait_for(lambda: engines(kube, body), what="engine pod")
     play_kubelet(kube, pods)
     wait_for(lambda: (ragd(kube, body).get("status") or {}).get("engines") == "1/1", what="1/1 ready")
-    time.sleep(2.5)  # let any follow-up reconcile land
-    mark = api.request_count
-    time.sleep(3)  # three timer ticks at 1 s
+    # Let one whole reconcile run after 1/1 (any follow-up write lands), then watch three more.
+    settled = api.request_count
+    mark = wait_for(lambda: reconciles(api, body, settled)[1:2], what="a reconcile after 1/1")[0] - 1
+    ends = wait_for(lambda: reconciles(api, body, mark)[3:4], what="three more reconciles")[0]
     writes = [
         r
         for r in api.requests(since=mark)
-        if r.method in ("POST", "PUT", "PATCH", "DELETE") and body["metadata"]["name"] in r.path
+        if r.id < ends and r.method in ("POST", "PUT", "PATCH", "DELETE") and body["metadata"]["name"] in r.path
     ]
     assert writes == [], [(r.method, r.path) for r in writes]
 
@@ -250,7 +248,7 @@ def test_spec_updates_change_the_right_children(operator, kube):
     wait_for(lambda: len(serving(engines(kube, body))) == 2, what="a second engine", diagnose=diagnose(kube, body))
 
 
-def test_engine_spec_change_rolls_new_engines_first(operator, kube):
+def test_engine_spec_change_rolls_new_engines_first(operator, kube, api):
     body = new_ragd(kube, {"scaling": {"minReplicas": 2, "onDemandBaseline": 1}})
     name, ns = body["metadata"]["name"], "default"
     old = wait_for(lambda: len(engines(kube, body)) == 2 and engines(kube, body), what="2 engines")
@@ -269,8 +267,9 @@ def test_engine_spec_change_rolls_new_engines_first(operator, kube):
         diagnose=diagnose(kube, body),
     )
     assert all("4096" in p["spec"]["containers"][0]["args"] for p in new)
-    # Not ready yet: the old engines keep serving.
-    time.sleep(1.5)
+    # Not ready yet: after a whole reconcile that saw them, the old engines keep serving.
+    seen = api.request_count
+    wait_for(lambda: reconciles(api, body, seen)[1:], what="a reconcile that saw the new engines")
     assert {p["metadata"]["name"] for p in serving(engines(kube, body))} >= old_names
     play_kubelet(kube, new)
     wait_for(

@@ -290,3 +290,122 @@ def test_cli_draws_the_timeline(tmp_path):
 def test_cli_bad_input_exits_2_with_the_reason(tmp_path, capsys, argv, message):
     assert cli(argv + ["--out", str(tmp_path / "out"), "--no-png"]) == 2
     assert message in capsys.readouterr().err
+
+
+# -- issue 12: sizing to the SLO, the truth of the comparison ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "prompt", "output"),
+    [
+        ("conversation", (1020, 2731), (129, 424)),  # p50 / p90 of the trace the issue measured
+        ("code", (1469, 5186), (13, 55)),
+    ],
+)
+def test_generated_shapes_follow_the_measured_percentiles(kind, prompt, output):
+    from spotrag_simulator.trace import generate_trace
+
+    trace = generate_trace(kind, hours=6, seed=2, peak_rps=2.0, start_hour=12)
+    prompts = np.array([r.prompt_tokens for r in trace])
+    outputs = np.array([r.output_tokens for r in trace])
+    for values, (p50, p90) in ((prompts, prompt), (outputs, output)):
+        assert abs(np.percentile(values, 50) / p50 - 1) < 0.08
+        assert abs(np.percentile(values, 90) / p90 - 1) < 0.12
+
+
+def test_a_generated_day_is_quiet_at_night_and_busy_in_the_afternoon():
+    from spotrag_simulator.trace import generate_trace
+
+    trace = generate_trace("conversation", hours=24, seed=1, peak_rps=1.0)
+    per_hour = np.bincount([int(r.arrival // 3600) for r in trace], minlength=24)
+    assert per_hour[4] * 3 < per_hour[16]
+
+
+def test_on_demand_for_peak_is_the_smallest_fleet_that_meets_the_slo():
+    from spotrag_simulator.run import _fleet_meets_slo, peak_fleet
+
+    profile = build_profile()
+    trace = steady_trace(3.0, 0, 1800)
+    engines, minutes, meets = peak_fleet(profile, trace, 1800.0, seed=1)
+    assert meets and len(minutes) >= 1
+    assert all(_fleet_meets_slo(profile, trace, m, engines, 1) for m in minutes)
+    assert not all(_fleet_meets_slo(profile, trace, m, engines - 1, 1) for m in minutes)
+
+
+def test_an_slo_no_fleet_meets_is_said_and_the_search_stops():
+    from spotrag_simulator.run import peak_fleet
+
+    profile = build_profile({"slo": {"ttftSeconds": 0.05}})  # below one prefill of a 1,400-token prompt on an L4
+    engines, _, meets = peak_fleet(profile, steady_trace(1.0, 0, 900), 900.0, seed=1)
+    assert not meets and engines >= 1
+
+
+@pytest.mark.parametrize(
+    ("met", "warm"),
+    [
+        ([True] * 8, 0),
+        ([False, False] + [True] * 6, 2),
+        ([True, False] * 5, 10),
+        ([False, True, True, True, True, True], 1),
+    ],
+)
+def test_warm_up_lasts_until_five_minutes_in_a_row_meet_the_slo(met, warm):
+    from spotrag_simulator.report import warmup_minutes
+
+    assert warmup_minutes(np.array(met)) == warm
+
+
+def test_every_autoscaler_starts_from_the_same_stated_fleet():
+    profile = build_profile({"spot": {"interruptionsPerHour": 0}})
+    trace = steady_trace(1.0, 0, 600)
+    comparison = compare(profile, trace, seed=1, horizon=600, start_engines=3)
+    assert "every autoscaler starts with 3 engine(s) ready" in comparison.meta["start"]
+    for name in ("kubeai-requests", "keda-waiting", "spotrag-no-spot", "spotrag"):
+        assert comparison.results[name].samples["ready"][0] >= 1
+        assert comparison.results[name].log.timeline[0] == (0.0, 3)
+
+
+def test_drop_oversized_counts_what_it_dropped(tmp_path, capsys):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(
+        '{"arrival": 0, "prompt_tokens": 100, "output_tokens": 10}\n'
+        '{"arrival": 1, "prompt_tokens": 9000, "output_tokens": 10}\n'
+        '{"arrival": 2, "prompt_tokens": 200, "output_tokens": 10}\n'
+    )
+    out = tmp_path / "out"
+    argv = ["--trace", str(trace), "--out", str(out), "--no-png", "--policies", "on-demand-peak,spotrag"]
+    assert cli(argv) == 2
+    assert "row 2" in capsys.readouterr().err
+    assert cli([*argv, "--drop-oversized"]) == 0
+    assert json.loads((out / "report.json").read_text())["meta"]["dropped_oversized"] == 1
+
+
+def test_the_operators_presets_are_the_simulated_engines():
+    from spotrag_operator.calibration import PRESETS, EngineRates
+    from spotrag_simulator.presets import GPUS, MODELS, OPERATOR_PRESETS, engine_spec_for, operator_rates
+
+    for (gpu, model), name in OPERATOR_PRESETS.items():
+        # H200: the preset is the measurement (128-token prompts, 256 out: ~256 tokens of context on
+        # average), the simulated engine a fit to it; the others are the roofline at 1,500 tokens.
+        numbers = operator_rates(
+            engine_spec_for(GPUS[gpu], MODELS[model]), **({"context": 256} if gpu == "H200" else {})
+        )
+        simulated = EngineRates.from_measurements(
+            prefill_tokens_per_second=numbers["prefillTokensPerSecond"],
+            decode_tokens_per_second=numbers["decodeTokensPerSecond"],
+            batch_decode_tokens_per_second=numbers["batchDecodeTokensPerSecond"],
+        )
+        preset = PRESETS[name]
+        assert abs(preset.prefill_tokens_per_second / simulated.prefill_tokens_per_second - 1) < 0.01, name
+        for batch in (1, 64):
+            assert abs(preset.step_seconds(batch) / simulated.step_seconds(batch) - 1) < 0.01, (name, batch)
+
+
+def test_sized_to_the_slo_a_steady_load_settles_without_flapping():
+    profile = build_profile({"spot": {"interruptionsPerHour": 0}})
+    trace = steady_trace(2.0, 0, 3600)
+    comparison = compare(profile, trace, seed=1, horizon=3600, policies=("on-demand-peak", "spotrag"))
+    spotrag = next(s for s in comparison.summaries if s.policy == "spotrag")
+    timeline = comparison.results["spotrag"].log.timeline
+    assert spotrag.steady_slo_minutes > 0.95 and spotrag.steady_lost == 0
+    assert len([t for t, _ in timeline if t > spotrag.warmup_seconds + 600]) <= 2  # settled: at most a step or two

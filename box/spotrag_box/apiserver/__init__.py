@@ -1,1 +1,1 @@
-"""The Kubernetes API stand-in: kmock's emulator completed so kopf, kubectl and helm run against it."""
+"""The Kubernetes API stand-in: enough of kube-apiserver for kopf, kubectl and helm to run against it."""

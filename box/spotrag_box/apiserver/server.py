@@ -1,9 +1,9 @@
 """A Kubernetes API server stand-in on 127.0.0.1, for tests and the demo.
 
-``KubeAPIServer`` runs kmock's KubernetesEmulator, completed in
-``kube_emulator.py``, over real HTTP in its own thread and event loop, so
-synchronous code (the ``kubernetes`` client, kubectl in a subprocess) and
-asynchronous code (kopf in another thread) all talk to it as to a cluster::
+``KubeAPIServer`` serves the stand-in (``emulator.py`` wires its parts) over
+real HTTP in its own thread and event loop, so synchronous code (the
+``kubernetes`` client, kubectl in a subprocess) and asynchronous code (kopf in
+another thread) all talk to it as to a cluster::
 
     with KubeAPIServer() as api:
         api.apply_crd_file('crds/spotrag.io_ragdeployments.yaml')
@@ -30,7 +30,10 @@ from typing import Any, Self, TypeVar
 import aiohttp.web
 import yaml
 
-from spotrag_box.apiserver.emulator import DEFAULT_REQUEST_LOG_SIZE, ApiError, KubeEmulator, RecordedRequest
+from spotrag_box.apiserver.discovery import DEFAULT_SERVER_VERSION
+from spotrag_box.apiserver.emulator import KubeEmulator
+from spotrag_box.apiserver.errors import ApiError
+from spotrag_box.apiserver.http import DEFAULT_REQUEST_LOG_SIZE, RecordedRequest
 
 __all__ = ["KubeAPIServer", "RecordedRequest", "ApiError", "cli"]
 
@@ -46,7 +49,7 @@ class KubeAPIServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        version: str = "v1.36.0",
+        version: str = DEFAULT_SERVER_VERSION,
         graceful_pod_deletion: bool = True,
         request_log_size: int = DEFAULT_REQUEST_LOG_SIZE,
     ) -> None:
@@ -72,7 +75,7 @@ class KubeAPIServer:
     def version(self, value: str) -> None:
         self._version = value
         if self._thread is not None:
-            self.call(lambda emulator: setattr(emulator, "server_version", value))
+            self.call(lambda emulator: setattr(emulator.discovery, "server_version", value))
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -125,10 +128,8 @@ class KubeAPIServer:
             request_log_size=self.request_log_size,
             server_address=f"{self.host}:{bound_port}",
         )
-        # aiohttp's low-level server rather than kmock.Server: the latter also swaps aiohttp's
-        # process-wide DNS resolver, which breaks when several servers stop out of order.
         runner = aiohttp.web.ServerRunner(
-            aiohttp.web.Server(emulator, handler_cancellation=True),
+            aiohttp.web.Server(emulator.http, handler_cancellation=True),
             handle_signals=False,
             shutdown_timeout=_SHUTDOWN_TIMEOUT,
         )
@@ -141,7 +142,7 @@ class KubeAPIServer:
             self.url = f"http://{self.host}:{bound_port}"
             self._ready.set()
             await self._stopping.wait()
-            emulator.close_watches()
+            emulator.store.close_watches()
         finally:
             await runner.cleanup()
 
@@ -149,7 +150,7 @@ class KubeAPIServer:
 
     @property
     def emulator(self) -> KubeEmulator:
-        """The kmock emulator; touch it only through ``call()`` (it lives in the server's thread)."""
+        """The stand-in; touch it only through ``call()`` (it lives in the server's thread)."""
         if self._emulator is None:
             raise RuntimeError("the server is not started")
         return self._emulator
@@ -191,7 +192,7 @@ class KubeAPIServer:
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Create the object, or replace the one of that name, as ``kubectl apply`` would end up."""
-        return self.call(lambda emulator: emulator.apply_object(obj))
+        return self.call(lambda emulator: emulator.writes.apply(obj))
 
     def apply_crd_file(self, path: str | pathlib.Path) -> None:
         """Apply every document of a YAML file (CRDs are then served), like ``kubectl apply -f``."""
@@ -200,7 +201,7 @@ class KubeAPIServer:
 
     def inject_faults(self, *, method: str, path_regex: str, status: int, times: int = 1) -> None:
         """Answer the next ``times`` requests of ``method`` ('*' for any) whose path matches with ``status``."""
-        self.emulator.inject_faults(method=method, path_regex=path_regex, status=status, times=times)
+        self.emulator.http.inject_faults(method=method, path_regex=path_regex, status=status, times=times)
 
     def requests(self, since: int = 0) -> list[RecordedRequest]:
         """The recorded requests with an ``id`` above ``since``, oldest first.
@@ -208,12 +209,12 @@ class KubeAPIServer:
         The log is bounded (the oldest are dropped first): to see what a step caused,
         take ``mark = api.request_count`` before it and ``api.requests(since=mark)`` after.
         """
-        return self.emulator.recorded_requests(since)
+        return self.emulator.http.recorded_requests(since)
 
     @property
     def request_count(self) -> int:
         """How many requests the server has had: the ``id`` of the latest one."""
-        return self.emulator.request_count
+        return self.emulator.http.request_count
 
 
 def _documents(path: pathlib.Path) -> list[dict[str, Any]]:
@@ -236,7 +237,7 @@ def cli(argv: list[str]) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (default)")
-    parser.add_argument("--version", default="v1.36.0", help="the Kubernetes version /version reports")
+    parser.add_argument("--version", default=DEFAULT_SERVER_VERSION, help="the Kubernetes version /version reports")
     parser.add_argument("--kubeconfig-out", type=pathlib.Path, help="write a kubeconfig for the server here")
     parser.add_argument(
         "--crd",

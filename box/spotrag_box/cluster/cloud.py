@@ -29,7 +29,8 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from .client import ApiError, Informer, KubeClient, collection_path, object_path
+from spotrag_runtime.kube import AsyncKube, Informer, KubeError, collection_path, object_path
+
 from .controller import Controller, EventRecorder, now_iso
 from .kubelet import HOST_IP, Kubelet
 from .node_pools import GPU_RESOURCE, ON_DEMAND, SPOT, ClusterProfile, NodePool, Timing
@@ -127,7 +128,7 @@ class Cloud(Controller):
     name = "cloud"
 
     def __init__(
-        self, client: KubeClient, nodes: Informer, kubelet: Kubelet, profile: ClusterProfile, *, timing: Timing
+        self, client: AsyncKube, nodes: Informer, kubelet: Kubelet, profile: ClusterProfile, *, timing: Timing
     ):
         super().__init__(resync=timing.resync)
         self.client = client
@@ -166,7 +167,7 @@ class Cloud(Controller):
         status = manifest.pop("status")
         try:
             await self.client.create(collection_path("v1", "nodes"), manifest)
-        except ApiError as error:
+        except KubeError as error:
             if error.status != 409:
                 raise
         # Status through its subresource: a server may ignore it on create.

@@ -9,7 +9,7 @@ import uuid
 
 import httpx
 
-from .client import ApiError, KubeClient, collection_path
+from spotrag_runtime.kube import AsyncKube, KubeError, collection_path
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Controller:
                 await self.reconcile()
             except asyncio.CancelledError:
                 raise
-            except (ApiError, httpx.HTTPError) as error:
+            except (KubeError, httpx.HTTPError) as error:
                 # Races a controller lives with (a namespace going away, a write on a
                 # stale cache): the next pass sees the new state and retries.
                 log.info("%s: %s; retrying", self.name, error)
@@ -61,7 +61,7 @@ class EventRecorder:
     """core/v1 Events, as `kubectl describe` and `kubectl get events` show them.
     Best effort: an Event that cannot be written is logged, never fatal."""
 
-    def __init__(self, client: KubeClient, component: str):
+    def __init__(self, client: AsyncKube, component: str):
         self.client = client
         self.component = component
 
@@ -92,5 +92,5 @@ class EventRecorder:
         }
         try:
             await self.client.create(collection_path("v1", "events", namespace), event)
-        except (ApiError, httpx.HTTPError) as error:
+        except (KubeError, httpx.HTTPError) as error:
             log.debug("event %s for %s not recorded: %s", reason, meta["name"], error)

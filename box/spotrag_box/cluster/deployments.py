@@ -17,7 +17,8 @@ import logging
 import math
 import time
 
-from .client import ApiError, Informer, KubeClient, collection_path, object_path
+from spotrag_runtime.kube import AsyncKube, Informer, KubeError, collection_path, object_path
+
 from .controller import Controller, now_iso
 from .endpointslices import pod_is_ready
 
@@ -46,7 +47,7 @@ def owned_by(pod: dict, owner_uid: str) -> bool:
 class DeploymentController(Controller):
     name = "deployment-controller"
 
-    def __init__(self, client: KubeClient, deployments: Informer, pods: Informer, *, resync: float):
+    def __init__(self, client: AsyncKube, deployments: Informer, pods: Informer, *, resync: float):
         super().__init__(resync=resync)
         self.client = client
         self.deployments = deployments
@@ -232,6 +233,6 @@ class DeploymentController(Controller):
             await self.client.patch(
                 object_path("apps/v1", "deployments", meta["name"], meta["namespace"], "status"), {"status": status}
             )
-        except ApiError as error:
+        except KubeError as error:
             if error.status != 404:
                 raise

@@ -19,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from .client import ApiError, Informer, KubeClient, collection_path, object_path
+from spotrag_runtime.kube import AsyncKube, Informer, KubeError, collection_path, object_path
+
 from .controller import Controller
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class EndpointSliceController(Controller):
 
     def __init__(
         self,
-        client: KubeClient,
+        client: AsyncKube,
         services: Informer,
         pods: Informer,
         slices: Informer,
@@ -173,7 +174,7 @@ class EndpointSliceController(Controller):
         namespace = wanted["metadata"]["namespace"]
         try:
             await self.client.create(collection_path("discovery.k8s.io/v1", "endpointslices", namespace), wanted)
-        except ApiError as error:
+        except KubeError as error:
             if error.status != 409:
                 raise
             await self._update(wanted)
@@ -185,7 +186,7 @@ class EndpointSliceController(Controller):
             await self.client.patch(
                 object_path("discovery.k8s.io/v1", "endpointslices", meta["name"], meta["namespace"]), patch
             )
-        except ApiError as error:
+        except KubeError as error:
             if error.status != 404:
                 raise
 

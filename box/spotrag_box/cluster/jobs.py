@@ -10,7 +10,8 @@ import datetime
 import logging
 import time
 
-from .client import ApiError, Informer, KubeClient, collection_path, object_path
+from spotrag_runtime.kube import AsyncKube, Informer, KubeError, collection_path, object_path
+
 from .controller import Controller, now_iso
 from .deployments import owned_by
 from .endpointslices import pod_is_ready
@@ -30,7 +31,7 @@ def job_finished(job: dict) -> bool:
 class JobController(Controller):
     name = "job-controller"
 
-    def __init__(self, client: KubeClient, jobs: Informer, pods: Informer, *, resync: float, retry_delay: float):
+    def __init__(self, client: AsyncKube, jobs: Informer, pods: Informer, *, resync: float, retry_delay: float):
         super().__init__(resync=resync)
         self.client = client
         self.jobs = jobs
@@ -112,7 +113,7 @@ class JobController(Controller):
                 await self.client.patch(
                     object_path("batch/v1", "jobs", meta["name"], meta["namespace"], "status"), {"status": status}
                 )
-            except ApiError as error:
+            except KubeError as error:
                 if error.status != 404:
                     raise
 

@@ -37,7 +37,8 @@ from typing import Any
 
 import httpx
 
-from .client import ApiError, Informer, KubeClient, object_path
+from spotrag_runtime.kube import AsyncKube, Informer, KubeError, object_path
+
 from .containers import (
     ContainerConfigError,
     ContainerError,
@@ -373,7 +374,7 @@ class PodWorker:
             return
         try:
             await self.kubelet.client.delete(self._path(), grace_period_seconds=0, preconditions={"uid": self.uid})
-        except ApiError as error:
+        except KubeError as error:
             if error.status not in (404, 409):  # gone, or a new pod of the same name
                 raise
 
@@ -444,7 +445,7 @@ class PodWorker:
         try:
             await self.kubelet.client.patch(self._path("status"), {"status": status})
             self._published = status
-        except ApiError as error:
+        except KubeError as error:
             if error.status == 404:
                 self.object_gone()
                 return
@@ -489,7 +490,7 @@ class Kubelet(Controller):
 
     name = "kubelet"
 
-    def __init__(self, client: KubeClient, pods: Informer, nodes: Informer, runtime: LocalRuntime, *, timing: Timing):
+    def __init__(self, client: AsyncKube, pods: Informer, nodes: Informer, runtime: LocalRuntime, *, timing: Timing):
         super().__init__(resync=timing.resync)
         self.client = client
         self.pods = pods
@@ -586,7 +587,7 @@ class Kubelet(Controller):
                 grace_period_seconds=0,
                 preconditions={"uid": meta["uid"]},
             )
-        except ApiError as error:
+        except KubeError as error:
             if error.status not in (404, 409):
                 raise
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 
-from .client import ApiError, Informer, KubeClient, object_path
+from spotrag_runtime.kube import AsyncKube, Informer, KubeError, object_path
+
 from .controller import Controller, EventRecorder, now_iso
 from .scheduler_plugins import schedule
 
@@ -33,7 +34,7 @@ def scheduled_condition(pod: dict) -> dict | None:
 class Scheduler(Controller):
     name = "scheduler"
 
-    def __init__(self, client: KubeClient, pods: Informer, nodes: Informer, *, resync: float):
+    def __init__(self, client: AsyncKube, pods: Informer, nodes: Informer, *, resync: float):
         super().__init__(resync=resync)
         self.client = client
         self.pods = pods
@@ -84,7 +85,7 @@ class Scheduler(Controller):
         }
         try:
             await self.client.create(object_path("v1", "pods", meta["name"], meta["namespace"], "binding"), binding)
-        except ApiError as error:
+        except KubeError as error:
             if error.status in (404, 409):
                 return False  # gone, or bound meanwhile: the cache will tell
             raise
@@ -116,7 +117,7 @@ class Scheduler(Controller):
                 object_path("v1", "pods", meta["name"], meta["namespace"], "status"),
                 {"status": {"phase": "Pending", "conditions": [*others, condition]}},
             )
-        except ApiError as error:
+        except KubeError as error:
             if error.status != 404:
                 raise
             return

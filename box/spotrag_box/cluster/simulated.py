@@ -23,7 +23,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from .client import Informer, KubeClient, collection_path
+from spotrag_runtime.kube import AsyncKube, Informer, collection_path
+
 from .cloud import Cloud, Interruption
 from .containers import LocalRuntime
 from .deployments import DeploymentController
@@ -138,7 +139,7 @@ class SimulatedCluster:
 
     async def _main(self) -> None:
         self._stopping = asyncio.Event()
-        client = KubeClient(self.kubeconfig)
+        client = AsyncKube.from_kubeconfig(self.kubeconfig)
         kinds = {
             "nodes": collection_path("v1", "nodes"),
             "pods": collection_path("v1", "pods"),

@@ -4,7 +4,8 @@ its workdir), which is what the kubelet mounts for pods using the claim."""
 
 from __future__ import annotations
 
-from .client import ApiError, Informer, KubeClient, object_path
+from spotrag_runtime.kube import AsyncKube, Informer, KubeError, object_path
+
 from .containers import LocalRuntime
 from .controller import Controller
 
@@ -14,7 +15,7 @@ PATH_ANNOTATION = "box.spotrag.io/host-path"
 class VolumeProvisioner(Controller):
     name = "volume-provisioner"
 
-    def __init__(self, client: KubeClient, claims: Informer, runtime: LocalRuntime, *, resync: float):
+    def __init__(self, client: AsyncKube, claims: Informer, runtime: LocalRuntime, *, resync: float):
         super().__init__(resync=resync)
         self.client = client
         self.claims = claims
@@ -43,6 +44,6 @@ class VolumeProvisioner(Controller):
                         }
                     },
                 )
-            except ApiError as error:
+            except KubeError as error:
                 if error.status != 404:
                     raise

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 DEFAULT_MODEL_NAME = "emulated-model"
 # What GET /version reports: the vLLM release whose API this emulates.
-EMULATED_VLLM_VERSION = "0.11.0+spotrag.emulator"
+EMULATED_VLLM_VERSION = "0.26.0+spotrag.emulator"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,9 +43,10 @@ class EmulatorConfig:
     # Natural answer length in words (where EOS would come), chosen per answer.
     answer_words_min: int = 64
     answer_words_max: int = 192
-    # Seconds running requests may finish after SIGTERM; 0 aborts them at once.
+    # Seconds running requests may finish after SIGTERM; 0 aborts them at once;
+    # when it runs out, open streams stall (as vLLM 0.26's do).
     shutdown_timeout: float = 0.0
-    # Seconds before the engine is "loaded" (/health is 503 until then).
+    # Seconds before the engine is "loaded" (connections are refused until then).
     startup_delay: float = 0.0
     log_level: str = "warning"
 
@@ -135,9 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-timeout",
         type=float,
         default=defaults.shutdown_timeout,
-        help="on SIGTERM, seconds running requests may finish; 0 aborts them",
+        help="on SIGTERM, seconds running requests may finish; 0 aborts them; then open streams stall",
     )
-    add("--startup-delay", type=float, default=defaults.startup_delay, help="seconds /health stays 503")
+    add(
+        "--startup-delay",
+        type=float,
+        default=defaults.startup_delay,
+        help="seconds connections are refused (model load)",
+    )
     add("--log-level", default=defaults.log_level, choices=["critical", "error", "warning", "info", "debug"])
     return parser
 

@@ -125,6 +125,7 @@ class Engine:
         self._timer_at = math.inf
         self._idle = asyncio.Event()
         self._idle.set()
+        self.stopped = False
 
     # -- what the server and the metrics read -------------------------------
 
@@ -162,9 +163,27 @@ class Engine:
         self._admit(now)
         self._arm()
 
-    def abort_all(self) -> None:
+    def abort_all(self, *, last_step: bool = False) -> None:
+        """Abort every request; with ``last_step``, as vLLM shutting down with no
+        timeout does: a decoding sequence's abort carries the step in flight (one
+        more token), as the real server's last chunk does."""
         for seq in [*self.running, *self.waiting]:
+            if last_step and seq.state is State.DECODING and seq.generated < seq.stop_at:
+                (seq.pending if seq.streaming else seq.text_parts).append(next(seq.deltas))
+                seq.generated += 1
+                seq.context_tokens += 1
+                self.observer.tokens_generated(1)
             self.abort(seq)
+
+    def stop(self) -> None:
+        """The engine process is gone (vLLM's --shutdown-timeout ran out): no more
+        steps. Its requests stay unfinished, so their responses wait for bytes
+        that never come, until their clients give up (``abort``)."""
+        self.stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = math.inf
 
     # -- the step loop ---------------------------------------------------------
 
@@ -172,6 +191,8 @@ class Engine:
         return -(-tokens // self.config.block_size)
 
     def _admit(self, now: float) -> None:
+        if self.stopped:
+            return
         config = self.config
         while self.waiting and len(self.running) < config.max_num_seqs:
             seq = self.waiting[0]
@@ -290,6 +311,8 @@ class Engine:
             self._idle.set()
 
     def _arm(self) -> None:
+        if self.stopped:
+            return
         when = math.inf
         if self.prefilling:
             when = self.prefilling[0].first_token_at

@@ -56,7 +56,7 @@ REQUEST_LATENCY_BUCKETS = (
     1920.0,
     7680.0,
 )
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 
 
 class EngineMetrics:
@@ -80,6 +80,13 @@ class EngineMetrics:
         self.kv_cache_usage_perc = gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
+        # No prefix cache is emulated: every prompt token is a query, none a hit.
+        self.prefix_cache_queries = counter(
+            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."
+        )
+        self.prefix_cache_hits = counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
+        )
         self.num_preemptions = counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.")
         self.time_to_first_token = histogram(
             "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
@@ -102,10 +109,11 @@ class EngineMetrics:
         cache_info = Gauge(
             "vllm:cache_config_info",
             "Information of the LLMEngine CacheConfig",
-            ("block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching"),
+            ("block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching", "engine"),
             registry=self.registry,
         )
         cache_info.labels(
+            engine="0",
             block_size=str(config.block_size),
             num_gpu_blocks=str(config.num_gpu_blocks),
             cache_dtype="auto",
@@ -129,6 +137,7 @@ class EngineMetrics:
     def first_token(self, ttft_s: float, prompt_tokens: int) -> None:
         self.time_to_first_token.observe(ttft_s)
         self.prompt_tokens.inc(prompt_tokens)
+        self.prefix_cache_queries.inc(prompt_tokens)
 
     def tokens_generated(self, count: int) -> None:
         self.generation_tokens.inc(count)

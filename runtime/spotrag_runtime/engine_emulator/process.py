@@ -1,8 +1,9 @@
 """Start an engine emulator as a child process, for tests, the box and benchmarks.
 
-The parent binds the listening socket and hands it to the child, so the
-port is known before the child starts and no other process can take it in
-between (no "find a free port, then hope" race).
+The parent binds the socket and hands it to the child, so the port is known
+before the child starts and no other process can take it in between (no
+"find a free port, then hope" race). The child listens on it only once it
+is ready: until then connections are refused, as vLLM's are while it loads.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class EmulatorProcess:
             connection.close()
 
     def wait_ready(self, timeout: float = DEFAULT_READY_TIMEOUT_S) -> None:
-        """Block until /health answers 200; raise EmulatorStartError otherwise."""
+        """Block until /health answers 200 (connections are refused until then);
+        raise EmulatorStartError otherwise."""
         deadline = time.monotonic() + timeout
         while True:
             if self.popen.poll() is not None:
@@ -103,7 +105,7 @@ class EmulatorProcess:
             time.sleep(0.02)
 
     def terminate(self) -> None:
-        """SIGTERM: drain like vLLM (see --shutdown-timeout), then exit."""
+        """SIGTERM: drain like vLLM 0.26 (see --shutdown-timeout and the server's doc)."""
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
 
@@ -156,8 +158,6 @@ def start_engine_emulator(port: int | None = None, *, host: str = "127.0.0.1", *
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, config.port))
-        # Listening already: connections made before the child is up wait in the backlog.
-        sock.listen(2048)
         bound_port = sock.getsockname()[1]
         argv = [
             sys.executable,

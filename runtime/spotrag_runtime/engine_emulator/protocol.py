@@ -38,6 +38,9 @@ class APIError(Exception):
         }
 
 
+# vLLM's is "vllm-<version>-<hash>"; this one says where the answer came from.
+SYSTEM_FINGERPRINT = "vllm-0.26.0-spotrag-emulator"
+
 ERROR_TYPES = {
     HTTPStatus.BAD_REQUEST: "BadRequestError",
     HTTPStatus.NOT_FOUND: "NotFoundError",
@@ -47,23 +50,38 @@ ERROR_TYPES = {
 }
 
 
+def _request_validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """FastAPI's RequestValidationError as vLLM 0.26 words it: type "Bad Request",
+    param the first error's location under "body" (e.g. "body.messages")."""
+    plural = "s" if len(errors) != 1 else ""
+    message = f"{len(errors)} validation error{plural}:\n" + "\n".join(f"  {error}" for error in errors)
+    param = ".".join(str(part) for part in errors[0]["loc"]) if errors else None
+    return APIError(HTTPStatus.BAD_REQUEST, message, err_type="Bad Request", param=param)
+
+
 def validation_error(exc: ValidationError) -> APIError:
-    details = []
+    errors = []
     for error in exc.errors(include_url=False):
-        location = ".".join(str(part) for part in error["loc"])
-        # Our own checks raise ValueError; drop pydantic's "Value error, " prefix.
-        message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
-        details.append(f"{location}: {message}" if location else message)
-    first_location = exc.errors()[0]["loc"] if exc.errors() else ()
-    param = str(first_location[0]) if first_location else None
-    return APIError(HTTPStatus.BAD_REQUEST, "; ".join(details), param=param)
+        error = dict(error)
+        error["loc"] = ("body", *error["loc"])
+        errors.append(error)
+    return _request_validation_error(errors)
 
 
 def parse_json_body(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise APIError(HTTPStatus.BAD_REQUEST, f"The request body is not valid JSON: {exc}") from None
+    except json.JSONDecodeError as exc:
+        error = {
+            "type": "json_invalid",
+            "loc": ("body", exc.pos),
+            "msg": "JSON decode error",
+            "input": {},
+            "ctx": {"error": exc.msg},
+        }
+        raise _request_validation_error([error]) from None
+    except UnicodeDecodeError as exc:
+        raise APIError(HTTPStatus.BAD_REQUEST, f"The request body is not valid UTF-8: {exc}") from None
 
 
 # -- requests ------------------------------------------------------------------
@@ -233,7 +251,9 @@ class StreamFormatter:
         """The first chat chunk: the assistant role and empty content, as vLLM sends it."""
         return (
             self.head + '"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
-            '"logprobs":null,"finish_reason":null}]' + self._usage_suffix(completion_tokens) + "}\n\n"
+            '"logprobs":null,"finish_reason":null}]'
+            + self._usage_suffix(completion_tokens)
+            + ',"prompt_token_ids":null,"prompt_text":null}\n\n'
         ).encode()
 
     def delta(self, text: str, finish_reason: str | None, completion_tokens: int) -> bytes:
@@ -242,10 +262,11 @@ class StreamFormatter:
         stop = ',"stop_reason":null' if finish_reason is not None else ""
         if self.chat:
             delta = '{"content":' + json.dumps(text) + "}" if text else "{}"
-            choice = f'{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}{stop}}}'
+            choice = f'{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}{stop},"token_ids":null}}'
         else:
             choice = (
-                f'{{"index":0,"text":{json.dumps(text)},"logprobs":null,"finish_reason":{finish},"stop_reason":null}}'
+                f'{{"index":0,"text":{json.dumps(text)},"logprobs":null,"finish_reason":{finish},"stop_reason":null,'
+                '"prompt_token_ids":null,"token_ids":null}'
             )
         return (self.head + '"choices":[' + choice + "]" + self._usage_suffix(completion_tokens) + "}\n\n").encode()
 
@@ -257,6 +278,7 @@ class StreamFormatter:
             "model": self._model,
             "choices": [],
             "usage": usage(self.prompt_tokens, completion_tokens),
+            "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
@@ -277,8 +299,7 @@ def chat_completion_body(
         "annotations": None,
         "audio": None,
         "function_call": None,
-        "tool_calls": [],
-        "reasoning_content": None,
+        "reasoning": None,
     }
     return {
         "id": request_id,
@@ -286,13 +307,25 @@ def chat_completion_body(
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None}
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "stop_reason": None,
+                "token_ids": None,
+                "routed_experts": None,
+            }
         ],
         "service_tier": None,
-        "system_fingerprint": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
         "usage": {**usage(prompt_tokens, completion_tokens), "prompt_tokens_details": None},
         "prompt_logprobs": None,
+        "prompt_token_ids": None,
+        "prompt_text": None,
         "kv_transfer_params": None,
+        "ec_transfer_params": None,
+        "metrics": None,
     }
 
 
@@ -311,11 +344,16 @@ def completion_body(
                 "logprobs": None,
                 "finish_reason": finish_reason,
                 "stop_reason": None,
+                "token_ids": None,
                 "prompt_logprobs": None,
+                "prompt_token_ids": None,
+                "routed_experts": None,
             }
         ],
         "service_tier": None,
-        "system_fingerprint": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
         "usage": {**usage(prompt_tokens, completion_tokens), "prompt_tokens_details": None},
         "kv_transfer_params": None,
+        "ec_transfer_params": None,
+        "metrics": None,
     }

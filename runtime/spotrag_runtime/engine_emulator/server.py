@@ -5,11 +5,22 @@ response of our own for generation, which streams and watches for the
 client going away at the same time (so a disconnect frees the batch slot
 even while the request is still queued).
 
-Lifecycle, as vLLM with ``--shutdown-timeout``: ``starting`` (health 503
-until the emulated load ends), ``serving``, then on SIGTERM ``draining``:
-new requests get 503, health is 503, admitted requests may finish for up to
-the timeout, the rest are aborted (streams are cut off, as when the process
-goes) and the process exits 0. A second SIGTERM stops the wait.
+Lifecycle, as measured on vLLM 0.26.0 (tests/data/vllm-0.26.0/):
+
+* Loading: the socket is bound but not listening, so connections are
+  *refused* (there is no 503 phase); ``/health`` answers 200 from then on.
+* SIGTERM: within ~0.1 s the server stops listening and closes idle
+  connections: new requests, ``/health`` and ``/metrics`` are refused.
+  Running requests go on, per ``--shutdown-timeout N``:
+
+  - N = 0: they are aborted at once; a stream gets a last chunk with
+    ``finish_reason: "abort"``, its usage and ``[DONE]``.
+  - they finish within N: they complete, and the process exits 0.
+  - N runs out first: the engine stops. An open stream gets no more bytes
+    (no finish_reason, no ``[DONE]``) and its connection stays open; the
+    process exits only once its client drops the connection (or SIGKILL).
+
+A second SIGTERM stops waiting for connections.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import signal
 import socket
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from types import FrameType
@@ -56,13 +68,9 @@ from .protocol import (
 
 # uvicorn's general logger, so our lines share its format and level.
 LOG = logging.getLogger("uvicorn.error")
-# Time uvicorn gives responses to flush after the drain ended; by then every
-# request is finished or aborted, so this is only for the last bytes.
-FLUSH_TIMEOUT_S = 3
 
 
 class Phase(enum.Enum):
-    STARTING = "starting"
     SERVING = "serving"
     DRAINING = "draining"
 
@@ -75,13 +83,7 @@ class EmulatedEngineServer:
         self.metrics = EngineMetrics(config)
         self.engine = Engine(config, self.metrics)
         self.metrics.bind(self.engine)
-        self.phase = Phase.STARTING
-
-    def require_serving(self) -> None:
-        if self.phase is Phase.STARTING:
-            raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, "The engine is still loading the model.")
-        if self.phase is Phase.DRAINING:
-            raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, "The engine is shutting down and accepts no new requests.")
+        self.phase = Phase.SERVING
 
     def require_model(self, model: str | None) -> None:
         if model is not None and model != self.config.served_model_name:
@@ -92,25 +94,26 @@ class EmulatedEngineServer:
     def output_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
         """vLLM's length checks, with its messages; returns the max new tokens."""
         max_model_len = self.config.max_model_len
-        if prompt_tokens >= max_model_len:
+        if max_tokens is not None and max_tokens > max_model_len:
             raise APIError(
                 HTTPStatus.BAD_REQUEST,
-                f"This model's maximum context length is {max_model_len} tokens. However, your "
-                f"request has {prompt_tokens} input tokens. Please reduce the length of the input "
-                "messages.",
-                param="input_tokens",
-            )
-        if max_tokens is None:
-            return max_model_len - prompt_tokens
-        if prompt_tokens + max_tokens > max_model_len:
-            raise APIError(
-                HTTPStatus.BAD_REQUEST,
-                f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
-                f"maximum context length is {max_model_len} tokens and your request has "
-                f"{prompt_tokens} input tokens ({max_tokens} > {max_model_len} - {prompt_tokens}).",
+                f"max_tokens={max_tokens} cannot be greater than max_model_len=max_total_tokens={max_model_len}. "
+                f"Please request fewer output tokens. (parameter=max_tokens, value={max_tokens})",
                 param="max_tokens",
             )
-        return max_tokens
+        requested = 1 if max_tokens is None else max_tokens
+        if prompt_tokens + requested > max_model_len:
+            # vLLM tokenizes a prompt only up to what could fit, hence "at least".
+            counted = min(prompt_tokens, max_model_len - requested + 1)
+            raise APIError(
+                HTTPStatus.BAD_REQUEST,
+                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                f"{requested} output tokens and your prompt contains at least {counted} input tokens, for a "
+                f"total of at least {counted + requested} tokens. Please reduce the length of the input prompt "
+                f"or the number of requested output tokens. (parameter=input_tokens, value={counted})",
+                param="input_tokens",
+            )
+        return max_model_len - prompt_tokens if max_tokens is None else max_tokens
 
 
 class GenerationResponse:
@@ -177,11 +180,8 @@ class GenerationResponse:
         role_sent = not self.chat
         while True:
             delta, finish_reason = await seq.next_output()
-            if finish_reason == "abort":
-                # Client gone: nothing to say. Shutdown: leave the stream
-                # unterminated; the server then closes the connection, which
-                # is what a client of a terminated vLLM sees.
-                return
+            if finish_reason == "abort" and self.client_gone:
+                return  # nobody to tell
             events = []
             if not role_sent:
                 events.append(formatter.role())
@@ -197,13 +197,7 @@ class GenerationResponse:
 
     async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
         generated, finish_reason = await self.seq.result()
-        if finish_reason == "abort":
-            if self.client_gone:
-                return
-            error = APIError(
-                HTTPStatus.SERVICE_UNAVAILABLE, "The engine shut down before the request finished; it was aborted."
-            )
-            await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+        if finish_reason == "abort" and self.client_gone:
             return
         build = chat_completion_body if self.chat else completion_body
         body = build(
@@ -223,7 +217,6 @@ def _server(request: Request) -> EmulatedEngineServer:
 
 async def chat_completions(request: Request) -> GenerationResponse:
     server = _server(request)
-    server.require_serving()
     body: ChatCompletionRequest = parse_request(ChatCompletionRequest, parse_json_body(await request.body()))
     server.require_model(body.model)
     messages = [message.to_message() for message in body.messages]
@@ -252,7 +245,6 @@ async def chat_completions(request: Request) -> GenerationResponse:
 
 async def completions(request: Request) -> GenerationResponse:
     server = _server(request)
-    server.require_serving()
     body: CompletionRequest = parse_request(CompletionRequest, parse_json_body(await request.body()))
     server.require_model(body.model)
     prompt = body.prompt_text
@@ -334,26 +326,47 @@ async def tokenize(request: Request) -> JSONResponse:
 
 async def models(request: Request) -> JSONResponse:
     config = _server(request).config
+    created = int(request.app.state.started_at)
+    permission = {
+        "id": f"modelperm-{request.app.state.permission_id}",
+        "object": "model_permission",
+        "created": created,
+        "allow_create_engine": False,
+        "allow_sampling": True,
+        "allow_logprobs": True,
+        "allow_search_indices": False,
+        "allow_view": True,
+        "allow_fine_tuning": False,
+        "organization": "*",
+        "group": None,
+        "is_blocking": False,
+    }
     card = {
         "id": config.served_model_name,
         "object": "model",
-        "created": int(request.app.state.started_at),
+        "created": created,
         "owned_by": "vllm",
+        # vLLM's root is the model path; the emulator has none, so it names the model.
         "root": config.served_model_name,
         "parent": None,
         "max_model_len": config.max_model_len,
-        "permission": [],
+        "permission": [permission],
     }
     return JSONResponse({"object": "list", "data": [card]})
 
 
 async def health(request: Request) -> Response:
-    serving = _server(request).phase is Phase.SERVING
-    return Response(status_code=200 if serving else 503)
+    # Never 503: a server that answers is ready (loading and draining refuse connections).
+    return Response(status_code=200)
 
 
 async def version(request: Request) -> JSONResponse:
     return JSONResponse({"version": EMULATED_VLLM_VERSION})
+
+
+async def load(request: Request) -> JSONResponse:
+    engine = _server(request).engine
+    return JSONResponse({"server_load": engine.num_running + engine.num_waiting})
 
 
 async def metrics(request: Request) -> Response:
@@ -366,10 +379,9 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    # Starlette's own 404/405 in the same envelope as every other error.
+    # vLLM is FastAPI: an unknown path or method gets FastAPI's {"detail": ...}, not the envelope.
     assert isinstance(exc, HTTPException)
-    error = APIError(HTTPStatus(exc.status_code), str(exc.detail))
-    return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 def create_app(config: EmulatorConfig) -> Starlette:
@@ -378,14 +390,9 @@ def create_app(config: EmulatorConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.started_at = time.time()
-        loading = asyncio.get_running_loop().call_later(config.startup_delay, _loaded)
+        app.state.permission_id = uuid.uuid4().hex[:16]
         yield
-        loading.cancel()
         server.engine.abort_all()
-
-    def _loaded() -> None:
-        if server.phase is Phase.STARTING:
-            server.phase = Phase.SERVING
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -393,6 +400,8 @@ def create_app(config: EmulatorConfig) -> Starlette:
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/ping", health, methods=["GET"]),
+        Route("/load", load, methods=["GET"]),
         Route("/version", version, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
@@ -404,7 +413,7 @@ def create_app(config: EmulatorConfig) -> Starlette:
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn, with SIGTERM turned into vLLM's drain instead of an immediate stop."""
+    """uvicorn, with SIGTERM turned into vLLM 0.26's drain (see the module doc)."""
 
     def __init__(self, config: uvicorn.Config, emulator: EmulatedEngineServer) -> None:
         super().__init__(config)
@@ -413,14 +422,20 @@ class _DrainingServer(uvicorn.Server):
         self.drain_task: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and self.loop is not None and self.drain_task is None:
-            self.loop.call_soon_threadsafe(self._start_drain)
+        if sig == signal.SIGTERM and self.loop is not None:
+            if self.drain_task is None and not self.should_exit:
+                self.loop.call_soon_threadsafe(self._start_drain)
+            else:
+                self.force_exit = True  # a second SIGTERM: stop waiting for connections
             return
         super().handle_exit(sig, frame)
 
     def _start_drain(self) -> None:
         if self.drain_task is None:
             self.drain_task = asyncio.ensure_future(self._drain())
+            # uvicorn's next tick (<= 0.1 s, as in vLLM) stops listening and closes
+            # idle connections, then waits for the open ones without a time limit.
+            self.should_exit = True
 
     async def _drain(self) -> None:
         emulator, engine = self.emulator, self.emulator.engine
@@ -432,17 +447,19 @@ class _DrainingServer(uvicorn.Server):
             engine.num_waiting,
             timeout,
         )
-        if timeout > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(engine.wait_idle(), timeout)
+        if timeout <= 0:
+            engine.abort_all(last_step=True)  # streams end with finish_reason "abort"
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(engine.wait_idle(), timeout)
         if engine.num_running or engine.num_waiting:
             LOG.warning(
-                "shutdown timeout over: aborting %d running and %d waiting requests",
+                "shutdown timeout over: the engine stops with %d running and %d waiting requests; "
+                "waiting for their connections to close",
                 engine.num_running,
                 engine.num_waiting,
             )
-        engine.abort_all()
-        self.should_exit = True
+            engine.stop()
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
@@ -450,6 +467,8 @@ class _DrainingServer(uvicorn.Server):
 
 
 def listening_socket(config: EmulatorConfig) -> socket.socket:
+    """The socket to serve on, bound but not listening: connections are refused
+    until the model is "loaded" and uvicorn listens."""
     if config.fd is not None:
         return socket.socket(fileno=config.fd)
     sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM)
@@ -463,8 +482,11 @@ def serve(config: EmulatorConfig) -> int:
     app = create_app(config)
     sock = listening_socket(config)
     host, port = sock.getsockname()[:2]
+    if config.startup_delay > 0:
+        print(f"engine-emulator: loading for {config.startup_delay:g}s", file=sys.stderr, flush=True)
+        time.sleep(config.startup_delay)  # the emulated model load: not listening yet
     uvicorn_config = uvicorn.Config(
-        app, log_level=config.log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=FLUSH_TIMEOUT_S
+        app, log_level=config.log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=None
     )
     server = _DrainingServer(uvicorn_config, app.state.emulator)
     print(f"engine-emulator: serving {config.served_model_name!r} on http://{host}:{port}", file=sys.stderr, flush=True)

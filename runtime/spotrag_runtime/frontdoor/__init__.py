@@ -7,8 +7,8 @@ docs/front-door.md.
 
     config.py     FrontDoorConfig (the mounted JSON/YAML file)
     routing.py    pure: RAGDeployments + ModelRoutes -> RouteTable, picking a variant
-    kube.py       the Kubernetes access it needs (list + watch, status patches)
-    discovery.py  keeps the RouteTable current from the API; writes ModelRoute status
+    discovery.py  keeps the RouteTable current from the API (spotrag_runtime.kube's
+                  informers); writes ModelRoute status
     proxy.py      upstream calls and the moderated answer stream
     metrics.py    per model and variant
     app.py        the HTTP API

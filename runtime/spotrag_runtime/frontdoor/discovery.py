@@ -2,7 +2,8 @@
 
 ``KubeDiscovery`` watches RAGDeployments and ModelRoutes (in the configured
 namespaces, or all) and, with ``address: endpointslices``, the EndpointSlices
-of their gateway Services; every change rebuilds the table at once (a pure
+of their gateway Services, through the shared Kubernetes layer's informers
+(``spotrag_runtime.kube``); every change rebuilds the table at once (a pure
 function of what is held), and each ModelRoute's status is written when it
 differs from what the object already says. ``StaticDiscovery`` serves a
 fixed list of backends given by URL (no Kubernetes).
@@ -20,14 +21,19 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+import httpx
+
 from spotrag_runtime.frontdoor.config import FrontDoorConfig, StaticBackend
-from spotrag_runtime.frontdoor.kube import KubeClient, Watcher, collection_path
 from spotrag_runtime.frontdoor.routing import GROUP, VERSION, Backend, RouteTable, build_table
+from spotrag_runtime.kube import AsyncKube, Informer, KubeError, collection_path, object_path
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 STATIC_NAMESPACE = "static"
+API_VERSION = f"{GROUP}/{VERSION}"
+# Without the ModelRoute CRD: how often to ask the API again whether it serves them.
+MISSING_CRD_RECHECK_SECONDS = 30.0
 
 
 class Snapshot:
@@ -103,73 +109,103 @@ class StaticDiscovery:
 
 
 class KubeDiscovery:
+    """Informers (the shared Kubernetes layer's list-then-watch caches) for
+    RAGDeployments, ModelRoutes and, with ``address: endpointslices``,
+    EndpointSlices, in each served namespace or in all."""
+
     def __init__(self, config: FrontDoorConfig, directory: Directory, *, kubeconfig: str | None = None) -> None:
         self.config = config
         self.directory = directory
-        self.kube = KubeClient(kubeconfig)
-        namespaces: list[str | None] = list(config.namespaces) or [None]
-        self._ragds = [self._watcher("ragdeployments", ns, GROUP) for ns in namespaces]
-        self._routes = [self._watcher("modelroutes", ns, GROUP) for ns in namespaces]
-        self._slices = (
-            [self._watcher("endpointslices", ns, "discovery.k8s.io", version="v1", selector="") for ns in namespaces]
-            if config.address == "endpointslices"
-            else []
-        )
+        self._kubeconfig = kubeconfig
+        self._client: AsyncKube | None = None
+        self._namespaces: list[str | None] = list(config.namespaces) or [None]
+        self._ragds: list[Informer] = []
+        self._routes: list[Informer] = []
+        self._slices: list[Informer] = []
+        self._routes_checked = False  # the API was asked whether it serves ModelRoutes
+        self._tasks: list[asyncio.Task[None]] = []
+        self._rebuild_scheduled = False
         self._status_written: dict[tuple[str, str], dict[str, Any]] = {}
         self._status_wanted = asyncio.Event()
-        self._status_task: asyncio.Task[None] | None = None
-
-    def _watcher(
-        self, plural: str, namespace: str | None, group: str, *, version: str = VERSION, selector: str | None = None
-    ) -> Watcher:
-        path = collection_path(group, version, plural, namespace)
-        return Watcher(
-            self.kube,
-            path,
-            on_change=self._rebuild,
-            label_selector=self.config.selector if selector is None else selector,
-        )
 
     @property
-    def watchers(self) -> list[Watcher]:
+    def informers(self) -> list[Informer]:
         return [*self._ragds, *self._routes, *self._slices]
 
     @property
     def synced(self) -> bool:
-        return all(w.synced.is_set() for w in self.watchers)
+        return self._routes_checked and all(informer.synced.is_set() for informer in self.informers)
 
     async def start(self) -> None:
-        await self.kube.start()
-        for watcher in self.watchers:
-            watcher.start()
+        self._client = await asyncio.to_thread(AsyncKube.from_kubeconfig, self._kubeconfig)
+        selector = self.config.selector or None
+        self._ragds = [self._informer(API_VERSION, "ragdeployments", ns, selector) for ns in self._namespaces]
+        if self.config.address == "endpointslices":
+            self._slices = [self._informer("discovery.k8s.io/v1", "endpointslices", ns) for ns in self._namespaces]
+        self._tasks.append(asyncio.create_task(self._watch_routes(selector), name="spotrag-modelroutes"))
         if self.config.write_status:
-            self._status_task = asyncio.create_task(self._write_statuses(), name="spotrag-modelroute-status")
-
-    async def wait_synced(self, timeout: float) -> bool:
-        try:
-            async with asyncio.timeout(timeout):
-                for watcher in self.watchers:
-                    await watcher.synced.wait()
-        except TimeoutError:
-            return False
-        return True
+            self._tasks.append(asyncio.create_task(self._write_statuses(), name="spotrag-modelroute-status"))
 
     async def close(self) -> None:
-        tasks = [self._status_task] if self._status_task else []
-        for task in tasks:
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for watcher in self.watchers:
-            await watcher.close()
-        await self.kube.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
+
+    def _informer(self, api_version: str, plural: str, namespace: str | None, selector: str | None = None) -> Informer:
+        assert self._client is not None
+        informer = Informer(
+            self._client,
+            collection_path(api_version, plural, namespace),
+            label_selector=selector,
+            name=f"{plural} in {namespace or 'every namespace'}",
+        )
+        informer.subscribe(lambda _kind, _obj: self._rebuild_soon())
+        self._tasks.append(asyncio.create_task(informer.run(), name=f"spotrag-{plural}-{namespace or 'all'}"))
+        self._tasks.append(asyncio.create_task(self._rebuild_when_synced(informer)))
+        return informer
+
+    async def _rebuild_when_synced(self, informer: Informer) -> None:
+        # An empty list notifies no listener, yet it completes what is known.
+        await informer.synced.wait()
+        self._rebuild_soon()
+
+    async def _watch_routes(self, selector: str | None) -> None:
+        """ModelRoutes, once the API serves them: without the CRD, RAGDeployments
+        are still served (and the API is asked again now and then)."""
+        while not await self._serves_modelroutes():
+            if not self._routes_checked:
+                log.warning("the API serves no ModelRoutes (is their CRD installed?): serving RAGDeployments only")
+                self._routes_checked = True
+                self._rebuild_soon()
+            await asyncio.sleep(MISSING_CRD_RECHECK_SECONDS)
+        self._routes = [self._informer(API_VERSION, "modelroutes", ns, selector) for ns in self._namespaces]
+        self._routes_checked = True
+
+    async def _serves_modelroutes(self) -> bool:
+        assert self._client is not None
+        try:
+            group = await self._client.get(f"/apis/{API_VERSION}")
+        except (KubeError, httpx.HTTPError) as error:
+            log.warning("cannot ask the API which spotrag.io resources it serves: %r", error)
+            return False
+        return any(resource.get("name") == "modelroutes" for resource in (group or {}).get("resources") or ())
 
     # --- rebuilding ---------------------------------------------------------
 
+    def _rebuild_soon(self) -> None:
+        """Rebuild once for a burst of events (a list notifies once per object)."""
+        if not self._rebuild_scheduled:
+            self._rebuild_scheduled = True
+            asyncio.get_running_loop().call_soon(self._rebuild)
+
     def _rebuild(self) -> None:
+        self._rebuild_scheduled = False
         if not self.synced:
             return  # publish once every list is in, not a half-known table
-        ragds = [obj for watcher in self._ragds for obj in watcher.items.values()]
-        routes = [obj for watcher in self._routes for obj in watcher.items.values()]
+        ragds = [obj for informer in self._ragds for obj in informer.items()]
+        routes = [obj for informer in self._routes for obj in informer.items()]
         table = build_table(ragds, routes, default_sticky_header=self.config.sticky_header)
         self.directory.publish(table, self._urls(table))
         self._status_wanted.set()
@@ -182,8 +218,8 @@ class KubeDiscovery:
                 for key, b in table.backends.items()
             }
         urls: dict[str, set[str]] = {}
-        for watcher in self._slices:
-            for endpoint_slice in watcher.items.values():
+        for informer in self._slices:
+            for endpoint_slice in informer.items():
                 meta = endpoint_slice.get("metadata") or {}
                 service = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
                 key = f"{meta.get('namespace')}/{service}"
@@ -194,21 +230,21 @@ class KubeDiscovery:
     # --- ModelRoute status ----------------------------------------------------
 
     async def _write_statuses(self) -> None:
+        assert self._client is not None
         while True:
             await self._status_wanted.wait()
             self._status_wanted.clear()
-            current = {tuple(key.split("/", 1)): obj for watcher in self._routes for key, obj in watcher.items.items()}
             for (namespace, name), status in self.directory.table.route_status.items():
-                obj = current.get((namespace, name))
+                obj = next((i.get(namespace, name) for i in self._routes if i.get(namespace, name)), None)
                 if obj is None or _same_status(obj.get("status") or {}, status):
                     continue
                 if self._status_written.get((namespace, name)) == status:
                     continue  # written already; the watch has not brought it back yet
-                path = f"{collection_path(GROUP, VERSION, 'modelroutes', namespace)}/{name}"
+                path = object_path(API_VERSION, "modelroutes", name, namespace, "status")
                 try:
-                    await self.kube.patch_status(path, status)
+                    await self._client.patch(path, {"status": status})
                     self._status_written[(namespace, name)] = status
-                except Exception as error:  # reported, retried on the next change
+                except (KubeError, httpx.HTTPError) as error:  # reported, retried on the next change
                     log.warning("cannot write the status of ModelRoute %s/%s: %r", namespace, name, error)
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "GatewayConfig",
     "PromptConfig",
     "RetrievalConfig",
+    "UIConfig",
     "load_config",
 ]
 
@@ -109,7 +110,7 @@ class AdmissionConfig:
         default=256, metadata=_key("maxInflightRequestsPerEngine", check=_positive)
     )
     max_queued_requests: int = field(default=1024, metadata=_key("maxQueuedRequests", check=_non_negative))
-    queue_timeout_seconds: float = field(default=30.0, metadata=_key("queueTimeoutSeconds", check=_positive))
+    queue_timeout_seconds: float = field(default=300.0, metadata=_key("queueTimeoutSeconds", check=_positive))
     # null: min(4096, maxModelLen / 2), so any context length leaves room for a prompt.
     max_tokens_limit: int | None = field(default=None, metadata=_key("maxTokensLimit", check=_positive))
     # null: min(512, the limit).
@@ -131,6 +132,16 @@ class FailoverConfig:
     connect_timeout_seconds: float = field(default=2.0, metadata=_key("connectTimeoutSeconds", check=_positive))
     # Longest silence from an engine (before or between tokens) before the attempt counts as failed.
     read_timeout_seconds: float = field(default=60.0, metadata=_key("readTimeoutSeconds", check=_positive))
+    # Once an answer streams, a silence longer than max(this, stallItlMultiplier x the stream's
+    # inter-token latency p99) is a stall (vLLM whose shutdown timeout ran out): resume elsewhere.
+    # 0 turns stall detection off (readTimeoutSeconds alone then applies).
+    stall_timeout_seconds: float = field(default=2.0, metadata=_key("stallTimeoutSeconds", check=_non_negative))
+    stall_itl_multiplier: float = field(default=10.0, metadata=_key("stallItlMultiplier", check=_positive))
+    # The floor instead of stallTimeoutSeconds once the engine has left the serving set (draining):
+    # a silence then is most likely its shutdown timeout running out, and moving on costs little.
+    draining_stall_timeout_seconds: float = field(
+        default=0.5, metadata=_key("drainingStallTimeoutSeconds", check=_positive)
+    )
     # How long an engine that failed a request is passed over while others are available.
     engine_cooldown_seconds: float = field(default=5.0, metadata=_key("engineCooldownSeconds", check=_non_negative))
 
@@ -138,6 +149,26 @@ class FailoverConfig:
 @dataclass(frozen=True, kw_only=True)
 class AuthConfig:
     api_keys_dir: str | None = field(default=None, metadata=_key("apiKeysDir"))
+
+
+# Paths the chat page may not take: the API and the probes live there.
+RESERVED_PATHS = ("/v1", "/healthz", "/readyz", "/metrics")
+
+
+def _check_ui_path(path: str) -> str | None:
+    if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", path) or "//" in path:
+        return "must be a URL path starting with /"
+    if any(path.rstrip("/") == reserved or path.startswith(reserved + "/") for reserved in RESERVED_PATHS):
+        return "must not be under " + ", ".join(RESERVED_PATHS)
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class UIConfig:
+    """The chat page the gateway serves (routes/ui.py)."""
+
+    enabled: bool = field(default=True, metadata=_key("enabled"))
+    path: str = field(default="/", metadata=_key("path", check=_check_ui_path))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,6 +184,7 @@ class GatewayConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig, metadata=_key("admission"))
     failover: FailoverConfig = field(default_factory=FailoverConfig, metadata=_key("failover"))
     auth: AuthConfig = field(default_factory=AuthConfig, metadata=_key("auth"))
+    ui: UIConfig = field(default_factory=UIConfig, metadata=_key("ui"))
 
     @property
     def max_tokens_limit(self) -> int:

@@ -8,31 +8,29 @@ count. Each watch event updates the admission controller's serving set, so
 an engine that leaves gets no new request from the moment the event arrives
 (milliseconds after the label flips).
 
-The watch is plain HTTP (list, then watch from its resourceVersion, with
-bookmarks; a 410 or a dropped connection re-lists), on the same async client
-library as the engines, so it stops cleanly with the gateway. Credentials and
-the server come from the ``kubernetes`` package's loaders: in-cluster
-service-account config (with token refresh) or a kubeconfig file.
+The watch is spotrag's one list-then-watch loop (``spotrag_runtime.kube``:
+plain HTTP, bookmarks, a 410 or a dropped connection re-lists, with backoff),
+on the same async client library as the engines, so it stops cleanly with the
+gateway. Credentials and the server come from the ``kubernetes`` package's
+loaders: in-cluster service-account config (with token refresh) or a
+kubeconfig file.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-import httpx
-
 from spotrag_runtime.gateway.config import EnginesConfig
-from spotrag_runtime.kubeconfig import httpx_options, load_configuration
+from spotrag_runtime.kube import AsyncKube, collection_path, list_watch, load_configuration
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 WATCH_SECONDS = 240  # the server ends each watch after this; we re-watch from where it stopped
-RETRY_MIN_SECONDS, RETRY_MAX_SECONDS = 0.5, 10.0
+BACKOFF_SECONDS = (0.5, 10.0)  # first retry, longest wait
 
 
 class Discovery(Protocol):
@@ -60,12 +58,6 @@ class StaticDiscovery:
 
     async def close(self) -> None:
         pass
-
-
-def _kube_connection(kubeconfig: str | None) -> tuple[Any, dict[str, Any]]:
-    """The kubernetes package's Configuration and the httpx options it implies."""
-    configuration = load_configuration(kubeconfig)
-    return configuration, httpx_options(configuration)
 
 
 def _engine_urls(slices: Iterable[dict[str, Any]], config: EnginesConfig) -> list[str]:
@@ -103,17 +95,15 @@ class EndpointSliceDiscovery:
         self._slices: dict[str, dict[str, Any]] = {}
         self._synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._http: httpx.AsyncClient | None = None
-        self._kube: Any = None
+        self._kube: AsyncKube | None = None
 
     @property
     def synced(self) -> bool:
         return self._synced.is_set()
 
     async def start(self) -> None:
-        self._kube, options = await asyncio.to_thread(_kube_connection, self._kubeconfig)
-        timeout = httpx.Timeout(10.0, read=WATCH_SECONDS + 30)
-        self._http = httpx.AsyncClient(base_url=self._kube.host, timeout=timeout, **options)
+        configuration = await asyncio.to_thread(load_configuration, self._kubeconfig)
+        self._kube = AsyncKube(configuration, watch_seconds=WATCH_SECONDS)
         self._task = asyncio.create_task(self._run(), name=f"spotrag-endpointslices-{self.service}")
 
     async def wait_synced(self, timeout: float) -> bool:
@@ -128,19 +118,10 @@ class EndpointSliceDiscovery:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._http:
-            await self._http.aclose()
+        if self._kube:
+            await self._kube.close()
 
     # --- the list + watch loop -------------------------------------------------
-
-    @property
-    def _path(self) -> str:
-        return f"/apis/discovery.k8s.io/v1/namespaces/{self.namespace}/endpointslices"
-
-    def _headers(self) -> dict[str, str]:
-        # Read per request: in-cluster tokens are rotated and refreshed by the hook.
-        auth = self._kube.auth_settings().get("BearerToken")
-        return {"Authorization": auth["value"]} if auth and auth.get("value") else {}
 
     def _mine(self, endpoint_slice: dict[str, Any]) -> bool:
         # Filter here too: not every API server honours the label selector.
@@ -148,71 +129,31 @@ class EndpointSliceDiscovery:
         return labels.get(SERVICE_NAME_LABEL) == self.service
 
     async def _run(self) -> None:
-        delay = RETRY_MIN_SECONDS
-        while True:
-            try:
-                version = await self._list()
-                delay = RETRY_MIN_SECONDS
-                while version is not None:
-                    version = await self._watch(version)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                log.warning(
-                    "EndpointSlice watch of %s/%s failed: %r; retrying in %.1fs",
-                    self.namespace,
-                    self.service,
-                    error,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_SECONDS)
-
-    async def _list(self) -> str:
-        assert self._http is not None
-        response = await self._http.get(
-            self._path, params={"labelSelector": f"{SERVICE_NAME_LABEL}={self.service}"}, headers=self._headers()
+        assert self._kube is not None
+        await list_watch(
+            self._kube,
+            collection_path("discovery.k8s.io/v1", "endpointslices", self.namespace),
+            on_list=self._listed,
+            on_event=self._changed,
+            label_selector=f"{SERVICE_NAME_LABEL}={self.service}",
+            name=f"EndpointSlices of {self.namespace}/{self.service}",
+            backoff=BACKOFF_SECONDS,
         )
-        response.raise_for_status()
-        listing = response.json()
-        self._slices = {item["metadata"]["name"]: item for item in listing.get("items") or () if self._mine(item)}
+
+    def _listed(self, items: list[dict[str, Any]]) -> None:
+        self._slices = {item["metadata"]["name"]: item for item in items if self._mine(item)}
         self._publish()
         self._synced.set()
-        return (listing.get("metadata") or {}).get("resourceVersion") or ""
 
-    async def _watch(self, version: str) -> str | None:
-        """Follow changes from ``version``; the version to go on from, or None to re-list."""
-        assert self._http is not None
-        params = {
-            "labelSelector": f"{SERVICE_NAME_LABEL}={self.service}",
-            "watch": "true",
-            "allowWatchBookmarks": "true",
-            "timeoutSeconds": str(WATCH_SECONDS),
-        }
-        if version:
-            params["resourceVersion"] = version
-        async with self._http.stream("GET", self._path, params=params, headers=self._headers()) as response:
-            if response.status_code == 410:
-                return None
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                kind, item = event.get("type"), event.get("object") or {}
-                if kind == "ERROR":
-                    log.info("EndpointSlice watch ended by the server: %s", item.get("message"))
-                    return None  # 410 Gone and friends: start again from a fresh list
-                metadata = item.get("metadata") or {}
-                version = metadata.get("resourceVersion") or version
-                if kind == "BOOKMARK" or not self._mine(item):
-                    continue
-                if kind == "DELETED":
-                    self._slices.pop(metadata.get("name"), None)
-                else:
-                    self._slices[metadata.get("name")] = item
-                self._publish()
-        return version
+    def _changed(self, kind: str, item: dict[str, Any]) -> None:
+        if not self._mine(item):
+            return
+        name = (item.get("metadata") or {}).get("name")
+        if kind == "DELETED":
+            self._slices.pop(name, None)
+        else:
+            self._slices[name] = item
+        self._publish()
 
     def _publish(self) -> None:
         urls = _engine_urls(self._slices.values(), self.config)

@@ -15,6 +15,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 QUEUED_TOKENS = "spotrag_queued_tokens"
+# Its two parts, which add up to it: the operator weighs them differently.
+QUEUED_PROMPT_TOKENS = "spotrag_queued_prompt_tokens"
+QUEUED_OUTPUT_TOKENS = "spotrag_queued_output_tokens"
 
 # Request outcomes, the label values of spotrag_requests_total.
 OUTCOMES = (
@@ -44,6 +47,7 @@ class LiveState:
     """Where the scrape-time gauges read from; the app fills these in at start."""
 
     queued_tokens: Callable[[], int] = lambda: 0
+    queued_prompt_tokens: Callable[[], int] = lambda: 0
     waiting_requests: Callable[[], int] = lambda: 0
     engine_inflight_tokens: Callable[[], Mapping[str, int]] = dict
     engines_by_state: Callable[[], Mapping[str, int]] = dict
@@ -61,6 +65,17 @@ class _LiveCollector(Collector):
             "Tokens of work admitted or waiting and not yet done: prompt tokens not yet prefilled "
             "plus output tokens still allowed by max_tokens (docs/gateway.md).",
             value=state.queued_tokens(),
+        )
+        total, prompt = state.queued_tokens(), state.queued_prompt_tokens()
+        yield GaugeMetricFamily(
+            QUEUED_PROMPT_TOKENS,
+            "The prompt part of spotrag_queued_tokens: prompt tokens admitted or waiting and not yet prefilled.",
+            value=prompt,
+        )
+        yield GaugeMetricFamily(
+            QUEUED_OUTPUT_TOKENS,
+            "The output part of spotrag_queued_tokens: output tokens still allowed by max_tokens.",
+            value=total - prompt,
         )
         yield GaugeMetricFamily(
             "spotrag_waiting_requests",
@@ -109,6 +124,11 @@ class GatewayMetrics:
         self.resumed_streams = Counter(
             "spotrag_resumed_streams",
             "Answers continued on another engine after theirs broke mid-answer.",
+            registry=self.registry,
+        )
+        self.stalled_streams = Counter(
+            "spotrag_stalled_streams",
+            "Engine streams given up because no token came within the stall bound (then resumed elsewhere).",
             registry=self.registry,
         )
         self.time_to_first_token = Histogram(

@@ -14,15 +14,32 @@ Failover:
   ``continue_final_message: true``, ``add_generation_prompt: false`` and
   max_tokens lowered by the tokens already sent. The client sees one stream
   (same id, no second role chunk).
+- A stream that stalls is resumed too: vLLM whose ``--shutdown-timeout``
+  runs out with a stream open stops sending bytes but keeps the connection
+  open (and does not exit until the client drops it), so waiting for the read
+  timeout would freeze the answer. Once an attempt has produced a token, a
+  silence longer than ``max(failover.stallTimeoutSeconds,
+  failover.stallItlMultiplier x this stream's inter-token latency p99)`` ends
+  the attempt (``failover.drainingStallTimeoutSeconds`` instead of the first
+  once the engine has left the serving set: it is draining, and its drain's
+  end is what a silence most likely means): the connection is dropped (which
+  lets that vLLM exit) and the answer goes on elsewhere. A vLLM aborting its requests at shutdown
+  (``finish_reason: "abort"``) is resumed the same way.
 - ``failover.maxAttempts`` attempts in a row that produce no new token fail
   the request (502). An attempt that streamed tokens before it broke does not
   use one up: its work is kept, so a long answer survives several
-  interruptions. An engine's own 4xx is passed to the client, not retried.
+  interruptions. A refused connection (an engine still loading or already
+  shutting down) does not use one up either while some engine has not
+  refused this request: the engine is not serving, which says nothing about
+  the rest of the fleet. An engine's own 4xx is passed to the client, not
+  retried.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import heapq
 import logging
 import time
 import uuid
@@ -34,8 +51,8 @@ from spotrag_runtime.gateway.config import FailoverConfig
 from spotrag_runtime.gateway.errors import EnginesFailed
 from spotrag_runtime.gateway.metrics import GatewayMetrics
 from spotrag_runtime.gateway.prompt import message_text
-from spotrag_runtime.gateway.token_queue import AdmissionController, Ticket
-from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure
+from spotrag_runtime.gateway.token_queue import AdmissionController, Engine, Ticket
+from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure, EngineRefused
 
 log = logging.getLogger(__name__)
 
@@ -94,27 +111,41 @@ class ChatRelay:
         chunk only if asked; ``outcome`` holds the totals at the end)."""
         ticket = Ticket(prompt_tokens=job.prompt_tokens, max_tokens=job.max_tokens, affinity=job.affinity)
         failures_in_a_row = 0
+        refused_by: set[str] = set()
         retry = False
         stream = _ClientStream(job, outcome, self.metrics)
         try:
             while True:
                 engine = await self.admission.admit(ticket, retry=retry)
                 stream.attempt_started()
+                stall = _StallWatch(self.failover, job.max_tokens - outcome.generated, engine)
                 try:
                     body = self._attempt_body(job, outcome)
                     async with contextlib.aclosing(self.client.stream_chat(engine.url, body)) as upstream:
-                        async for events in upstream:
+                        while True:
+                            events = await stall.next(upstream, armed=stream.attempt_progressed)
+                            if events is None:
+                                break
                             chunks = [chunk for event in events if (chunk := stream.take(event)) is not None]
                             self.admission.progress(ticket, outcome.generated)
                             if chunks:
                                 yield chunks
+                    if stream.aborted:
+                        raise EngineFailure(f"{engine.url} aborted the answer (shutting down)")
                     if outcome.finish_reason is None:
                         raise EngineFailure(f"{engine.url} ended the answer without a finish_reason")
                     return
                 except EngineFailure as failure:
                     if outcome.finish_reason is not None:
                         return  # the answer was complete; only the stream's trailer was lost
-                    failures_in_a_row = 1 if stream.attempt_progressed else failures_in_a_row + 1
+                    if isinstance(failure, _Stalled):
+                        self.metrics.stalled_streams.inc()
+                    if isinstance(failure, EngineRefused):
+                        refused_by.add(engine.url)
+                    if isinstance(failure, EngineRefused) and not refused_by >= self.admission.engines.keys():
+                        pass  # not serving: no strike while another engine may take it
+                    else:
+                        failures_in_a_row = 1 if stream.attempt_progressed else failures_in_a_row + 1
                     log.warning("attempt on %s failed after %d tokens: %s", engine.url, outcome.generated, failure)
                     if outcome.generated >= job.max_tokens:
                         # Every allowed token was sent; only the finish chunk was lost.
@@ -135,6 +166,8 @@ class ChatRelay:
                     # The next engine prefills the prompt plus the partial answer.
                     self.admission.requeue(ticket, failed=engine, prompt_tokens=job.prompt_tokens + outcome.generated)
                     retry = True
+                finally:
+                    stall.close()
         finally:
             self.admission.release(ticket)
 
@@ -183,9 +216,11 @@ class _ClientStream:
         self.role_sent = False
         self.last_content_at: float | None = None
         self.produced_before = 0
+        self.aborted = False
 
     def attempt_started(self) -> None:
         self.produced_before = self.outcome.generated
+        self.aborted = False
 
     @property
     def attempt_progressed(self) -> bool:
@@ -207,6 +242,14 @@ class _ClientStream:
             outcome.generated = self.produced_before + usage["completion_tokens"]
         elif content:
             outcome.generated += 1
+        if finish_reason == "abort":
+            # The engine gave up the request (vLLM shutting down with no time
+            # left): not the client's answer's end; its text is kept and resumed.
+            self.aborted = True
+            choice["finish_reason"] = finish_reason = None
+            choice.pop("stop_reason", None)
+            if not content:
+                return None
         if finish_reason:
             outcome.finish_reason = finish_reason
         if self.role_sent:
@@ -226,3 +269,113 @@ class _ClientStream:
         if self.job.continuous_usage:
             chunk["usage"] = outcome.usage(self.job)
         return chunk
+
+
+class _Stalled(EngineFailure):
+    """The engine stopped sending mid-answer with the connection left open."""
+
+
+# The stall bound scales with this quantile of the stream's gaps between reads.
+_ITL_QUANTILE = 0.99
+
+
+class _StallWatch:
+    """Bounds each read of an attempt's stream once it is armed (after the
+    attempt's first token): a read waiting longer than max(floor, k x the p99 of
+    this stream's gaps between reads so far) is a stall.
+
+    Cheap per token: a read only notes when it started; one timer per stream,
+    moved only when it fires (at most once per bound), cancels the read that
+    overstays. (asyncio.timeout() around every read cost ~8 us per token, this ~2.)"""
+
+    def __init__(self, failover: FailoverConfig, max_tokens: int, engine: Engine | None = None) -> None:
+        self.floor = failover.stall_timeout_seconds
+        self.draining_floor = failover.draining_stall_timeout_seconds
+        self.multiplier = failover.stall_itl_multiplier
+        self.engine = engine
+        self.gaps = 0
+        self.capacity = self._rank(max_tokens)
+        self.largest: list[float] = []  # min-heap of the `capacity` largest gaps
+        self._p99 = 0.0
+        self._reader: asyncio.Task[Any] | None = None  # the task waiting for a read, if any
+        self._read_started = 0.0
+        self._read_bound = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._fired = False
+
+    @staticmethod
+    def _rank(count: int) -> int:
+        """Which largest gap is the p99 of ``count`` gaps (1: the largest)."""
+        return int(count * (1 - _ITL_QUANTILE)) + 1
+
+    @property
+    def p99(self) -> float:
+        return self._p99
+
+    def _update_p99(self) -> None:
+        rank = min(self._rank(self.gaps), len(self.largest))
+        self._p99 = self.largest[0] if rank == len(self.largest) else heapq.nlargest(rank, self.largest)[-1]
+
+    @property
+    def bound(self) -> float:
+        # An engine that left the serving set is draining: its silence is likely the end.
+        draining = self.engine is not None and not self.engine.present
+        floor = min(self.floor, self.draining_floor) if draining else self.floor
+        return max(floor, self.multiplier * self.p99)
+
+    def observe(self, gap: float) -> None:
+        self.gaps += 1
+        if len(self.largest) < self.capacity:
+            heapq.heappush(self.largest, gap)
+        elif gap > self.largest[0]:
+            heapq.heapreplace(self.largest, gap)
+        elif self.gaps % 100:
+            return  # neither the top gaps nor the p99's rank changed (it moves every 100 gaps)
+        self._update_p99()
+
+    async def next(self, upstream: AsyncIterator[list[dict[str, Any]]], *, armed: bool) -> list[dict[str, Any]] | None:
+        """The next list of events, or None at the end of the stream."""
+        if not armed or self.floor <= 0:
+            return await anext(upstream, None)
+        loop = asyncio.get_running_loop()
+        self._read_started = started = loop.time()
+        self._read_bound = self.bound
+        self._reader = asyncio.current_task()
+        deadline = started + self._read_bound
+        if self._timer is None or self._timer.when() > deadline:
+            # The bound shrank (the engine left the serving set): the timer moves up.
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(deadline, self._check)
+        try:
+            events = await anext(upstream, None)
+        except asyncio.CancelledError:
+            reader = self._reader
+            assert reader is not None
+            if not self._fired or reader.uncancel() > 0:
+                raise  # not ours, or the request is being cancelled as well
+            raise _Stalled(f"no token for {self._read_bound:.2f}s (stall bound) with the stream still open") from None
+        finally:
+            self._reader = None
+        self.observe(loop.time() - started)
+        return events
+
+    def _check(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        reader = self._reader
+        if reader is not None and now >= self._read_started + self._read_bound:
+            # Callbacks run only while the reader is suspended, and it is
+            # suspended with _reader set only in the read: this cancels the read.
+            self._timer = None
+            self._fired = True
+            reader.cancel()
+            return
+        # Not overdue: look again when the current read (or the next, at the earliest) could be.
+        start = self._read_started if reader is not None else now
+        self._timer = loop.call_at(start + self._read_bound, self._check)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

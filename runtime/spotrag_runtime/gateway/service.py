@@ -31,7 +31,7 @@ from spotrag_runtime.gateway.relay import ChatJob, ChatRelay
 from spotrag_runtime.gateway.retrieval_service import RetrievalService, RetrievedPassage
 from spotrag_runtime.gateway.schemas import ChatCompletionRequest
 from spotrag_runtime.gateway.token_queue import AdmissionController, prefix_keys
-from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure, estimate_prompt_tokens
+from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure, EngineRefused, estimate_prompt_tokens
 
 if TYPE_CHECKING:
     from spotrag_runtime.retrieval import Embedder
@@ -101,6 +101,7 @@ class Gateway:
         self.auth = APIKeyStore(config.auth.api_keys_dir) if config.auth.api_keys_dir else None
         live = self.metrics.live
         live.queued_tokens = lambda: self.admission.queued_tokens
+        live.queued_prompt_tokens = lambda: self.admission.queued_prompt_tokens
         live.waiting_requests = lambda: self.admission.waiting_requests
         live.engine_inflight_tokens = self.admission.engine_inflight_tokens
         live.engines_by_state = self.admission.engines_by_state
@@ -218,7 +219,12 @@ class Gateway:
         """Exact from an engine's /tokenize; estimated when counting is set to
         estimate, no engine is known, or none of two engines could count."""
         if self.config.admission.token_counting == "engine":
-            engines = sorted(self.admission.engines.values(), key=lambda e: (e.inflight_tokens, e.last_picked))
+            now = time.monotonic()
+            # Engines passed over after a failure (or a refused connection) are asked last.
+            engines = sorted(
+                self.admission.engines.values(),
+                key=lambda e: (e.cooldown_until > now, e.inflight_tokens, e.last_picked),
+            )
             for engine in engines[:2]:
                 try:
                     return await self.client.count_prompt_tokens(
@@ -229,6 +235,8 @@ class Gateway:
                     )
                 except EngineFailure as failure:
                     log.info("counting tokens on %s failed (%s); trying another way", engine.url, failure)
+                    if isinstance(failure, EngineRefused):
+                        self.admission.mark_failed(engine)  # not serving: don't route there either
                 except EngineRejected as rejected:
                     if rejected.status != 404:  # 404: no /tokenize there; estimate instead
                         raise

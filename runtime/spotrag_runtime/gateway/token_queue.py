@@ -8,6 +8,9 @@ tokens not yet prefilled plus the output tokens still allowed by max_tokens:
 
 ``queued_tokens`` is the sum over every ticket waiting or admitted; it is the
 ``spotrag_queued_tokens`` gauge the operator scales on (docs/gateway.md).
+``queued_prompt_tokens`` and ``queued_output_tokens`` are its two parts (they
+always add up to it): the operator weighs a prompt token at the engine's
+prefill rate and an output token at its decode rate.
 A ticket counts from the moment it asks for admission until it is released;
 its first answer token marks the prompt prefilled, and each later token
 lowers what is still allowed.
@@ -78,11 +81,16 @@ class Ticket:
     # Engines that failed this request: tried again only when no other is known.
     avoid: set[str] = field(default_factory=set)
     counted: int = 0  # what this ticket currently adds to queued_tokens
+    counted_prompt: int = 0  # the prompt part of `counted`
     _waiter: asyncio.Future[Engine] | None = None
 
     @property
+    def outstanding_prompt(self) -> int:
+        return 0 if self.prefilled else self.prompt_tokens
+
+    @property
     def outstanding(self) -> int:
-        return (0 if self.prefilled else self.prompt_tokens) + max(self.max_tokens - self.generated, 0)
+        return self.outstanding_prompt + max(self.max_tokens - self.generated, 0)
 
 
 class AdmissionController:
@@ -102,6 +110,11 @@ class AdmissionController:
         self._affinity: OrderedDict[bytes, str] = OrderedDict()
         self._pick_sequence = itertools.count(1)
         self.queued_tokens = 0
+        self.queued_prompt_tokens = 0  # the part of queued_tokens not yet prefilled
+
+    @property
+    def queued_output_tokens(self) -> int:
+        return self.queued_tokens - self.queued_prompt_tokens
 
     # --- what discovery tells us ---------------------------------------------
 
@@ -191,12 +204,16 @@ class AdmissionController:
         self._leave_queue(ticket)
         self._detach(ticket)
         self.queued_tokens -= ticket.counted
-        ticket.counted = 0
+        self.queued_prompt_tokens -= ticket.counted_prompt
+        ticket.counted = ticket.counted_prompt = 0
         self._dispatch()
 
     # --- internals -----------------------------------------------------------
 
     def _recount(self, ticket: Ticket) -> None:
+        prompt = ticket.outstanding_prompt
+        self.queued_prompt_tokens += prompt - ticket.counted_prompt
+        ticket.counted_prompt = prompt
         outstanding = ticket.outstanding
         delta = outstanding - ticket.counted
         if delta:

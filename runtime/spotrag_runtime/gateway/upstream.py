@@ -15,6 +15,9 @@ Failures are sorted by whether another engine could do better:
     EngineFailure       the engine is unreachable, answered 5xx/429, went
                         silent past the read timeout or broke its stream:
                         try another engine (or resume there)
+      EngineRefused     nothing accepts connections there: vLLM refuses them
+                        while it loads and from ~0.1 s after SIGTERM, so the
+                        engine is not serving, rather than failing
     EngineRejected      the engine refused the request itself (4xx): another
                         engine would refuse it too, so the client gets it
 """
@@ -47,6 +50,11 @@ class EngineFailure(Exception):
     """The engine could not serve this attempt; another engine may."""
 
 
+class EngineRefused(EngineFailure):
+    """The connection was refused (or the host unreachable): no request reached
+    the engine, which is starting or shutting down rather than broken."""
+
+
 class EngineClient:
     def __init__(self, *, connect_timeout: float, read_timeout: float) -> None:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
@@ -77,6 +85,8 @@ class EngineClient:
         try:
             async with self.http.post(f"{engine_url}/tokenize", data=fastjson.dumps(body), headers=_JSON) as response:
                 content = await response.read()
+        except aiohttp.ClientConnectorError as error:
+            raise EngineRefused(f"{engine_url}/tokenize: {error!r}") from error
         except (TimeoutError, aiohttp.ClientError) as error:
             raise EngineFailure(f"{engine_url}/tokenize: {error!r}") from error
         if response.status >= 500:
@@ -93,10 +103,12 @@ class EngineClient:
         per token. Closing the iterator early (the client went away) closes the
         connection, which makes vLLM abort the request and free its slot.
         """
+        responded = False
         try:
             async with self.http.post(
                 f"{engine_url}/v1/chat/completions", data=fastjson.dumps(body), headers=_JSON
             ) as response:
+                responded = True
                 if response.status >= 400:
                     content = await response.read()
                     if response.status >= 500 or response.status == 429:
@@ -130,6 +142,14 @@ class EngineClient:
                         async with asyncio.timeout(_DRAIN_SECONDS):
                             await response.read()
                     return
+        except aiohttp.ClientConnectorError as error:
+            raise EngineRefused(f"{engine_url}: {error!r}") from error
+        except aiohttp.ServerDisconnectedError as error:
+            if not responded:
+                # A pooled connection the engine closed as it began to shut down (vLLM
+                # closes idle ones ~0.1 s after SIGTERM): nothing was served there.
+                raise EngineRefused(f"{engine_url}: {error!r}") from error
+            raise EngineFailure(f"{engine_url}: {error!r}") from error
         except (TimeoutError, aiohttp.ClientError) as error:
             raise EngineFailure(f"{engine_url}: {error!r}") from error
         except fastjson.JSONDecodeError as error:

@@ -22,6 +22,8 @@ from typing import Literal
 import httpx
 import kubernetes
 
+from spotrag_runtime.kube import api_client
+
 from .mark import CLOUDS, Notice, rfc3339
 from .metadata import (
     DEFAULT_BASE_URLS,
@@ -33,7 +35,7 @@ from .metadata import (
     now_utc,
     streams_for,
 )
-from .node import STALE_GRACE, NodeMarker, NodeMarkError, api_client_from, plan_mark
+from .node import STALE_GRACE, NodeMarker, NodeMarkError, plan_mark
 
 logger = logging.getLogger("spotrag.node_agent")
 
@@ -119,7 +121,7 @@ class Agent:
         self, config: AgentConfig, *, api_client_factory: Callable[[], kubernetes.client.ApiClient] | None = None
     ) -> None:
         self.config = config
-        self._api_client_factory = api_client_factory or (lambda: api_client_from(config.kubeconfig))
+        self._api_client_factory = api_client_factory or (lambda: api_client(config.kubeconfig))
         self.cloud: str | None = None
         self.active: dict[str, Notice | None] = {}  # per endpoint, what it shows now
         self.current: Notice | None = None  # the mark on the Node as last read or written

@@ -13,7 +13,6 @@ NTH, Karpenter, a person cordoning) must not lose theirs. A failed test
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
@@ -22,12 +21,13 @@ from typing import Any, Literal
 import kubernetes
 import urllib3
 
+from spotrag_runtime.kube import JSON_PATCH, Kube, KubeError
+
 from .clouds import most_urgent
 from .mark import ANNOTATION, SOURCE, TAINT_KEY, InvalidNodeMark, Notice, parse_node_mark
 
 logger = logging.getLogger("spotrag.node_agent")
 
-JSON_PATCH = "application/json-patch+json"
 MAX_CONFLICT_RETRIES = 8
 # A mark whose deadline passed this long ago, while the cloud no longer shows
 # its notice, is stale: the instance survived (stop/start, hibernate, host
@@ -118,18 +118,6 @@ def plan_mark(
     return KEEP
 
 
-def api_client_from(kubeconfig: str | None) -> kubernetes.client.ApiClient:
-    """An ApiClient from ``kubeconfig``, else in-cluster (a DaemonSet pod), else the default kubeconfig."""
-    if kubeconfig:
-        return kubernetes.config.new_client_from_config(config_file=kubeconfig)
-    configuration = kubernetes.client.Configuration()
-    try:
-        kubernetes.config.load_incluster_config(client_configuration=configuration)
-    except kubernetes.config.ConfigException:
-        return kubernetes.config.new_client_from_config()
-    return kubernetes.client.ApiClient(configuration)
-
-
 class NodeMarker:
     """Reads and writes this node's mark. Blocking (the kubernetes client); the agent calls it in a thread."""
 
@@ -140,30 +128,28 @@ class NodeMarker:
         *,
         request_timeout: tuple[float, float] = (3.0, 10.0),
     ) -> None:
-        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.kube = Kube(api_client, field_manager="spotrag-node-agent", request_timeout=request_timeout)
         self.node_name = node_name
-        self.request_timeout = request_timeout
         self.patches_sent = 0
 
     def _error(self, doing: str, exc: Exception) -> NodeMarkError:
-        if isinstance(exc, kubernetes.client.ApiException):
-            status = exc.status or 0
+        if isinstance(exc, KubeError):
             hint = {
                 404: f"node {self.node_name!r} does not exist: is --node-name (or NODE_NAME) right?",
                 401: "not authenticated to the Kubernetes API",
                 403: "forbidden: the agent's ServiceAccount needs get and patch on nodes",
-            }.get(status, f"{status} {exc.reason}: {_api_message(exc)}")
-            return NodeMarkError(f"{doing} node {self.node_name}: {hint}", status)
+            }.get(exc.status, f"{exc.status} {exc.reason}: {exc.message[:200]}")
+            return NodeMarkError(f"{doing} node {self.node_name}: {hint}", exc.status)
         return NodeMarkError(f"{doing} node {self.node_name}: Kubernetes API unreachable: {exc}")
 
     def read(self) -> dict[str, Any]:
         try:
-            response = self.core.read_node(
-                self.node_name, _preload_content=False, _request_timeout=self.request_timeout
-            )
-            return json.loads(response.data)
-        except (kubernetes.client.ApiException, ValueError, *_TRANSPORT_ERRORS) as exc:
+            node = self.kube.get("v1", "Node", self.node_name)
+        except (KubeError, ValueError, *_TRANSPORT_ERRORS) as exc:
             raise self._error("reading", exc) from exc
+        if node is None:
+            raise self._error("reading", KubeError(404, "NotFound", f"nodes {self.node_name!r} not found"))
+        return node
 
     def current(self) -> Notice | None:
         """The node's mark; an unreadable one counts as none (the agent overwrites it)."""
@@ -182,14 +168,8 @@ class NodeMarker:
             if not ops:
                 return False
             try:
-                self.core.patch_node(
-                    self.node_name,
-                    ops,
-                    _content_type=JSON_PATCH,
-                    _preload_content=False,
-                    _request_timeout=self.request_timeout,
-                )
-            except kubernetes.client.ApiException as exc:
+                self.kube.patch("v1", "Node", self.node_name, ops, content_type=JSON_PATCH)
+            except KubeError as exc:
                 if exc.status in (409, 422) and self._changed_since(ops[0]["value"]):
                     continue  # someone else wrote the node first: compute the patch again
                 raise self._error("patching", exc) from exc
@@ -203,10 +183,3 @@ class NodeMarker:
 
     def _changed_since(self, resource_version: str | None) -> bool:
         return (self.read().get("metadata") or {}).get("resourceVersion") != resource_version
-
-
-def _api_message(exc: kubernetes.client.ApiException) -> str:
-    try:
-        return json.loads(exc.body).get("message") or exc.body
-    except (TypeError, ValueError, AttributeError):
-        return str(exc.body or "")[:200]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
+import kubernetes
 from kubernetes import config as kube_config
 from kubernetes.client import Configuration
 
@@ -24,6 +25,18 @@ def load_configuration(kubeconfig: str | None = None) -> Configuration:
     except kube_config.ConfigException:
         kube_config.load_kube_config(client_configuration=configuration)
     return configuration
+
+
+def api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
+    """The `kubernetes` package's ApiClient for the same server and credentials."""
+    return kubernetes.client.ApiClient(load_configuration(kubeconfig))
+
+
+def auth_headers(configuration: Configuration) -> dict[str, str]:
+    """The Authorization header, read per request: in-cluster tokens are
+    rotated, and the package's refresh hook renews them here."""
+    auth = configuration.auth_settings().get("BearerToken")
+    return {"Authorization": auth["value"]} if auth and auth.get("value") else {}
 
 
 def httpx_options(configuration: Configuration) -> dict[str, Any]:

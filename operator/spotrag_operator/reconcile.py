@@ -1,0 +1,351 @@
+"""Decide: from one observation of a RAGDeployment, the whole plan of a
+reconcile, without touching the cluster (KubeAI's observe → plan → execute).
+
+`plan_reconcile` returns what to write (engine drains, creates and deletes,
+the index Job action, the status), the Events to post and the metric samples
+to record; `execute.py` writes it. The autoscaler's and placement's memory
+goes in and comes out as values, so a table of observations tests it all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from dataclasses import dataclass, field
+
+from . import render
+from .autoscale import AutoscalerState, Decision, Observation, ScalingPolicy, decide
+from .checks import find_problems
+from .index_job import IndexPlan, plan_index
+from .metrics import Count, EngineGauges
+from .observe import Observed
+from .placement import DRAINING, PENDING, READY, STARTING, EngineView, Placement, PlacementState, SpotSettings, place
+from .plan import (
+    ANNOTATION_DRAIN_DEADLINE,
+    ANNOTATION_DRAIN_REASON,
+    ANNOTATION_DRAIN_SINCE,
+    Drain,
+    DrainTiming,
+    Engine,
+    EnginePlan,
+    plan_engines,
+)
+from .signals import node_signal
+from .status import cost_per_hour, engines_status, now_iso, set_condition, status_changed
+
+# Scaling memory reaches status when a decision changes, else at most this often.
+PERSIST_EVERY = 60.0
+
+
+@dataclass(frozen=True)
+class Event:
+    reason: str
+    message: str
+    warning: bool = False
+
+
+@dataclass(frozen=True)
+class ScalingMemory:
+    """The autoscaler's and placement's state between reconciles. Kept in
+    memory and written to status when a decision changes or every
+    PERSIST_EVERY seconds, so a restarted operator picks it up without
+    every reconcile writing status."""
+
+    autoscaler: AutoscalerState
+    placement: PlacementState
+    persisted_at: float
+
+    @classmethod
+    def from_status(cls, status: dict) -> ScalingMemory:
+        stored = status.get("scaling") or {}
+        try:
+            autoscaler = AutoscalerState.from_dict(stored.get("autoscaler"))
+        except ValueError:
+            autoscaler = AutoscalerState()
+        try:
+            placement = PlacementState.from_dict(stored.get("placement"))
+        except ValueError:
+            placement = PlacementState()
+        return cls(autoscaler, placement, persisted_at=0.0)
+
+
+@dataclass(frozen=True)
+class DrainAction:
+    """Take an engine out of serving; its Events and counts only if it still exists."""
+
+    name: str
+    patch: dict
+    events: tuple[Event, ...]
+    counts: tuple[Count, ...]
+
+
+@dataclass(frozen=True)
+class DeleteAction:
+    name: str
+    event: Event  # posted only if the pod was still there
+
+
+@dataclass
+class ReconcilePlan:
+    memory: ScalingMemory  # kept before any write, as the decision stands even if a write fails
+    announce: list[Event]  # the scaling decision's Events, posted before any write
+    counts: list[Count]  # counted with them
+    engines: EnginePlan
+    drains: list[DrainAction]
+    creates: list[tuple[str, dict]]  # (capacity, engine pod manifest)
+    deletes: list[DeleteAction]
+    index: IndexPlan
+    report: list[Event]  # index and configuration Events, after the writes
+    gauges: EngineGauges
+    status: dict | None  # the status to write; None: unchanged
+    persist: bool  # the status carries the scaling memory (its time is then remembered)
+    notes: list[str] = field(default_factory=list)
+
+
+def drain_timing(spec: dict) -> DrainTiming:
+    interruption = spec["interruption"]
+    return DrainTiming(
+        grace=interruption["preStopSeconds"],
+        timeout=interruption["drainTimeoutSeconds"],
+        # The pod needs its preStop wait plus a moment to stop before the node goes.
+        margin=interruption["preStopSeconds"] + 5,
+    )
+
+
+def placement_view(engine: Engine, nodes: dict[str, dict]) -> EngineView:
+    node_labels = (nodes.get(engine.node or "") or {}).get("metadata", {}).get("labels") or {}
+    phase = DRAINING if engine.draining else READY if engine.ready else STARTING if engine.node else PENDING
+    return EngineView(
+        name=engine.name,
+        capacity=engine.capacity,
+        phase=phase,
+        since=engine.created.timestamp(),
+        zone=node_labels.get("topology.kubernetes.io/zone"),
+        instance_type=node_labels.get("node.kubernetes.io/instance-type"),
+    )
+
+
+def _condition(status: dict, type_: str) -> dict:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), {})
+
+
+def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> ReconcilePlan:
+    """`memory`: what the previous reconcile kept (None: read it from status)."""
+    body, spec, now = observed.body, observed.spec, observed.now
+    meta = body["metadata"]
+    labels = (meta["namespace"], meta["name"])
+    old_status = body.get("status") or {}
+    memory = memory or ScalingMemory.from_status(old_status)
+
+    decision, placement, memory = _scale(observed, memory)
+    announce, counts = _scaling_events(decision, placement, old_status, labels)
+    spec_hash = render.engine_spec_hash(spec)
+    signals = {name: s for name, node in observed.nodes.items() if (s := node_signal(node, now)) is not None}
+    engine_plan = plan_engines(
+        observed.engines,
+        target=placement.target,
+        spec_hash=spec_hash,
+        now=now,
+        timing=drain_timing(spec),
+        node_signals=signals,
+        give_up=set(placement.give_up),
+    )
+    drains = [_drain_action(drain, now, labels) for drain in engine_plan.drain]
+    creates = [(capacity, render.engine_pod(body, spec, capacity)) for capacity in engine_plan.create]
+    deletes = [_delete_action(name, observed.engines, now) for name in engine_plan.delete]
+    engines = engines_after(observed.engines, engine_plan, spec_hash=spec_hash, now=now)
+
+    problems = find_problems(spec, meta["namespace"], observed.found)
+    corpus_map = (spec["retrieval"].get("corpus") or {}).get("configMap") or ""
+    index = plan_index(
+        body,
+        spec,
+        config_map=observed.found.get(("ConfigMap", corpus_map)),
+        jobs=observed.index_jobs,
+        result=observed.index_result,
+    )
+    status = engines_status(
+        engines,
+        spec=spec,
+        desired=decision.desired,
+        spec_hash=spec_hash,
+        problems=problems,
+        index=index.state,
+        rollout_note=next((n for n in engine_plan.notes if n.startswith("rollout")), None),
+        old_status=old_status,
+        generation=meta.get("generation"),
+        endpoint=render.endpoint_url(body),
+        now=now,
+    )
+    status, persist = _with_scaling(status, observed, decision, placement, memory)
+    return ReconcilePlan(
+        memory=memory,
+        announce=announce,
+        counts=counts,
+        engines=engine_plan,
+        drains=drains,
+        creates=creates,
+        deletes=deletes,
+        index=index,
+        report=_report_events(index, problems, old_status),
+        gauges=EngineGauges(tuple(engines), decision.desired, observed.queued_tokens, cost_per_hour(engines, spec)),
+        status=status if status_changed(old_status, status) else None,
+        persist=persist,
+        notes=list(engine_plan.notes),
+    )
+
+
+def _with_scaling(
+    status: dict, observed: Observed, decision: Decision, placement: Placement, memory: ScalingMemory
+) -> tuple[dict, bool]:
+    """Status with the autoscaler's part; and whether it carries the scaling memory."""
+    now, generation = observed.now, observed.body["metadata"].get("generation")
+    queued = observed.queued_tokens
+    status = status | {"queuedTokens": None if queued is None else int(round(queued))}
+    status["conditions"] = set_condition(
+        status["conditions"],
+        "ScalingActive",
+        queued is not None,
+        decision.reason,
+        decision.message,
+        now=now,
+        generation=generation,
+    )
+    if memory.autoscaler.last_scale_time is not None:
+        last = datetime.datetime.fromtimestamp(memory.autoscaler.last_scale_time, datetime.UTC)
+        status["lastScaleTime"] = now_iso(last)
+    old_scaling = (observed.body.get("status") or {}).get("scaling") or {}
+    persist = (
+        decision.changed
+        or placement.reason != old_scaling.get("placementReason")
+        or now.timestamp() - memory.persisted_at >= PERSIST_EVERY
+    )
+    status["scaling"] = (
+        {
+            "autoscaler": memory.autoscaler.to_dict(),
+            "placement": memory.placement.to_dict(),
+            "placementReason": placement.reason,
+        }
+        if persist
+        else old_scaling
+    )
+    return status, persist
+
+
+def _scale(observed: Observed, memory: ScalingMemory) -> tuple[Decision, Placement, ScalingMemory]:
+    """How many engines, and where."""
+    spec, now = observed.spec, observed.now.timestamp()
+    live = [e for e in observed.engines if not e.terminating and not e.failed]
+    observation = Observation(
+        now=now,
+        queued_tokens=observed.queued_tokens,
+        ready=sum(1 for e in live if e.serving and e.ready),
+        starting=sum(1 for e in live if e.serving and not e.ready),
+        draining=sum(1 for e in live if e.draining),
+        metric_problem=observed.metric_problem,
+    )
+    decision, autoscaler = decide(ScalingPolicy.from_spec(spec), observation, memory.autoscaler)
+    placement, placement_state = place(
+        desired=decision.desired,
+        baseline=spec["scaling"]["onDemandBaseline"],
+        settings=SpotSettings.from_spec(spec),
+        engines=[placement_view(e, observed.nodes) for e in live],
+        state=memory.placement,
+        now=now,
+    )
+    return decision, placement, ScalingMemory(autoscaler, placement_state, memory.persisted_at)
+
+
+def _scaling_events(
+    decision: Decision, placement: Placement, old_status: dict, labels: tuple[str, str]
+) -> tuple[list[Event], list[Count]]:
+    events, counts = [], []
+    if decision.changed:
+        events.append(Event("Scaled", decision.message))
+        direction = "up" if decision.desired > decision.previous else "down"
+        counts.append(Count("scale_events", (*labels, direction)))
+    if placement.reason != (old_status.get("scaling") or {}).get("placementReason"):
+        events.append(Event(placement.reason, placement.message, warning=placement.reason == "SpotShort"))
+    return events, counts
+
+
+def _drain_action(drain: Drain, now: datetime.datetime, labels: tuple[str, str]) -> DrainAction:
+    annotations = {
+        ANNOTATION_DRAIN_SINCE: now_iso(now),
+        ANNOTATION_DRAIN_REASON: drain.reason,
+        ANNOTATION_DRAIN_DEADLINE: now_iso(drain.deadline),
+    }
+    patch = {"metadata": {"labels": {render.LABEL_SERVING: "false"}, "annotations": annotations}}
+    cause = "interruption" if drain.interruption else drain.reason.split(":")[0]
+    counts = [Count("drains", (*labels, cause))]
+    events = []
+    if drain.interruption is not None:
+        counts.append(Count("interruptions", (*labels, drain.interruption.source)))
+        if drain.interruption.warning:
+            events.append(Event("InterruptionTimeUnparseable", drain.interruption.warning, warning=True))
+        events.append(
+            Event(
+                "EngineInterrupted",
+                f"{drain.name}: {drain.reason}; out of serving, replacement started, deleted by {now_iso(drain.deadline)} at the latest",
+                warning=True,
+            )
+        )
+    else:
+        events.append(Event("EngineDraining", f"{drain.name}: {drain.reason}"))
+    return DrainAction(drain.name, patch, tuple(events), tuple(counts))
+
+
+def _delete_action(name: str, engines: list[Engine], now: datetime.datetime) -> DeleteAction:
+    engine = next((e for e in engines if e.name == name), None)
+    took = (
+        f" after draining {int((now - engine.drain_since).total_seconds())}s" if engine and engine.drain_since else ""
+    )
+    idle = " (idle)" if engine and engine.running_requests == 0 else ""
+    return DeleteAction(name, Event("EngineDeleted", f"deleted {name}{took}{idle}"))
+
+
+def created_event(created: list[tuple[str, str]]) -> Event:
+    """`created`: (pod name as the API named it, capacity) of each new engine."""
+    return Event("EnginesCreated", "created " + ", ".join(f"{name} ({capacity})" for name, capacity in created))
+
+
+def engines_after(engines: list[Engine], plan: EnginePlan, *, spec_hash: str, now: datetime.datetime) -> list[Engine]:
+    """The engines as they will be once the plan is written: status and
+    metrics describe the outcome of this reconcile, not what it started from."""
+    drained = {d.name: d for d in plan.drain}
+    deleted = set(plan.delete)
+    after = []
+    for engine in engines:
+        if engine.name in deleted:
+            engine = dataclasses.replace(engine, terminating=True)
+        elif engine.name in drained:
+            engine = dataclasses.replace(
+                engine, serving=False, drain_since=now, drain_deadline=drained[engine.name].deadline
+            )
+        after.append(engine)
+    for number, capacity in enumerate(plan.create):
+        after.append(
+            Engine(
+                name=f"<new {number}>",
+                capacity=capacity,
+                spec_hash=spec_hash,
+                serving=True,
+                ready=False,
+                failed=False,
+                terminating=False,
+                created=now,
+            )
+        )
+    return after
+
+
+def _report_events(index: IndexPlan, problems: list[str], old_status: dict) -> list[Event]:
+    events = []
+    state = index.state
+    if state.reason != _condition(old_status, "IndexReady").get("reason"):
+        events.append(
+            Event(f"Index{state.reason}", state.message, warning=state.ready is False and state.reason != "Building")
+        )
+    if problems and _condition(old_status, "Degraded").get("message") != "; ".join(problems):
+        events.append(Event("InvalidConfiguration", "; ".join(problems), warning=True))
+    return events

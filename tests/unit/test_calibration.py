@@ -1,0 +1,476 @@
+"""Sizing to the SLO and calibrating engine rates: tables over the pure functions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spotrag_operator import autoscale, calibration
+from spotrag_operator.autoscale import (
+    AutoscalerState,
+    Observation,
+    ScalingPolicy,
+    Slo,
+    decide,
+    engines_needed,
+    scale_up_step,
+    unmeetable_slo,
+)
+from spotrag_operator.calibration import (
+    PRESETS,
+    CalibrationState,
+    EngineRates,
+    EngineSample,
+    calibrate,
+    feedback,
+    histogram_quantile,
+    interval_row,
+    parse_engine_metrics,
+    rates_from_spec,
+)
+
+H200 = PRESETS["H200/Llama-3.1-8B"]
+L4 = PRESETS["L4/Mistral-7B"]
+SLO = Slo(ttft_seconds=2.0, percentile=95.0)
+
+
+def close(a: float, b: float, rel: float = 1e-6) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+
+
+# -- engine rates ---------------------------------------------------------------------
+
+
+def test_the_h200_preset_reproduces_the_measurements_it_comes_from():
+    assert close(H200.decode_tokens_per_second(1), 203, 1e-3)
+    assert close(H200.decode_tokens_per_second(64), 9001, 1e-3)
+    assert H200.prefill_tokens_per_second == 40_000 and H200.kv_cache_tokens == 896_912
+    assert "vLLM 0.26.0 on H200, one run, shared/vllm/README.md" in H200.source
+
+
+@pytest.mark.parametrize(
+    ("itl", "tokens_per_request", "expected"),
+    [
+        (None, None, 256),  # vLLM's max_num_seqs
+        (None, 1500, 256),  # the KV cache (896,912 tokens) holds 597 such requests: max_num_seqs binds
+        (None, 8000, 896_912 / 8000),  # long requests: the KV cache binds
+        (0.010, None, (0.010 - H200.decode_step_seconds) / H200.seconds_per_sequence),  # the ITL binds
+        (0.004, None, 1),  # an ITL below a lone step: one stream, never less
+    ],
+)
+def test_batch_one_engine_runs(itl, tokens_per_request, expected):
+    assert close(H200.batch_for(inter_token_latency=itl, tokens_per_request=tokens_per_request), expected, 1e-9)
+
+
+@pytest.mark.parametrize(
+    ("spec", "prefill", "single", "kv"),
+    [
+        (None, L4.prefill_tokens_per_second, L4.decode_tokens_per_second(1), L4.kv_cache_tokens),
+        ({"preset": "H200/Llama-3.1-8B"}, 40_000, 203, 896_912),
+        ({"preset": "H200/Llama-3.1-8B", "prefillTokensPerSecond": 20_000}, 20_000, 203, 896_912),
+        ({"preset": "H200/Llama-3.1-8B", "decodeTokensPerSecond": 150, "kvCacheTokens": 5000}, 40_000, 150, 5000),
+    ],
+)
+def test_rates_from_the_spec(spec, prefill, single, kv):
+    rates = rates_from_spec(spec)
+    assert close(rates.prefill_tokens_per_second, prefill, 1e-6)
+    assert close(rates.decode_tokens_per_second(1), single, 1e-3)
+    assert rates.kv_cache_tokens == kv
+
+
+def test_an_unknown_preset_is_refused():
+    with pytest.raises(ValueError, match="unknown engine preset 'TPU'"):
+        rates_from_spec({"preset": "TPU"})
+
+
+# -- weighing the work ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "work", "expected"),
+    [
+        ("nothing", {"prompt_tokens": 0, "output_tokens": 0, "requests": 0}, (0.0, 0.0, 0.0)),
+        # 80,000 prompt tokens = 2 s of one engine; to drain within half the 2 s SLO: 2 engines.
+        ("prompt backlog", {"prompt_tokens": 80_000, "output_tokens": 0, "requests": 0}, (0.0, 2.0, 0.0)),
+        # 20,000 prompt tok/s arriving = half an engine, sized for engines half busy: 1 engine.
+        (
+            "prompt flow",
+            {"prompt_tokens": 0, "output_tokens": 0, "requests": 0, "prompt_tokens_per_second": 20_000},
+            (1.0, 0.0, 0.0),
+        ),
+        # 256 short requests decoding: one engine's full batch, sized for engines half busy: 2 engines.
+        ("decode", {"prompt_tokens": 0, "output_tokens": 25_600, "requests": 256}, (0.0, 0.0, 2.0)),
+        # Output tokens with no request count: guessed at 256 allowed per request.
+        ("decode, requests unknown", {"prompt_tokens": 0, "output_tokens": 65_536, "requests": None}, (0.0, 0.0, 2.0)),
+    ],
+)
+def test_engines_needed_weighs_prompt_and_output_apart(case, work, expected):
+    need = engines_needed(rates=H200, slo=SLO, **work)
+    flow, backlog, decode = expected
+    assert (close(need.prefill_flow, flow), close(need.prefill_backlog, backlog), close(need.decode, decode)) == (
+        True,
+        True,
+        True,
+    ), need
+    assert close(need.engines, flow + backlog + decode)
+
+
+def test_the_same_tokens_weigh_differently_as_prompt_or_as_output():
+    prompt_heavy = engines_needed(prompt_tokens=200_000, output_tokens=10_000, requests=100, rates=H200, slo=SLO)
+    output_heavy = engines_needed(prompt_tokens=10_000, output_tokens=200_000, requests=800, rates=H200, slo=SLO)
+    assert round(prompt_heavy.engines, 2) == 5.78  # 5 for the prompt backlog, 100/(256 × 0.5) for decode
+    assert round(output_heavy.engines, 2) == 6.5  # 0.25 for the prompt backlog, 800/(256 × 0.5) for decode
+
+
+def test_a_slower_engine_needs_more_of_itself_for_the_same_work():
+    work = {"prompt_tokens": 40_000, "output_tokens": 20_000, "requests": 100, "prompt_tokens_per_second": 20_000}
+    fast, slow = engines_needed(rates=H200, slo=SLO, **work), engines_needed(rates=L4, slo=SLO, **work)
+    assert fast.engines < 3 and slow.engines > 15  # 2.0 vs 17.0
+
+
+def test_the_kv_cache_holds_whole_prompts_not_the_queued_part():
+    # 30 requests, all prefilled (no prompt queued), 100 output tokens left each, prompts of 7,000 on average:
+    # an L4's 42,724 KV tokens hold 5.99 of them, not 427.
+    need = engines_needed(
+        prompt_tokens=0, output_tokens=3_000, requests=30, rates=L4, slo=SLO, mean_prompt_tokens=7_000
+    )
+    assert close(need.batch, L4.kv_cache_tokens / 7_100, 1e-9)
+
+
+@pytest.mark.parametrize(("utilization", "engines"), [(0.25, 4.0), (0.5, 2.0), (1.0, 1.0)])
+def test_target_utilization_scales_the_steady_work(utilization, engines):
+    need = engines_needed(
+        prompt_tokens=0,
+        output_tokens=0,
+        requests=0,
+        prompt_tokens_per_second=40_000,
+        rates=H200,
+        slo=Slo(target_utilization=utilization),
+    )
+    assert close(need.engines, engines)
+
+
+@pytest.mark.parametrize(
+    ("itl", "gateway_cap", "batch"),
+    [
+        (None, None, 256),
+        (0.010, None, (0.010 - H200.decode_step_seconds) / H200.seconds_per_sequence),
+        (None, 65_536, 65_536 / 1_000),  # 100 requests of 1,000 tokens: the gateway lets 65 onto one engine
+    ],
+)
+def test_the_decode_batch_follows_the_itl_slo_and_the_gateway_cap(itl, gateway_cap, batch):
+    need = engines_needed(
+        prompt_tokens=50_000,
+        output_tokens=50_000,
+        requests=100,
+        rates=H200,
+        slo=Slo(inter_token_latency_seconds=itl),
+        max_inflight_tokens_per_engine=gateway_cap,
+    )
+    assert close(need.batch, batch, 1e-9)
+    assert close(need.decode, 100 / (batch * 0.5), 1e-9)  # engines half busy (slo.targetUtilization)
+
+
+@pytest.mark.parametrize(("factor", "engines"), [(0.5, 8.0), (1.0, 4.0), (1.5, 4.0 / 1.5)])
+def test_feedback_divides_the_need(factor, engines):
+    need = engines_needed(
+        prompt_tokens=160_000, output_tokens=0, requests=0, rates=H200, slo=SLO, feedback=factor
+    )  # 4 engines by the model
+    assert close(need.engines, engines)
+
+
+@pytest.mark.parametrize(
+    ("ttft", "mean_prompt", "unmeetable"),
+    [(2.0, 1_000, False), (0.02, 1_000, True), (0.02, None, False), (0.1, 4_000, True)],
+)
+def test_an_slo_below_one_prefill_is_reported_with_the_numbers(ttft, mean_prompt, unmeetable):
+    message = unmeetable_slo(Slo(ttft_seconds=ttft), H200, mean_prompt)
+    assert (message is not None) == unmeetable
+    if unmeetable:
+        assert f"{mean_prompt} tokens at 40000 tok/s" in message
+
+
+# -- scale-up steps ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("step", "percent", "size", "allowed"),
+    [(4, 100, 1, 4), (4, 100, 5, 5), (4, 100, 10, 10), (4, 0, 10, 4), (2, 50, 9, 5), (4, 100, 0, 4)],
+)
+def test_scale_up_step_is_n_or_a_percentage_whichever_is_more(step, percent, size, allowed):
+    policy = ScalingPolicy(
+        min_replicas=1, max_replicas=100, on_demand_baseline=1, max_scale_up_step=step, max_scale_up_percent=percent
+    )
+    assert scale_up_step(policy, size) == allowed
+
+
+def test_a_burst_at_the_floor_gets_its_engines_in_three_periods_not_four_per_period():
+    policy = ScalingPolicy(
+        min_replicas=1,
+        max_replicas=40,
+        on_demand_baseline=1,
+        max_scale_up_step=4,
+        max_scale_up_percent=100,
+        engine_rates=H200,
+    )
+    # 560,000 prompt tokens queued = 14 s of one engine, to drain in 1 s: 14 engines.
+    burst = {"queued_tokens": 600_000, "prompt_tokens": 560_000, "output_tokens": 40_000, "requests": 0}
+    state, sizes = AutoscalerState(desired=1), []
+    for now, ready, starting in [(0, 1, 0), (10, 1, 4), (16, 1, 4), (31, 1, 9), (46, 1, 13)]:
+        decision, state = decide(policy, Observation(now=now, ready=ready, starting=starting, **burst), state)
+        sizes.append((decision.desired, decision.reason))
+    assert sizes == [
+        (5, autoscale.SCALE_UP_LIMITED),
+        (5, autoscale.SCALE_UP_LIMITED),
+        (10, autoscale.SCALE_UP_LIMITED),
+        (14, autoscale.SCALE_UP),
+        (14, autoscale.STEADY),
+    ]
+    assert "prefill 14.00" in decision.message and decision.need.to_dict()["basis"] == "slo"
+
+
+def test_without_the_split_and_without_a_target_it_falls_back_and_says_so():
+    policy = ScalingPolicy(min_replicas=1, max_replicas=10, on_demand_baseline=1)
+    decision, _ = decide(policy, Observation(now=0, queued_tokens=4096, ready=1, starting=0), AutoscalerState())
+    assert decision.desired == 2
+    assert "at 2048 per engine (the gateways export no prompt/output split)" in decision.message
+
+
+# -- what engines report --------------------------------------------------------------------
+
+METRICS = """# TYPE vllm:prompt_tokens_total counter
+vllm:prompt_tokens_total{engine="0",model_name="m"} 1000.0
+vllm:prompt_tokens_total{engine="1",model_name="m"} 500.0
+# TYPE vllm:generation_tokens_total counter
+vllm:generation_tokens_total{engine="0",model_name="m"} 300.0
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 1.0
+# TYPE vllm:request_prompt_tokens histogram
+vllm:request_prompt_tokens_sum{engine="0",model_name="m"} 1200.0
+vllm:request_prompt_tokens_count{engine="0",model_name="m"} 4.0
+"""
+
+
+def test_vllm_metrics_are_parsed_and_summed_over_ranks():
+    sample = parse_engine_metrics(METRICS, name="e", time=5.0)
+    assert (sample.prompt_tokens, sample.generation_tokens, sample.running, sample.waiting) == (1500, 300, 3, 1)
+    assert (sample.finished_prompt_tokens, sample.finished_requests) == (1200, 4)
+
+
+def test_an_engine_without_token_counters_is_refused_by_name():
+    with pytest.raises(ValueError, match="engine e exports no vllm:generation_tokens_total"):
+        parse_engine_metrics("vllm:prompt_tokens_total 1\n", name="e", time=0)
+
+
+def sample(name, time, prompt, generated, running=8, waiting=0, state=calibration.SERVING, done=(0.0, 0.0)):
+    return EngineSample(
+        name=name,
+        time=time,
+        prompt_tokens=prompt,
+        generation_tokens=generated,
+        running=running,
+        waiting=waiting,
+        state=state,
+        finished_prompt_tokens=done[0],
+        finished_requests=done[1],
+    )
+
+
+@pytest.mark.parametrize(
+    ("previous", "now", "fitted", "tokens"),
+    [
+        ([0, 100, 100, 4, 0, 0], sample("e", 10, 2100, 500, running=4), True, (2000, 400)),
+        ([0, 100, 100, 4, 0, 0], sample("e", 10, 50, 500, running=4), False, (0, 0)),  # restart: not negative
+        ([0, 100, 100, 0, 0, 0], sample("e", 10, 2100, 500, running=4), False, (2000, 400)),  # idle at the start
+        ([0, 100, 100, 4, 0, 0], sample("e", 10, 2100, 500, running=0), False, (2000, 400)),  # idle at the end
+        ([0, 100, 100, 4, 0, 0], sample("e", 500, 2100, 500, running=4), False, (2000, 400)),  # a scrape missed
+        ([0, 100, 100, 4, 0, 0], sample("e", 0.5, 2100, 500, running=4), False, (2000, 400)),  # too short
+    ],
+)
+def test_which_intervals_are_fitted(previous, now, fitted, tokens):
+    row, d_prompt, d_generated = interval_row(previous, now)
+    assert (row is not None, (d_prompt, d_generated)) == (fitted, tokens)
+
+
+def synthetic_engine(rates: EngineRates, name: str = "e", *, seconds: float = 10.0, intervals: int = 60):
+    """An engine that truly runs at `rates`, scraped every `seconds` with varied work."""
+    prompt = generated = 0.0
+    out = [sample(name, 0.0, 0, 0)]
+    for i in range(1, intervals + 1):
+        batch = 4 + (i // 5 * 7) % 60  # batches from 4 to 63, each held for 5 scrapes (as a gauge sees it)
+        prefill_share = 0.1 + 0.05 * (i % 9)  # time spent prefilling, 10% .. 50%
+        prompt += seconds * prefill_share * rates.prefill_tokens_per_second
+        generated += seconds * (1 - prefill_share) / rates.step_seconds(batch) * batch
+        out.append(sample(name, i * seconds, prompt, generated, running=batch))
+    return out
+
+
+def run(samples_by_time, preset, state=None):
+    result = None
+    for now, samples in samples_by_time:
+        result, state = calibrate(state, preset, samples, now=now)
+    return result, state
+
+
+def test_the_fit_starts_at_the_preset_and_moves_to_what_the_engine_does():
+    truth = EngineRates(
+        prefill_tokens_per_second=20_000, decode_step_seconds=0.008, seconds_per_sequence=0.00005, source="truth"
+    )
+    series = [(s.time, [s]) for s in synthetic_engine(truth, intervals=200)]
+    first, _ = run(series[:1], H200)
+    assert first.rates.prefill_tokens_per_second == H200.prefill_tokens_per_second and first.intervals == 0
+    early, _ = run(series[:61], H200)  # ten minutes of scrapes: most of the way from 40,000 to 20,000
+    assert 20_000 < early.rates.prefill_tokens_per_second < 27_000
+    result, _ = run(series, H200)
+    assert close(result.rates.prefill_tokens_per_second, 20_000, 0.1)
+    for batch in (8, 64):
+        assert close(result.rates.step_seconds(batch), truth.step_seconds(batch), 0.1)
+    assert "calibrated online" in result.rates.source
+    assert close(result.prompt_tokens_per_second, series[-1][1][0].prompt_tokens / series[-1][0], 0.5)
+
+
+def test_starting_draining_and_erroring_engines_do_not_calibrate():
+    truth = EngineRates(prefill_tokens_per_second=10_000, decode_step_seconds=0.02, seconds_per_sequence=0.001)
+    for state_name in (calibration.STARTING, calibration.DRAINING, calibration.ERRORING):
+        series = [(s.time, [EngineSample(**{**s.__dict__, "state": state_name})]) for s in synthetic_engine(truth)]
+        result, state = run(series, H200)
+        assert (result.intervals, result.rates.prefill_tokens_per_second, state.last) == (0, 40_000, {})
+
+
+def test_a_restart_is_not_a_negative_rate_and_the_fit_continues_after_it():
+    truth = EngineRates(prefill_tokens_per_second=20_000, decode_step_seconds=0.008, seconds_per_sequence=0.00005)
+    before = synthetic_engine(truth, intervals=20)
+    after = synthetic_engine(truth, intervals=20)  # counters from zero again
+    series = [(s.time, [s]) for s in before] + [
+        (200 + s.time, [sample("e", 200 + s.time, s.prompt_tokens, s.generation_tokens, s.running)]) for s in after
+    ]
+    state, rates = None, []
+    for now, samples in series:
+        result, state = calibrate(state, H200, samples, now=now)
+        rates.append(result.prompt_tokens_per_second)
+    assert min(r for r in rates if r is not None) >= 0
+    assert result.intervals > 25  # 39 of the 40 intervals (not the one across the restart), the old ones discounted
+
+
+def test_engines_that_left_are_forgotten():
+    _, state = calibrate(None, H200, [sample("a", 0, 0, 0), sample("b", 0, 0, 0)], now=0)
+    _, state = calibrate(state, H200, [sample("a", 10, 100, 100)], now=10)
+    assert sorted(state.last) == ["a"]
+
+
+def test_the_state_survives_json_and_the_fit_continues_identically():
+    truth = EngineRates(prefill_tokens_per_second=20_000, decode_step_seconds=0.008, seconds_per_sequence=0.00005)
+    series = [(s.time, [s]) for s in synthetic_engine(truth, intervals=30)]
+    straight, _ = run(series, H200)
+    _, half = run(series[:15], H200)
+    stored = CalibrationState.from_dict(json.loads(json.dumps(half.to_dict())))
+    resumed, _ = run(series[15:], H200, stored)
+    assert resumed == straight
+
+
+@pytest.mark.parametrize(
+    ("stored", "problem"),
+    [
+        ({"xx": [[1, 2]], "xy": [0, 0, 0]}, "xx must be 3×3"),
+        ({"last": {"e": [1, 2]}}, "6 numbers"),
+        ({"feedback": 9}, "outside its bounds"),
+        ({"xy": "nope"}, "malformed"),
+    ],
+)
+def test_a_malformed_state_is_refused(stored, problem):
+    with pytest.raises(ValueError, match=problem):
+        CalibrationState.from_dict(stored)
+
+
+def test_mean_prompt_comes_from_finished_requests():
+    _, state = calibrate(None, H200, [sample("e", 0, 0, 0, done=(0, 0))], now=0)
+    result, _ = calibrate(state, H200, [sample("e", 10, 5000, 100, done=(4000, 4))], now=10)
+    assert result.mean_prompt_tokens == 1000
+
+
+# -- the TTFT feedback ------------------------------------------------------------------------
+
+
+def buckets(counts):
+    return dict(zip(("0.5", "1.0", "2.0", "4.0", "+Inf"), counts, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("previous", "current", "q", "expected"),
+    [
+        (buckets([0] * 5), buckets([50, 90, 100, 100, 100]), 0.5, (0.5, 100)),
+        (buckets([0] * 5), buckets([50, 90, 100, 100, 100]), 0.95, (1.5, 100)),
+        (buckets([50, 90, 100, 100, 100]), buckets([50, 90, 100, 200, 200]), 0.95, (3.9, 100)),
+        (buckets([0] * 5), buckets([0, 0, 0, 0, 10]), 0.95, (4.0, 10)),  # beyond the last bound: that bound
+        (buckets([5] * 5), buckets([1] * 5), 0.95, (None, 0)),  # a reset
+        (buckets([0] * 5), buckets([0] * 5), 0.95, (None, 0)),  # nothing new
+    ],
+)
+def test_histogram_quantile(previous, current, q, expected):
+    value, count = histogram_quantile(previous, current, q)
+    assert count == expected[1]
+    assert (value is None) if expected[0] is None else close(value, expected[0], 1e-9)
+
+
+@pytest.mark.parametrize(
+    ("ttft_p95_bucket", "factor"),
+    [
+        ("4.0", calibration.FEEDBACK_DOWN),  # over the SLO: more engines
+        ("2.0", 1.0),  # between half the SLO and the SLO: leave it
+        ("0.5", calibration.FEEDBACK_UP),  # well under: fewer
+    ],
+)
+def test_feedback_moves_only_outside_its_dead_band(ttft_p95_bucket, factor):
+    counts = {"0.5": 0, "1.0": 0, "2.0": 0, "4.0": 0, "+Inf": 100}
+    for le in ("0.5", "1.0", "2.0", "4.0"):
+        if float(le) >= float(ttft_p95_bucket):
+            counts[le] = 100
+    value, _, state = feedback(CalibrationState(), counts, slo_seconds=2.0, percentile=95, now=0)
+    assert close(value, factor)
+
+
+def test_feedback_waits_a_period_needs_enough_requests_and_stays_bounded():
+    over = {"0.5": 0, "1.0": 0, "2.0": 0, "4.0": 0, "+Inf": 0}
+    state, values = CalibrationState(), []
+    for minute in range(30):
+        over = {le: count + 100 if le in ("4.0", "+Inf") else count for le, count in over.items()}
+        value, _, state = feedback(state, over, slo_seconds=2.0, percentile=95, now=minute * 60.0)
+        _, _, state = feedback(state, over, slo_seconds=2.0, percentile=95, now=minute * 60.0 + 10)  # same period
+        values.append(value)
+    assert values[0] == calibration.FEEDBACK_DOWN and values[-1] == calibration.FEEDBACK_MIN
+    assert all(b <= a for a, b in zip(values, values[1:], strict=False))  # moved once per period, one way
+    few = {le: 5 for le in over}
+    value, _, _ = feedback(CalibrationState(), few, slo_seconds=2.0, percentile=95, now=0)
+    assert value == 1.0  # 5 requests say nothing about a p95
+
+
+# -- what gateways report -------------------------------------------------------------------
+
+GATEWAY = """# TYPE spotrag_queued_tokens gauge
+spotrag_queued_tokens 150.0
+# TYPE spotrag_queued_prompt_tokens gauge
+spotrag_queued_prompt_tokens 100.0
+# TYPE spotrag_queued_output_tokens gauge
+spotrag_queued_output_tokens 50.0
+# TYPE spotrag_waiting_requests gauge
+spotrag_waiting_requests 2.0
+# TYPE spotrag_time_to_first_token_seconds histogram
+spotrag_time_to_first_token_seconds_bucket{le="1.0"} 3.0
+spotrag_time_to_first_token_seconds_bucket{le="+Inf"} 4.0
+spotrag_time_to_first_token_seconds_count 4.0
+spotrag_time_to_first_token_seconds_sum 5.0
+"""
+
+
+def test_gateway_readings_are_parsed_and_summed_and_an_old_gateway_drops_the_parts():
+    from spotrag_operator.queued_tokens import QueuedWork, parse_gateway, sum_work
+
+    new = parse_gateway(GATEWAY)
+    assert new == QueuedWork(150, 100, 50, 2, {"1.0": 3, "+Inf": 4})
+    assert sum_work([new, new]) == QueuedWork(300, 200, 100, 4, {"1.0": 6, "+Inf": 8})
+    old = parse_gateway("spotrag_queued_tokens 10\n")
+    assert sum_work([new, old]) == QueuedWork(160, None, None, None, None)
+    assert parse_gateway("something_else 1\n") is None

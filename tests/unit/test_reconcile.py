@@ -1,0 +1,204 @@
+"""The whole plan of a reconcile from one observation (reconcile.plan_reconcile),
+without a cluster: what it writes, the Events and counts it plans, and that
+a second look at an unchanged world plans nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+import pytest
+
+from spotrag_operator import render
+from spotrag_operator.crd import defaulted_spec
+from spotrag_operator.metrics import Count
+from spotrag_operator.observe import Observed
+from spotrag_operator.plan import Engine
+from spotrag_operator.reconcile import DeleteAction, Event, plan_reconcile
+
+from .operator_fixtures import ragdeployment
+
+NOW = datetime.datetime(2026, 11, 21, 12, 0, tzinfo=datetime.UTC)
+DOCS = ("ConfigMap", "handbook-docs")
+CORPUS = {"apiVersion": "v1", "kind": "ConfigMap", "data": {"a.md": "# A"}}
+LABELS = ("default", "handbook")
+
+
+def observed(
+    overrides: dict | None = None,
+    *,
+    engines: list[Engine] = (),
+    nodes: dict | None = None,
+    queued: float | None = 0.0,
+    found: dict | None = None,
+    jobs: list[dict] = (),
+    result: dict | None = None,
+    status: dict | None = None,
+) -> Observed:
+    body = ragdeployment(overrides)
+    body["status"] = status or {}
+    return Observed(
+        body=body,
+        spec=defaulted_spec(body),
+        now=NOW,
+        engines=list(engines),
+        nodes=nodes or {},
+        queued_tokens=queued,
+        metric_problem="" if queued is not None else "no ready gateway to read queued tokens from",
+        found={DOCS: CORPUS} if found is None else found,
+        index_jobs=list(jobs),
+        index_result=result or {},
+    )
+
+
+def engine(name: str, capacity: str = render.ON_DEMAND, *, node: str = "gpu-1", **facts) -> Engine:
+    spec_hash = render.engine_spec_hash(defaulted_spec(ragdeployment()))
+    values = dict(
+        name=name,
+        capacity=capacity,
+        spec_hash=spec_hash,
+        serving=True,
+        ready=True,
+        failed=False,
+        terminating=False,
+        created=NOW - datetime.timedelta(minutes=10),
+        node=node,
+    )
+    return Engine(**(values | facts))
+
+
+def conditions(status: dict) -> dict[str, dict]:
+    return {c["type"]: c for c in status["conditions"]}
+
+
+def test_a_new_deployment_creates_its_engines_and_index_job_and_says_so():
+    plan = plan_reconcile(observed({"scaling": {"minReplicas": 3}}), None)
+    assert [capacity for capacity, _ in plan.creates] == ["on-demand", "spot", "spot"]
+    assert all(pod["metadata"]["labels"][render.LABEL_SERVING] == "true" for _, pod in plan.creates)
+    assert plan.drains == [] and plan.deletes == []
+    assert plan.index.create is not None and plan.index.delete == ()
+    job = plan.index.create["metadata"]["name"]
+    assert plan.announce == [Event("SpotAvailable", "1 on-demand (baseline), 2 spot")]
+    assert plan.report == [Event("IndexBuilding", f"index Job {job} started for the current corpus")]
+    # Status describes the outcome: the engines it is creating count as starting.
+    status = plan.status
+    assert (status["engines"], status["spotReplicas"], status["onDemandReplicas"]) == ("0/3", 2, 1)
+    assert conditions(status)["Ready"]["reason"] == "EnginesStarting"
+    assert conditions(status)["IndexReady"]["reason"] == "Building"
+    assert plan.persist and status["scaling"]["placementReason"] == "SpotAvailable"
+    assert plan.gauges.desired == 3 and len(plan.gauges.engines) == 3
+
+
+def test_an_unchanged_world_seen_again_plans_nothing():
+    first = plan_reconcile(observed(), None)
+    # What the cluster holds once the first plan is written: the pod named and bound, the Job running.
+    pods = [dataclasses.replace(e, name=f"engine-{i}", node="gpu-1") for i, e in enumerate(first.gauges.engines)]
+    world = {"engines": pods, "jobs": [first.index.create]}
+    second = plan_reconcile(observed(**world, status=first.status), first.memory)
+    # Only status follows (the pod has a node now, the Job runs); nothing else is planned.
+    assert (second.creates, second.drains, second.deletes, second.index.create) == ([], [], [], None)
+    assert second.announce == [] and second.report == [] and second.status is not None
+    third = plan_reconcile(observed(**world, status=second.status), second.memory)
+    assert (third.creates, third.drains, third.deletes, third.index.create) == ([], [], [], None)
+    assert third.announce == [] and third.report == [] and third.counts == []
+    assert third.status is None  # nothing to write
+
+
+def test_an_engine_on_a_cordoned_node_leaves_serving_with_its_events_and_counts():
+    cordoned = {"metadata": {"name": "gpu-1"}, "spec": {"unschedulable": True}}
+    plan = plan_reconcile(observed(engines=[engine("e1")], nodes={"gpu-1": cordoned}), None)
+    (drain,) = plan.drains
+    assert drain.name == "e1" and drain.patch["metadata"]["labels"] == {render.LABEL_SERVING: "false"}
+    assert list(drain.events) == [
+        Event(
+            "EngineInterrupted",
+            "e1: interruption: kubernetes cordon on node gpu-1; out of serving, replacement started, "
+            "deleted by 2026-11-21T12:01:30Z at the latest",
+            warning=True,
+        )
+    ]
+    assert list(drain.counts) == [
+        Count("drains", (*LABELS, "interruption")),
+        Count("interruptions", (*LABELS, "kubernetes")),
+    ]
+    assert [capacity for capacity, _ in plan.creates] == ["on-demand"]  # its replacement, at once
+    assert plan.status["drainingReplicas"] == 1
+
+
+def test_a_healthy_node_drains_nothing():
+    plan = plan_reconcile(observed(engines=[engine("e1")], nodes={"gpu-1": {"metadata": {"name": "gpu-1"}}}), None)
+    assert plan.drains == [] and plan.creates == [] and plan.status["engines"] == "1/1"
+
+
+def test_an_engine_out_of_serving_without_a_record_is_drained_and_an_idle_drained_one_deleted():
+    drained = engine(
+        "old",
+        serving=False,
+        drain_since=NOW - datetime.timedelta(seconds=30),
+        drain_deadline=NOW + datetime.timedelta(minutes=1),
+        running_requests=0,
+    )
+    flipped = engine("flipped", serving=False, running_requests=2)
+    plan = plan_reconcile(observed(engines=[engine("e1"), drained, flipped]), None)
+    assert plan.deletes == [DeleteAction("old", Event("EngineDeleted", "deleted old after draining 30s (idle)"))]
+    (drain,) = plan.drains
+    assert drain.name == "flipped" and list(drain.events) == [Event("EngineDraining", "flipped: not serving")]
+    assert list(drain.counts) == [Count("drains", (*LABELS, "not serving"))]
+
+
+MISSING_KEYS = (
+    "gateway.apiKeySecret names Secret 'keys', which does not exist in namespace 'default': "
+    "create it or remove the field"
+)
+
+
+@pytest.mark.parametrize(
+    ("old_status", "events"),
+    [
+        ({}, [Event("InvalidConfiguration", MISSING_KEYS, warning=True)]),
+        # Said already: the condition carries it, no second Event.
+        ({"conditions": [{"type": "Degraded", "status": "True", "message": MISSING_KEYS}]}, []),
+    ],
+)
+def test_a_missing_secret_degrades_and_is_said_once(old_status, events):
+    plan = plan_reconcile(observed({"gateway": {"apiKeySecret": "keys"}}, status=old_status), None)
+    degraded = conditions(plan.status)["Degraded"]
+    assert (degraded["status"], degraded["message"]) == ("True", MISSING_KEYS)
+    assert [e for e in plan.report if e.reason == "InvalidConfiguration"] == events
+
+
+def index_job(name: str, digest_of: Observed, *, status: dict) -> dict:
+    job = plan_reconcile(digest_of, None).index.create
+    return job | {"metadata": job["metadata"] | {"name": name}, "status": status}
+
+
+@pytest.mark.parametrize(
+    ("job_status", "result", "reason", "event", "deleted"),
+    [
+        ({"succeeded": 1}, {"version": "v7", "count": 42}, "IndexBuilt", Event("IndexIndexBuilt", "x"), ("old",)),
+        (
+            {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "message": "no documents"}]},
+            {},
+            "IndexJobFailed",
+            Event("IndexIndexJobFailed", "x", warning=True),
+            (),
+        ),
+        ({}, {}, "Building", Event("IndexBuilding", "x"), ()),
+    ],
+)
+def test_the_index_job_becomes_index_ready(job_status, result, reason, event, deleted):
+    current = index_job("current", observed(), status=job_status)
+    old = current | {"metadata": {"name": "old", "annotations": {"spotrag.io/corpus-hash": "before"}}}
+    plan = plan_reconcile(observed(jobs=[old, current], result=result), None)
+    assert plan.index.create is None and plan.index.delete == deleted
+    assert conditions(plan.status)["IndexReady"]["reason"] == reason
+    assert [dataclasses.replace(e, message="x") for e in plan.report] == [event]
+    if result:
+        assert plan.status["index"]["version"] == "v7" and plan.status["index"]["passages"] == 42
+
+
+def test_without_queued_tokens_scaling_is_inactive_and_holds():
+    plan = plan_reconcile(observed(engines=[engine("e1")], queued=None), None)
+    scaling = conditions(plan.status)["ScalingActive"]
+    assert scaling["status"] == "False" and plan.status["queuedTokens"] is None
+    assert plan.gauges.desired == 1 and plan.creates == []
