@@ -7,6 +7,8 @@ change under load moves traffic without failing a request."""
 from __future__ import annotations
 
 import contextlib
+import json
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,8 +16,10 @@ from pathlib import Path
 import httpx
 import kubernetes
 import pytest
+import yaml
 
 from spotrag_box.apiserver.server import KubeAPIServer
+from spotrag_box.testing import Program, kubectl, running_kube_api, spotrag_command
 from spotrag_runtime.frontdoor.config import FrontDoorConfig
 
 from .frontdoor_fixtures import RunningFrontDoor, wait_until
@@ -218,3 +222,51 @@ def test_without_the_modelroute_crd_the_front_door_still_serves(tmp_path: Path, 
         with RunningFrontDoor(FrontDoorConfig(), kubeconfig=str(kubeconfig)) as door:
             wait_until(lambda: httpx.get(f"{door.url}/readyz").status_code == 200, "the front door to be ready")
             assert httpx.get(f"{door.url}/readyz").json()["models"] == ["chat-v2"]
+
+
+def test_the_command_as_the_e2e_scenario_runs_it_with_kubectl_applied_objects(tmp_path: Path, gateways) -> None:
+    """`spotrag front-door --config --kubeconfig` as a process; the ModelRoute CRD
+    and objects applied with the real kubectl; its status read back with
+    `kubectl get mroute` (the printer columns)."""
+    gateway = gateways["chat-v1"]
+    with running_kube_api(crds=[ROOT / "crds" / "spotrag.io_ragdeployments.yaml"]) as api:
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        kubectl(kubeconfig, "apply", "-f", str(ROOT / "crds" / "spotrag.io_modelroutes.yaml"))
+        objects = [
+            ragdeployment("chat-v1"),
+            modelroute({"chat-v1": 3, "gone": 1}),
+            gateway_slice("chat-v1", int(gateway.url.rsplit(":", 1)[1])),
+        ]
+        kubectl(kubeconfig, "apply", "-f", "-", input=yaml.safe_dump_all(objects))
+        config = tmp_path / "frontdoor.json"
+        config.write_text(json.dumps({"namespaces": [NAMESPACE], "address": "endpointslices"}))
+        port = _free_port()
+        argv = ["front-door", "--config", str(config), "--kubeconfig", str(kubeconfig), "--port", str(port)]
+        program = Program("front-door", spotrag_command(*argv), tmp_path / "front-door.log")
+        try:
+            url = f"http://127.0.0.1:{port}"
+
+            def ready() -> bool:
+                program.check_alive()
+                try:
+                    return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(ready, "the front door process to be ready", timeout=60)
+            assert _ask(url).headers["x-spotrag-variant"] == "default/chat-v1"
+            printed = wait_until(
+                lambda: "chat-v1=100%" in (out := kubectl(kubeconfig, "get", "mroute", "-n", NAMESPACE).stdout) and out,
+                "the status in kubectl get",
+            )
+        finally:
+            program.stop()
+    header, row = printed.splitlines()[:2]
+    assert header.split() == ["NAME", "MODEL", "BACKENDS", "ACCEPTED", "RESOLVED", "AGE"]
+    assert row.split()[:6] == ["chat", "chat", "chat-v1=100%,", "gone=0%", "True", "False"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
