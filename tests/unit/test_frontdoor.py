@@ -19,7 +19,7 @@ from aiohttp import web
 
 from spotrag_runtime.frontdoor.config import FrontDoorConfig, StaticBackend
 
-from .frontdoor_fixtures import RunningFrontDoor, moderation_checker, sample_value
+from .frontdoor_fixtures import RunningFrontDoor, moderation_checker, sample_value, wait_until
 from .gateway_fixtures import RunningGateway, gateway_config, running_engines
 
 QUESTION = [{"role": "user", "content": "When does the first ferry leave on Sundays?"}]
@@ -375,3 +375,33 @@ async def test_what_reaches_the_gateway_is_the_redacted_question_under_its_serve
             "temperature": 0.2,
         }
     ]
+
+
+def test_a_client_that_leaves_mid_stream_closes_the_gateway_request(gateways) -> None:
+    with RunningFrontDoor(FrontDoorConfig(static=gateways.backends(1, 0))) as running:
+        before = sample_value(
+            httpx.get(f"{gateways.v1.url}/metrics").text, "spotrag_requests_total", outcome="cancelled"
+        )
+        body = {"model": "chat", "messages": QUESTION, "max_tokens": 400, "stream": True}
+        with httpx.stream("POST", f"{running.url}/v1/chat/completions", json=body, timeout=30) as response:
+            assert response.status_code == 200
+            next(response.iter_bytes())  # the answer has started; now leave
+        labels = {"model": "chat", "variant": "static/chat-v1"}
+
+        def settled() -> bool:
+            text = httpx.get(f"{running.url}/metrics").text
+            return (
+                sample_value(text, "spotrag_frontdoor_requests_total", **labels, code="499") == 1
+                and sample_value(text, "spotrag_frontdoor_inflight_requests", **labels) == 0
+            )
+
+        wait_until(settled, "the front door to count the client gone")
+        wait_until(
+            lambda: (
+                sample_value(
+                    httpx.get(f"{gateways.v1.url}/metrics").text, "spotrag_requests_total", outcome="cancelled"
+                )
+                == before + 1
+            ),
+            "the gateway to see its client (the front door) leave",
+        )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -311,59 +311,79 @@ async def _forward(
         chunks = moderated_events(
             chunks, moderator, on_verdict=lambda verdict: _count(frontdoor, labels, "output", verdict)
         )
-    return SSEResponse(_relay(frontdoor, upstream, chunks, labels, started, moderate), headers=answer_headers)
+    stream = _Stream(frontdoor, upstream, labels, started, moderated=moderate)
+    return SSEResponse(stream.relay(chunks), headers=answer_headers, finish=stream.finish)
 
 
-async def _relay(
-    frontdoor: FrontDoor,
-    upstream: aiohttp.ClientResponse,
-    chunks: AsyncIterator[bytes],
-    labels: tuple[str, str],
-    started: float,
-    moderated: bool,
-) -> AsyncIterator[bytes]:
-    code = str(upstream.status)
-    first = True
-    try:
-        async for data in chunks:
-            if first:
-                frontdoor.metrics.time_to_first_byte.labels(*labels).observe(time.perf_counter() - started)
-                first = False
-            if moderated and b'"content_filter"' in data:
-                code = "content_filter"
-            yield data
-    except (aiohttp.ClientError, TimeoutError) as error:
-        log.warning("stream from %s broke: %r", labels[1], error)
-        code = "stream_error"
-        yield b"\n\n" + EnginesFailed("The gateway broke off this answer.", code="gateway_failed").sse_event()
-    except BaseException:
-        code = "499"  # the client went away
-        raise
-    finally:
-        if upstream.content.at_eof():
-            upstream.release()  # read to the end: the connection goes back to the pool
+class _Stream:
+    """One relayed answer stream; ``finish`` runs once, whether the stream
+    ended, broke, or never started (a client gone before the first byte)."""
+
+    def __init__(
+        self,
+        frontdoor: FrontDoor,
+        upstream: aiohttp.ClientResponse,
+        labels: tuple[str, str],
+        started: float,
+        *,
+        moderated: bool,
+    ) -> None:
+        self.frontdoor, self.upstream, self.labels, self.started = frontdoor, upstream, labels, started
+        self.moderated = moderated
+        self.code = "499"  # until the stream says otherwise: the client went away
+        self._finished = False
+
+    async def relay(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        metrics, first = self.frontdoor.metrics, True
+        try:
+            async for data in chunks:
+                if first:
+                    metrics.time_to_first_byte.labels(*self.labels).observe(time.perf_counter() - self.started)
+                    first = False
+                if self.moderated and b'"content_filter"' in data:
+                    self.code = "content_filter"
+                yield data
+            if self.code == "499":
+                self.code = str(self.upstream.status)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            log.warning("stream from %s broke: %r", self.labels[1], error)
+            self.code = "stream_error"
+            yield b"\n\n" + EnginesFailed("The gateway broke off this answer.", code="gateway_failed").sse_event()
+        finally:
+            self.finish()
+
+    def finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self.upstream.content.at_eof():
+            self.upstream.release()  # read to the end: the connection goes back to the pool
         else:
-            upstream.close()  # cut short: the gateway sees its client leave and stops the engine
-        frontdoor.metrics.inflight.labels(*labels).dec()
-        frontdoor.metrics.requests.labels(*labels, code).inc()
-        frontdoor.metrics.duration.labels(*labels).observe(time.perf_counter() - started)
+            self.upstream.close()  # cut short: the gateway sees its client leave and stops the engine
+        metrics = self.frontdoor.metrics
+        metrics.inflight.labels(*self.labels).dec()
+        metrics.requests.labels(*self.labels, self.code).inc()
+        metrics.duration.labels(*self.labels).observe(time.perf_counter() - self.started)
 
 
 class SSEResponse(StreamingResponse):
     """Closes its iterator also when the client leaves mid-stream, so the
-    gateway's request is closed at once."""
+    gateway's request is closed at once; ``finish`` covers a stream that
+    never started."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+    def __init__(self, content: AsyncIterator[bytes], headers: dict[str, str], finish: Callable[[], None]) -> None:
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
         self._events = content
+        self._finish = finish
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self._events.aclose()  # type: ignore[attr-defined]
+            self._finish()
 
 
 # --- models, health, metrics -------------------------------------------------
