@@ -49,7 +49,8 @@ class FrontDoorMetrics:
         self.registry.register(_RoutesCollector(table))
         self.requests = Counter(
             "spotrag_frontdoor_requests",
-            "Requests by model, variant and HTTP status (an error inside a started stream counts as 'stream_error').",
+            "Requests by model, variant and HTTP status; a started stream cut by moderation counts as "
+            "'content_filter', one that broke as 'stream_error', one whose client left as '499'.",
             ["model", "variant", "code"],
             registry=self.registry,
         )
