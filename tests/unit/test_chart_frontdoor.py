@@ -87,3 +87,14 @@ def test_service_pdb_and_spread(namespaced, cluster_wide) -> None:
     assert only(cluster_wide, "PodDisruptionBudget", NAME)["spec"]["maxUnavailable"] == 1
     spread = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"][0]
     assert spread["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_pod_monitor_scrapes_the_front_door_pods(namespaced, cluster_wide) -> None:
+    monitor = only(namespaced, "PodMonitor", NAME)
+    deployment = only(namespaced, "Deployment", NAME)
+    assert monitor["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"  # monitoring.labels
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    ports = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics") and ports[0]["name"] == "http"
+    assert not find(cluster_wide, "PodMonitor", NAME)
