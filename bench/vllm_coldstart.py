@@ -29,7 +29,7 @@ PORT = 8000
 # vLLM's log lines for each phase of a start, and what they measure.
 PHASES = {
     "weights_load_s": r"Loading weights took ([\d.]+) seconds",
-    "model_load_s": r"Model loading took [\d.]+ GiB memory and ([\d.]+) seconds",
+    "model_load_s": r"Model loading took [\d.]+ GiB(?: memory)? and ([\d.]+) seconds",
     "torch_compile_s": r"torch\.compile took ([\d.]+) s in total",
     "engine_init_s": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s",
 }

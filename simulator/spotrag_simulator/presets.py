@@ -261,7 +261,8 @@ class Profile:
     termination_grace_seconds: float = 30.0  # Kubernetes' default, for the baselines' pods
     spec: dict = field(default_factory=dict)  # the RAGDeployment spec, CRD defaults filled in
     max_replicas_set: bool = False  # False: the simulator sizes maxReplicas from the trace's peak
-    target_set: bool = False  # False: the simulator sizes targetQueuedTokensPerReplica from the engine and trace
+    target_set: bool = False  # targetQueuedTokensPerReplica given: spotrag sizes on it rather than the SLO
+    utilization_set: bool = False  # False: --utilization sets spotrag's scaling.slo.targetUtilization too
     kubeai: KubeAISettings = KubeAISettings()
     keda: KedaSettings = KedaSettings()
 
@@ -440,6 +441,7 @@ def build_profile(
         spec=spec,
         max_replicas_set="maxReplicas" in scaling,
         target_set="targetQueuedTokensPerReplica" in scaling,
+        utilization_set="targetUtilization" in (scaling.get("slo") or {}),
         kubeai=kubeai,
         keda=keda,
     )
