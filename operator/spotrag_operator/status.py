@@ -8,7 +8,7 @@ from . import render
 from .index_job import IndexState
 from .plan import Engine
 
-CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "IndexReady", "ScalingActive")
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "IndexReady", "ScalingActive", "SLOReachable")
 
 
 def now_iso(now: datetime.datetime) -> str:

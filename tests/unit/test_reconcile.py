@@ -14,6 +14,7 @@ from spotrag_operator.crd import defaulted_spec
 from spotrag_operator.metrics import Count
 from spotrag_operator.observe import Observed
 from spotrag_operator.plan import Engine
+from spotrag_operator.queued_tokens import QueuedWork
 from spotrag_operator.reconcile import DeleteAction, Event, plan_reconcile
 
 from .operator_fixtures import ragdeployment
@@ -43,7 +44,7 @@ def observed(
         now=NOW,
         engines=list(engines),
         nodes=nodes or {},
-        queued_tokens=queued,
+        work=None if queued is None else QueuedWork(tokens=queued),
         metric_problem="" if queued is not None else "no ready gateway to read queued tokens from",
         found={DOCS: CORPUS} if found is None else found,
         index_jobs=list(jobs),
