@@ -13,9 +13,9 @@ import httpx
 from spotrag_runtime.kube import Kube, label_selector
 
 from . import index_job, render
+from .calibration import EngineSample
 from .checks import named_objects
 from .crd import defaulted_spec
-from .calibration import EngineSample
 from .engine_load import engine_samples, running_requests
 from .plan import Engine
 from .queued_tokens import QueuedWork, read_queued_work
