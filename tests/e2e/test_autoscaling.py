@@ -241,7 +241,15 @@ def test_sized_on_the_slo_alone_a_burst_of_long_prompts_scales_up_meets_it_and_s
                 reach = _conditions(status)["SLOReachable"]
                 assert reach["status"] == "True", reach
 
-                # Warmed up: every client has an engine, and the TTFT p95 meets the SLO.
+                # Warmed up: once what waited at the floor has its answer and nothing waits
+                # in the gateway, every client has an engine, and the TTFT p95 meets the SLO.
+                wait_served(e2e, load, namespace, CLIENTS, "once three engines serve")
+                e2e.wait_for(
+                    lambda: scrape(f"{url}/metrics").value("spotrag_waiting_requests") == 0,
+                    namespace=namespace,
+                    timeout=TIMEOUT,
+                    what="no request waiting in the gateway at three engines",
+                )
                 before = ttft_buckets(url)
                 wait_served(e2e, load, namespace, 12, "at three engines")
                 p95, answered = histogram_quantile(before, ttft_buckets(url), 0.95)
