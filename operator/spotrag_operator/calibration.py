@@ -177,6 +177,7 @@ def rates_from_spec(calibration: Mapping | None) -> EngineRates:
                 batch_decode_tokens_per_second=batched,
             ),
             kv_cache_tokens=rates.kv_cache_tokens,
+            source=rates.source,
         )
     if "prefillTokensPerSecond" in calibration:
         rates = replace(rates, prefill_tokens_per_second=float(calibration["prefillTokensPerSecond"]))

@@ -1,6 +1,7 @@
 """Observe: one read of what exists for a RAGDeployment (its engine pods and
-their nodes, the draining engines' load, the gateways' queued tokens, the
-objects its spec names, its index Jobs), so deciding needs no cluster."""
+their nodes, the draining engines' load, the serving engines' vLLM counters
+for calibration, the gateways' queued work, the objects its spec names, its
+index Jobs), so deciding needs no cluster."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import httpx
 from spotrag_runtime.kube import Kube, KubeError, label_selector
 
 from . import index_job, render
+from .calibration import EngineSample
 from .checks import named_objects
 from .crd import defaulted_spec
-from .engine_load import running_requests
+from .engine_load import engine_samples, running_requests
 from .plan import Engine
-from .queued_tokens import read_queued_tokens
+from .queued_tokens import QueuedWork, read_queued_work
 
 
 @dataclass(frozen=True)
@@ -26,11 +28,18 @@ class Observed:
     now: datetime.datetime
     engines: list[Engine]
     nodes: dict[str, dict]  # the engines' nodes by name
-    queued_tokens: float | None
-    metric_problem: str  # why queued_tokens is None
+    # The gateways' queued work: tokens with their prompt/output parts, the
+    # requests waiting and the TTFT histogram; None when it could not be read.
+    work: QueuedWork | None
+    metric_problem: str  # why work is None
     found: dict[tuple[str, str], dict | None]  # the objects the spec names, None where missing
     index_jobs: list[dict]
     index_result: dict  # the current index Job's result, once it succeeded
+    samples: tuple[EngineSample, ...] = ()  # one scrape of each serving, ready engine, for calibration
+
+    @property
+    def queued_tokens(self) -> float | None:
+        return None if self.work is None else self.work.tokens
 
 
 def observe_engines(http: httpx.Client, pods: list[dict]) -> list[Engine]:
@@ -106,7 +115,11 @@ def observe(kube: Kube, http: httpx.Client, body: dict, *, now: datetime.datetim
     if any(e.group and e.unschedulable for e in engines):
         # A group that finds no nodes: every node, to say which would fit it.
         nodes = {n["metadata"]["name"]: n for n in kube.list("v1", "Node")} | nodes
-    queued, metric_problem = read_queued_tokens(kube, http, body, spec)
+    # Calibration scrapes each engine where it serves: a group's leader, a single engine's pod.
+    by_name = {p["metadata"]["name"]: p for p in pods}
+    scraped = [(by_name[key], e) for e in engines if (key := e.leader if e.group else e.name) in by_name]
+    samples = engine_samples(http, [p for p, _ in scraped], [e for _, e in scraped], now=now.timestamp())
+    work, metric_problem = read_queued_work(kube, http, body, spec)
     found = {(kind, name): kube.get("v1", kind, name, namespace) for kind, name in named_objects(spec)}
     jobs: list[dict] = []
     result: dict = {}
@@ -118,7 +131,19 @@ def observe(kube: Kube, http: httpx.Client, body: dict, *, now: datetime.datetim
         if current is not None and index_job.succeeded(current):
             job_pods = kube.list("v1", "Pod", namespace, label_selector=f"job-name={current['metadata']['name']}")
             result = index_job.job_result(job_pods)
-    return Observed(body, spec, now, engines, nodes, queued, metric_problem, found, jobs, result)
+    return Observed(
+        body=body,
+        spec=spec,
+        now=now,
+        engines=engines,
+        nodes=nodes,
+        work=work,
+        metric_problem=metric_problem,
+        found=found,
+        index_jobs=jobs,
+        index_result=result,
+        samples=tuple(samples),
+    )
 
 
 def _groups_if_any(kube: Kube, namespace: str, selector: str) -> list[dict]:

@@ -14,7 +14,8 @@ import datetime
 from dataclasses import dataclass, field
 
 from . import render
-from .autoscale import AutoscalerState, Decision, Observation, ScalingPolicy, decide
+from .autoscale import AutoscalerState, ScalingPolicy, ScalingStep, observation_from, scale
+from .calibration import CalibrationState
 from .checks import find_problems
 from .groups import fitting_nodes
 from .index_job import IndexPlan, plan_index
@@ -37,6 +38,9 @@ from .status import cost_per_hour, engines_status, now_iso, set_condition, statu
 # Scaling memory reaches status when a decision changes, else at most this often.
 PERSIST_EVERY = 60.0
 
+SLO_REACHABLE = "SLOReachable"
+SLO_BELOW_PREFILL = "SLOBelowPrefill"
+
 
 @dataclass(frozen=True)
 class Event:
@@ -47,14 +51,15 @@ class Event:
 
 @dataclass(frozen=True)
 class ScalingMemory:
-    """The autoscaler's and placement's state between reconciles. Kept in
-    memory and written to status when a decision changes or every
-    PERSIST_EVERY seconds, so a restarted operator picks it up without
-    every reconcile writing status."""
+    """The autoscaler's, calibration's and placement's state between
+    reconciles. Kept in memory and written to status when a decision changes
+    or every PERSIST_EVERY seconds, so a restarted operator picks it up
+    without every reconcile writing status."""
 
     autoscaler: AutoscalerState
     placement: PlacementState
     persisted_at: float
+    calibration: CalibrationState = field(default_factory=CalibrationState)
 
     @classmethod
     def from_status(cls, status: dict) -> ScalingMemory:
@@ -67,7 +72,11 @@ class ScalingMemory:
             placement = PlacementState.from_dict(stored.get("placement"))
         except ValueError:
             placement = PlacementState()
-        return cls(autoscaler, placement, persisted_at=0.0)
+        try:
+            calibration = CalibrationState.from_dict(stored.get("calibration"))
+        except ValueError:
+            calibration = CalibrationState()
+        return cls(autoscaler, placement, persisted_at=0.0, calibration=calibration)
 
 
 @dataclass(frozen=True)
@@ -143,8 +152,9 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
     old_status = body.get("status") or {}
     memory = memory or ScalingMemory.from_status(old_status)
 
-    decision, placement, memory = _scale(observed, memory)
-    announce, counts = _scaling_events(decision, placement, old_status, labels)
+    step, placement, memory = _scale(observed, memory)
+    decision = step.decision
+    announce, counts = _scaling_events(step, placement, old_status, labels)
     spec_hash = render.engine_spec_hash(spec)
     signals = {name: s for name, node in observed.nodes.items() if (s := node_signal(node, now)) is not None}
     engine_plan = plan_engines(
@@ -184,7 +194,7 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         endpoint=render.endpoint_url(body),
         now=now,
     )
-    status, persist = _with_scaling(status, observed, decision, placement, memory)
+    status, persist = _with_scaling(status, observed, step, placement, memory)
     if render.nodes_per_engine(spec) > 1:
         status["conditions"] = set_condition(
             status["conditions"],
@@ -211,9 +221,10 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
 
 
 def _with_scaling(
-    status: dict, observed: Observed, decision: Decision, placement: Placement, memory: ScalingMemory
+    status: dict, observed: Observed, step: ScalingStep, placement: Placement, memory: ScalingMemory
 ) -> tuple[dict, bool]:
     """Status with the autoscaler's part; and whether it carries the scaling memory."""
+    decision = step.decision
     now, generation = observed.now, observed.body["metadata"].get("generation")
     queued = observed.queued_tokens
     status = status | {"queuedTokens": None if queued is None else int(round(queued))}
@@ -226,40 +237,75 @@ def _with_scaling(
         now=now,
         generation=generation,
     )
+    status["conditions"] = set_condition(
+        status["conditions"],
+        SLO_REACHABLE,
+        *_slo_reach(step, observed.spec),
+        now=now,
+        generation=generation,
+    )
     if memory.autoscaler.last_scale_time is not None:
         last = datetime.datetime.fromtimestamp(memory.autoscaler.last_scale_time, datetime.UTC)
         status["lastScaleTime"] = now_iso(last)
-    old_scaling = (observed.body.get("status") or {}).get("scaling") or {}
+    old_status = observed.body.get("status") or {}
+    old_scaling = old_status.get("scaling") or {}
     persist = (
         decision.changed
         or placement.reason != old_scaling.get("placementReason")
         or now.timestamp() - memory.persisted_at >= PERSIST_EVERY
     )
-    status["scaling"] = (
-        {
+    if persist:
+        status["scaling"] = {
             "autoscaler": memory.autoscaler.to_dict(),
+            "calibration": memory.calibration.to_dict(),
             "placement": memory.placement.to_dict(),
             "placementReason": placement.reason,
         }
-        if persist
-        else old_scaling
-    )
+        status["sizing"] = step.sizing_status()
+    else:
+        status["scaling"] = old_scaling
+        if "sizing" in old_status:
+            status["sizing"] = old_status["sizing"]
     return status, persist
 
 
-def _scale(observed: Observed, memory: ScalingMemory) -> tuple[Decision, Placement, ScalingMemory]:
-    """How many engines, and where."""
+def _slo_reach(step: ScalingStep, spec: dict) -> tuple[bool, str, str]:
+    """The SLOReachable condition: False with the numbers when no engine can meet
+    the TTFT SLO. The True messages hold no measured number, so they do not
+    rewrite status every reconcile."""
+    if step.slo_problem:
+        return False, SLO_BELOW_PREFILL, step.slo_problem
+    if spec["scaling"].get("targetQueuedTokensPerReplica") is not None:
+        return True, "SizedOnTarget", "sized on targetQueuedTokensPerReplica, not on the SLO"
+    ttft = f"{ScalingPolicy.from_spec(spec).slo.ttft_seconds:g}s"
+    if step.calibration.mean_prompt_tokens is None:
+        return True, "NoPromptSeen", f"no finished request yet to weigh one prefill against the TTFT SLO of {ttft}"
+    return True, "PrefillWithinSLO", f"one prefill of the mean prompt takes less than the TTFT SLO of {ttft}"
+
+
+def _scale(observed: Observed, memory: ScalingMemory) -> tuple[ScalingStep, Placement, ScalingMemory]:
+    """How many engines (calibrate → TTFT feedback → decide, as the simulator runs it), and where."""
     spec, now = observed.spec, observed.now.timestamp()
     live = [e for e in observed.engines if not e.terminating and not e.failed]
-    observation = Observation(
+    work, samples = observed.work, list(observed.samples)
+    observation = observation_from(
+        work,
+        samples,
         now=now,
-        queued_tokens=observed.queued_tokens,
         ready=sum(1 for e in live if e.serving and e.ready),
         starting=sum(1 for e in live if e.serving and not e.ready),
         draining=sum(1 for e in live if e.draining),
         metric_problem=observed.metric_problem,
     )
-    decision, autoscaler = decide(ScalingPolicy.from_spec(spec), observation, memory.autoscaler)
+    step, autoscaler, calibration = scale(
+        ScalingPolicy.from_spec(spec),
+        observation,
+        samples=samples,
+        ttft_buckets=work.ttft_buckets if work else None,
+        autoscaler=memory.autoscaler,
+        calibration_state=memory.calibration,
+    )
+    decision = step.decision
     placement, placement_state = place(
         desired=decision.desired,
         baseline=spec["scaling"]["onDemandBaseline"],
@@ -268,13 +314,16 @@ def _scale(observed: Observed, memory: ScalingMemory) -> tuple[Decision, Placeme
         state=memory.placement,
         now=now,
     )
-    return decision, placement, ScalingMemory(autoscaler, placement_state, memory.persisted_at)
+    return step, placement, ScalingMemory(autoscaler, placement_state, memory.persisted_at, calibration)
 
 
 def _scaling_events(
-    decision: Decision, placement: Placement, old_status: dict, labels: tuple[str, str]
+    step: ScalingStep, placement: Placement, old_status: dict, labels: tuple[str, str]
 ) -> tuple[list[Event], list[Count]]:
+    decision = step.decision
     events, counts = [], []
+    if step.slo_problem and _condition(old_status, SLO_REACHABLE).get("status") != "False":
+        events.append(Event(SLO_BELOW_PREFILL, step.slo_problem, warning=True))
     if decision.changed:
         events.append(Event("Scaled", decision.message))
         direction = "up" if decision.desired > decision.previous else "down"

@@ -8,7 +8,15 @@ from . import render
 from .index_job import IndexState
 from .plan import Engine
 
-CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "IndexReady", "ScalingActive", "GroupsSchedulable")
+CONDITION_TYPES = (
+    "Ready",
+    "Progressing",
+    "Degraded",
+    "IndexReady",
+    "ScalingActive",
+    "GroupsSchedulable",
+    "SLOReachable",
+)
 
 
 def now_iso(now: datetime.datetime) -> str:

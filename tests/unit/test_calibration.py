@@ -79,6 +79,13 @@ def test_rates_from_the_spec(spec, prefill, single, kv):
     assert rates.kv_cache_tokens == kv
 
 
+def test_rates_with_the_specs_decode_numbers_still_name_the_preset_they_start_from():
+    rates = rates_from_spec({"decodeTokensPerSecond": 125})
+    assert rates.source.startswith("L4/Mistral-7B (datasheet roofline") and rates.source.endswith(
+        "with the spec's numbers"
+    )
+
+
 def test_an_unknown_preset_is_refused():
     with pytest.raises(ValueError, match="unknown engine preset 'TPU'"):
         rates_from_spec({"preset": "TPU"})

@@ -20,6 +20,7 @@ from spotrag_operator import render
 from spotrag_operator.crd import defaulted_spec
 from spotrag_operator.observe import Observed
 from spotrag_operator.plan import DrainTiming, Engine, plan_engines
+from spotrag_operator.queued_tokens import QueuedWork
 from spotrag_operator.reconcile import plan_reconcile
 from spotrag_operator.signals import node_signal
 from spotrag_runtime.kube import AsyncKube, Informer, collection_path, object_path
@@ -190,7 +191,7 @@ def observed(engines: list[Engine], nodes: dict | None = None, overrides: dict |
         now=NOW,
         engines=engines,
         nodes=nodes or {},
-        queued_tokens=0.0,
+        work=QueuedWork(tokens=0.0),
         metric_problem="",
         found={("ConfigMap", "handbook-docs"): {"data": {}}},
         index_jobs=[],

@@ -14,6 +14,7 @@ from spotrag_operator.crd import defaulted_spec
 from spotrag_operator.metrics import Count
 from spotrag_operator.observe import Observed
 from spotrag_operator.plan import Engine
+from spotrag_operator.queued_tokens import QueuedWork
 from spotrag_operator.reconcile import DeleteAction, Event, plan_reconcile
 
 from .operator_fixtures import ragdeployment
@@ -43,7 +44,7 @@ def observed(
         now=NOW,
         engines=list(engines),
         nodes=nodes or {},
-        queued_tokens=queued,
+        work=None if queued is None else QueuedWork(tokens=queued),
         metric_problem="" if queued is not None else "no ready gateway to read queued tokens from",
         found={DOCS: CORPUS} if found is None else found,
         index_jobs=list(jobs),
@@ -202,3 +203,110 @@ def test_without_queued_tokens_scaling_is_inactive_and_holds():
     scaling = conditions(plan.status)["ScalingActive"]
     assert scaling["status"] == "False" and plan.status["queuedTokens"] is None
     assert plan.gauges.desired == 1 and plan.creates == []
+
+
+# Sizing to the SLO: calibration kept in status, status.sizing, SLOReachable ----------------
+
+SPLIT = QueuedWork(tokens=12_000, prompt_tokens=8_000, output_tokens=4_000, waiting_requests=4)
+STORED_CALIBRATION = {"feedback": 1.2, "meanPromptTokens": 1000.0, "promptRate": 500.0, "ratesAt": 1.0}
+UNREACHABLE = {"scaling": {"slo": {"ttftSeconds": 0.1}}}  # 1000 tokens at the L4 preset's 4172 tok/s: 0.24 s
+
+
+def slo_observed(overrides: dict | None = None, *, work: QueuedWork | None = SPLIT, status: dict | None = None):
+    return dataclasses.replace(observed(overrides, engines=[engine("e1")], status=status), work=work)
+
+
+@pytest.mark.parametrize(
+    ("stored", "feedback", "mean_prompt"),
+    [
+        (STORED_CALIBRATION, 1.2, 1000.0),
+        ({"xx": [[1.0]]}, 1.0, None),  # malformed: calibration starts afresh
+        (None, 1.0, None),
+    ],
+)
+def test_calibration_is_restored_from_status_and_persisted_again(stored, feedback, mean_prompt):
+    status = {"scaling": {"autoscaler": {"desired": 2}} | ({"calibration": stored} if stored else {})}
+    plan = plan_reconcile(slo_observed(status=status), None)
+    assert plan.memory.calibration.feedback == feedback
+    assert plan.memory.calibration.mean_prompt_tokens == mean_prompt
+    # The first reconcile after a restart writes the memory: calibration with it.
+    assert plan.persist
+    assert plan.status["scaling"]["calibration"] == plan.memory.calibration.to_dict()
+    assert plan.status["sizing"]["feedback"] == feedback
+
+
+@pytest.mark.parametrize(
+    ("overrides", "work", "basis"),
+    [
+        (None, SPLIT, "slo"),
+        ({"scaling": {"targetQueuedTokensPerReplica": 1000}}, SPLIT, "targetQueuedTokensPerReplica"),
+        (None, QueuedWork(tokens=12_000), "targetQueuedTokensPerReplica"),  # an old gateway: no split, 2048 each
+        (None, None, "unavailable"),
+    ],
+)
+def test_status_sizing_says_what_the_recommendation_was_sized_on(overrides, work, basis):
+    plan = plan_reconcile(slo_observed(overrides, work=work), None)
+    sizing = plan.status["sizing"]
+    assert sizing["basis"] == basis
+    assert sizing["rates"]["prefillTokensPerSecond"] == pytest.approx(4172)  # the L4 preset, nothing measured yet
+    assert sizing["rates"]["source"].startswith("L4/Mistral-7B")
+    if basis == "slo":
+        assert sizing["prefillBacklog"] > 0 and sizing["engines"] > 1
+        assert plan.gauges.desired > 1  # 8000 queued prompt tokens need more than one L4
+
+
+def test_status_sizing_follows_the_persist_cadence():
+    first = plan_reconcile(slo_observed(), None)
+    assert first.persist and first.status["sizing"]["basis"] == "slo"
+    remembered = dataclasses.replace(first.memory, persisted_at=NOW.timestamp())
+    # Seconds later, less work: the decision stands (the scale-down window), nothing is persisted,
+    # and the sizing shown stays the one that goes with the persisted memory.
+    later = dataclasses.replace(
+        slo_observed(status=first.status), now=NOW + datetime.timedelta(seconds=5), work=QueuedWork(0, 0, 0, 0)
+    )
+    second = plan_reconcile(later, remembered)
+    assert not second.persist
+    assert (second.status or first.status)["sizing"] == first.status["sizing"]
+    assert second.memory.calibration.to_dict()["feedback"] == 1.0
+
+
+def test_an_slo_below_one_prefill_is_reported_once_and_clears():
+    status = {"scaling": {"calibration": STORED_CALIBRATION}}
+    first = plan_reconcile(slo_observed(UNREACHABLE, status=status), None)
+    reach = conditions(first.status)["SLOReachable"]
+    assert (reach["status"], reach["reason"]) == ("False", "SLOBelowPrefill")
+    assert "the TTFT SLO of 0.1s is below one prefill of the mean prompt: 1000 tokens" in reach["message"]
+    assert first.status["sizing"]["sloProblem"] == reach["message"]
+    assert [e for e in first.announce if e.reason == "SLOBelowPrefill"] == [
+        Event("SLOBelowPrefill", reach["message"], warning=True)
+    ]
+    # Still out of reach: the condition says it, no second Event.
+    second = plan_reconcile(slo_observed(UNREACHABLE, status=first.status), first.memory)
+    assert conditions(second.status or first.status)["SLOReachable"]["status"] == "False"
+    assert [e for e in second.announce if e.reason == "SLOBelowPrefill"] == []
+    # A reachable SLO: True again, and no Event.
+    third = plan_reconcile(slo_observed(status=second.status or first.status), second.memory)
+    reach = conditions(third.status)["SLOReachable"]
+    assert (reach["status"], reach["reason"]) == ("True", "PrefillWithinSLO")
+    assert [e for e in third.announce if e.reason == "SLOBelowPrefill"] == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "status", "reason"),
+    [
+        (None, {}, "NoPromptSeen"),
+        (None, {"scaling": {"calibration": STORED_CALIBRATION}}, "PrefillWithinSLO"),
+        ({"scaling": {"targetQueuedTokensPerReplica": 1000}}, {}, "SizedOnTarget"),
+        # An explicit target is not held to the SLO: nothing to report even when the SLO is out of reach.
+        (
+            {"scaling": {"targetQueuedTokensPerReplica": 1000, "slo": {"ttftSeconds": 0.1}}},
+            {"scaling": {"calibration": STORED_CALIBRATION}},
+            "SizedOnTarget",
+        ),
+    ],
+)
+def test_slo_reachable_is_true_otherwise(overrides, status, reason):
+    plan = plan_reconcile(slo_observed(overrides, status=status), None)
+    reach = conditions(plan.status)["SLOReachable"]
+    assert (reach["status"], reach["reason"]) == ("True", reason)
+    assert not any(e.reason == "SLOBelowPrefill" for e in plan.announce)
