@@ -52,7 +52,7 @@ from spotrag_runtime.gateway.errors import EnginesFailed
 from spotrag_runtime.gateway.metrics import GatewayMetrics
 from spotrag_runtime.gateway.prompt import message_text
 from spotrag_runtime.gateway.token_queue import AdmissionController, Engine, Ticket
-from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure, EngineRefused
+from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure, EngineRefused, PromptEstimator
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ class ChatJob:
     prompt_tokens: int
     max_tokens: int
     served_model: str
+    # The raw estimate prompt_tokens came from, until the engine reports the exact count.
+    prompt_estimate: int | None = None
     affinity: tuple[bytes, ...] = ()
     continuous_usage: bool = False  # the client asked for usage in every chunk
     arrived_at: float = field(default_factory=time.perf_counter)
@@ -99,11 +101,13 @@ class ChatRelay:
         client: EngineClient,
         failover: FailoverConfig,
         metrics: GatewayMetrics,
+        estimator: PromptEstimator | None = None,
     ) -> None:
         self.admission = admission
         self.client = client
         self.failover = failover
         self.metrics = metrics
+        self.estimator = estimator or PromptEstimator()
 
     async def chunks(self, job: ChatJob, outcome: ChatOutcome) -> AsyncIterator[list[dict[str, Any]]]:
         """The answer as chat.completion.chunk dicts for the client, a list per
@@ -127,6 +131,8 @@ class ChatRelay:
                             if events is None:
                                 break
                             chunks = [chunk for event in events if (chunk := stream.take(event)) is not None]
+                            if job.prompt_estimate is not None and outcome.prompt_tokens is not None:
+                                self._correct_prompt(job, ticket, outcome.prompt_tokens)
                             self.admission.progress(ticket, outcome.generated)
                             if chunks:
                                 yield chunks
@@ -170,6 +176,15 @@ class ChatRelay:
                     stall.close()
         finally:
             self.admission.release(ticket)
+
+    def _correct_prompt(self, job: ChatJob, ticket: Ticket, reported: int) -> None:
+        """The engine counted the prompt admitted on an estimate: the request
+        (and a resume's prefill) counts the engine's number from now on, and
+        the estimator learns from the difference."""
+        assert job.prompt_estimate is not None
+        self.estimator.learn(job.prompt_estimate, reported)
+        job.prompt_estimate = None
+        job.prompt_tokens = ticket.prompt_tokens = reported
 
     def _attempt_body(self, job: ChatJob, outcome: ChatOutcome) -> dict[str, Any]:
         body = dict(job.body)

@@ -174,9 +174,36 @@ def _stream_error(error: Any, engine_url: str) -> Exception:
     return EngineFailure(f"{engine_url} sent an error mid-stream: {message}")
 
 
+class PromptEstimator:
+    """Prompt tokens without a round trip: ``estimate_prompt_tokens`` scaled by
+    what the engines have reported for earlier prompts of this gateway (the
+    ``prompt_tokens`` of their first usage chunk), so the estimate follows the
+    model's tokenizer and chat template after a few answers.
+
+    ``learn`` keeps an exponentially weighted ratio of reported to estimated
+    tokens; it starts at 1 (four bytes per token) and stays within [0.25, 4].
+    """
+
+    WEIGHT = 0.05  # each report moves the ratio by this share of its error
+
+    def __init__(self) -> None:
+        self.ratio = 1.0
+
+    def estimate(self, messages: Sequence[dict[str, Any]]) -> tuple[int, int]:
+        """(the calibrated estimate, the raw one to ``learn`` from later)."""
+        raw = estimate_prompt_tokens(messages)
+        return max(1, round(raw * self.ratio)), raw
+
+    def learn(self, raw: int, reported: int) -> None:
+        if raw > 0 and reported > 0:
+            ratio = self.ratio + self.WEIGHT * (reported / raw - self.ratio)
+            self.ratio = min(max(ratio, 0.25), 4.0)
+
+
 def estimate_prompt_tokens(messages: Sequence[dict[str, Any]]) -> int:
     """About four bytes of text per token, plus a few per message for the chat
-    template: used when no engine can count (``tokenCounting: estimate``)."""
+    template: used when no engine can count (``tokenCounting: estimate``) and,
+    calibrated by ``PromptEstimator``, for admission under ``tokenCounting: auto``."""
     total = 2
     for message in messages:
         total += 4 + math.ceil(len(message_text(message.get("content")).encode()) / 4)
