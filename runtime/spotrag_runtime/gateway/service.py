@@ -5,7 +5,10 @@ engine discovery and API keys. Routes reach them through ``app.state.gateway``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,9 +85,15 @@ class Gateway:
         *,
         embedder: Embedder | None = None,
         kubeconfig: str | None = None,
+        workers: int = 1,
     ) -> None:
+        """``workers`` > 1: this is one of that many worker processes of a pod
+        (``config`` then holds this worker's share of the pod's limits), whose
+        metrics add up in prometheus-client's multiprocess directory."""
         self.config = config
-        self.metrics = GatewayMetrics()
+        self.workers = workers
+        self.metrics = GatewayMetrics(multiprocess_workers=workers > 1)
+        self._publisher: asyncio.Task[None] | None = None
         self.admission = AdmissionController(
             config.admission, engine_cooldown_seconds=config.failover.engine_cooldown_seconds
         )
@@ -127,8 +136,21 @@ class Gateway:
         await self.discovery.start()
         if self.retrieval is not None:
             await self.retrieval.start()
+        if self.metrics.published is not None:
+            self.metrics.forget_dead_workers()
+            self._publisher = asyncio.create_task(self._publish_metrics())
+
+    async def _publish_metrics(self) -> None:
+        while True:
+            self.metrics.publish()
+            await asyncio.sleep(self.metrics.PUBLISH_SECONDS)
 
     async def close(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publisher
+            self.metrics.worker_exited(os.getpid())
         await self.discovery.close()
         if self.retrieval is not None:
             await self.retrieval.close()
