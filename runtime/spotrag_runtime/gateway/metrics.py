@@ -59,6 +59,7 @@ class LiveState:
     queued_tokens: Callable[[], int] = lambda: 0
     queued_prompt_tokens: Callable[[], int] = lambda: 0
     waiting_requests: Callable[[], int] = lambda: 0
+    inflight_requests: Callable[[], int] = lambda: 0
     engine_inflight_tokens: Callable[[], Mapping[str, int]] = dict
     engines_by_state: Callable[[], Mapping[str, int]] = dict
     index: Callable[[], IndexState | None] = lambda: None
@@ -91,6 +92,11 @@ class _LiveCollector(Collector):
             "spotrag_waiting_requests",
             "Requests waiting in the admission queue for an engine.",
             value=state.waiting_requests(),
+        )
+        yield GaugeMetricFamily(
+            "spotrag_inflight_requests",
+            "Requests admitted to an engine or waiting for one (a gateway HPA's per-pod target).",
+            value=state.inflight_requests(),
         )
         inflight = GaugeMetricFamily(
             "spotrag_engine_inflight_tokens",
@@ -133,6 +139,7 @@ class _PublishedLiveState:
         self.queued_prompt = gauge(QUEUED_PROMPT_TOKENS, "livesum")
         self.queued_output = gauge(QUEUED_OUTPUT_TOKENS, "livesum")
         self.waiting = gauge("spotrag_waiting_requests", "livesum")
+        self.inflight_requests = gauge("spotrag_inflight_requests", "livesum")
         self.inflight = gauge("spotrag_engine_inflight_tokens", "livesum", ("engine",))
         self.engines = gauge("spotrag_engines", "livemax", ("state",))
         self.passages = gauge("spotrag_index_passages", "livemax")
@@ -147,6 +154,7 @@ class _PublishedLiveState:
         self.queued_prompt.set(prompt)
         self.queued_output.set(total - prompt)
         self.waiting.set(state.waiting_requests())
+        self.inflight_requests.set(state.inflight_requests())
         inflight = state.engine_inflight_tokens()
         for engine in self._engines_seen - inflight.keys():
             self.inflight.labels(engine).set(0)  # gone from this worker: counts nothing here

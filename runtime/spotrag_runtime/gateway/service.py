@@ -127,6 +127,7 @@ class Gateway:
         live.queued_tokens = lambda: self.admission.queued_tokens
         live.queued_prompt_tokens = lambda: self.admission.queued_prompt_tokens
         live.waiting_requests = lambda: self.admission.waiting_requests
+        live.inflight_requests = lambda: self.admission.inflight_requests
         live.engine_inflight_tokens = self.admission.engine_inflight_tokens
         live.engines_by_state = self.admission.engines_by_state
         if self.retrieval is not None:
