@@ -4,9 +4,12 @@ routers in front of the same two engine emulators, and retrieval on its own.
 Proxies (one run, side by side, the same engines and load):
 
 - ``direct``: straight to one engine (no proxy; the baseline)
-- ``spotrag``: the gateway with RAG off (``spotrag gateway`` as a process),
-  counting tokens with the engines' /tokenize and queuing by tokens;
-  ``spotrag-estimate``: the same with ``tokenCounting: estimate`` (no /tokenize)
+- ``spotrag``: the gateway with RAG off (``spotrag gateway`` as a process) in
+  its default configuration (``tokenCounting: auto``: no /tokenize before the
+  first token), one worker process, queuing by tokens; ``spotrag-w<N>``: the
+  same with N worker processes; ``spotrag-engine``: counting every prompt
+  with the engines' /tokenize first; ``spotrag-estimate``: ``tokenCounting:
+  estimate``
 - ``vllm-router-rr`` / ``vllm-router-cache``: PyPI ``vllm-router`` (Rust) with
   ``--policy round_robin`` / ``cache_aware``
 - ``litellm``: the litellm proxy, when it is installed
@@ -267,9 +270,10 @@ def start_target(
     base = f"http://127.0.0.1:{port}"
     if name == "direct":
         yield urls[0], None, {}
-    elif name in ("spotrag", "spotrag-estimate"):
+    elif name == "spotrag" or name.startswith("spotrag-"):
         config = work / f"{name}.json"
-        counting = "estimate" if name == "spotrag-estimate" else "engine"
+        variant, _, workers = name.partition("-w")
+        counting = {"spotrag": "auto", "spotrag-engine": "engine", "spotrag-estimate": "estimate"}[variant]
         config.write_text(
             json.dumps(
                 {
@@ -290,6 +294,7 @@ def start_target(
             str(port),
             "--log-level",
             "warning",
+            *(["--workers", workers] if workers else []),
         ]
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [args.gateway_pythonpath, os.environ.get("PYTHONPATH")]))}
         with proxy_process(argv, f"{base}/readyz", log=work / f"{name}.log", env=env) as process:

@@ -110,7 +110,7 @@ def login(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> kopf.Co
     )
 
 
-def reconcile_children(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+def reconcile_children(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, old: Any = None, **_: Any) -> None:
     kube: Kube = memo["kube"]
     body = _plain(body)
     spec = defaulted_spec(body)
@@ -120,6 +120,11 @@ def reconcile_children(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **
             outcome = kube.ensure(child)
             if outcome != "unchanged":
                 changed.append(f"{outcome} {child['kind']} {child['metadata']['name']}")
+        if _gateway_autoscaling_turned_off(old, spec):
+            # The Deployment's replicas are the spec's again (written above): the HPA goes.
+            name = render.resource_name(body, "gateway")
+            if kube.delete("autoscaling/v2", "HorizontalPodAutoscaler", name, body["metadata"]["namespace"]):
+                changed.append(f"deleted HorizontalPodAutoscaler {name}")
     except KubeError as error:
         report_failure(kube, body, error)
         raise retry_later(error, "writing children") from error
@@ -127,6 +132,13 @@ def reconcile_children(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **
         logger.info("children: %s", ", ".join(changed))
         kopf.info(body, reason="Reconciled", message="; ".join(changed))
     reconcile_engines(memo, body, logger)
+
+
+def _gateway_autoscaling_turned_off(old_spec: Any, spec: dict) -> bool:
+    """An update (kopf's ``old`` of the spec) that removed gateway.autoscaling."""
+    if not isinstance(old_spec, dict) or spec["gateway"].get("autoscaling"):
+        return False
+    return bool((old_spec.get("gateway") or {}).get("autoscaling"))
 
 
 def reconcile_timer(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:

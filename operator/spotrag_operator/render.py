@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from typing import Any
 
 from spotrag_runtime.kube.resources import owner_reference
@@ -459,11 +460,52 @@ def gateway_selector(body: dict) -> dict[str, str]:
     return {LABEL_DEPLOYMENT: body["metadata"]["name"], LABEL_COMPONENT: "gateway"}
 
 
+# A gateway pod being removed (scale-in, rollout, node drain) first waits this long
+# for its endpoint to leave the Service everywhere, then stops taking connections
+# and lets its streams finish for up to the gateway's own shutdown grace.
+GATEWAY_PRESTOP_SECONDS = 5
+GATEWAY_SHUTDOWN_GRACE_SECONDS = 25  # spotrag_runtime.gateway.cli.SHUTDOWN_GRACE_SECONDS
+GATEWAY_GRACE_SECONDS = GATEWAY_PRESTOP_SECONDS + GATEWAY_SHUTDOWN_GRACE_SECONDS + GRACE_MARGIN_SECONDS
+
+
+def _cpu_cores(quantity: Any) -> float | None:
+    """A Kubernetes CPU quantity ("2", "1500m", 0.5) in cores; None if unreadable."""
+    text = str(quantity).strip()
+    try:
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return None
+
+
+def gateway_workers(spec: dict) -> int:
+    """Worker processes per gateway pod: ``gateway.workers``, else one per core
+    of the CPU request in ``gateway.resources``, else 1."""
+    gateway = spec["gateway"]
+    if gateway.get("workers"):
+        return int(gateway["workers"])
+    cpu = _cpu_cores(((gateway.get("resources") or {}).get("requests") or {}).get("cpu", 1))
+    return max(1, math.ceil(cpu)) if cpu else 1
+
+
+def gateway_resources(spec: dict) -> dict:
+    """``gateway.resources`` as given; without it, one core per worker (requested
+    and limited alike, so the HPA's CPU utilization is per worker) and memory
+    for each worker's copy of the embedder and index."""
+    if resources := spec["gateway"].get("resources"):
+        return resources
+    workers = gateway_workers(spec)
+    return {
+        "requests": {"cpu": str(workers), "memory": f"{1 + workers}Gi"},
+        "limits": {"cpu": str(workers), "memory": f"{2 * (1 + workers)}Gi"},
+    }
+
+
 def gateway_deployment(body: dict, spec: dict) -> dict:
     gateway = spec["gateway"]
     name = resource_name(body, "gateway")
     config_hash = _hash(gateway_config(body, spec))
-    resources = gateway.get("resources") or {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
+    resources = gateway_resources(spec)
+    workers = gateway_workers(spec)
     volumes = [
         {"name": "config", "configMap": {"name": name}},
         {"name": "index", "persistentVolumeClaim": {"claimName": index_claim_name(body, spec), "readOnly": True}},
@@ -481,12 +523,15 @@ def gateway_deployment(body: dict, spec: dict) -> dict:
         volumes.append({"name": "api-keys", "secret": {"secretName": secret}})
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
     labels = common_labels(body, "gateway")
+    deployment_spec: dict[str, Any] = {}
+    if not gateway.get("autoscaling"):
+        deployment_spec["replicas"] = gateway["replicas"]  # else the HorizontalPodAutoscaler's to set
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _metadata(body, name, "gateway"),
         "spec": {
-            "replicas": gateway["replicas"],
+            **deployment_spec,
             "selector": {"matchLabels": gateway_selector(body)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
@@ -502,6 +547,7 @@ def gateway_deployment(body: dict, spec: dict) -> dict:
                 "spec": {
                     "serviceAccountName": name,
                     "enableServiceLinks": False,
+                    "terminationGracePeriodSeconds": GATEWAY_GRACE_SECONDS,
                     "securityContext": {
                         "runAsNonRoot": True,
                         "runAsUser": 10001,
@@ -530,7 +576,10 @@ def gateway_deployment(body: dict, spec: dict) -> dict:
                                 "0.0.0.0",
                                 "--port",
                                 str(GATEWAY_PORT),
+                                "--workers",
+                                str(workers),
                             ],
+                            "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(GATEWAY_PRESTOP_SECONDS)]}}},
                             "env": [
                                 {"name": "HF_HOME", "value": "/var/cache/spotrag"},
                                 {"name": "OMP_NUM_THREADS", "value": "1"},
@@ -577,11 +626,71 @@ def gateway_service(body: dict, spec: dict) -> dict:
 
 
 def gateway_pdb(body: dict) -> dict:
+    """One gateway at a time may be evicted (a node drain waits for the next);
+    one that is not Ready may always go, so a broken rollout never blocks a
+    drain. (Rollouts themselves are paced by maxUnavailable 0 / maxSurge 1.)"""
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": _metadata(body, resource_name(body, "gateway"), "gateway"),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": gateway_selector(body)}},
+        "spec": {
+            "maxUnavailable": 1,
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+            "selector": {"matchLabels": gateway_selector(body)},
+        },
+    }
+
+
+# The gateway's gauge of requests admitted or waiting; an HPA target per pod
+# through a custom-metrics adapter (e.g. prometheus-adapter) exposing it.
+GATEWAY_INFLIGHT_METRIC = "spotrag_inflight_requests"
+
+
+def gateway_hpa(body: dict, spec: dict) -> dict | None:
+    """An autoscaling/v2 HorizontalPodAutoscaler for the gateway Deployment when
+    ``gateway.autoscaling`` is set: on CPU utilization (of the request, one core
+    per worker), and on in-flight requests per pod if a target is given. Scale-in
+    takes one pod a minute, each draining its streams (preStop, then the
+    gateway's shutdown grace) before it goes."""
+    scaling = spec["gateway"].get("autoscaling")
+    if not scaling:
+        return None
+    metrics: list[dict] = [
+        {
+            "type": "Resource",
+            "resource": {
+                "name": "cpu",
+                "target": {"type": "Utilization", "averageUtilization": scaling["targetCPUUtilization"]},
+            },
+        }
+    ]
+    if streams := scaling.get("targetInflightRequestsPerPod"):
+        metrics.append(
+            {
+                "type": "Pods",
+                "pods": {
+                    "metric": {"name": GATEWAY_INFLIGHT_METRIC},
+                    "target": {"type": "AverageValue", "averageValue": str(streams)},
+                },
+            }
+        )
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(body, resource_name(body, "gateway"), "gateway"),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": resource_name(body, "gateway")},
+            "minReplicas": scaling["minReplicas"],
+            "maxReplicas": scaling["maxReplicas"],
+            "metrics": metrics,
+            "behavior": {
+                "scaleUp": {"stabilizationWindowSeconds": 0},
+                "scaleDown": {
+                    "stabilizationWindowSeconds": 300,
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
+                },
+            },
+        },
     }
 
 
@@ -629,6 +738,8 @@ def static_children(body: dict, spec: dict) -> list[dict]:
         gateway_service(body, spec),
         gateway_pdb(body),
     ]
+    if hpa := gateway_hpa(body, spec):
+        children.append(hpa)
     if claim := index_claim(body, spec):
         children.insert(0, claim)
     return children

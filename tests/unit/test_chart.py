@@ -240,6 +240,7 @@ OPERATOR_NAMESPACED: set[Triple] = (
             ("", "persistentvolumeclaims"),
             ("apps", "deployments"),
             ("policy", "poddisruptionbudgets"),
+            ("autoscaling", "horizontalpodautoscalers"),
             ("batch", "jobs"),
             ("leaderworkerset.x-k8s.io", "leaderworkersets"),
             ("rbac.authorization.k8s.io", "roles"),
@@ -328,6 +329,7 @@ PLURALS = {
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "Deployment": "deployments",
     "PodDisruptionBudget": "poddisruptionbudgets",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     "Job": "jobs",
     "Role": "roles",
     "RoleBinding": "rolebindings",
@@ -337,7 +339,12 @@ PLURALS = {
 def test_operator_may_create_everything_its_render_functions_produce(rendered):
     """Checked against the operator's own code, so a new kind of child
     without a matching rule fails here rather than in a cluster."""
-    body = ragdeployment({"retrieval": {"corpus": {"configMap": "docs", "gpu": True}}})
+    body = ragdeployment(
+        {
+            "retrieval": {"corpus": {"configMap": "docs", "gpu": True}},
+            "gateway": {"autoscaling": {"maxReplicas": 4}},
+        }
+    )
     spec = defaulted_spec(body)
     children = render.static_children(body, spec) + [render.engine_pod(body, spec, c) for c in render.CAPACITY_TYPES]
     children.append(render.index_job(body, spec, render.corpus_hash(spec)))

@@ -86,6 +86,13 @@ BAD = [
     ("service type", {"gateway": {"serviceType": "Ingress"}}, "spec.gateway.serviceType"),
     ("fallback too short", {"spot": {"fallbackAfterSeconds": 1}}, "spec.spot.fallbackAfterSeconds"),
     ("string replicas", {"gateway": {"replicas": "two"}}, "spec.gateway.replicas"),
+    ("zero gateway workers", {"gateway": {"workers": 0}}, "spec.gateway.workers"),
+    (
+        "gateway min above max",
+        {"gateway": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}},
+        "spec.gateway.autoscaling.minReplicas",
+    ),
+    ("gateway autoscaling without max", {"gateway": {"autoscaling": {}}}, "spec.gateway.autoscaling.maxReplicas"),
     ("negative price", {"pricing": {"spotPerGpuHour": -1}}, "spec.pricing.spotPerGpuHour"),
 ]
 

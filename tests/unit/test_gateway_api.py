@@ -108,6 +108,26 @@ def test_streamed_and_whole_answers_are_the_same(client: openai.OpenAI) -> None:
     assert whole.usage.completion_tokens == 30
 
 
+def test_usage_in_every_chunk_only_when_asked_and_the_requests_own(engines: list, client: openai.OpenAI) -> None:
+    # The gateway always asks the engine for usage in every chunk; the client gets it only if it asked,
+    # counted for its own request (one stream, one id), and the text is the same either way.
+    question = [{"role": "user", "content": "Say something about the ferries."}]
+    prompt = tokenize_count(engines[0], question)
+    create = dict(model=SERVED_MODEL, messages=question, max_tokens=20, stream=True, extra_body={"rag": False})
+    plain = list(client.chat.completions.create(**create))
+    counted = list(
+        client.chat.completions.create(**create, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    )
+    assert [chunk.usage for chunk in plain] == [None] * len(plain)
+    texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices) for chunks in (plain, counted)]
+    assert texts[0] == texts[1] == direct_answer(engines[0], question, max_tokens=20)
+    assert {chunk.id for chunk in counted} == {counted[0].id}
+    assert all(chunk.usage is not None and chunk.usage.prompt_tokens == prompt for chunk in counted)
+    completion = [chunk.usage.completion_tokens for chunk in counted]
+    assert completion == sorted(completion) and completion[-1] == 20
+    assert all(chunk.usage.total_tokens == prompt + chunk.usage.completion_tokens for chunk in counted)
+
+
 def test_without_rag_the_engine_gets_the_conversation_as_sent(engines: list, client: openai.OpenAI) -> None:
     conversation = [
         {"role": "system", "content": "You are terse."},

@@ -1,8 +1,11 @@
 """`spotrag gateway` as a process: it serves from the command line alone, and
-on SIGTERM it stops taking requests but lets the answer in flight finish."""
+on SIGTERM it stops taking requests but lets the answer in flight finish;
+with several worker processes, /metrics is the pod's sum and a client that
+goes away frees its engine slot and queued tokens at once."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -12,9 +15,9 @@ import threading
 import httpx
 import openai
 
-from spotrag_box.testing import eventually
+from spotrag_box.testing import eventually, scrape
 
-from .gateway_fixtures import SERVED_MODEL, direct_answer, running_engines
+from .gateway_fixtures import SERVED_MODEL, direct_answer, running_engines, tokenize_count
 
 
 def free_port() -> int:
@@ -99,6 +102,93 @@ def test_the_gateway_command_serves_and_drains_on_sigterm(tmp_path) -> None:
             assert process.wait(timeout=30) in (0, -signal.SIGTERM)
         finally:
             if process.poll() is None:
+                process.kill()
+                process.wait()
+            log.close()
+
+
+def test_several_workers_count_the_pods_queued_tokens_and_free_a_cancelled_stream(tmp_path) -> None:
+    questions = [[{"role": "user", "content": "Describe the fleet " + "and its ships " * n}] for n in range(6)]
+    with running_engines(1, ttft_ms=1500, itl_ms=200, answer_words_min=300, answer_words_max=300) as (engine,):
+        config = tmp_path / "gateway.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "servedModelName": SERVED_MODEL,
+                    "retrieval": {"enabled": False},
+                    "engines": {"discovery": "static", "urls": [engine.url]},
+                    # Exact before the first token, so the sum can be checked to the token.
+                    "admission": {"tokenCounting": "engine", "prefixAffinity": False},
+                }
+            )
+        )
+        costs = [tokenize_count(engine, question) + 100 for question in questions]
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        log = (tmp_path / "gateway.log").open("w")
+        argv = [sys.executable, "-m", "spotrag_runtime.gateway.cli", "--config", str(config), "--host", "127.0.0.1"]
+        process = subprocess.Popen(
+            [*argv, "--port", str(port), "--workers", "2", "--log-level", "warning"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        metrics = httpx.Client(timeout=5)
+        streams: list[httpx.Client] = []
+        leave = threading.Event()
+        try:
+
+            def ready() -> bool:
+                try:
+                    return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return process.poll() is not None
+
+            eventually(ready, what="the gateway to be ready", timeout=60)
+            assert process.poll() is None, (tmp_path / "gateway.log").read_text()
+            answering: list[int] = []
+
+            def ask(question: list[dict], client: httpx.Client) -> None:
+                body = {"model": SERVED_MODEL, "messages": question, "max_tokens": 100, "stream": True}
+                with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+                    if any('"content"' in line for line in response.iter_lines()):
+                        answering.append(1)
+                        leave.wait(30)  # then the client goes away mid-answer
+
+            for question in questions:
+                client = httpx.Client(timeout=30)  # a connection each: the kernel spreads them over the workers
+                streams.append(client)
+                threading.Thread(target=ask, args=(question, client), daemon=True).start()
+            # Waiting for their first token on the engine: the pod's metric is every worker's sum.
+            eventually(
+                lambda: scrape(f"{url}/metrics", client=metrics).value("spotrag_queued_tokens") == sum(costs),
+                what="the pod's queued tokens to be the sum of its requests'",
+            )
+            eventually(lambda: len(answering) == len(questions), what="every answer to start")
+            leave.set()
+            eventually(
+                lambda: scrape(f"{url}/metrics", client=metrics).value("spotrag_queued_tokens") == 0,
+                what="the cancelled requests' tokens to be freed",
+            )
+            eventually(
+                lambda: scrape(f"{engine.url}/metrics").value("vllm:num_requests_running") == 0,
+                what="the engine to drop the abandoned requests",
+            )
+            eventually(
+                lambda: (
+                    scrape(f"{url}/metrics", client=metrics).value("spotrag_requests_total", outcome="cancelled")
+                    == len(questions)
+                ),
+                what="the cancellations to be counted once each",
+            )
+        finally:
+            leave.set()
+            for client in streams:
+                client.close()
+            metrics.close()
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
             log.close()

@@ -77,7 +77,7 @@ def test_only_the_model_name_is_required() -> None:
     assert config.retrieval.enabled and config.retrieval.top_k == 4
     assert config.prompt.template == "References:\n{contexts}\n\nQuestion: {question}"
     assert config.engines.discovery == "static" and config.engines.urls == ()
-    assert config.admission.token_counting == "engine"
+    assert config.admission.token_counting == "auto"
     assert config.auth.api_keys_dir is None
 
 

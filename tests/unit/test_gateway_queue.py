@@ -26,7 +26,8 @@ def plain_config(urls: list[str], **admission) -> object:
     return gateway_config(
         urls,
         retrieval={"enabled": False},
-        admission={"prefixAffinity": False, **admission},
+        # Exact before the first token: every prompt counted by the engine's /tokenize.
+        admission={"prefixAffinity": False, "tokenCounting": "engine", **admission},
     )
 
 
@@ -149,3 +150,32 @@ def test_with_no_engine_the_gateway_is_not_ready_and_requests_fail_at_once() -> 
                 model=SERVED_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5
             )
         assert raised.value.status_code == 503 and raised.value.body["code"] == "no_engine"
+
+
+async def test_by_default_a_prompt_is_estimated_and_the_engines_count_corrects_it() -> None:
+    # tokenCounting auto: admitted on an estimate (no /tokenize before the first token);
+    # the engine's first usage chunk gives the exact count, which the client's usage
+    # carries and the next estimates learn from.
+    with (
+        running_engines(1, ttft_ms=STALL_MS) as (engine,),
+        RunningGateway(gateway_config([engine.url], retrieval={"enabled": False})) as gateway,
+    ):
+        question = [{"role": "user", "content": "tell me about the ferries of the northern isles " * 12}]
+        exact = tokenize_count(engine, question)
+        estimates = []
+        async with gateway.async_client() as client:
+            for _ in range(3):
+                answer = asyncio.create_task(
+                    client.chat.completions.create(model=SERVED_MODEL, messages=question, max_tokens=5)
+                )
+                await eventually_async(lambda: _positive(gateway, "spotrag_queued_prompt_tokens"), what="admission")
+                estimates.append(await gateway.metric_async("spotrag_queued_prompt_tokens"))
+                assert (await answer).usage.prompt_tokens == exact
+        assert await gateway.metric_async("spotrag_queued_tokens") == 0
+    assert estimates[0] != exact
+    errors = [abs(estimate - exact) for estimate in estimates]
+    assert errors[2] < errors[1] < errors[0]
+
+
+async def _positive(gateway: RunningGateway, name: str) -> bool:
+    return await gateway.metric_async(name) > 0

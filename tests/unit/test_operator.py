@@ -248,6 +248,37 @@ def test_spec_updates_change_the_right_children(operator, kube):
     wait_for(lambda: len(serving(engines(kube, body))) == 2, what="a second engine", diagnose=diagnose(kube, body))
 
 
+def test_gateway_autoscaling_hands_replicas_to_an_hpa_and_back(operator, kube):
+    body = new_ragd(kube, {"gateway": {"replicas": 3}})
+    name, ns = body["metadata"]["name"], "default"
+    wait_for(lambda: kube.get("apps/v1", "Deployment", f"{name}-gateway", ns), what="gateway deployment")
+    kube.patch(API_VERSION, KIND, name, {"spec": {"gateway": {"autoscaling": {"maxReplicas": 6}}}}, ns)
+    hpa = wait_for(
+        lambda: kube.get("autoscaling/v2", "HorizontalPodAutoscaler", f"{name}-gateway", ns), what="the gateway HPA"
+    )
+    assert hpa["spec"]["scaleTargetRef"]["name"] == f"{name}-gateway"
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    assert hpa["metadata"]["ownerReferences"][0]["name"] == name
+    # What the HPA sets stays: the operator no longer writes replicas.
+    kube.patch("apps/v1", "Deployment", f"{name}-gateway", {"spec": {"replicas": 4}}, ns)
+    kube.patch(API_VERSION, KIND, name, {"spec": {"retrieval": {"topK": 6}}}, ns)
+    wait_for(
+        lambda: '"topK": 6' in kube.get("v1", "ConfigMap", f"{name}-gateway", ns)["data"]["gateway.json"],
+        what="the config update",
+    )
+    assert kube.get("apps/v1", "Deployment", f"{name}-gateway", ns)["spec"]["replicas"] == 4
+    # Turned off: the HPA goes and the spec's replicas are back.
+    kube.patch(API_VERSION, KIND, name, {"spec": {"gateway": {"autoscaling": None}}}, ns)
+    wait_for(
+        lambda: kube.get("autoscaling/v2", "HorizontalPodAutoscaler", f"{name}-gateway", ns) is None,
+        what="the HPA to be deleted",
+    )
+    wait_for(
+        lambda: kube.get("apps/v1", "Deployment", f"{name}-gateway", ns)["spec"]["replicas"] == 3,
+        what="the spec's replicas",
+    )
+
+
 def test_engine_spec_change_rolls_new_engines_first(operator, kube, api):
     body = new_ragd(kube, {"scaling": {"minReplicas": 2, "onDemandBaseline": 1}})
     name, ns = body["metadata"]["name"], "default"

@@ -213,6 +213,64 @@ def test_gateway_deployment_rolls_on_config_change_and_mounts_keys():
     assert template["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
+def test_gateway_workers_and_cpu_go_together():
+    def pod(gateway: dict) -> tuple[list[str], dict]:
+        body, spec = rendered({"gateway": gateway})
+        gateway_container = container(render.gateway_deployment(body, spec)["spec"]["template"])
+        return gateway_container["command"], gateway_container["resources"]
+
+    command, resources = pod({"workers": 4})
+    assert command[command.index("--workers") + 1] == "4"
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"] == "4"  # a core per worker
+    assert pod({})[0][pod({})[0].index("--workers") + 1] == "1"
+    for cpu, workers in (("3", "3"), ("1500m", "2"), (2, "2"), ("250m", "1")):
+        command, resources = pod({"resources": {"requests": {"cpu": cpu}}})
+        assert command[command.index("--workers") + 1] == workers, cpu
+        assert resources == {"requests": {"cpu": cpu}}  # given resources are kept as given
+
+
+def test_gateway_autoscaling_renders_an_hpa_that_owns_the_replicas():
+    body, spec = rendered({"gateway": {"replicas": 3}})
+    assert render.gateway_hpa(body, spec) is None
+    assert "HorizontalPodAutoscaler" not in [c["kind"] for c in render.static_children(body, spec)]
+    assert render.gateway_deployment(body, spec)["spec"]["replicas"] == 3
+
+    body, spec = rendered({"gateway": {"replicas": 3, "autoscaling": {"maxReplicas": 10}}})
+    hpa = render.gateway_hpa(body, spec)
+    assert hpa in render.static_children(body, spec)
+    deployment = render.gateway_deployment(body, spec)
+    assert "replicas" not in deployment["spec"]  # the HPA's to set; the operator never writes it back
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
+    assert hpa["spec"]["metrics"] == [
+        {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}
+    ]
+    # Scale-in one pod at a time: each drains its streams before it goes.
+    assert hpa["spec"]["behavior"]["scaleDown"]["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 60}]
+
+    body, spec = rendered({"gateway": {"autoscaling": {"maxReplicas": 4, "targetInflightRequestsPerPod": 300}}})
+    inflight = render.gateway_hpa(body, spec)["spec"]["metrics"][1]
+    assert inflight["pods"]["metric"] == {"name": "spotrag_inflight_requests"}
+    assert inflight["pods"]["target"] == {"type": "AverageValue", "averageValue": "300"}
+
+
+def test_a_gateway_leaving_drains_its_streams_and_a_pdb_lets_rollouts_and_drains_proceed():
+    from spotrag_runtime.gateway.cli import SHUTDOWN_GRACE_SECONDS
+
+    body, spec = rendered()
+    pod_spec = render.gateway_deployment(body, spec)["spec"]["template"]["spec"]
+    pre_stop = int(container({"spec": pod_spec})["lifecycle"]["preStop"]["exec"]["command"][-1])
+    # The endpoint leaves the Service first, then the gateway finishes its answers in flight.
+    assert pod_spec["terminationGracePeriodSeconds"] > pre_stop + SHUTDOWN_GRACE_SECONDS
+    assert render.GATEWAY_SHUTDOWN_GRACE_SECONDS == SHUTDOWN_GRACE_SECONDS
+    pdb = render.gateway_pdb(body)["spec"]
+    assert pdb["maxUnavailable"] == 1 and pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
 def test_spec_hash_changes_with_the_engine_spec_only():
     body, spec = rendered()
     scaled = defaulted_spec(ragdeployment({"scaling": {"minReplicas": 3}}))
@@ -252,7 +310,12 @@ def test_generated_objects_validate_strictly(version):
             "nodeSelector": {"pool": "gpu"},
             "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}],
         },
-        "gateway": {"apiKeySecret": "keys", "serviceType": "LoadBalancer"},
+        "gateway": {
+            "apiKeySecret": "keys",
+            "serviceType": "LoadBalancer",
+            "workers": 3,
+            "autoscaling": {"minReplicas": 2, "maxReplicas": 8, "targetInflightRequestsPerPod": 200},
+        },
         "retrieval": {"index": {"storageClassName": "efs"}},
     }
     for overrides in ({}, full):

@@ -7,7 +7,9 @@ the route.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -89,10 +91,13 @@ def create_app(
     *,
     embedder: Embedder | None = None,
     kubeconfig: str | None = None,
+    workers: int = 1,
 ) -> FastAPI:
     """The gateway app. ``embedder`` reuses an already loaded model (tests load
-    it once); ``kubeconfig`` is for EndpointSlice discovery out of a cluster."""
-    gateway = Gateway(config, embedder=embedder, kubeconfig=kubeconfig)
+    it once); ``kubeconfig`` is for EndpointSlice discovery out of a cluster;
+    ``workers``: how many worker processes of one pod run this app (``config``
+    holds this worker's share of the limits)."""
+    gateway = Gateway(config, embedder=embedder, kubeconfig=kubeconfig, workers=workers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -123,3 +128,15 @@ def create_app(
     if config.ui.enabled:
         app.include_router(ui_router(config))
     return app
+
+
+# How `spotrag gateway --workers N` hands each worker process its configuration.
+WORKER_CONFIG_ENV = "SPOTRAG_GATEWAY_WORKER_CONFIG"
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker process of several (uvicorn's factory)."""
+    settings = json.loads(os.environ[WORKER_CONFIG_ENV])
+    logging.basicConfig(level=settings["logLevel"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = GatewayConfig.from_mapping(settings["config"])
+    return create_app(config, kubeconfig=settings["kubeconfig"], workers=settings["workers"])

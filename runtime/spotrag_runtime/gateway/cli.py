@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
 import resource
+import shutil
 import sys
+import tempfile
 
 from spotrag_runtime.gateway.config import ConfigError, GatewayConfig, load_config
 
@@ -49,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default=None, help="address to listen on (default: 0.0.0.0 in a pod, else 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("SPOTRAG_GATEWAY_WORKERS", "1")),
+        metavar="N",
+        help=(
+            "worker processes sharing the port, one per core the pod may use (default 1, or "
+            "$SPOTRAG_GATEWAY_WORKERS); each takes 1/N of the admission limits, and /metrics adds them up"
+        ),
+    )
+    parser.add_argument(
         "--engine-url",
         action="append",
         default=[],
@@ -83,6 +97,52 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig.from_mapping(mapping)
 
 
+def worker_share(config: GatewayConfig, workers: int) -> GatewayConfig:
+    """One worker's part of the pod's admission limits: the pod as a whole
+    keeps the configured limits (each worker admits on its own; the kernel
+    spreads connections over them)."""
+    if workers <= 1:
+        return config
+    mapping = config.to_mapping()
+    admission = mapping["admission"]
+    for key in ("maxInflightTokensPerEngine", "maxInflightRequestsPerEngine", "maxQueuedRequests"):
+        admission[key] = max(1, math.ceil(admission[key] / workers))
+    return GatewayConfig.from_mapping(mapping)
+
+
+def run_workers(config: GatewayConfig, args: argparse.Namespace) -> int:
+    """Several worker processes on one listening socket (uvicorn's supervisor
+    restarts one that dies), their metrics shared through a directory."""
+    import uvicorn
+
+    from spotrag_runtime.gateway.app import WORKER_CONFIG_ENV
+
+    metrics_dir = tempfile.mkdtemp(prefix="spotrag-gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ[WORKER_CONFIG_ENV] = json.dumps(
+        {
+            "config": worker_share(config, args.workers).to_mapping(),
+            "kubeconfig": args.kubeconfig,
+            "workers": args.workers,
+            "logLevel": args.log_level,
+        }
+    )
+    try:
+        uvicorn.run(
+            "spotrag_runtime.gateway.app:app_from_environment",
+            factory=True,
+            workers=args.workers,
+            host=args.host or _default_host(),
+            port=args.port,
+            log_level=args.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
+        )
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
 def cli(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -91,11 +151,16 @@ def cli(argv: list[str]) -> int:
     except ConfigError as error:
         print(f"spotrag gateway: {error}", file=sys.stderr)
         return 2
+    if args.workers < 1:
+        print("spotrag gateway: --workers must be 1 or more", file=sys.stderr)
+        return 2
+    raise_open_file_limit()
+    if args.workers > 1:
+        return run_workers(config, args)
     import uvicorn
 
     from spotrag_runtime.gateway.app import create_app
 
-    raise_open_file_limit()
     app = create_app(config, kubeconfig=args.kubeconfig)
     server = uvicorn.Server(
         uvicorn.Config(

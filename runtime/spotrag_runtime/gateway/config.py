@@ -117,9 +117,12 @@ class AdmissionConfig:
     default_max_tokens: int | None = field(default=None, metadata=_key("defaultMaxTokens", check=_positive))
     prefix_affinity: bool = field(default=True, metadata=_key("prefixAffinity"))
     max_body_bytes: int = field(default=1_048_576, metadata=_key("maxBodyBytes", check=_positive))
-    # "engine": exact counts from the engine's /tokenize (chat template applied);
-    # "estimate": 4 bytes per token, no round trip.
-    token_counting: Literal["engine", "estimate"] = field(default="engine", metadata=_key("tokenCounting"))
+    # "auto": no round trip before the first token: an estimate calibrated by the prompt
+    # tokens the engines report, corrected per request from the engine's first usage chunk;
+    # the engine's /tokenize only when the estimate comes near the context limit.
+    # "engine": exact counts from the engine's /tokenize for every request (one round trip);
+    # "estimate": 4 bytes per token, never a round trip.
+    token_counting: Literal["auto", "engine", "estimate"] = field(default="auto", metadata=_key("tokenCounting"))
     # Ready (and queuing) while no engine is known, e.g. while engines scale from zero.
     queue_without_engines: bool = field(default=False, metadata=_key("queueWithoutEngines"))
 

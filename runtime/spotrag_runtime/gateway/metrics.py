@@ -3,14 +3,24 @@
 ``spotrag_queued_tokens`` is what the operator scrapes to scale engines: keep
 its name. Gauges that mirror live state (queued tokens, engines, the index)
 are read from the state when scraped rather than updated on every token.
+
+With several worker processes in one pod (``spotrag gateway --workers N``),
+a scrape reaches one of them, so the pod's numbers are aggregated in
+prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by
+the command): counters and histograms add up over the workers, and each
+worker publishes its live state every ``PUBLISH_SECONDS`` into gauges that
+are summed over the live workers (``livesum``; the engines and the index,
+which every worker sees alike, are their ``livemax``). The pod's queued
+tokens are then exact to within one publishing interval.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -49,6 +59,7 @@ class LiveState:
     queued_tokens: Callable[[], int] = lambda: 0
     queued_prompt_tokens: Callable[[], int] = lambda: 0
     waiting_requests: Callable[[], int] = lambda: 0
+    inflight_requests: Callable[[], int] = lambda: 0
     engine_inflight_tokens: Callable[[], Mapping[str, int]] = dict
     engines_by_state: Callable[[], Mapping[str, int]] = dict
     index: Callable[[], IndexState | None] = lambda: None
@@ -82,6 +93,11 @@ class _LiveCollector(Collector):
             "Requests waiting in the admission queue for an engine.",
             value=state.waiting_requests(),
         )
+        yield GaugeMetricFamily(
+            "spotrag_inflight_requests",
+            "Requests admitted to an engine or waiting for one (a gateway HPA's per-pod target).",
+            value=state.inflight_requests(),
+        )
         inflight = GaugeMetricFamily(
             "spotrag_engine_inflight_tokens",
             "Queued tokens of the requests admitted to each engine.",
@@ -108,53 +124,120 @@ class _LiveCollector(Collector):
         yield info
 
 
+class _PublishedLiveState:
+    """The live state as multiprocess gauges, for a pod of several workers."""
+
+    def __init__(self, state: LiveState, registry: CollectorRegistry) -> None:
+        self._state = state
+        # The same names and help as _LiveCollector's; livesum adds up the live workers.
+        families = {family.name: family.documentation for family in _LiveCollector(LiveState()).collect()}
+
+        def gauge(name: str, mode: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, families[name], labels, multiprocess_mode=mode, registry=registry)
+
+        self.queued = gauge(QUEUED_TOKENS, "livesum")
+        self.queued_prompt = gauge(QUEUED_PROMPT_TOKENS, "livesum")
+        self.queued_output = gauge(QUEUED_OUTPUT_TOKENS, "livesum")
+        self.waiting = gauge("spotrag_waiting_requests", "livesum")
+        self.inflight_requests = gauge("spotrag_inflight_requests", "livesum")
+        self.inflight = gauge("spotrag_engine_inflight_tokens", "livesum", ("engine",))
+        self.engines = gauge("spotrag_engines", "livemax", ("state",))
+        self.passages = gauge("spotrag_index_passages", "livemax")
+        self.index_info = gauge("spotrag_index_info", "livemax", ("version", "model"))
+        self._engines_seen: set[str] = set()
+        self._index_seen: tuple[str, str] | None = None
+
+    def publish(self) -> None:
+        state = self._state
+        total, prompt = state.queued_tokens(), state.queued_prompt_tokens()
+        self.queued.set(total)
+        self.queued_prompt.set(prompt)
+        self.queued_output.set(total - prompt)
+        self.waiting.set(state.waiting_requests())
+        self.inflight_requests.set(state.inflight_requests())
+        inflight = state.engine_inflight_tokens()
+        for engine in self._engines_seen - inflight.keys():
+            self.inflight.labels(engine).set(0)  # gone from this worker: counts nothing here
+        for engine, tokens in inflight.items():
+            self.inflight.labels(engine).set(tokens)
+        self._engines_seen = set(inflight)
+        for engine_state, count in state.engines_by_state().items():
+            self.engines.labels(engine_state).set(count)
+        index = state.index()
+        self.passages.set(index.passages if index else 0)
+        seen = (index.version, index.model) if index else None
+        if seen != self._index_seen:
+            if self._index_seen is not None:
+                self.index_info.labels(*self._index_seen).set(0)
+            if seen is not None:
+                self.index_info.labels(*seen).set(1)
+            self._index_seen = seen
+
+
+def multiprocess_dir() -> str | None:
+    """Where the workers of a pod share their metrics, when there are several."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+    # How often a worker of several publishes its live state (queued tokens...).
+    PUBLISH_SECONDS = 0.25
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, multiprocess_workers: bool = False) -> None:
         self.live = LiveState()
-        self.registry.register(_LiveCollector(self.live))
-        self.requests = Counter("spotrag_requests", "Requests by outcome.", ["outcome"], registry=self.registry)
+        self.published: _PublishedLiveState | None = None
+        if multiprocess_workers:
+            # Scrapes read every worker's files; the metrics below write this worker's.
+            self.registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.registry)
+            own = CollectorRegistry()
+            self.published = _PublishedLiveState(self.live, own)
+        else:
+            self.registry = registry or CollectorRegistry()
+            self.registry.register(_LiveCollector(self.live))
+            own = self.registry
+        self.requests = Counter("spotrag_requests", "Requests by outcome.", ["outcome"], registry=own)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
         self.retries = Counter(
             "spotrag_retries",
             "Requests sent to another engine after one failed before the first token.",
-            registry=self.registry,
+            registry=own,
         )
         self.resumed_streams = Counter(
             "spotrag_resumed_streams",
             "Answers continued on another engine after theirs broke mid-answer.",
-            registry=self.registry,
+            registry=own,
         )
         self.stalled_streams = Counter(
             "spotrag_stalled_streams",
             "Engine streams given up because no token came within the stall bound (then resumed elsewhere).",
-            registry=self.registry,
+            registry=own,
         )
         self.time_to_first_token = Histogram(
             "spotrag_time_to_first_token_seconds",
             "From request arrival to the first answer token.",
             buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            registry=own,
         )
         self.inter_token_latency = Histogram(
             "spotrag_inter_token_latency_seconds",
             "Gap between consecutive answer chunks.",
             buckets=_TOKEN_GAP_BUCKETS,
-            registry=self.registry,
+            registry=own,
         )
         self.request_duration = Histogram(
             "spotrag_request_duration_seconds",
             "From request arrival to its last byte.",
             buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            registry=own,
         )
         self.retrieval = Histogram(
             "spotrag_retrieval_seconds",
             "Retrieval time per question, by stage.",
             ["stage"],
             buckets=_RETRIEVAL_BUCKETS,
-            registry=self.registry,
+            registry=own,
         )
         self.retrieval_embed = self.retrieval.labels("embed")
         self.retrieval_search = self.retrieval.labels("search")
@@ -162,5 +245,40 @@ class GatewayMetrics:
             "spotrag_retrieval_batch_size",
             "Questions embedded together in one micro-batch.",
             buckets=(1, 2, 4, 8, 16, 32, 64),
-            registry=self.registry,
+            registry=own,
         )
+
+    def publish(self) -> None:
+        """Write this worker's live state for the pod's scrape (several workers only)."""
+        if self.published is not None:
+            self.published.publish()
+
+    @staticmethod
+    def worker_exited(pid: int) -> None:
+        """Drop a worker's live gauges from the pod's sums."""
+        if multiprocess_dir() is not None:
+            multiprocess.mark_process_dead(pid)
+
+    @classmethod
+    def forget_dead_workers(cls) -> None:
+        """Drop the live gauges of workers that died without saying so (a
+        replaced worker would otherwise count its last queued tokens forever)."""
+        path = multiprocess_dir()
+        if path is None:
+            return
+        for name in os.listdir(path):
+            if not name.startswith("gauge_live"):
+                continue
+            pid = name.rsplit("_", 1)[-1].removesuffix(".db")
+            if pid.isdigit() and not _alive(int(pid)):
+                cls.worker_exited(int(pid))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

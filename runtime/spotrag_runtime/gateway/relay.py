@@ -47,12 +47,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from spotrag_runtime.gateway import fastjson
 from spotrag_runtime.gateway.config import FailoverConfig
 from spotrag_runtime.gateway.errors import EnginesFailed
 from spotrag_runtime.gateway.metrics import GatewayMetrics
 from spotrag_runtime.gateway.prompt import message_text
 from spotrag_runtime.gateway.token_queue import AdmissionController, Engine, Ticket
-from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure, EngineRefused
+from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure, EngineRefused, PromptEstimator
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class ChatJob:
     prompt_tokens: int
     max_tokens: int
     served_model: str
+    # The raw estimate prompt_tokens came from, until the engine reports the exact count.
+    prompt_estimate: int | None = None
     affinity: tuple[bytes, ...] = ()
     continuous_usage: bool = False  # the client asked for usage in every chunk
     arrived_at: float = field(default_factory=time.perf_counter)
@@ -80,15 +83,29 @@ class ChatJob:
 class ChatOutcome:
     """What the stream produced, once it is over."""
 
-    text: list[str] = field(default_factory=list)
+    # The answer so far, in pieces: text, or the raw `"choices":[…]` bytes of a
+    # chunk relayed without decoding it (decoded when the text is needed: to
+    # resume, or to answer a client that did not stream).
+    pieces: list[str | bytes] = field(default_factory=list)
     generated: int = 0
     finish_reason: str | None = None
     prompt_tokens: int | None = None  # as the first engine reported it
     resumes: int = 0
 
+    @property
+    def text(self) -> str:
+        """The answer so far."""
+        text = "".join(piece if isinstance(piece, str) else _content_of(piece) for piece in self.pieces)
+        self.pieces = [text]  # decoded once
+        return text
+
     def usage(self, job: ChatJob) -> dict[str, int]:
         prompt = self.prompt_tokens if self.prompt_tokens is not None else job.prompt_tokens
         return {"prompt_tokens": prompt, "completion_tokens": self.generated, "total_tokens": prompt + self.generated}
+
+
+def _content_of(choices: bytes) -> str:
+    return fastjson.loads(b"{" + choices + b"}")["choices"][0]["delta"].get("content") or ""
 
 
 class ChatRelay:
@@ -99,16 +116,18 @@ class ChatRelay:
         client: EngineClient,
         failover: FailoverConfig,
         metrics: GatewayMetrics,
+        estimator: PromptEstimator | None = None,
     ) -> None:
         self.admission = admission
         self.client = client
         self.failover = failover
         self.metrics = metrics
+        self.estimator = estimator or PromptEstimator()
 
-    async def chunks(self, job: ChatJob, outcome: ChatOutcome) -> AsyncIterator[list[dict[str, Any]]]:
-        """The answer as chat.completion.chunk dicts for the client, a list per
-        upstream read (the engine's usage replaced by the request's own, in every
-        chunk only if asked; ``outcome`` holds the totals at the end)."""
+    async def chunks(self, job: ChatJob, outcome: ChatOutcome) -> AsyncIterator[list[bytes]]:
+        """The answer as the client's Server-Sent Events (chat.completion.chunk),
+        a list per upstream read (the engine's usage replaced by the request's
+        own, in every chunk only if asked; ``outcome`` holds the totals at the end)."""
         ticket = Ticket(prompt_tokens=job.prompt_tokens, max_tokens=job.max_tokens, affinity=job.affinity)
         failures_in_a_row = 0
         refused_by: set[str] = set()
@@ -126,7 +145,9 @@ class ChatRelay:
                             events = await stall.next(upstream, armed=stream.attempt_progressed)
                             if events is None:
                                 break
-                            chunks = [chunk for event in events if (chunk := stream.take(event)) is not None]
+                            chunks = [chunk for data in events if (chunk := stream.take(data)) is not None]
+                            if job.prompt_estimate is not None and outcome.prompt_tokens is not None:
+                                self._correct_prompt(job, ticket, outcome.prompt_tokens)
                             self.admission.progress(ticket, outcome.generated)
                             if chunks:
                                 yield chunks
@@ -171,6 +192,15 @@ class ChatRelay:
         finally:
             self.admission.release(ticket)
 
+    def _correct_prompt(self, job: ChatJob, ticket: Ticket, reported: int) -> None:
+        """The engine counted the prompt admitted on an estimate: the request
+        (and a resume's prefill) counts the engine's number from now on, and
+        the estimator learns from the difference."""
+        assert job.prompt_estimate is not None
+        self.estimator.learn(job.prompt_estimate, reported)
+        job.prompt_estimate = None
+        job.prompt_tokens = ticket.prompt_tokens = reported
+
     def _attempt_body(self, job: ChatJob, outcome: ChatOutcome) -> dict[str, Any]:
         body = dict(job.body)
         body["stream"] = True
@@ -179,7 +209,7 @@ class ChatRelay:
         if not outcome.generated:
             body["messages"] = job.messages
             return body
-        partial = "".join(outcome.text)
+        partial = outcome.text
         messages = list(job.messages)
         if body.get("continue_final_message") and messages[-1].get("role") == "assistant":
             last = messages[-1]
@@ -194,20 +224,56 @@ class ChatRelay:
         return body
 
     @staticmethod
-    def _finish_chunk(job: ChatJob, finish_reason: str) -> dict[str, Any]:
-        return {
-            "id": job.id,
-            "object": "chat.completion.chunk",
-            "created": job.created,
-            "model": job.served_model,
-            "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}],
-        }
+    def _finish_chunk(job: ChatJob, finish_reason: str) -> bytes:
+        return _sse(
+            {
+                "id": job.id,
+                "object": "chat.completion.chunk",
+                "created": job.created,
+                "model": job.served_model,
+                "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}],
+            }
+        )
+
+
+def _sse(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + fastjson.dumps(chunk) + b"\n\n"
+
+
+def _chunk_prefix(chunk_id: Any, created: Any, model: Any) -> bytes:
+    """How vLLM begins every chunk of a stream, up to its choices."""
+    return (
+        b'{"id":'
+        + fastjson.dumps(chunk_id)
+        + b',"object":"chat.completion.chunk","created":'
+        + fastjson.dumps(created)
+        + b',"model":'
+        + fastjson.dumps(model)
+        + b","
+    )
+
+
+# A chunk of answer text, as vLLM writes it: relayed as bytes (below).
+_TEXT_CHOICE = b'"choices":[{"index":0,"delta":{"content":"'
+_EMPTY_TEXT_CHOICE = b'"choices":[{"index":0,"delta":{"content":""'
+_NOT_FINISHED = b'"finish_reason":null'
+_USAGE = b',"usage":'
 
 
 class _ClientStream:
     """Turns engine chunks into the client's one stream: counts tokens, keeps
     the text for a resume, drops a resumed engine's second role chunk and
-    gives every chunk the request's own id."""
+    gives every chunk the request's own id.
+
+    Bytes in, bytes out, parsing little: a chunk of answer text laid out as
+    vLLM writes it (the stream's own id, created and model; one choice whose
+    delta starts with non-empty content; no finish_reason; usage last) is
+    relayed by swapping its head for the request's and its usage for the
+    request's own (or none), reading only the usage counts. Its choices are
+    kept as bytes and decoded only if the text is needed. Any other chunk
+    (the role chunk, the finish, an abort, anything laid out otherwise) is
+    parsed and rewritten in full. The byte checks cannot be fooled by the
+    text: inside a JSON string every quote is escaped."""
 
     def __init__(self, job: ChatJob, outcome: ChatOutcome, metrics: GatewayMetrics) -> None:
         self.job = job
@@ -217,16 +283,82 @@ class _ClientStream:
         self.last_content_at: float | None = None
         self.produced_before = 0
         self.aborted = False
+        self.engine_prefix: bytes | None = None  # how this attempt's chunks begin
+        self.job_prefix = _chunk_prefix(job.id, job.created, job.served_model)
 
     def attempt_started(self) -> None:
         self.produced_before = self.outcome.generated
         self.aborted = False
+        self.engine_prefix = None
 
     @property
     def attempt_progressed(self) -> bool:
         return self.outcome.generated > self.produced_before
 
-    def take(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+    def take(self, data: bytes) -> bytes | None:
+        """The client's event for one engine event (the JSON after ``data:``), or None to drop it."""
+        if self.engine_prefix is not None and data.startswith(self.engine_prefix):
+            relayed = self._take_text(data)
+            if relayed is not None:
+                return relayed
+        try:
+            chunk = fastjson.loads(data)
+        except fastjson.JSONDecodeError as error:
+            raise EngineFailure(f"the engine sent an event that is not JSON: {error}") from None
+        if self.engine_prefix is None and chunk.get("object") == "chat.completion.chunk":
+            prefix = _chunk_prefix(chunk.get("id"), chunk.get("created"), chunk.get("model"))
+            if data.startswith(prefix):
+                self.engine_prefix = prefix
+        taken = self._take_parsed(chunk)
+        return None if taken is None else _sse(taken)
+
+    def _take_text(self, data: bytes) -> bytes | None:
+        """A chunk of text relayed as bytes; None (having changed nothing) if it is laid out otherwise."""
+        start = len(self.engine_prefix or b"")
+        if not data.startswith(_TEXT_CHOICE, start) or data.startswith(_EMPTY_TEXT_CHOICE, start):
+            return None
+        if not data.endswith(b"}"):
+            return None
+        end = data.rfind(_USAGE, start)
+        usage = None
+        if end >= 0:
+            try:
+                usage = fastjson.loads(data[end + len(_USAGE) : -1])
+            except fastjson.JSONDecodeError:
+                return None  # more after the usage: not vLLM's layout
+            if usage is not None and not isinstance(usage, dict):
+                return None
+        else:
+            end = len(data) - 1
+        choices = data[start:end]
+        if _NOT_FINISHED not in choices:
+            return None
+        outcome = self.outcome
+        if usage:
+            if outcome.prompt_tokens is None and not outcome.resumes:
+                outcome.prompt_tokens = usage.get("prompt_tokens")
+            if "completion_tokens" in usage:
+                outcome.generated = self.produced_before + usage["completion_tokens"]
+            else:
+                outcome.generated += 1
+        else:
+            outcome.generated += 1
+        self.role_sent = True
+        outcome.pieces.append(choices)
+        self._token_arrived()
+        if self.job.continuous_usage:
+            return b"data: " + self.job_prefix + choices + _USAGE + fastjson.dumps(outcome.usage(self.job)) + b"}\n\n"
+        return b"data: " + self.job_prefix + choices + b"}\n\n"
+
+    def _token_arrived(self) -> None:
+        now = time.perf_counter()
+        if self.last_content_at is None:
+            self.metrics.time_to_first_token.observe(now - self.job.arrived_at)
+        else:
+            self.metrics.inter_token_latency.observe(now - self.last_content_at)
+        self.last_content_at = now
+
+    def _take_parsed(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
         outcome = self.outcome
         usage = chunk.pop("usage", None)
         if usage and outcome.prompt_tokens is None and not outcome.resumes:
@@ -258,13 +390,8 @@ class _ClientStream:
             delta.pop("role", None)
         self.role_sent = True
         if content:
-            outcome.text.append(content)
-            now = time.perf_counter()
-            if self.last_content_at is None:
-                self.metrics.time_to_first_token.observe(now - self.job.arrived_at)
-            else:
-                self.metrics.inter_token_latency.observe(now - self.last_content_at)
-            self.last_content_at = now
+            outcome.pieces.append(content)
+            self._token_arrived()
         chunk["id"], chunk["created"], chunk["model"] = self.job.id, self.job.created, self.job.served_model
         if self.job.continuous_usage:
             chunk["usage"] = outcome.usage(self.job)
@@ -333,7 +460,7 @@ class _StallWatch:
             return  # neither the top gaps nor the p99's rank changed (it moves every 100 gaps)
         self._update_p99()
 
-    async def next(self, upstream: AsyncIterator[list[dict[str, Any]]], *, armed: bool) -> list[dict[str, Any]] | None:
+    async def next(self, upstream: AsyncIterator[list[bytes]], *, armed: bool) -> list[bytes] | None:
         """The next list of events, or None at the end of the stream."""
         if not armed or self.floor <= 0:
             return await anext(upstream, None)

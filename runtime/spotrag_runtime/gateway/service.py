@@ -5,7 +5,10 @@ engine discovery and API keys. Routes reach them through ``app.state.gateway``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +34,13 @@ from spotrag_runtime.gateway.relay import ChatJob, ChatRelay
 from spotrag_runtime.gateway.retrieval_service import RetrievalService, RetrievedPassage
 from spotrag_runtime.gateway.schemas import ChatCompletionRequest
 from spotrag_runtime.gateway.token_queue import AdmissionController, prefix_keys
-from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure, EngineRefused, estimate_prompt_tokens
+from spotrag_runtime.gateway.upstream import (
+    EngineClient,
+    EngineFailure,
+    EngineRefused,
+    PromptEstimator,
+    estimate_prompt_tokens,
+)
 
 if TYPE_CHECKING:
     from spotrag_runtime.retrieval import Embedder
@@ -40,6 +49,10 @@ log = logging.getLogger(__name__)
 
 # Fields of the client's request the gateway handles itself rather than forwarding.
 _GATEWAY_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "rag", "stream", "stream_options"}
+# tokenCounting auto asks the engine for an exact count only when the estimate
+# times this, plus the answer's tokens, would not fit the context: the context
+# errors and the trimming of passages stay exact, and no other request waits.
+EXACT_COUNT_MARGIN = 1.5
 
 
 @dataclass
@@ -72,9 +85,15 @@ class Gateway:
         *,
         embedder: Embedder | None = None,
         kubeconfig: str | None = None,
+        workers: int = 1,
     ) -> None:
+        """``workers`` > 1: this is one of that many worker processes of a pod
+        (``config`` then holds this worker's share of the pod's limits), whose
+        metrics add up in prometheus-client's multiprocess directory."""
         self.config = config
-        self.metrics = GatewayMetrics()
+        self.workers = workers
+        self.metrics = GatewayMetrics(multiprocess_workers=workers > 1)
+        self._publisher: asyncio.Task[None] | None = None
         self.admission = AdmissionController(
             config.admission, engine_cooldown_seconds=config.failover.engine_cooldown_seconds
         )
@@ -82,8 +101,13 @@ class Gateway:
             connect_timeout=config.failover.connect_timeout_seconds,
             read_timeout=config.failover.read_timeout_seconds,
         )
+        self.estimator = PromptEstimator()
         self.relay = ChatRelay(
-            admission=self.admission, client=self.client, failover=config.failover, metrics=self.metrics
+            admission=self.admission,
+            client=self.client,
+            failover=config.failover,
+            metrics=self.metrics,
+            estimator=self.estimator,
         )
         self.prompts = PromptBuilder(config.prompt)
         self.retrieval = (
@@ -103,6 +127,7 @@ class Gateway:
         live.queued_tokens = lambda: self.admission.queued_tokens
         live.queued_prompt_tokens = lambda: self.admission.queued_prompt_tokens
         live.waiting_requests = lambda: self.admission.waiting_requests
+        live.inflight_requests = lambda: self.admission.inflight_requests
         live.engine_inflight_tokens = self.admission.engine_inflight_tokens
         live.engines_by_state = self.admission.engines_by_state
         if self.retrieval is not None:
@@ -112,8 +137,21 @@ class Gateway:
         await self.discovery.start()
         if self.retrieval is not None:
             await self.retrieval.start()
+        if self.metrics.published is not None:
+            self.metrics.forget_dead_workers()
+            self._publisher = asyncio.create_task(self._publish_metrics())
+
+    async def _publish_metrics(self) -> None:
+        while True:
+            self.metrics.publish()
+            await asyncio.sleep(self.metrics.PUBLISH_SECONDS)
 
     async def close(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publisher
+            self.metrics.worker_exited(os.getpid())
         await self.discovery.close()
         if self.retrieval is not None:
             await self.retrieval.close()
@@ -183,13 +221,18 @@ class Gateway:
         else:
             messages_out = messages
         continuing = request.continue_final_message
-        prompt_tokens = await self.count_prompt_tokens(messages_out, continue_final_message=continuing)
         max_model_len = self.config.max_model_len
+        answer_room = requested or self.config.default_max_tokens
+        prompt_tokens, raw_estimate = await self.count_prompt_tokens(
+            messages_out, continue_final_message=continuing, answer_room=answer_room
+        )
         # Fewer passages rather than no answer: drop the lowest-ranked until it fits.
         while prompt_tokens + (requested or 1) > max_model_len and contexts:
             contexts = contexts[:-1]
             messages_out = self.prompts.messages(messages, question_at, question, contexts)
-            prompt_tokens = await self.count_prompt_tokens(messages_out, continue_final_message=continuing)
+            prompt_tokens, raw_estimate = await self.count_prompt_tokens(
+                messages_out, continue_final_message=continuing, answer_room=answer_room
+            )
         if prompt_tokens + (requested or 1) > max_model_len:
             asked = f" plus max_tokens {requested}" if requested else ""
             raise ContextTooLong(
@@ -208,6 +251,7 @@ class Gateway:
             body=body,
             messages=messages_out,
             prompt_tokens=prompt_tokens,
+            prompt_estimate=raw_estimate,
             max_tokens=max_tokens,
             served_model=self.config.served_model_name,
             affinity=affinity,
@@ -215,29 +259,49 @@ class Gateway:
         )
         return PreparedChat(job, contexts)
 
-    async def count_prompt_tokens(self, messages: list[dict[str, Any]], *, continue_final_message: bool) -> int:
-        """Exact from an engine's /tokenize; estimated when counting is set to
-        estimate, no engine is known, or none of two engines could count."""
-        if self.config.admission.token_counting == "engine":
-            now = time.monotonic()
-            # Engines passed over after a failure (or a refused connection) are asked last.
-            engines = sorted(
-                self.admission.engines.values(),
-                key=lambda e: (e.cooldown_until > now, e.inflight_tokens, e.last_picked),
-            )
-            for engine in engines[:2]:
-                try:
-                    return await self.client.count_prompt_tokens(
-                        engine.url,
-                        model=self.config.served_model_name,
-                        messages=messages,
-                        continue_final_message=continue_final_message,
-                    )
-                except EngineFailure as failure:
-                    log.info("counting tokens on %s failed (%s); trying another way", engine.url, failure)
-                    if isinstance(failure, EngineRefused):
-                        self.admission.mark_failed(engine)  # not serving: don't route there either
-                except EngineRejected as rejected:
-                    if rejected.status != 404:  # 404: no /tokenize there; estimate instead
-                        raise
-        return estimate_prompt_tokens(messages)
+    async def count_prompt_tokens(
+        self, messages: list[dict[str, Any]], *, continue_final_message: bool, answer_room: int = 1
+    ) -> tuple[int, int | None]:
+        """(prompt tokens, the raw estimate they came from or None when exact).
+
+        ``tokenCounting: auto`` estimates (calibrated by what engines reported
+        before; the engine's first usage chunk corrects each request) unless
+        the estimate with ``answer_room`` comes near the context limit; then,
+        and always under ``engine``, the count is exact from an engine's
+        /tokenize. Estimated when counting is set to estimate, no engine is
+        known, or none of two engines could count."""
+        counting = self.config.admission.token_counting
+        if counting == "auto":
+            estimate, raw = self.estimator.estimate(messages)
+            if estimate * EXACT_COUNT_MARGIN + answer_room <= self.config.max_model_len:
+                return estimate, raw
+        if counting != "estimate":
+            exact = await self._engine_count(messages, continue_final_message=continue_final_message)
+            if exact is not None:
+                return exact, None
+        raw = estimate_prompt_tokens(messages)
+        return raw, raw
+
+    async def _engine_count(self, messages: list[dict[str, Any]], *, continue_final_message: bool) -> int | None:
+        now = time.monotonic()
+        # Engines passed over after a failure (or a refused connection) are asked last.
+        engines = sorted(
+            self.admission.engines.values(),
+            key=lambda e: (e.cooldown_until > now, e.inflight_tokens, e.last_picked),
+        )
+        for engine in engines[:2]:
+            try:
+                return await self.client.count_prompt_tokens(
+                    engine.url,
+                    model=self.config.served_model_name,
+                    messages=messages,
+                    continue_final_message=continue_final_message,
+                )
+            except EngineFailure as failure:
+                log.info("counting tokens on %s failed (%s); trying another way", engine.url, failure)
+                if isinstance(failure, EngineRefused):
+                    self.admission.mark_failed(engine)  # not serving: don't route there either
+            except EngineRejected as rejected:
+                if rejected.status != 404:  # 404: no /tokenize there; estimate instead
+                    raise
+        return None

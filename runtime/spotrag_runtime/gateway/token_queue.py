@@ -307,6 +307,12 @@ class AdmissionController:
     def waiting_requests(self) -> int:
         return len(self._queue)
 
+    @property
+    def inflight_requests(self) -> int:
+        """Requests admitted to an engine or waiting for one."""
+        engines = [*self.engines.values(), *self._departed]
+        return sum(engine.inflight_requests for engine in engines) + len(self._queue)
+
     def engine_inflight_tokens(self) -> dict[str, int]:
         engines = [*self.engines.values(), *self._departed]
         return {engine.url: engine.inflight_tokens for engine in engines}

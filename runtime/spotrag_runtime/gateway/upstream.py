@@ -1,5 +1,5 @@
 """Talking to engines: one shared HTTP client session, vLLM's ``/tokenize``,
-and chat streams parsed incrementally from Server-Sent Events.
+and chat streams split into their Server-Sent Events as the bytes arrive.
 
 The client is aiohttp rather than httpx: on this hot path (one network read
 and one write per token, hundreds of streams at once) httpx's pure-Python
@@ -7,8 +7,9 @@ HTTP/1.1 parsing and its connection pool, which rescans every connection
 for every request, cost up to 3x the CPU per request and a quarter of the
 throughput at 128 concurrent streams (measured with bench/gateway_bench.py;
 see docs/benchmarks.md). aiohttp parses HTTP in C and pools connections per
-host. For the same reason every chunk is parsed and written with orjson
-(``fastjson``).
+host. For the same reason the events of a stream are handed on as bytes (the
+relay reads only what it needs of them), and what is parsed is parsed with
+orjson (``fastjson``).
 
 Failures are sorted by whether another engine could do better:
 
@@ -95,10 +96,12 @@ class EngineClient:
             raise _rejected(response.status, content, engine_url)
         return int(fastjson.loads(content)["count"])
 
-    async def stream_chat(self, engine_url: str, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
-        """The engine's chunks, parsed from SSE as the bytes arrive, until ``[DONE]``.
+    async def stream_chat(self, engine_url: str, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
+        """The engine's events (the JSON after each ``data:``, unparsed), until ``[DONE]``.
 
-        Chunks that arrive in one network read come as one list, so a gateway
+        An error event raises (it is parsed: the only events that are, here,
+        are those that do not begin as a chunk does). Events that arrive in
+        one network read come as one list, so a gateway
         that falls behind catches up in one write to its client instead of one
         per token. Closing the iterator early (the client went away) closes the
         connection, which makes vLLM abort the request and free its slot.
@@ -126,10 +129,11 @@ class EngineClient:
                         if data == b"[DONE]":
                             done = True
                             break
-                        event = fastjson.loads(data)
-                        if "error" in event:
-                            raise _stream_error(event["error"], engine_url)
-                        events.append(event)
+                        if not data.startswith(b'{"id":'):
+                            event = fastjson.loads(data)
+                            if isinstance(event, dict) and "error" in event:
+                                raise _stream_error(event["error"], engine_url)
+                        events.append(data)
                     if events:
                         yield events
                     if done:
@@ -174,9 +178,36 @@ def _stream_error(error: Any, engine_url: str) -> Exception:
     return EngineFailure(f"{engine_url} sent an error mid-stream: {message}")
 
 
+class PromptEstimator:
+    """Prompt tokens without a round trip: ``estimate_prompt_tokens`` scaled by
+    what the engines have reported for earlier prompts of this gateway (the
+    ``prompt_tokens`` of their first usage chunk), so the estimate follows the
+    model's tokenizer and chat template after a few answers.
+
+    ``learn`` keeps an exponentially weighted ratio of reported to estimated
+    tokens; it starts at 1 (four bytes per token) and stays within [0.25, 4].
+    """
+
+    WEIGHT = 0.05  # each report moves the ratio by this share of its error
+
+    def __init__(self) -> None:
+        self.ratio = 1.0
+
+    def estimate(self, messages: Sequence[dict[str, Any]]) -> tuple[int, int]:
+        """(the calibrated estimate, the raw one to ``learn`` from later)."""
+        raw = estimate_prompt_tokens(messages)
+        return max(1, round(raw * self.ratio)), raw
+
+    def learn(self, raw: int, reported: int) -> None:
+        if raw > 0 and reported > 0:
+            ratio = self.ratio + self.WEIGHT * (reported / raw - self.ratio)
+            self.ratio = min(max(ratio, 0.25), 4.0)
+
+
 def estimate_prompt_tokens(messages: Sequence[dict[str, Any]]) -> int:
     """About four bytes of text per token, plus a few per message for the chat
-    template: used when no engine can count (``tokenCounting: estimate``)."""
+    template: used when no engine can count (``tokenCounting: estimate``) and,
+    calibrated by ``PromptEstimator``, for admission under ``tokenCounting: auto``."""
     total = 2
     for message in messages:
         total += 4 + math.ceil(len(message_text(message.get("content")).encode()) / 4)

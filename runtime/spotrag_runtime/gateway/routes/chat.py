@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
@@ -79,17 +78,17 @@ async def _events(
     gateway: Gateway,
     job: ChatJob,
     outcome: ChatOutcome,
-    first: list[dict[str, Any]],
-    chunks: AsyncIterator[list[dict[str, Any]]],
+    first: list[bytes],
+    chunks: AsyncIterator[list[bytes]],
     *,
     started: float,
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
     error: BaseException | None = None
     try:
-        batch: list[dict[str, Any]] | None = first
+        batch: list[bytes] | None = first
         while batch is not None:
-            yield b"".join(sse(chunk) for chunk in batch)  # what arrived together leaves together
+            yield b"".join(batch)  # what arrived together leaves together
             batch = await anext(chunks, None)
         if include_usage:
             yield sse(usage_chunk(job, outcome))

@@ -109,7 +109,7 @@ async def rag_query(body: RagQueryRequest, request: Request) -> dict[str, Any] |
         "object": "rag.answer",
         "created": job.created,
         "model": model,
-        "answer": "".join(outcome.text),
+        "answer": outcome.text,
         "finish_reason": outcome.finish_reason,
         "passages": _passages(prepared.contexts),
         "usage": outcome.usage(job),

@@ -64,7 +64,7 @@ class EventStreamResponse(StreamingResponse):
             await self._events.aclose()  # type: ignore[attr-defined]
 
 
-async def collect(chunks: AsyncIterator[list[dict[str, Any]]]) -> None:
+async def collect(chunks: AsyncIterator[list[bytes]]) -> None:
     """Run a stream to its end (the outcome holds the answer)."""
     async for _ in chunks:
         pass
@@ -79,7 +79,7 @@ def completion_body(job: ChatJob, outcome: ChatOutcome) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": "".join(outcome.text)},
+                "message": {"role": "assistant", "content": outcome.text},
                 "logprobs": None,
                 "finish_reason": outcome.finish_reason,
             }
