@@ -367,9 +367,25 @@ def gateway_config(body: dict, spec: dict) -> dict:
             "maxQueuedRequests": gateway["maxQueuedRequests"],
             "queueTimeoutSeconds": gateway["queueTimeoutSeconds"],
             "prefixAffinity": spec["model"]["enablePrefixCaching"],
-        },
+        }
+        | scale_to_zero_admission(spec),
         "auth": {"apiKeysDir": API_KEYS_DIR if gateway.get("apiKeySecret") else None},
     }
+
+
+def scales_to_zero(spec: dict) -> bool:
+    """minReplicas 0 and no on-demand baseline: an idle deployment runs no engine."""
+    scaling = spec["scaling"]
+    return scaling["minReplicas"] == 0 and scaling["onDemandBaseline"] == 0
+
+
+def scale_to_zero_admission(spec: dict) -> dict:
+    """The gateway's part in scaling to zero: stay ready and hold requests while
+    no engine exists (its queued tokens make the operator start one), for up
+    to scaling.coldStartTimeoutSeconds."""
+    if not scales_to_zero(spec):
+        return {}
+    return {"queueWithoutEngines": True, "coldStartTimeoutSeconds": spec["scaling"]["coldStartTimeoutSeconds"]}
 
 
 def gateway_configmap(body: dict, spec: dict) -> dict:

@@ -202,3 +202,30 @@ def test_without_queued_tokens_scaling_is_inactive_and_holds():
     scaling = conditions(plan.status)["ScalingActive"]
     assert scaling["status"] == "False" and plan.status["queuedTokens"] is None
     assert plan.gauges.desired == 1 and plan.creates == []
+
+
+SCALE_TO_ZERO = {"scaling": {"minReplicas": 0, "onDemandBaseline": 0, "scaleDownStabilizationSeconds": 0}}
+
+
+def test_an_idle_scale_to_zero_deployment_drains_its_last_engine_and_says_scaled_to_zero():
+    plan = plan_reconcile(observed(SCALE_TO_ZERO, engines=[engine("e1", render.SPOT)], queued=0.0), None)
+    assert [d.name for d in plan.drains] == ["e1"] and plan.creates == []
+    assert plan.status["desiredReplicas"] == 0 and plan.status["engines"] == "0/0"
+    ready = conditions(plan.status)["Ready"]
+    assert (ready["status"], ready["reason"]) == ("True", "ScaledToZero")
+
+
+def test_a_request_held_at_zero_starts_an_engine_in_the_same_reconcile():
+    idle = plan_reconcile(observed(SCALE_TO_ZERO, queued=0.0), None)
+    assert idle.creates == [] and conditions(idle.status)["Ready"]["reason"] == "ScaledToZero"
+    held = plan_reconcile(observed(SCALE_TO_ZERO, queued=40.0, status=idle.status), idle.memory)
+    assert [capacity for capacity, _ in held.creates] == ["spot"]
+    assert conditions(held.status)["Ready"]["reason"] == "EnginesStarting"
+
+
+def test_scale_to_zero_renders_a_gateway_that_holds_requests_while_no_engine_runs():
+    body = ragdeployment(SCALE_TO_ZERO)
+    admission = render.gateway_config(body, defaulted_spec(body))["admission"]
+    assert admission["queueWithoutEngines"] is True and admission["coldStartTimeoutSeconds"] == 600
+    kept_warm = ragdeployment()
+    assert "queueWithoutEngines" not in render.gateway_config(kept_warm, defaulted_spec(kept_warm))["admission"]
