@@ -21,6 +21,7 @@ from .metrics import Count, EngineGauges
 from .observe import Observed
 from .placement import DRAINING, PENDING, READY, STARTING, EngineView, Placement, PlacementState, SpotSettings, place
 from .plan import (
+    ANNOTATION_CACHE_REPORTED,
     ANNOTATION_DRAIN_DEADLINE,
     ANNOTATION_DRAIN_REASON,
     ANNOTATION_DRAIN_SINCE,
@@ -71,7 +72,7 @@ class ScalingMemory:
 
 @dataclass(frozen=True)
 class DrainAction:
-    """Take an engine out of serving; its Events and counts only if it still exists."""
+    """A patch of an engine pod (out of serving, or a note on it); its Events and counts only if it still exists."""
 
     name: str
     patch: dict
@@ -151,6 +152,7 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         give_up=set(placement.give_up),
     )
     drains = [_drain_action(drain, now, labels) for drain in engine_plan.drain]
+    drains += _cache_reports(observed.engines)
     creates = [(capacity, render.engine_pod(body, spec, capacity)) for capacity in engine_plan.create]
     deletes = [_delete_action(name, observed.engines, now) for name in engine_plan.delete]
     engines = engines_after(observed.engines, engine_plan, spec_hash=spec_hash, now=now)
@@ -293,6 +295,27 @@ def _drain_action(drain: Drain, now: datetime.datetime, labels: tuple[str, str])
     else:
         events.append(Event("EngineDraining", f"{drain.name}: {drain.reason}"))
     return DrainAction(drain.name, patch, tuple(events), tuple(counts))
+
+
+def _cache_reports(engines: list[Engine]) -> list[DrainAction]:
+    """An engine whose node model cache was unusable: said once (the pod is
+    annotated with the Event), as why that engine loaded slowly."""
+    return [
+        DrainAction(
+            engine.name,
+            {"metadata": {"annotations": {ANNOTATION_CACHE_REPORTED: "true"}}},
+            (
+                Event(
+                    "ModelCacheUnusable",
+                    f"{engine.name} started without the node's model cache: {engine.cache_problem}",
+                    warning=True,
+                ),
+            ),
+            (),
+        )
+        for engine in engines
+        if engine.cache_problem and not engine.terminating
+    ]
 
 
 def _delete_action(name: str, engines: list[Engine], now: datetime.datetime) -> DeleteAction:

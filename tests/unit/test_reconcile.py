@@ -229,3 +229,30 @@ def test_scale_to_zero_renders_a_gateway_that_holds_requests_while_no_engine_run
     assert admission["queueWithoutEngines"] is True and admission["coldStartTimeoutSeconds"] == 600
     kept_warm = ragdeployment()
     assert "queueWithoutEngines" not in render.gateway_config(kept_warm, defaulted_spec(kept_warm))["admission"]
+
+
+def _pod_with_cache_message(message: str, annotations: dict | None = None) -> dict:
+    return {
+        "metadata": {"name": "e1", "annotations": annotations or {}, "creationTimestamp": "2026-11-21T11:50:00Z"},
+        "spec": {"nodeName": "gpu-1"},
+        "status": {
+            "initContainerStatuses": [
+                {"name": render.CACHE_INIT_CONTAINER, "state": {"terminated": {"exitCode": 0, "message": message}}}
+            ]
+        },
+    }
+
+
+def test_an_engine_that_started_without_the_node_cache_is_said_once_as_why_it_was_slow():
+    why = "node model cache unusable: /var/cache/spotrag/node has 3.0 GiB free, less than the 40 GiB asked (minFreeGi)"
+    slow = Engine.from_pod(_pod_with_cache_message(why))
+    assert slow.cache_problem == why
+    assert Engine.from_pod(_pod_with_cache_message("using the node's model cache (/x)")).cache_problem is None
+    reported = Engine.from_pod(_pod_with_cache_message(why, {"spotrag.io/model-cache-reported": "true"}))
+    assert reported.cache_problem is None
+    plan = plan_reconcile(observed(engines=[engine("e1", cache_problem=why)]), None)
+    [note] = [d for d in plan.drains if d.name == "e1"]
+    assert note.patch == {"metadata": {"annotations": {"spotrag.io/model-cache-reported": "true"}}}
+    [event] = note.events
+    assert event.reason == "ModelCacheUnusable" and event.warning and "3.0 GiB free" in event.message
+    assert plan.engines.drain == []  # a note, not a drain: the engine keeps serving

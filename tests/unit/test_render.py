@@ -246,6 +246,9 @@ def test_generated_objects_validate_strictly(version):
             "speculative": {"model": "ngram"},
             "loraAdapters": [{"name": "a", "source": "b"}],
             "resources": {"requests": {"memory": "32Gi"}},
+            "cache": {"hostPath": "/var/lib/spotrag/models", "minFreeGi": 40},
+            "loadFormat": "runai_streamer",
+            "standby": {"replicas": 1},
         },
         "gpu": {
             "products": ["NVIDIA-L4"],
@@ -289,3 +292,46 @@ def test_index_job_builds_the_corpus_onto_the_claim():
     assert {"name": "corpus", "configMap": {"name": "handbook-docs"}} in pod["volumes"]
     assert pod["restartPolicy"] == "Never"
     assert render.corpus_hash(spec, "content") != render.corpus_hash(spec, "other content")
+
+
+@pytest.mark.parametrize(
+    ("model", "load_format", "sleep_mode"),
+    [
+        ({"name": "Qwen/Qwen2.5-7B-Instruct"}, None, False),
+        ({"name": "s3://bucket/qwen"}, "runai_streamer", False),  # the streamer is how vLLM reads s3
+        ({"name": "s3://bucket/qwen", "loadFormat": "runai_streamer_sharded"}, "runai_streamer_sharded", False),
+        ({"name": "Qwen/Qwen2.5-7B-Instruct", "loadFormat": "runai_streamer"}, "runai_streamer", False),
+        ({"name": "Qwen/Qwen2.5-7B-Instruct", "loadFormat": "auto"}, None, False),
+        ({"name": "Qwen/Qwen2.5-7B-Instruct", "standby": {"replicas": 2}}, None, True),
+        ({"name": "Qwen/Qwen2.5-7B-Instruct", "standby": {"replicas": 0}}, None, False),
+    ],
+    ids=["hf", "s3-default", "s3-chosen", "hf-streamed", "auto", "standby", "standby-off"],
+)
+def test_fast_loading_renders_upstream_flags_only(model, load_format, sleep_mode):
+    body, spec = rendered({"model": model})
+    pod = render.engine_pod(body, spec, render.SPOT)
+    args, env = container(pod)["args"], {e["name"]: e.get("value") for e in container(pod)["env"]}
+    assert (args[args.index("--load-format") + 1] if "--load-format" in args else None) == load_format
+    assert ("--enable-sleep-mode" in args) is sleep_mode
+    assert (env.get("VLLM_SERVER_DEV_MODE") == "1") is sleep_mode  # /sleep and /wake_up need it
+    assert pod["spec"]["containers"][0]["command"] == ["vllm", "serve"]
+
+
+def test_a_node_model_cache_is_a_hostpath_the_engine_reaches_through_a_link_its_init_container_sets():
+    body, spec = rendered({"model": {"cache": {"hostPath": "/var/lib/spotrag/models", "minFreeGi": 40}}})
+    pod = render.engine_pod(body, spec, render.SPOT)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["node-model-cache"]["hostPath"] == {"path": "/var/lib/spotrag/models", "type": "DirectoryOrCreate"}
+    assert "emptyDir" in volumes["model-cache"]  # the pod's own, for when the node's is unusable
+    env = {e["name"]: e.get("value") for e in container(pod)["env"]}
+    assert env["HF_HOME"] == f"{render.CACHE_LINK}/huggingface"
+    assert env["VLLM_CACHE_ROOT"] == f"{render.CACHE_LINK}/vllm"  # torch.compile's cache: 148 s → 110 s
+    [init] = pod["spec"]["initContainers"]
+    assert init["name"] == render.CACHE_INIT_CONTAINER and init["command"][:3] == ["spotrag", "model-cache", "prepare"]
+    assert init["command"][init["command"].index("--min-free-gi") + 1] == "40"
+    mounted = {m["mountPath"] for m in container(pod)["volumeMounts"]}
+    assert {render.NODE_CACHE_MOUNT, render.POD_CACHE_MOUNT, render.CACHE_LINK_MOUNT} <= mounted
+    plain_body, plain_spec = rendered()
+    plain = render.engine_pod(plain_body, plain_spec, render.SPOT)
+    assert "initContainers" not in plain["spec"]
+    assert render.engine_spec_hash(plain_spec) != render.engine_spec_hash(spec)  # a cache rolls the engines
