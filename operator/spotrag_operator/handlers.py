@@ -219,7 +219,7 @@ def reconcile_engines(memo: kopf.Memo, body: dict, logger: logging.Logger | kopf
             def remember(memory: ScalingMemory) -> None:
                 memo["scaling"][key] = memory
 
-            execute(kube, body, plan, now=now, remember=remember, logger=logger)
+            execute(kube, body, plan, now=now, remember=remember, logger=logger, http=memo["http"])
         except KubeError as error:
             report_failure(kube, body, error)
             raise retry_later(error, "reconciling engines") from error

@@ -5,7 +5,7 @@ objects its spec names, its index Jobs), so deciding needs no cluster."""
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -17,6 +17,7 @@ from .crd import defaulted_spec
 from .engine_load import running_requests
 from .plan import Engine
 from .queued_tokens import read_queued_tokens
+from .standby import Standby, is_sleeping, is_standby
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Observed:
     found: dict[tuple[str, str], dict | None]  # the objects the spec names, None where missing
     index_jobs: list[dict]
     index_result: dict  # the current index Job's result, once it succeeded
+    standbys: list[Standby] = field(default_factory=list)  # warm standby engines (spec.model.standby)
 
 
 def observe_engines(http: httpx.Client, pods: list[dict]) -> list[Engine]:
@@ -54,7 +56,8 @@ def observe(kube: Kube, http: httpx.Client, body: dict, *, now: datetime.datetim
         for name in sorted({(p.get("spec") or {}).get("nodeName") for p in pods} - {None})
         if (node := kube.get("v1", "Node", name)) is not None
     }
-    engines = observe_engines(http, pods)
+    standbys = [Standby.from_pod(p, is_sleeping(http, p) if _ready(p) else None) for p in pods if is_standby(p)]
+    engines = observe_engines(http, [p for p in pods if not is_standby(p)])
     queued, metric_problem = read_queued_tokens(kube, http, body, spec)
     found = {(kind, name): kube.get("v1", kind, name, namespace) for kind, name in named_objects(spec)}
     jobs: list[dict] = []
@@ -67,4 +70,11 @@ def observe(kube: Kube, http: httpx.Client, body: dict, *, now: datetime.datetim
         if current is not None and index_job.succeeded(current):
             job_pods = kube.list("v1", "Pod", namespace, label_selector=f"job-name={current['metadata']['name']}")
             result = index_job.job_result(job_pods)
-    return Observed(body, spec, now, engines, nodes, queued, metric_problem, found, jobs, result)
+    return Observed(body, spec, now, engines, nodes, queued, metric_problem, found, jobs, result, standbys)
+
+
+def _ready(pod: dict) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return not pod["metadata"].get("deletionTimestamp") and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in conditions
+    )

@@ -32,6 +32,7 @@ from .plan import (
     plan_engines,
 )
 from .signals import node_signal
+from .standby import ANNOTATION_SLEEP_ASKED, StandbyPlan, plan_standbys, standby_capacity
 from .status import cost_per_hour, engines_status, now_iso, set_condition, status_changed
 
 # Scaling memory reaches status when a decision changes, else at most this often.
@@ -86,6 +87,25 @@ class DeleteAction:
     event: Event  # posted only if the pod was still there
 
 
+@dataclass(frozen=True)
+class WakeAction:
+    """Wake a standby instead of starting an engine cold; on failure delete it and create `fallback`."""
+
+    name: str
+    url: str
+    capacity: str
+    timeout: float
+    patch: dict  # into the serving set, no longer a standby
+    fallback: dict  # the cold engine pod that replaces a standby that did not wake
+
+
+@dataclass(frozen=True)
+class SleepAction:
+    name: str
+    url: str
+    patch: dict  # when the sleep was asked for
+
+
 @dataclass
 class ReconcilePlan:
     memory: ScalingMemory  # kept before any write, as the decision stands even if a write fails
@@ -101,6 +121,8 @@ class ReconcilePlan:
     status: dict | None  # the status to write; None: unchanged
     persist: bool  # the status carries the scaling memory (its time is then remembered)
     notes: list[str] = field(default_factory=list)
+    wakes: list[WakeAction] = field(default_factory=list)  # standbys woken instead of cold starts
+    sleeps: list[SleepAction] = field(default_factory=list)  # standbys to put to sleep
 
 
 def drain_timing(spec: dict) -> DrainTiming:
@@ -151,11 +173,30 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         node_signals=signals,
         give_up=set(placement.give_up),
     )
+    standbys = plan_standbys(
+        observed.standbys,
+        creates=engine_plan.create,
+        want=render.standby_replicas(spec),
+        capacity=standby_capacity(spec),
+        spec_hash=spec_hash,
+        now=now,
+    )
+    engine_plan.create = standbys.cold  # a woken standby stands in for a cold start
+    engine_plan.notes += standbys.notes
     drains = [_drain_action(drain, now, labels) for drain in engine_plan.drain]
     drains += _cache_reports(observed.engines)
     creates = [(capacity, render.engine_pod(body, spec, capacity)) for capacity in engine_plan.create]
+    creates += [(f"{capacity} standby", render.standby_pod(body, spec, capacity)) for capacity in standbys.create]
     deletes = [_delete_action(name, observed.engines, now) for name in engine_plan.delete]
+    deletes += [
+        DeleteAction(name, Event("StandbyDeleted", f"deleted standby {name}: {why}")) for name, why in standbys.delete
+    ]
+    wakes, sleeps = _standby_actions(body, spec, standbys, now)
     engines = engines_after(observed.engines, engine_plan, spec_hash=spec_hash, now=now)
+    engines += [
+        Engine(w.name, w.capacity, spec_hash, serving=True, ready=True, failed=False, terminating=False, created=now)
+        for w in standbys.wake
+    ]
 
     problems = find_problems(spec, meta["namespace"], observed.found)
     corpus_map = (spec["retrieval"].get("corpus") or {}).get("configMap") or ""
@@ -180,6 +221,11 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         now=now,
     )
     status, persist = _with_scaling(status, observed, decision, placement, memory)
+    if render.standby_replicas(spec) or observed.standbys:
+        woken = {w.name for w in standbys.wake}
+        status["standbyReplicas"] = sum(
+            1 for s in observed.standbys if s.ready and not s.terminating and s.name not in woken
+        )
     return ReconcilePlan(
         memory=memory,
         announce=announce,
@@ -194,7 +240,27 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         status=status if status_changed(old_status, status) else None,
         persist=persist,
         notes=list(engine_plan.notes),
+        wakes=wakes,
+        sleeps=sleeps,
     )
+
+
+def _standby_actions(
+    body: dict, spec: dict, standbys: StandbyPlan, now: datetime.datetime
+) -> tuple[list[WakeAction], list[SleepAction]]:
+    timeout = float((spec["model"].get("standby") or {}).get("wakeTimeoutSeconds", 30))
+    into_serving = {
+        "metadata": {
+            "labels": {render.LABEL_SERVING: "true", render.LABEL_STANDBY: None},
+            "annotations": {ANNOTATION_SLEEP_ASKED: None},
+        }
+    }
+    wakes = [
+        WakeAction(w.name, w.url, w.capacity, timeout, into_serving, render.engine_pod(body, spec, w.capacity))
+        for w in standbys.wake
+    ]
+    asked = {"metadata": {"annotations": {ANNOTATION_SLEEP_ASKED: now_iso(now)}}}
+    return wakes, [SleepAction(name, url, asked) for name, url in standbys.sleep]
 
 
 def _with_scaling(

@@ -26,6 +26,7 @@ LABEL_COMPONENT = "spotrag.io/component"
 LABEL_CAPACITY = "spotrag.io/capacity"
 LABEL_SERVING = "spotrag.io/serving"
 LABEL_SPEC_HASH = "spotrag.io/spec-hash"
+LABEL_STANDBY = "spotrag.io/standby"  # a warm standby engine, asleep out of serving
 
 SPOT = "spot"
 ON_DEMAND = "on-demand"
@@ -234,6 +235,15 @@ def node_model_cache(spec: dict, gateway_image: str) -> tuple[list[dict], list[d
         "terminationMessagePath": "/dev/termination-log",
     }
     return env, volumes, mounts, [init]
+
+
+def standby_pod(body: dict, spec: dict, capacity: str) -> dict:
+    """A warm standby (spec.model.standby): an engine pod out of the serving set
+    until the operator wakes it (operator/spotrag_operator/standby.py)."""
+    pod = engine_pod(body, spec, capacity)
+    pod["metadata"]["labels"] |= {LABEL_SERVING: "false", LABEL_STANDBY: "true"}
+    pod["metadata"]["generateName"] = resource_name(body, "standby-")
+    return pod
 
 
 def _engine_affinity(spec: dict, capacity: str) -> dict:
