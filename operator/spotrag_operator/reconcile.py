@@ -31,7 +31,7 @@ from .plan import (
     EnginePlan,
     plan_engines,
 )
-from .signals import node_signal
+from .signals import Action, node_signal
 from .standby import ANNOTATION_SLEEP_ASKED, StandbyPlan, plan_standbys, standby_capacity
 from .status import cost_per_hour, engines_status, now_iso, set_condition, status_changed
 
@@ -180,6 +180,7 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         capacity=standby_capacity(spec),
         spec_hash=spec_hash,
         now=now,
+        leaving_nodes=frozenset(name for name, signal in signals.items() if signal.action is Action.DRAIN),
     )
     engine_plan.create = standbys.cold  # a woken standby stands in for a cold start
     engine_plan.notes += standbys.notes

@@ -54,6 +54,7 @@ class Standby:
     url: str | None = None
     asleep: bool | None = None  # from the engine's /is_sleeping; None: not known
     sleep_asked: datetime.datetime | None = None
+    node: str | None = None
 
     @classmethod
     def from_pod(cls, pod: dict, asleep: bool | None = None) -> Standby:
@@ -72,6 +73,7 @@ class Standby:
             url=engine_url(pod),
             asleep=asleep,
             sleep_asked=parse_time((meta.get("annotations") or {}).get(ANNOTATION_SLEEP_ASKED)),
+            node=(pod.get("spec") or {}).get("nodeName"),
         )
 
 
@@ -100,9 +102,11 @@ def plan_standbys(
     capacity: str,
     spec_hash: str,
     now: datetime.datetime,
+    leaving_nodes: frozenset[str] = frozenset(),
 ) -> StandbyPlan:
     """`creates`: the engine plan's new engines (capacities); `want`:
-    standby.replicas; `capacity`: where new standbys go."""
+    standby.replicas; `capacity`: where new standbys go; `leaving_nodes`:
+    nodes with an interruption signal (a standby there is no replacement)."""
     plan = StandbyPlan()
     usable: list[Standby] = []
     for standby in standbys:
@@ -110,6 +114,8 @@ def plan_standbys(
             continue
         if standby.failed:
             plan.delete.append((standby.name, "failed"))
+        elif standby.node in leaving_nodes:
+            plan.delete.append((standby.name, f"its node {standby.node} is going"))
         elif standby.spec_hash != spec_hash:
             plan.delete.append((standby.name, "outdated: the engine spec changed"))
         else:

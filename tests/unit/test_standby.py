@@ -48,8 +48,16 @@ def standby(name: str, *, ready=True, asleep=True, capacity=render.SPOT, age=60,
     return Standby(**(values | facts))
 
 
-def planned(standbys, creates=(), want=1, capacity=render.SPOT):
-    return plan_standbys(list(standbys), creates=list(creates), want=want, capacity=capacity, spec_hash=HASH, now=NOW)
+def planned(standbys, creates=(), want=1, capacity=render.SPOT, leaving=frozenset()):
+    return plan_standbys(
+        list(standbys),
+        creates=list(creates),
+        want=want,
+        capacity=capacity,
+        spec_hash=HASH,
+        now=NOW,
+        leaving_nodes=leaving,
+    )
 
 
 @pytest.mark.parametrize(
@@ -95,6 +103,17 @@ def test_plan_standbys(standbys, creates, want, wake, cold, create, delete, slee
     assert plan.cold == cold and plan.create == create
     assert [name for name, _ in plan.delete] == delete
     assert plan.sleep == sleep
+
+
+def test_a_standby_on_a_node_that_is_going_is_replaced_not_woken():
+    plan = planned(
+        [standby("doomed", node="gpu-1"), standby("safe", node="gpu-2", age=10)],
+        ["spot"],
+        want=2,
+        leaving=frozenset({"gpu-1"}),
+    )
+    assert [w.name for w in plan.wake] == ["safe"]
+    assert plan.delete == [("doomed", "its node gpu-1 is going")] and plan.create == ["spot", "spot"]
 
 
 def test_a_woken_standby_stands_in_for_the_capacity_asked():
