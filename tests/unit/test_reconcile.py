@@ -256,3 +256,19 @@ def test_an_engine_that_started_without_the_node_cache_is_said_once_as_why_it_wa
     [event] = note.events
     assert event.reason == "ModelCacheUnusable" and event.warning and "3.0 GiB free" in event.message
     assert plan.engines.drain == []  # a note, not a drain: the engine keeps serving
+
+
+def test_a_request_held_while_the_only_engine_drains_to_zero_starts_the_next_engine():
+    draining = engine(
+        "e1",
+        render.SPOT,
+        serving=False,
+        drain_since=NOW - datetime.timedelta(seconds=2),
+        drain_deadline=NOW + datetime.timedelta(seconds=60),
+        running_requests=1,
+    )
+    idle = plan_reconcile(observed(SCALE_TO_ZERO, engines=[draining], queued=0.0), None)
+    assert idle.creates == [] and idle.status["desiredReplicas"] == 0
+    held = plan_reconcile(observed(SCALE_TO_ZERO, engines=[draining], queued=25.0, status=idle.status), idle.memory)
+    assert [capacity for capacity, _ in held.creates] == ["spot"]  # the next engine, while e1 finishes
+    assert held.deletes == [] and held.status["desiredReplicas"] == 1
