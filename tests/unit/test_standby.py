@@ -5,6 +5,7 @@ replacing a standby that does not wake."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import random
 from collections.abc import Iterator
@@ -13,7 +14,8 @@ import httpx
 import pytest
 
 from spotrag_operator import render
-from spotrag_operator.crd import API_VERSION, KIND
+from spotrag_operator.crd import API_VERSION, KIND, defaulted_spec
+from spotrag_operator.reconcile import plan_reconcile
 from spotrag_operator.standby import LABEL_STANDBY, Standby, Wake, plan_standbys
 from spotrag_runtime.engine_emulator import EmulatorProcess, start_engine_emulator
 
@@ -28,6 +30,8 @@ from .test_operator import (  # noqa: F401  the fixtures too
     operator,
     wait_for,
 )
+from .test_reconcile import NOW as PLAN_NOW
+from .test_reconcile import engine, observed
 
 NOW = datetime.datetime(2026, 12, 3, 12, 0, tzinfo=datetime.UTC)
 HASH = "h1"
@@ -147,9 +151,9 @@ def sleepy_engine(ip: str, **options) -> EmulatorProcess:
 def standby_engines() -> Iterator[list[EmulatorProcess]]:
     started: list[EmulatorProcess] = []
     yield started
-    for engine in started:
-        engine.kill()
-        engine.stop()
+    for process in started:
+        process.kill()
+        process.stop()
 
 
 def play_kubelet(client, pod: dict, ip: str | None = None) -> None:
@@ -249,3 +253,51 @@ def test_the_operator_sleeps_a_standby_wakes_it_for_a_scale_up_and_replaces_one_
         if p["metadata"]["labels"].get(render.LABEL_SERVING) == "true" and not p["metadata"].get("deletionTimestamp")
     ]
     assert len(serving_now) == 3
+
+
+# The reconcile plan: which signals wake a standby -----------------------------------
+
+NODE_SIGNALS = {
+    "notice": "karpenter.sh/disrupted",  # the engine leaves serving; its replacement is the standby
+    "rebalance": "aws-node-termination-handler/rebalance-recommendation",  # started before any notice
+}
+
+
+@pytest.mark.parametrize("signal", list(NODE_SIGNALS), ids=list(NODE_SIGNALS))
+def test_a_notice_or_a_rebalance_recommendation_wakes_the_standby_instead_of_a_cold_start(signal):
+    overrides = {"model": {"standby": {"replicas": 1}}, "scaling": {"minReplicas": 2}}
+    base = observed(overrides)
+    spec_hash = render.engine_spec_hash(defaulted_spec(base.body))
+    engines = [
+        dataclasses.replace(engine("od", render.ON_DEMAND, node="gpu-0"), spec_hash=spec_hash),
+        dataclasses.replace(engine("sp", render.SPOT, node="gpu-1"), spec_hash=spec_hash),
+    ]
+    taint = {"key": NODE_SIGNALS[signal], "effect": "NoSchedule", "timeAdded": "2026-11-21T11:59:50Z"}
+    nodes = {
+        "gpu-1": {"metadata": {"name": "gpu-1", "labels": {}}, "spec": {"taints": [taint]}},
+        "gpu-2": {"metadata": {"name": "gpu-2", "labels": {}}, "spec": {}},
+    }
+    asleep = Standby(
+        name="warm",
+        capacity=render.SPOT,
+        spec_hash=spec_hash,
+        ready=True,
+        failed=False,
+        terminating=False,
+        created=PLAN_NOW - datetime.timedelta(minutes=5),
+        url="http://10.0.0.9:8000",
+        asleep=True,
+        node="gpu-2",
+    )
+    plan = plan_reconcile(
+        dataclasses.replace(observed(overrides, engines=engines, nodes=nodes), standbys=[asleep]), None
+    )
+    assert [w.name for w in plan.wakes] == ["warm"]
+    assert plan.wakes[0].patch["metadata"]["labels"] == {render.LABEL_SERVING: "true", render.LABEL_STANDBY: None}
+    # No cold engine; only a new standby behind the woken one.
+    assert [capacity for capacity, _ in plan.creates] == ["spot standby"]
+    [(_, new_standby)] = plan.creates
+    assert new_standby["metadata"]["labels"][render.LABEL_STANDBY] == "true"
+    assert new_standby["metadata"]["labels"][render.LABEL_SERVING] == "false"
+    drained = [d.name for d in plan.engines.drain]
+    assert drained == (["sp"] if signal == "notice" else [])  # a rebalance keeps the engine serving meanwhile
