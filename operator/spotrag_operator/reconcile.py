@@ -222,11 +222,18 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         now=now,
     )
     status, persist = _with_scaling(status, observed, decision, placement, memory)
+    # Standbys cost their GPUs while asleep: they count in the cost, not as engines.
+    woken = {w.name for w in standbys.wake}
+    asleep = [
+        Engine(s.name, s.capacity, s.spec_hash, False, s.ready, s.failed, s.terminating, s.created, node=s.node)
+        for s in observed.standbys
+        if s.name not in woken
+    ]
+    cost = cost_per_hour(engines + asleep, spec)
     if render.standby_replicas(spec) or observed.standbys:
-        woken = {w.name for w in standbys.wake}
-        status["standbyReplicas"] = sum(
-            1 for s in observed.standbys if s.ready and not s.terminating and s.name not in woken
-        )
+        status["standbyReplicas"] = sum(1 for s in asleep if s.ready and not s.terminating)
+        if cost is not None:
+            status["costPerHour"] = f"${cost:.2f}"
     return ReconcilePlan(
         memory=memory,
         announce=announce,
@@ -237,7 +244,7 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         deletes=deletes,
         index=index,
         report=_report_events(index, problems, old_status),
-        gauges=EngineGauges(tuple(engines), decision.desired, observed.queued_tokens, cost_per_hour(engines, spec)),
+        gauges=EngineGauges(tuple(engines), decision.desired, observed.queued_tokens, cost),
         status=status if status_changed(old_status, status) else None,
         persist=persist,
         notes=list(engine_plan.notes),

@@ -299,5 +299,6 @@ def test_a_notice_or_a_rebalance_recommendation_wakes_the_standby_instead_of_a_c
     [(_, new_standby)] = plan.creates
     assert new_standby["metadata"]["labels"][render.LABEL_STANDBY] == "true"
     assert new_standby["metadata"]["labels"][render.LABEL_SERVING] == "false"
+    assert plan.status["standbyReplicas"] == 0  # the one there is being woken
     drained = [d.name for d in plan.engines.drain]
     assert drained == (["sp"] if signal == "notice" else [])  # a rebalance keeps the engine serving meanwhile
