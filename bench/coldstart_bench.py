@@ -131,7 +131,26 @@ def simulate(way: Way, notice: float, generator: str):
     run = compare(profile, trace, seed=SEED, horizon=HOURS * 3600.0, policies=(SPOTRAG,))
     [summary] = run.summaries
     standby_cost = profile.spot_price * HOURS if way.standby else 0.0  # one standby GPU asleep
-    return summary, standby_cost, run.meta
+    return summary, standby_cost, run.meta | {"starts": starts(run.results[SPOTRAG])}
+
+
+def starts(result) -> list[float]:
+    """When the run asked for a new engine (those ready at the start excluded)."""
+    return sorted(e.launched for e in result.engines if e.launched is not None and e.launched > 0)
+
+
+def covered(times: list[float], pool: int, refill: float) -> int:
+    """Starts a pool of `pool` standbys would have served, each used one
+    replaced by a cold start `refill` seconds long."""
+    back: list[float] = []  # when used standbys are ready again
+    free, served = pool, 0
+    for t in times:
+        free += sum(1 for b in back if b <= t)
+        back = [b for b in back if b > t]
+        if free:
+            free, served = free - 1, served + 1
+            back.append(t + refill)
+    return served
 
 
 def main() -> int:
@@ -143,11 +162,13 @@ def main() -> int:
     print("\nReplacement-ready time against the notice (the replacement starts at the notice):\n")
     print(readiness_table())
     for generator in ("bursty", "diurnal"):
-        meta = None
+        meta = cold_meta = None
         rows = []
         for notice_name, notice in NOTICES.items():
             for way in WAYS:
                 summary, standby_cost, meta = simulate(way, notice, generator)
+                if way is WAYS[0] and notice == max(NOTICES.values()):
+                    cold_meta = meta
                 rows.append(
                     f"| {notice_name} | {way.name} | {way.ready:.1f} s | ${summary.cost + standby_cost:.2f} | "
                     f"{summary.slo_minutes:.2%} | {summary.ttft_p99:.2f} | {summary.lost} "
@@ -155,6 +176,9 @@ def main() -> int:
                     f"{summary.resumed} | {summary.interruptions} |"
                 )
         assert meta is not None
+        cold_starts = cold_meta["starts"]
+        refill = WAYS[0].ready
+        pools = ", ".join(f"{n} standby{'s' if n > 1 else ''}: {covered(cold_starts, n, refill)}" for n in (1, 2, 3))
         print(
             f"\nspotrag on a generated {generator} trace, {HOURS} h from {START_HOUR:g}:00, peak {PEAK_RPS:g} requests/s, "
             f"seed {SEED}: {meta['requests']} requests, up to {meta['max_replicas']} engines; "
@@ -167,6 +191,11 @@ def main() -> int:
         )
         print("|---|---|---|---|---|---|---|---|---|")
         print("\n".join(rows))
+        print(
+            f"\nHow many of the cold run's {len(cold_starts)} engine starts (scale-ups and replacements) "
+            f"a pool of standbys would have served, each used one refilled by a {refill:.0f} s cold start: "
+            f"{pools}."
+        )
     print(f"\n(ran in {time.monotonic() - started:.0f} s)")
     return 0
 
