@@ -3,8 +3,12 @@
     # run 1 (vLLM part aa): stage vLLM, make the model, write its weights to local disk
     bash .gpu/unpack.sh && python3 .gpu/make_model.py /tmp/l8b --shape llama-8b \
         && python3 bench/vllm_coldstart.py weights --model /tmp/l8b
-    # run 2 (part ab, within ~30 s so /tmp is kept): load from disk, sleep/wake, the compile cache
-    bash .gpu/unpack.sh && . .gpu/env.sh && python3 bench/vllm_coldstart.py measure --model /tmp/l8b --out $OUT
+    # run 2 (part ab, within ~30 s so /tmp is kept): load from disk, then with the compile cache (~5 min)
+    bash .gpu/unpack.sh && . .gpu/env.sh && python3 bench/vllm_coldstart.py measure --model /tmp/l8b \
+        --out $OUT --steps first,compiled
+    # run 3 (warm machine): sleep/wake cycles and the streamer (~4 min)
+    . .gpu/env.sh && python3 bench/vllm_coldstart.py measure --model /tmp/l8b --out $OUT \
+        --steps sleep,streamer --keep-cache
 
 `weights` writes random bf16 safetensors of the model's shapes (Llama-3.1-8B:
 16 GB, in 4 shards) next to its config, so vLLM reads real-sized weights from
@@ -21,8 +25,9 @@ of its own as the node cache has it:
   4. --load-format runai_streamer from the same folder, if vLLM has the
      streamer installed (the result says if not).
 Writes coldstart.json and coldstart.md to --out (the simulator's stages in
-bench/coldstart_bench.py take their "measured" numbers from here). About 7
-minutes on an H200 after unpacking.
+bench/coldstart_bench.py take their "measured" numbers from here). Each
+command stays under the device's 10-minute limit; results are written after
+every step, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -170,6 +175,17 @@ class Server:
         return found
 
 
+def drop_page_cache() -> bool:
+    """Whether the kernel's page cache could be emptied (root only), so the
+    next start reads the weights from the disk rather than from memory."""
+    try:
+        os.sync()
+        pathlib.Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def answer() -> bool:
     status, body = http("POST", "/v1/completions", {"model": "l8b", "prompt": [1000] * 64, "max_tokens": 8})
     return status == 200 and b'"choices"' in body
@@ -270,7 +286,12 @@ def main() -> int:
     measure.add_argument("--model", type=pathlib.Path, required=True)
     measure.add_argument("--out", type=pathlib.Path, required=True)
     measure.add_argument("--cycles", type=int, default=3)
-    measure.add_argument("--skip", default="", help="comma-separated steps to skip: compiled,sleep,streamer")
+    measure.add_argument(
+        "--steps", default="first,compiled,sleep,streamer", help="comma-separated, of first,compiled,sleep,streamer"
+    )
+    measure.add_argument(
+        "--keep-cache", action="store_true", help="keep the compile cache of an earlier run (else emptied first)"
+    )
     args = parser.parse_args()
     if args.command == "weights":
         written = write_weights(args.model, args.shards)
@@ -278,25 +299,29 @@ def main() -> int:
         return 0
     out: pathlib.Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    skip = set(filter(None, args.skip.split(",")))
+    steps = set(filter(None, args.steps.split(",")))
     # vLLM's compile cache as the node cache keeps it: empty before the first start.
     cache_root = pathlib.Path("/tmp/spotrag-vllm-cache-root")
-    shutil.rmtree(cache_root, ignore_errors=True)
-    cache_root.mkdir(parents=True)
+    if not args.keep_cache:
+        shutil.rmtree(cache_root, ignore_errors=True)
+    cache_root.mkdir(parents=True, exist_ok=True)
     weights_file = args.model / "spotrag-weights.json"
     written = json.loads(weights_file.read_text()) if weights_file.exists() else None
-    results = []
+    results: list[dict] = []
 
     def save() -> None:
         (out / "coldstart.json").write_text(json.dumps({"weights": written, "results": results}, indent=1))
         (out / "coldstart.md").write_text(markdown(results, written))
 
-    results.append(start_and_measure("first start, weights from disk", args.model, out, cache_root))
-    save()
-    if "compiled" not in skip:
+    if "first" in steps:
+        dropped = drop_page_cache()
+        results.append(start_and_measure("first start, weights from disk", args.model, out, cache_root))
+        results[-1]["page_cache_dropped"] = dropped  # False: the weights may be read from memory, not the disk
+        save()
+    if "compiled" in steps:
         results.append(start_and_measure("again, compile cache kept", args.model, out, cache_root))
         save()
-    if "sleep" not in skip:
+    if "sleep" in steps:
         results.append(
             start_and_measure(
                 "sleep mode",
@@ -309,7 +334,7 @@ def main() -> int:
             )
         )
         save()
-    if "streamer" not in skip:
+    if "streamer" in steps:
         results.append(
             start_and_measure(
                 "runai_streamer from disk", args.model, out, cache_root, extra=["--load-format", "runai_streamer"]
