@@ -43,7 +43,7 @@ def main() -> int:
     print(
         f"Trace: bursty, {HOURS} h, seed {SEED}: {meta['requests']} requests. {meta['gpu']} / Mistral-7B; "
         f"on-demand for peak = {meta['peak_engines']} engines; autoscalers up to {meta['max_replicas']}; "
-        f"spotrag target {meta['target_queued_tokens_per_replica']} queued tokens/engine, KubeAI target "
+        f"spotrag target {meta['target_queued_tokens_per_replica'] or 'sized to the SLO'} queued tokens/engine, KubeAI target "
         f"{meta['kubeai_target_requests']} requests, KEDA threshold {meta['keda_waiting_threshold']:g} waiting "
         f"(all sized for engines {TARGET_UTILIZATION:.0%} busy); spot outages (h) {meta['spot_outages_hours']}; "
         f"${meta['prices_per_gpu_hour']['on-demand']:.4f} on-demand, ${meta['prices_per_gpu_hour']['spot']:.4f} spot per GPU-hour.\n"
@@ -60,7 +60,7 @@ def main() -> int:
         _, kubeai, spotrag = point.summaries
         print(
             f"| {utilization:.1f} | {point.meta['kubeai_target_requests']:g} | {kubeai.cost_vs_peak:.3f} | {kubeai.slo_minutes:.2%} | {kubeai.lost} "
-            f"| {point.meta['target_queued_tokens_per_replica']} | {spotrag.cost_vs_peak:.3f} | {spotrag.slo_minutes:.2%} | {spotrag.lost} |"
+            f"| {point.meta['target_queued_tokens_per_replica'] or 'slo'} | {spotrag.cost_vs_peak:.3f} | {spotrag.slo_minutes:.2%} | {spotrag.lost} |"
         )
 
     print(f"\nOther seeds (same profile, u = {TARGET_UTILIZATION}).\n")

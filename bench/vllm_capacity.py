@@ -10,6 +10,12 @@ prompt length (bursts of max_tokens=1 requests), decode tokens/s and
 inter-token latency by batch size (ignore_eos fixes output lengths), and TTFT
 against the prompt tokens queued ahead. Prompts are random token ids, so
 nothing is cached or shared. Writes capacity.json and capacity.md.
+
+`--engine emulator` runs the same sweep against spotrag's engine emulator with
+the capacity model measured here (`--hardware h200-llama-3.1-8b`), to hold the
+emulator against the real numbers (here, no GPU needed):
+
+    python bench/vllm_capacity.py --engine emulator --out /tmp/emulator --repeats 1  # kept as bench/vllm/emulator-capacity.*
 """
 
 from __future__ import annotations
@@ -143,7 +149,8 @@ def markdown(profile: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder (make_model.py --shape llama-8b)")
+    parser.add_argument("--engine", choices=["vllm", "emulator"], default="vllm")
+    parser.add_argument("--model", help="model folder (make_model.py --shape llama-8b), for vllm")
     parser.add_argument("--out", required=True)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-model-len", type=int, default=16384)
@@ -151,21 +158,35 @@ def main() -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "capacity-server.log"
-    command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model, "--served-model-name", "l8b"]
-    command += ["--port", str(PORT), "--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len"]
-    command += [str(args.max_model_len), "--gpu-memory-utilization", "0.9", "--no-enable-prefix-caching"]
+    if args.engine == "vllm":
+        if not args.model:
+            parser.error("--model is needed for --engine vllm")
+        command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model, "--served-model-name", "l8b"]
+        command += ["--port", str(PORT), "--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len"]
+        command += [str(args.max_model_len), "--gpu-memory-utilization", "0.9", "--no-enable-prefix-caching"]
+    else:
+        command = [sys.executable, "-m", "spotrag_runtime.engine_emulator", "--hardware", "h200-llama-3.1-8b"]
+        command += ["--served-model-name", "l8b", "--port", str(PORT), "--max-model-len", str(args.max_model_len)]
     process = subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         start = wait_ready(process, timeout=400)
         print(f"ready after {start:.1f} s", flush=True)
-        import vllm
+        if args.engine == "vllm":
+            import vllm
 
+            version = vllm.__version__
+        else:
+            version = "spotrag engine emulator, --hardware h200-llama-3.1-8b, on"
         profile = {
-            "vllm": vllm.__version__,
+            "vllm": version,
             "gpu": subprocess.run(
                 ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
-            ).stdout.strip(),
-            "model": "Llama-3.1-8B shapes, --load-format dummy, bf16, TP 1, prefix caching off",
+            ).stdout.strip()
+            if args.engine == "vllm"
+            else f"this machine's CPU ({os.cpu_count()} cores)",
+            "model": "Llama-3.1-8B shapes, --load-format dummy, bf16, TP 1, prefix caching off"
+            if args.engine == "vllm"
+            else "its measured capacity model",
             "command": command[3:],
             "repeats": args.repeats,
             "start_s": start,

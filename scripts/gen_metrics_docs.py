@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Write docs/metrics.md from the metric definitions in the code.
 
-The operator's metrics (operator/spotrag_operator/metrics.py) and the
-gateway's (runtime/spotrag_runtime/gateway/metrics.py) are read from the
-objects themselves, so the page cannot drift from what /metrics serves:
+The operator's metrics (operator/spotrag_operator/metrics.py), the
+gateway's (runtime/spotrag_runtime/gateway/metrics.py) and the front door's
+(runtime/spotrag_runtime/frontdoor/metrics.py) are read from the objects themselves, so the page cannot drift from what /metrics serves:
 
     python scripts/gen_metrics_docs.py          # rewrite docs/metrics.md
     python scripts/gen_metrics_docs.py --check  # exit 1 if the page is stale (CI)
@@ -36,14 +36,12 @@ def operator_rows() -> list[tuple[str, str, str, str]]:
     return _rows_of_wrappers([value for value in vars(metrics).values() if isinstance(value, MetricWrapperBase)])
 
 
-def gateway_rows() -> list[tuple[str, str, str, str]]:
-    from spotrag_runtime.gateway.metrics import GatewayMetrics
-
-    gateway = GatewayMetrics()
-    wrappers = {id(v): v for v in vars(gateway).values() if isinstance(v, MetricWrapperBase)}
+def _rows_of_object(holder: object, registry) -> list[tuple[str, str, str, str]]:
+    """The metrics an object holds as attributes, then what its registry's collectors add."""
+    wrappers = {id(v): v for v in vars(holder).values() if isinstance(v, MetricWrapperBase)}
     rows = _rows_of_wrappers(list(wrappers.values()))
     wrapped = {name for name, *_ in rows} | {name.removesuffix("_total") for name, *_ in rows}
-    for family in gateway.registry.collect():
+    for family in registry.collect():
         if family.name in wrapped:
             continue
         labels = getattr(family, "_labelnames", ()) or sorted(
@@ -51,6 +49,21 @@ def gateway_rows() -> list[tuple[str, str, str, str]]:
         )
         rows.append((family.name, family.type, ", ".join(labels), family.documentation))
     return rows
+
+
+def gateway_rows() -> list[tuple[str, str, str, str]]:
+    from spotrag_runtime.gateway.metrics import GatewayMetrics
+
+    gateway = GatewayMetrics()
+    return _rows_of_object(gateway, gateway.registry)
+
+
+def frontdoor_rows() -> list[tuple[str, str, str, str]]:
+    from spotrag_runtime.frontdoor.metrics import FrontDoorMetrics
+    from spotrag_runtime.frontdoor.routing import RouteTable
+
+    frontdoor = FrontDoorMetrics(RouteTable)
+    return _rows_of_object(frontdoor, frontdoor.registry)
 
 
 def render() -> str:
@@ -71,6 +84,11 @@ def render() -> str:
             "Gateway",
             "each gateway pod, port `http` (8080), path `/metrics`. The operator scales on `spotrag_queued_tokens` (docs/gateway.md defines it).",
             gateway_rows(),
+        ),
+        (
+            "Front door",
+            "each front door pod (`spotrag front-door`, chart value `frontDoor.enabled`), port `http` (8080), path `/metrics`; labels `model` and `variant` (the RAGDeployment, `namespace/name`) (docs/front-door.md).",
+            frontdoor_rows(),
         ),
     ):
         lines += [f"## {title}", "", where, "", "| metric | type | labels | meaning |", "|---|---|---|---|"]

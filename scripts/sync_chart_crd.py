@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Copy the RAGDeployment CRD from crds/ into the Helm chart, byte for byte.
+"""Copy the CRDs (RAGDeployment, ModelRoute) from crds/ into the Helm chart, byte for byte.
 
 crds/ is the one source of truth; the chart ships a copy because Helm only
 installs CRDs from a chart's own crds/ folder. Run this after editing the CRD:
@@ -15,7 +15,8 @@ import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "crds" / "spotrag.io_ragdeployments.yaml"
+SOURCES = (ROOT / "crds" / "spotrag.io_ragdeployments.yaml", ROOT / "crds" / "spotrag.io_modelroutes.yaml")
+SOURCE = SOURCES[0]
 CHART_COPY = ROOT / "charts" / "spotrag" / "crds" / SOURCE.name
 
 
@@ -23,21 +24,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 if the chart's copy differs")
     args = parser.parse_args(argv)
+    return max(sync(source, ROOT / "charts" / "spotrag" / "crds" / source.name, check=args.check) for source in SOURCES)
 
-    source = SOURCE.read_bytes()
-    copy = CHART_COPY.read_bytes() if CHART_COPY.exists() else None
+
+def sync(source_path: pathlib.Path, copy_path: pathlib.Path, *, check: bool) -> int:
+    source = source_path.read_bytes()
+    copy = copy_path.read_bytes() if copy_path.exists() else None
     if copy == source:
-        print(f"{CHART_COPY.relative_to(ROOT)} is in sync with {SOURCE.relative_to(ROOT)}")
+        print(f"{copy_path.relative_to(ROOT)} is in sync with {source_path.relative_to(ROOT)}")
         return 0
-    if args.check:
+    if check:
         print(
-            f"{CHART_COPY.relative_to(ROOT)} differs from {SOURCE.relative_to(ROOT)}: "
+            f"{copy_path.relative_to(ROOT)} differs from {source_path.relative_to(ROOT)}: "
             "run python scripts/sync_chart_crd.py",
             file=sys.stderr,
         )
         return 1
-    CHART_COPY.write_bytes(source)
-    print(f"copied {SOURCE.relative_to(ROOT)} to {CHART_COPY.relative_to(ROOT)}")
+    copy_path.write_bytes(source)
+    print(f"copied {source_path.relative_to(ROOT)} to {copy_path.relative_to(ROOT)}")
     return 0
 
 

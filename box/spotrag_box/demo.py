@@ -8,6 +8,11 @@ cluster does. With --kubeconfig it runs the same tour on a real cluster and
 simulates nothing. Exit status: 0 when every request was answered, 1 when
 any failed, 2 for a missing prerequisite or bad option, 3 when the
 deployment never became ready.
+
+In a terminal (or with --stay) the box stays up after the tour, until
+Ctrl-C: the chat page's URL and a kubeconfig for `kubectl get ragd -w` are
+printed as soon as they exist, and with --interrupt-every the cloud keeps
+taking spot nodes back under whatever traffic the page sends.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ SIMULATED = """[bold]What is real and what is simulated[/bold]
              embeddings + faiss over the bundled corpus), the index Job's builder, kubectl, the openai client
   simulated  the Kubernetes API server (an HTTP stand-in), the nodes, scheduler, kubelets and
              controllers (local processes, each pod on an address of 127.0.0.0/8), the GPUs (vLLM engine emulators that speak
-             vLLM's API with invented text), the cloud's spot capacity and interruption notices"""
+             vLLM's API and, with no model, answer by quoting the retrieved passages: "Emulated answer, ..."),
+             the cloud's spot capacity and interruption notices"""
 
 
 class DemoError(Exception):
@@ -141,6 +147,8 @@ class Demo:
         self.traffic = None
         self.gateway_url: str | None = None
         self.interrupted_node: str | None = None
+        # Stay up after the tour: asked for, or by default when a person is at a terminal.
+        self.stay = args.stay if args.stay is not None else self.console.is_terminal and sys.stdin.isatty()
 
     # Output ---------------------------------------------------------------
 
@@ -181,9 +189,17 @@ class Demo:
             self.kubeconfig = Path(self.args.kubeconfig) if self.real else self._start_box()
             if self.real:
                 self._check_cluster()
+            else:
+                self.say(
+                    "[bold]Watch it[/bold] from another terminal: "
+                    f"[cyan]{kubectl_path()} --kubeconfig {self.kubeconfig} get ragd -w[/cyan]"
+                )
             self._deploy()
             self.gateway_url = stack.enter_context(self._gateway())
-            return self._tour(stack)
+            code = self._tour(stack)
+            if self.stay:
+                self._stay()
+            return code
 
     def _start_box(self) -> Path:
         from spotrag_box.cluster import SimulatedCluster, Timing
@@ -408,6 +424,8 @@ class Demo:
         self.say(
             f"\n[bold]Ready[/bold] after {self.timeline.at(self.timeline.ready)}. Gateway: {self.gateway_url}/v1 (OpenAI-compatible)"
         )
+        self.say(f"[bold]Chat page[/bold]: {self.page_url} (open it in a browser; answers stream with their sources)")
+        self.log(f"chat page: {self.page_url}")
         self._ask_questions()
         self.say(f"\nFirst answer {self.timeline.at(self.timeline.first_answer)} after `spotrag demo` started.")
         model = yaml.safe_load(DEMO_MANIFEST.read_text())["spec"]["model"]["servedModelName"]
@@ -432,6 +450,39 @@ class Demo:
         self.phase = "finishing"
         self.traffic.stop()
         return self._summary()
+
+    @property
+    def page_url(self) -> str:
+        return f"{self.gateway_url}/"
+
+    def _stay(self) -> None:
+        """Keep the box up until Ctrl-C, taking a spot node back every
+        --interrupt-every seconds (in the box), under the page's traffic."""
+        every = self.args.interrupt_every if self.cluster is not None else 0
+        self.say(
+            f"\n[bold]The box stays up until Ctrl-C.[/bold] Chat page: {self.page_url}\n"
+            + (
+                f"  kubectl get ragd -w: {kubectl_path()} --kubeconfig {self.kubeconfig} get ragd -w\n"
+                if self.cluster is not None
+                else ""
+            )
+            + (
+                f"  Every {every:.0f}s the cloud takes a spot node back; ask questions meanwhile and watch them survive."
+                if every
+                else "  No more interruptions (--interrupt-every 0)."
+            )
+        )
+        try:
+            while True:
+                self.phase = "open: Ctrl-C stops"
+                wait = every or 3600
+                until = time.monotonic() + wait
+                self._watch_until(lambda s: time.monotonic() >= until, what="the next interruption", timeout=wait + 60)
+                if every:
+                    self.timeline.replacement_ready = self.timeline.node_gone = None
+                    self._interrupt(time.monotonic())
+        except KeyboardInterrupt:
+            self.say("\nStopping the box.")
 
     def _interrupt(self, end: float) -> None:
         snapshot = self._last_snapshot
@@ -536,9 +587,24 @@ def cli(argv: list[str]) -> int:
     parser.add_argument(
         "--api-port", type=int, default=0, help="port of the box's API stand-in on 127.0.0.1 (default: a free one)"
     )
+    parser.add_argument(
+        "--stay",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after the tour, keep everything running until Ctrl-C, to use the chat page "
+        "(default: yes in a terminal, no otherwise)",
+    )
+    parser.add_argument(
+        "--interrupt-every",
+        type=float,
+        default=120.0,
+        help="while staying in the box, take a spot node back every this many seconds (default: %(default)s; 0: never)",
+    )
     args = parser.parse_args(argv)
     if args.duration <= 0:
         parser.error("--duration must be positive")
+    if args.interrupt_every < 0:
+        parser.error("--interrupt-every must not be negative")
     if args.notice_seconds < 0:
         parser.error("--notice-seconds must not be negative")
     if args.kubeconfig and not Path(args.kubeconfig).is_file():

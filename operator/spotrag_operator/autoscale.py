@@ -609,3 +609,41 @@ def scale(
 
 def _with_calibration(observed: Observation, result: Calibration) -> Observation:
     return Observation(**{**observed.__dict__, "calibration": result})
+
+
+def observation_from(
+    work,
+    samples: list[EngineSample],
+    *,
+    now: float,
+    ready: int,
+    starting: int,
+    draining: int = 0,
+    metric_problem: str = "",
+) -> Observation:
+    """An Observation from the gateways' reading (queued_tokens.QueuedWork, or None
+    when it failed) and the engines' samples: the requests in flight are those
+    waiting in the gateways plus those running or waiting on the engines."""
+    if work is None:
+        return Observation(
+            now=now,
+            queued_tokens=None,
+            ready=ready,
+            starting=starting,
+            draining=draining,
+            metric_problem=metric_problem,
+        )
+    requests = None
+    if work.waiting_requests is not None:
+        requests = work.waiting_requests + sum(s.running + s.waiting for s in samples)
+    return Observation(
+        now=now,
+        queued_tokens=work.tokens,
+        ready=ready,
+        starting=starting,
+        draining=draining,
+        metric_problem=metric_problem,
+        prompt_tokens=work.prompt_tokens,
+        output_tokens=work.output_tokens,
+        requests=requests,
+    )

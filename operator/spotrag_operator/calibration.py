@@ -121,16 +121,16 @@ class EngineRates:
         }
 
 
-MEASURED_H200_8B = "vLLM 0.26.0 on H200, one run, shared/vllm/README.md"
+MEASURED_H200_8B = "vLLM 0.26.0 on H200, 3 repeats, bench/vllm/capacity.json"
 ROOFLINE = "datasheet roofline of the simulator (simulator/spotrag_simulator/presets.py), not measured"
 
 # Per GPU / model. The H200 numbers are measured; the others are the
 # simulator's roofline model at a 1,500-token context (tests hold them to it).
 PRESETS: dict[str, EngineRates] = {
     "H200/Llama-3.1-8B": EngineRates.from_measurements(
-        prefill_tokens_per_second=40_000,  # 64 × 2,000-token prompts: 41,004; 16 × 8,000: 37,090
-        decode_tokens_per_second=203,  # 1 × 128 / 256
-        batch_decode_tokens_per_second=9_001,  # 64 × 128 / 256
+        prefill_tokens_per_second=40_000,  # 37,664-41,004 (medians) for 256- to 8,192-token prompts
+        decode_tokens_per_second=206,  # 1 × 128 / 256
+        batch_decode_tokens_per_second=9_545,  # 64 × 128 / 256
         batch=64,
         kv_cache_tokens=896_912,
         source=MEASURED_H200_8B,

@@ -82,6 +82,21 @@ INSTANCE_GPUS: dict[str, int] = {
     "Standard_ND96isr_H100_v5": 8,
 }
 
+# NeuronCores per node of AWS Inferentia2 and Trainium instances, as the
+# Neuron device plugin advertises aws.amazon.com/neuroncore (trn2 at its
+# default logical NeuronCore size 2). The CRD's CEL rules hold the same table.
+NEURON_CORES: dict[str, int] = {
+    "inf2.xlarge": 2,
+    "inf2.8xlarge": 2,
+    "inf2.24xlarge": 12,
+    "inf2.48xlarge": 24,
+    "trn1.2xlarge": 2,
+    "trn1.32xlarge": 32,
+    "trn1n.32xlarge": 32,
+    "trn2.48xlarge": 64,
+}
+INSTANCE_GPUS.update(NEURON_CORES)
+
 
 def gpu_fit_problem(spec: dict) -> str | None:
     wanted = render.gpu_count(spec)

@@ -7,7 +7,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import render
-from .calibration import EngineSample, parse_engine_metrics
+from .calibration import DRAINING, ERRORING, SERVING, STARTING, EngineSample, parse_engine_metrics
 
 BUSY_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 
@@ -54,3 +54,26 @@ def engine_sample(client: httpx.Client, pod: dict, *, state: str, now: float) ->
         return parse_engine_metrics(response.text, name=pod["metadata"]["name"], time=now, state=state)
     except (httpx.HTTPError, ValueError):
         return None
+
+
+def calibration_state(engine) -> str:
+    """An engine (plan.Engine) as calibration sees it: only SERVING ones are fitted."""
+    if engine.failed:
+        return ERRORING
+    if engine.terminating or not engine.serving:
+        return DRAINING
+    return SERVING if engine.ready else STARTING
+
+
+def engine_samples(client: httpx.Client, pods: list[dict], engines: list, *, now: float) -> list[EngineSample]:
+    """Scrape every serving, ready engine for calibration (pods and plan.Engines in
+    the same order, as observe_engines returns them). The others are not
+    asked: calibration would not use them, and an engine left out is
+    forgotten, so it starts afresh when it serves again."""
+    samples = []
+    for pod, engine in zip(pods, engines, strict=True):
+        if calibration_state(engine) == SERVING:
+            sample = engine_sample(client, pod, state=SERVING, now=now)
+            if sample is not None:
+                samples.append(sample)
+    return samples

@@ -53,11 +53,15 @@ def execute(
         logger.info(note)
     for drain in plan.drains:
         # Out of serving first: the replacements below must not wait on a slow API.
-        try:
-            kube.patch("v1", "Pod", drain.name, drain.patch, namespace)
-        except KubeError as error:
-            if not error.not_found:
-                raise
+        found = 0
+        for api_version, kind, name in drain.targets or (("v1", "Pod", drain.name),):
+            try:
+                kube.patch(api_version, kind, name, drain.patch, namespace)
+                found += 1
+            except KubeError as error:
+                if not error.not_found:
+                    raise
+        if not found:
             continue
         for sample in drain.counts:
             metrics.count(sample)
@@ -68,7 +72,7 @@ def execute(
     if created:
         post(body, created_event(created))
     for delete in plan.deletes:
-        if kube.delete("v1", "Pod", delete.name, namespace):
+        if kube.delete(delete.api_version, delete.kind, delete.name, namespace):
             post(body, delete.event)
     if plan.index.create is not None:
         kube.create(plan.index.create)

@@ -67,6 +67,9 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         )
     engine_pods = {render.LABEL_COMPONENT: "engine", render.LABEL_DEPLOYMENT: kopf.PRESENT}
     kopf.on.event("pods", labels=engine_pods, registry=registry)(engine_pod_changed)
+    # A worker of an engine group (LeaderWorkerSet) changed: its group's readiness did.
+    group_workers = {render.LABEL_COMPONENT: render.COMPONENT_WORKER, render.LABEL_DEPLOYMENT: kopf.PRESENT}
+    kopf.on.event("pods", labels=group_workers, id="engine_worker_changed", registry=registry)(engine_pod_changed)
     kopf.on.event(*RAGD, registry=registry)(ragdeployment_event)
     kopf.on.event("nodes", registry=registry)(node_changed)
 
@@ -147,14 +150,14 @@ def engine_pod_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **
     """An engine pod appeared, changed or vanished: reconcile its RAGDeployment now."""
     if "kube" not in memo:  # events can arrive before startup finished
         return
-    owner = next((o for o in body["metadata"].get("ownerReferences") or [] if o.get("kind") == KIND), None)
-    if owner is None:
+    name = _owner_name(body)
+    if name is None:
         return
     namespace = body["metadata"]["namespace"]
     try:
-        parent = memo["kube"].get(API_VERSION, KIND, owner["name"], namespace)
+        parent = memo["kube"].get(API_VERSION, KIND, name, namespace)
     except KubeError as error:
-        logger.warning("could not read RAGDeployment %s/%s: %s", namespace, owner["name"], error)
+        logger.warning("could not read RAGDeployment %s/%s: %s", namespace, name, error)
         return
     if parent is not None and not parent["metadata"].get("deletionTimestamp"):
         reconcile_engines(memo, parent, logger)
@@ -181,21 +184,29 @@ def node_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
             "v1",
             "Pod",
             None,
-            label_selector=f"{render.LABEL_COMPONENT}=engine",
+            # Workers of an engine group too: a notice for any node of a group drains it.
+            label_selector=f"{render.LABEL_COMPONENT} in (engine,{render.COMPONENT_WORKER})",
             field_selector=f"spec.nodeName={node_name}",
         )
     except KubeError as error:
         raise retry_later(error, f"listing engines on node {node_name}") from error
-    owners = {
-        (pod["metadata"]["namespace"], owner["name"])
-        for pod in pods
-        for owner in pod["metadata"].get("ownerReferences") or []
-        if owner.get("kind") == KIND
-    }
+    owners = {(pod["metadata"]["namespace"], name) for pod in pods if (name := _owner_name(pod)) is not None}
     for namespace, name in sorted(owners):
         parent = kube.get(API_VERSION, KIND, name, namespace)
         if parent is not None and not parent["metadata"].get("deletionTimestamp"):
             reconcile_engines(memo, parent, logger)
+
+
+def _owner_name(pod: Any) -> str | None:
+    """The RAGDeployment an engine pod belongs to: its owner, or for a pod of an
+    engine group (owned by its LeaderWorkerSet) the deployment label."""
+    meta = pod["metadata"]
+    owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == KIND), None)
+    if owner is not None:
+        return owner["name"]
+    if render.LWS_NAME_LABEL in (meta.get("labels") or {}):
+        return (meta.get("labels") or {}).get(render.LABEL_DEPLOYMENT)
+    return None
 
 
 def _plain(body: kopf.Body) -> dict:

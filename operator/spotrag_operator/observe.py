@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from spotrag_runtime.kube import Kube, label_selector
+from spotrag_runtime.kube import Kube, KubeError, label_selector
 
 from . import index_job, render
 from .checks import named_objects
@@ -47,17 +47,69 @@ def observe_engines(http: httpx.Client, pods: list[dict]) -> list[Engine]:
     return engines
 
 
+def observe_groups(http: httpx.Client, groups: list[dict], pods: list[dict]) -> list[Engine]:
+    """Engine groups (LeaderWorkerSets) as planning sees them: one engine
+    each, its pods (leader and workers) found by the LeaderWorkerSet's name
+    label; only draining groups' leaders are asked for their load."""
+    by_group: dict[str, list[dict]] = {}
+    for pod in pods:
+        by_group.setdefault((pod["metadata"].get("labels") or {}).get(render.LWS_NAME_LABEL, ""), []).append(pod)
+    engines = []
+    for lws in groups:
+        meta = lws["metadata"]
+        members = by_group.get(meta["name"], [])
+        draining = (meta.get("labels") or {}).get(render.LABEL_SERVING) != "true" and not meta.get("deletionTimestamp")
+        engine = Engine.from_group(lws, members)
+        if draining and engine.leader is not None:
+            leader = next(p for p in members if p["metadata"]["name"] == engine.leader)
+            engine = Engine.from_group(lws, members, running_requests(http, leader))
+        engines.append(engine)
+    return engines
+
+
+def group_pods(kube: Kube, body: dict) -> list[dict]:
+    """Every pod of the RAGDeployment's engine groups, leaders and workers."""
+    selector = f"{render.LABEL_DEPLOYMENT}={body['metadata']['name']},{render.LWS_NAME_LABEL}"
+    return kube.list("v1", "Pod", body["metadata"]["namespace"], label_selector=selector)
+
+
 def observe(kube: Kube, http: httpx.Client, body: dict, *, now: datetime.datetime) -> Observed:
     spec = defaulted_spec(body)
     namespace = body["metadata"]["namespace"]
-    pods = kube.list("v1", "Pod", namespace, label_selector=label_selector(render.engine_selector(body)))
+    selector = label_selector(render.engine_selector(body))
+    if render.nodes_per_engine(spec) > 1:
+        groups = kube.list(render.LWS_API_VERSION, render.LWS_KIND, namespace, label_selector=selector)
+        pods = group_pods(kube, body)
+        # Single-node engine pods of an earlier spec roll out like any outdated engine.
+        singles = [
+            p
+            for p in kube.list("v1", "Pod", namespace, label_selector=selector)
+            if render.LWS_NAME_LABEL not in (p["metadata"].get("labels") or {}) and not is_standby(p)
+        ]
+        engines = observe_groups(http, groups, pods) + observe_engines(http, singles)
+        pods = pods + singles
+    else:
+        pods = kube.list("v1", "Pod", namespace, label_selector=selector)
+        engines = observe_engines(
+            http,
+            [p for p in pods if render.LWS_NAME_LABEL not in p["metadata"].get("labels", {}) and not is_standby(p)],
+        )
+        # Groups of an earlier spec (nodesPerEngine was above 1) roll out too; none
+        # are listed when the LeaderWorkerSet API is not installed.
+        groups = _groups_if_any(kube, namespace, selector)
+        if groups:
+            members = group_pods(kube, body)
+            engines += observe_groups(http, groups, members)
+            pods = pods + members
     nodes = {
         name: node
         for name in sorted({(p.get("spec") or {}).get("nodeName") for p in pods} - {None})
         if (node := kube.get("v1", "Node", name)) is not None
     }
+    if any(e.group and e.unschedulable for e in engines):
+        # A group that finds no nodes: every node, to say which would fit it.
+        nodes = {n["metadata"]["name"]: n for n in kube.list("v1", "Node")} | nodes
     standbys = [Standby.from_pod(p, is_sleeping(http, p) if _ready(p) else None) for p in pods if is_standby(p)]
-    engines = observe_engines(http, [p for p in pods if not is_standby(p)])
     queued, metric_problem = read_queued_tokens(kube, http, body, spec)
     found = {(kind, name): kube.get("v1", kind, name, namespace) for kind, name in named_objects(spec)}
     jobs: list[dict] = []
@@ -78,3 +130,15 @@ def _ready(pod: dict) -> bool:
     return not pod["metadata"].get("deletionTimestamp") and any(
         c.get("type") == "Ready" and c.get("status") == "True" for c in conditions
     )
+
+
+def _groups_if_any(kube: Kube, namespace: str, selector: str) -> list[dict]:
+    try:
+        return kube.list(render.LWS_API_VERSION, render.LWS_KIND, namespace, label_selector=selector)
+    except KubeError as error:
+        # The LeaderWorkerSet API not installed, or not granted (RBAC of an older
+        # chart): then there are no groups to clean up, and single-node engines
+        # must not stop reconciling for it.
+        if error.not_found or error.forbidden:
+            return []
+        raise

@@ -60,6 +60,14 @@ class Engine:
     node: str | None = None
     running_requests: int | None = None  # from the engine's /metrics, for draining engines; None: unknown
     cache_problem: str | None = None  # its node model cache was unusable and that is not yet reported
+    # An engine group over several nodes (a LeaderWorkerSet named `name`): its
+    # leader pod (None until created), every node the group's pods are on, and
+    # why a pod of it cannot be scheduled.
+    group: bool = False
+    leader: str | None = None
+    group_nodes: tuple[str, ...] = ()
+    unschedulable: str | None = None
+    leader_serving: bool = False  # the leader pod's own serving label (a recreated group's leader has it anew)
 
     @classmethod
     def from_pod(cls, pod: dict, running_requests: int | None = None) -> Engine:
@@ -84,9 +92,62 @@ class Engine:
             cache_problem=None if ANNOTATION_CACHE_REPORTED in annotations else unusable_cache(status),
         )
 
+    @classmethod
+    def from_group(cls, lws: dict, pods: list[dict], running_requests: int | None = None) -> Engine:
+        """An engine group: its record (capacity, serving, drain) is the
+        LeaderWorkerSet's, its readiness that of all its pods together."""
+        meta = lws["metadata"]
+        labels = meta.get("labels") or {}
+        annotations = meta.get("annotations") or {}
+        size = int(((lws.get("spec") or {}).get("leaderWorkerTemplate") or {}).get("size") or 1)
+        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        leader = next(
+            (p for p in live if (p["metadata"].get("labels") or {}).get(render.LWS_WORKER_INDEX_LABEL) == "0"), None
+        )
+        ready = len(live) >= size and all(_pod_ready(p) for p in live)
+        unschedulable = next(
+            (
+                c.get("message") or c.get("reason") or "Unschedulable"
+                for p in live
+                for c in (p.get("status") or {}).get("conditions") or []
+                if c.get("type") == "PodScheduled" and c.get("status") == "False"
+            ),
+            None,
+        )
+        return cls(
+            name=meta["name"],
+            capacity=labels.get(render.LABEL_CAPACITY, render.SPOT),
+            spec_hash=labels.get(render.LABEL_SPEC_HASH, ""),
+            serving=labels.get(render.LABEL_SERVING) == "true",
+            ready=ready,
+            failed=False,  # the LeaderWorkerSet recreates a group whose pod failed
+            terminating=bool(meta.get("deletionTimestamp")),
+            created=parse_time(meta.get("creationTimestamp")) or datetime.datetime.min.replace(tzinfo=datetime.UTC),
+            drain_since=parse_time(annotations.get(ANNOTATION_DRAIN_SINCE)),
+            drain_deadline=parse_time(annotations.get(ANNOTATION_DRAIN_DEADLINE)),
+            node=((leader or {}).get("spec") or {}).get("nodeName"),
+            running_requests=running_requests,
+            group=True,
+            leader=leader["metadata"]["name"] if leader else None,
+            group_nodes=tuple(sorted({n for p in live if (n := (p.get("spec") or {}).get("nodeName"))})),
+            unschedulable=unschedulable,
+            leader_serving=bool(leader)
+            and (leader["metadata"].get("labels") or {}).get(render.LABEL_SERVING) == "true",
+        )
+
     @property
     def draining(self) -> bool:
         return not self.serving
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Every node the engine runs on: its own, or each of its group's."""
+        return tuple(dict.fromkeys(n for n in (self.node, *self.group_nodes) if n))
+
+
+def _pod_ready(pod: dict) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
 def unusable_cache(pod_status: dict) -> str | None:
@@ -165,7 +226,10 @@ def plan_engines(
     live = [e for e in engines if not e.terminating]
 
     def signal_of(engine: Engine) -> NodeSignal | None:
-        return node_signals.get(engine.node) if engine.node else None
+        """The signal of the engine's node; for a group, of any of its nodes
+        (a notice for one node takes the whole group), a drain before a pre-warm."""
+        found = [s for node in engine.nodes if (s := node_signals.get(node)) is not None]
+        return min(found, key=lambda s: s.action is not Action.DRAIN, default=None)
 
     # Failed pods never come back on their own: delete, and replace below.
     for engine in live:

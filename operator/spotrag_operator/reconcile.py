@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from . import render
 from .autoscale import AutoscalerState, Decision, Observation, ScalingPolicy, decide
 from .checks import find_problems
+from .groups import fitting_nodes
 from .index_job import IndexPlan, plan_index
 from .metrics import Count, EngineGauges
 from .observe import Observed
@@ -79,12 +80,17 @@ class DrainAction:
     patch: dict
     events: tuple[Event, ...]
     counts: tuple[Count, ...]
+    # What the patch goes to, in order: the pod; for an engine group its
+    # LeaderWorkerSet (the drain's record) then its leader (out of the Service).
+    targets: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
 class DeleteAction:
     name: str
     event: Event  # posted only if the pod was still there
+    api_version: str = "v1"
+    kind: str = "Pod"  # an engine group goes as its LeaderWorkerSet, all its pods with it
 
 
 @dataclass(frozen=True)
@@ -176,7 +182,8 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
     standbys = plan_standbys(
         observed.standbys,
         creates=engine_plan.create,
-        want=render.standby_replicas(spec),
+        # Standbys are single-node engines: none for engine groups over several nodes.
+        want=render.standby_replicas(spec) if render.nodes_per_engine(spec) == 1 else 0,
         capacity=standby_capacity(spec),
         spec_hash=spec_hash,
         now=now,
@@ -184,9 +191,10 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
     )
     engine_plan.create = standbys.cold  # a woken standby stands in for a cold start
     engine_plan.notes += standbys.notes
-    drains = [_drain_action(drain, now, labels) for drain in engine_plan.drain]
+    drains = [_drain_action(drain, now, labels, observed.engines) for drain in engine_plan.drain]
+    drains += _leaders_back_out(observed.engines, {d.name for d in engine_plan.drain})
     drains += _cache_reports(observed.engines)
-    creates = [(capacity, render.engine_pod(body, spec, capacity)) for capacity in engine_plan.create]
+    creates = [(capacity, render.engine_unit(body, spec, capacity)) for capacity in engine_plan.create]
     creates += [(f"{capacity} standby", render.standby_pod(body, spec, capacity)) for capacity in standbys.create]
     deletes = [_delete_action(name, observed.engines, now) for name in engine_plan.delete]
     deletes += [
@@ -222,6 +230,14 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         now=now,
     )
     status, persist = _with_scaling(status, observed, decision, placement, memory)
+    if render.nodes_per_engine(spec) > 1:
+        status["conditions"] = set_condition(
+            status["conditions"],
+            "GroupsSchedulable",
+            *_groups_schedulable(engines, spec, observed.nodes),
+            now=now,
+            generation=meta.get("generation"),
+        )
     # Standbys cost their GPUs while asleep: they count in the cost, not as engines.
     woken = {w.name for w in standbys.wake}
     asleep = [
@@ -345,7 +361,60 @@ def _scaling_events(
     return events, counts
 
 
-def _drain_action(drain: Drain, now: datetime.datetime, labels: tuple[str, str]) -> DrainAction:
+def _leaders_back_out(engines: list[Engine], draining_now: set[str]) -> list[DrainAction]:
+    """A draining group whose pod went is recreated by its LeaderWorkerSet with
+    a leader labelled serving from the template: take it out of the Service
+    again (no new Events: the drain was announced)."""
+    return [
+        DrainAction(
+            e.name,
+            {"metadata": {"labels": {render.LABEL_SERVING: "false"}}},
+            (),
+            (),
+            (("v1", "Pod", e.leader),),
+        )
+        for e in engines
+        if e.group and e.draining and e.leader and e.leader_serving and not e.terminating and e.name not in draining_now
+    ]
+
+
+def _groups_schedulable(engines: list[Engine], spec: dict, nodes: dict[str, dict]) -> tuple[bool, str, str]:
+    """Whether every engine group found its nodes; if not, which nodes would fit
+    (`nodes`: every node of the cluster, as observe reads them for a stuck group)."""
+    stuck = [e for e in engines if e.group and e.unschedulable and not e.terminating]
+    if not stuck:
+        return True, "NodesFound", ""
+    wanted = render.nodes_per_engine(spec)
+    parts = []
+    for capacity in sorted({e.capacity for e in stuck}):
+        fit = fitting_nodes(spec, capacity, nodes)
+        parts.append(
+            f"{capacity} nodes that would fit: {', '.join(fit) or 'none'} ({len(fit)} of the {wanted} a group needs)"
+        )
+    return (
+        False,
+        "NoNodesForGroup",
+        f"{', '.join(e.name for e in stuck)}: {group_fit(spec)}; {'; '.join(parts)}; "
+        f"the scheduler says: {stuck[0].unschedulable}",
+    )
+
+
+def group_fit(spec: dict) -> str:
+    """The nodes one engine group needs, in words."""
+    gpu = spec["gpu"]
+    nodes = render.nodes_per_engine(spec)
+    where = [f"of instance type {' or '.join(gpu['instanceTypes'])}"] if gpu.get("instanceTypes") else []
+    where += [f"labelled {k}={v}" for k, v in sorted((gpu.get("nodeSelector") or {}).items())]
+    capacity = "spot or on-demand" if gpu["mixedCapacityGroups"] else "all spot or all on-demand"
+    return (
+        f"an engine group needs {nodes} nodes at once, {capacity}, each with {render.gpu_count(spec)} free "
+        f"{gpu['resourceName']}{(' ' + ', '.join(where)) if where else ''}"
+    )
+
+
+def _drain_action(
+    drain: Drain, now: datetime.datetime, labels: tuple[str, str], engines: list[Engine] | None = None
+) -> DrainAction:
     annotations = {
         ANNOTATION_DRAIN_SINCE: now_iso(now),
         ANNOTATION_DRAIN_REASON: drain.reason,
@@ -368,7 +437,13 @@ def _drain_action(drain: Drain, now: datetime.datetime, labels: tuple[str, str])
         )
     else:
         events.append(Event("EngineDraining", f"{drain.name}: {drain.reason}"))
-    return DrainAction(drain.name, patch, tuple(events), tuple(counts))
+    engine = next((e for e in engines or [] if e.name == drain.name), None)
+    if engine is not None and engine.group:
+        targets = ((render.LWS_API_VERSION, render.LWS_KIND, engine.name),)
+        targets += (("v1", "Pod", engine.leader),) if engine.leader else ()
+    else:
+        targets = (("v1", "Pod", drain.name),)
+    return DrainAction(drain.name, patch, tuple(events), tuple(counts), targets)
 
 
 def _cache_reports(engines: list[Engine]) -> list[DrainAction]:
@@ -398,6 +473,9 @@ def _delete_action(name: str, engines: list[Engine], now: datetime.datetime) -> 
         f" after draining {int((now - engine.drain_since).total_seconds())}s" if engine and engine.drain_since else ""
     )
     idle = " (idle)" if engine and engine.running_requests == 0 else ""
+    if engine is not None and engine.group:
+        event = Event("EngineDeleted", f"deleted engine group {name}{took}{idle}, all its pods with it")
+        return DeleteAction(name, event, render.LWS_API_VERSION, render.LWS_KIND)
     return DeleteAction(name, Event("EngineDeleted", f"deleted {name}{took}{idle}"))
 
 

@@ -7,6 +7,7 @@ reference, so deleting the RAGDeployment garbage-collects everything.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any
@@ -123,6 +124,46 @@ def gpu_count(spec: dict) -> int:
     return spec["gpu"].get("count") or spec["model"]["tensorParallelSize"]
 
 
+# Accelerators -------------------------------------------------------------
+
+# The AWS Neuron device plugin's resources (Inferentia2, Trainium): one per
+# NeuronCore, or one per chip (2 NeuronCores on inf2 and trn1).
+NEURON_CORE = "aws.amazon.com/neuroncore"
+NEURON_DEVICE = "aws.amazon.com/neurondevice"
+# The taint EKS and Karpenter Neuron NodePools put on their nodes
+# (docs/install-eks.md), tolerated by Neuron engines only.
+NEURON_TAINT = "aws.amazon.com/neuron"
+NEURON_COMPILE_CACHE = f"{MODEL_CACHE_MOUNT}/neuron-compile-cache"
+
+
+def is_neuron(spec: dict) -> bool:
+    """Engines on AWS Inferentia/Trainium: the spec asks for a Neuron device plugin resource."""
+    return spec["gpu"]["resourceName"].startswith("aws.amazon.com/neuron")
+
+
+def accelerator_args(spec: dict) -> list[str]:
+    """Flags that differ by accelerator. vLLM on Neuron sizes its KV cache from
+    the Neuron config, not from a share of GPU memory, so it gets no
+    --gpu-memory-utilization; the platform is detected by the vllm-neuron
+    plugin in the image."""
+    if is_neuron(spec):
+        return []
+    return ["--gpu-memory-utilization", str(spec["model"]["gpuMemoryUtilization"])]
+
+
+def accelerator_tolerations(spec: dict) -> list[dict]:
+    return [{"key": NEURON_TAINT, "operator": "Exists", "effect": "NoSchedule"}] if is_neuron(spec) else []
+
+
+def accelerator_env(spec: dict) -> list[dict]:
+    """Neuron compiles the model for its shapes at first load: the compiled
+    artifacts go to the model cache volume, so a restarted container on the
+    same node skips the compile."""
+    if not is_neuron(spec):
+        return []
+    return [{"name": "NEURON_COMPILE_CACHE_URL", "value": NEURON_COMPILE_CACHE}]
+
+
 # Engines -----------------------------------------------------------------
 
 
@@ -148,8 +189,7 @@ def engine_args(body: dict, spec: dict) -> list[str]:
         served_model_name(body, spec),
         "--tensor-parallel-size",
         str(model["tensorParallelSize"]),
-        "--gpu-memory-utilization",
-        str(model["gpuMemoryUtilization"]),
+        *accelerator_args(spec),
         "--max-model-len",
         str(model["maxModelLen"]),
         "--dtype",
@@ -298,7 +338,7 @@ def engine_pod(body: dict, spec: dict, capacity: str) -> dict:
         LABEL_SERVING: "true",
         LABEL_SPEC_HASH: spec_hash,
     }
-    env = [{"name": "HF_HOME", "value": MODEL_CACHE_MOUNT}]
+    env = [{"name": "HF_HOME", "value": MODEL_CACHE_MOUNT}, *accelerator_env(spec)]
     if token := model.get("hfTokenSecret"):
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token["name"], "key": token["key"]}}})
     volumes: list[dict] = [
@@ -329,6 +369,7 @@ def engine_pod(body: dict, spec: dict, capacity: str) -> dict:
     resources["requests"][gpu["resourceName"]] = str(gpus)
     resources["limits"][gpu["resourceName"]] = str(gpus)
     tolerations = [{"key": gpu["resourceName"], "operator": "Exists", "effect": "NoSchedule"}]
+    tolerations += accelerator_tolerations(spec)
     if capacity == SPOT:
         tolerations += SPOT_TOLERATIONS
     tolerations += gpu.get("tolerations") or []
@@ -451,6 +492,7 @@ def gateway_config(body: dict, spec: dict) -> dict:
         }
         | scale_to_zero_admission(spec),
         "auth": {"apiKeysDir": API_KEYS_DIR if gateway.get("apiKeySecret") else None},
+        "ui": {"enabled": gateway["ui"]["enabled"], "path": gateway["ui"]["path"]},
     }
 
 
@@ -815,3 +857,142 @@ def index_job(body: dict, spec: dict, corpus_digest: str) -> dict:
             },
         },
     }
+
+
+# Engine groups: one engine over several nodes ------------------------------
+
+# The upstream LeaderWorkerSet API (kubernetes-sigs/lws) and the labels and
+# environment its controller gives every pod of a group.
+LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
+LWS_KIND = "LeaderWorkerSet"
+LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"
+LWS_GROUP_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/group-index"
+LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
+LWS_SIZE_ANNOTATION = "leaderworkerset.sigs.k8s.io/size"
+LWS_GROUP_KEY_LABEL = "leaderworkerset.sigs.k8s.io/group-key"
+LWS_LEADER_ADDRESS_ENV = "LWS_LEADER_ADDRESS"
+LWS_WORKER_INDEX_ENV = "LWS_WORKER_INDEX"
+COMPONENT_WORKER = "engine-worker"
+# vLLM's torch.distributed rendezvous on the leader (--master-port).
+MASTER_PORT = 29500
+
+
+def nodes_per_engine(spec: dict) -> int:
+    return spec["gpu"].get("nodesPerEngine") or 1
+
+
+def group_args(spec: dict, rank: str) -> list[str]:
+    """vLLM's multi-node flags (multiprocessing backend, no Ray): pipeline
+    parallel across the group's nodes, tensor parallel inside each; every
+    node runs `vllm serve` with its rank, the workers without an API server
+    (--headless). $(VAR) is expanded by the kubelet from the env LWS sets."""
+    nodes = nodes_per_engine(spec)
+    args = [
+        "--pipeline-parallel-size",
+        str(nodes),
+        "--distributed-executor-backend",
+        "mp",
+        "--nnodes",
+        str(nodes),
+        "--node-rank",
+        rank,
+        "--master-addr",
+        f"$({LWS_LEADER_ADDRESS_ENV})",
+        "--master-port",
+        str(MASTER_PORT),
+    ]
+    return args if rank == "0" else [*args, "--headless"]
+
+
+def engine_group(body: dict, spec: dict, capacity: str) -> dict:
+    """One engine over `gpu.nodesPerEngine` nodes: a LeaderWorkerSet of one
+    group (replicas 1), so the operator still decides per engine which goes on
+    scale-in and when, as it does for single-node engine pods.
+
+    The leader is the engine pod as `engine_pod` renders it (the one the
+    gateways see: it alone carries the serving label the engines Service
+    selects); the workers run the same `vllm serve` headless. A pod lost
+    restarts the whole group (RecreateGroupOnPodRestart): a pipeline stage
+    cannot be replaced on its own. Workers follow the group's capacity type,
+    unless gpu.mixedCapacityGroups lets a spot group's workers use on-demand
+    nodes too.
+    """
+    leader = engine_pod(body, spec, capacity)
+    leader_spec = leader["spec"]
+    leader_container = leader_spec["containers"][0]
+    base_args = list(leader_container["args"])
+    leader_container["args"] = base_args + group_args(spec, "0")
+    leader_container["ports"].append({"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"})
+
+    worker_spec = copy.deepcopy(leader_spec)
+    worker = worker_spec["containers"][0]
+    worker["args"] = base_args + group_args(spec, f"$({LWS_WORKER_INDEX_ENV})")
+    worker["ports"] = []
+    # No API server on a worker: it is alive while its process is; the group's
+    # readiness is the leader's, whose /health answers once every stage joined.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        worker.pop(probe, None)
+    worker.pop("lifecycle", None)
+    if spec["gpu"]["mixedCapacityGroups"] and capacity == SPOT:
+        worker_spec["affinity"] = _engine_affinity(spec, SPOT)
+        terms = worker_spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        terms["nodeSelectorTerms"] += _engine_affinity(spec, ON_DEMAND)["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]["nodeSelectorTerms"]
+    # One node per pod of a group: a pipeline stage per node, whatever the node's size
+    # (matchLabelKeys: the pods of the same group, by the group key LWS gives them).
+    apart = {
+        "labelSelector": {"matchLabels": {LABEL_DEPLOYMENT: body["metadata"]["name"]}},
+        "matchLabelKeys": [LWS_GROUP_KEY_LABEL],
+        "topologyKey": "kubernetes.io/hostname",
+    }
+    for pod_spec in (leader_spec, worker_spec):
+        pod_spec["affinity"]["podAntiAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": [apart]}
+    leader_labels = leader["metadata"]["labels"]
+    worker_labels = common_labels(body, COMPONENT_WORKER) | {
+        LABEL_CAPACITY: capacity,
+        LABEL_SPEC_HASH: leader_labels[LABEL_SPEC_HASH],
+    }
+    annotations = dict(leader["metadata"]["annotations"]) | {"spotrag.io/nodes": str(nodes_per_engine(spec))}
+    return {
+        "apiVersion": LWS_API_VERSION,
+        "kind": LWS_KIND,
+        "metadata": {
+            "generateName": resource_name(body, "engine-"),
+            "namespace": body["metadata"]["namespace"],
+            # The group's record: capacity, serving and the drain annotations live here,
+            # so a drain survives the group being recreated.
+            "labels": dict(leader_labels),
+            "annotations": annotations,
+            "ownerReferences": [owner_reference(body)],
+        },
+        "spec": {
+            "replicas": 1,
+            "startupPolicy": "LeaderCreated",
+            "rolloutStrategy": {"type": "RollingUpdate", "rollingUpdateConfiguration": {"maxUnavailable": 1}},
+            "leaderWorkerTemplate": {
+                "size": nodes_per_engine(spec),
+                "restartPolicy": "RecreateGroupOnPodRestart",
+                "leaderTemplate": {
+                    "metadata": {"labels": dict(leader_labels), "annotations": dict(annotations)},
+                    "spec": leader_spec,
+                },
+                "workerTemplate": {
+                    "metadata": {"labels": worker_labels, "annotations": dict(annotations)},
+                    "spec": worker_spec,
+                },
+            },
+        },
+    }
+
+
+def engine_pod_affinity(spec: dict, capacity: str) -> dict:
+    """The node affinity of an engine pod of `capacity` (for judging nodes)."""
+    return _engine_affinity(spec, capacity)
+
+
+def engine_unit(body: dict, spec: dict, capacity: str) -> dict:
+    """What the operator creates for one engine: a pod, or a group over nodes."""
+    if nodes_per_engine(spec) > 1:
+        return engine_group(body, spec, capacity)
+    return engine_pod(body, spec, capacity)

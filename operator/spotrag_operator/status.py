@@ -9,7 +9,7 @@ from .index_job import IndexState
 from .plan import Engine
 
 SCALED_TO_ZERO = "ScaledToZero"
-CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "IndexReady", "ScalingActive")
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "IndexReady", "ScalingActive", "GroupsSchedulable")
 
 
 def now_iso(now: datetime.datetime) -> str:
@@ -50,7 +50,7 @@ def cost_per_hour(engines: list[Engine], spec: dict) -> float | None:
     prices = {render.ON_DEMAND: pricing.get("onDemandPerGpuHour"), render.SPOT: pricing.get("spotPerGpuHour")}
     if all(p is None for p in prices.values()):
         return None
-    gpus = render.gpu_count(spec)
+    gpus = render.gpu_count(spec) * render.nodes_per_engine(spec)
     return sum((prices[e.capacity] or 0.0) * gpus for e in engines if not e.terminating and e.node)
 
 

@@ -12,6 +12,10 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("spotrag_operator.main:cli", "run the operator against a cluster"),
     "gateway": ("spotrag_runtime.gateway.cli:cli", "run the RAG gateway (OpenAI-compatible API)"),
+    "front-door": (
+        "spotrag_runtime.frontdoor.cli:cli",
+        "one OpenAI endpoint for many RAGDeployments (routing, splits, moderation)",
+    ),
     "index": ("spotrag_runtime.index.cli:cli", "build, query and inspect a retrieval index"),
     "node-agent": ("spotrag_runtime.node_agent.main:cli", "mark this node when the cloud gives a spot notice"),
     "model-cache": (

@@ -18,10 +18,10 @@ published vLLM measurements:
   after the weights and ~1.5 GB of activations and CUDA graphs.
 
 Measured presets replace the roofline where the project has numbers
-(`MEASURED`): H200 + Llama-3.1-8B from vLLM 0.26.0 on an H200, one run,
-shared/vllm/README.md ("First measurements on the H200"): prefill ~40,000
-tok/s (41,004 and 37,090 measured), a lone stream 203 tok/s, 64 streams
-9,001 tok/s (the step model is fitted to these two), KV cache 896,912
+(`MEASURED`): H200 + Llama-3.1-8B from vLLM 0.26.0 on an H200, a sweep of 3
+repeats (bench/vllm/capacity.json, docs/benchmarks.md): prefill ~40,000
+tok/s (37,664-41,004 by prompt length), a lone stream 206 tok/s, 64 streams
+9,545 tok/s (the step model is fitted to these two), KV cache 896,912
 tokens, `max_num_batched_tokens` 8192 (vLLM's default on a GPU of >= 70 GiB,
 in the observed logs), start to /health 110-148 s (130 s used). The model
 then gives ~18,000 tok/s for 256 streams in pure decode, where the README's
@@ -91,6 +91,16 @@ GPUS = {
         Gpu("A100-80GB", 80e9, 2039e9, 312e12, 40.9657 / 8, "p4de.24xlarge / 8"),
         Gpu("H100", 80e9, 3350e9, 989e12, 55.04 / 8, "p5.48xlarge / 8 (after the 2025 price cut)"),
         Gpu("H200", 141e9, 4800e9, 989e12, 63.296 / 8, "p5en.48xlarge / 8 (an assumption, see above)"),
+        # AWS Neuron, one engine per whole instance (tensor parallel over all its
+        # NeuronCores), so the "GPU" here is the instance: memory, bandwidth and
+        # BF16 throughput summed over its chips (AWS's instance pages: inf2.48xlarge
+        # 12 Inferentia2, 384 GB, 9.8 TB/s, 2.3 PFLOPS; trn1.32xlarge 16 Trainium,
+        # 512 GB, 9.8 TB/s, 3.04 PFLOPS) and the instance's us-east-1 on-demand
+        # list price as known when written (verify: $12.98/h and $21.50/h). The
+        # roofline's GPU efficiencies are optimistic for a 24- or 32-way
+        # tensor-parallel engine; put measured rates in the profile's engine.
+        Gpu("inf2.48xlarge", 384e9, 9.8e12, 2.3e15, 12.98127, "inf2.48xlarge on-demand list price (verify)"),
+        Gpu("trn1.32xlarge", 512e9, 9.8e12, 3.04e15, 21.50, "trn1.32xlarge on-demand list price (verify)"),
     )
 }
 
@@ -101,6 +111,7 @@ MODELS = {
         Model("7b", "mistralai/Mistral-7B-Instruct-v0.3", 7.25e9, 2 * 32 * 8 * 128 * 2),
         Model("8b", "meta-llama/Llama-3.1-8B-Instruct", 8.03e9, 2 * 32 * 8 * 128 * 2),
         Model("13b", "meta-llama/Llama-2-13b-chat-hf", 13.0e9, 2 * 40 * 40 * 128 * 2),
+        Model("70b", "meta-llama/Llama-3.1-70B-Instruct", 70.6e9, 2 * 80 * 8 * 128 * 2),
     )
 }
 
@@ -147,7 +158,7 @@ class EngineSpec:
         return 1.0 / (self.decode_step_seconds + self.seconds_per_token)
 
 
-MEASURED_H200_8B = "vLLM 0.26.0 on H200, one run, shared/vllm/README.md"
+MEASURED_H200_8B = "vLLM 0.26.0 on H200, 3 repeats, bench/vllm/capacity.json"
 
 
 @dataclass(frozen=True)
@@ -158,18 +169,18 @@ class Measured:
 
 
 # A step costs d + t·(n + chunk) + c·KV: t from the prefill rate (1/40,000 s);
-# d + t + c·256 = 1/203 s (one stream of 128 + 256 tokens); d + 64·t + c·64·256
-# = 64/9,001 s (64 such streams) give d and c.
+# d + t + c·256 = 1/206 s (one stream of 128 + 256 tokens); d + 64·t + c·64·256
+# = 64/9,545 s (64 such streams) give d and c.
 MEASURED = {
     ("H200", "8b"): Measured(
         engine=EngineSpec(
-            decode_step_seconds=0.004891,
+            decode_step_seconds=0.004825,
             seconds_per_token=1 / 40_000,
-            seconds_per_context_token=3.78e-8,
+            seconds_per_context_token=1.71e-8,
             kv_cache_tokens=896_912,
             max_num_batched_tokens=8192,
         ),
-        model_load_seconds=130.0,
+        model_load_seconds=145.0,  # to /health 200, weights from local disk, caches cold (bench/vllm/coldstart-disk.json)
         source=MEASURED_H200_8B,
     )
 }
@@ -261,7 +272,8 @@ class Profile:
     termination_grace_seconds: float = 30.0  # Kubernetes' default, for the baselines' pods
     spec: dict = field(default_factory=dict)  # the RAGDeployment spec, CRD defaults filled in
     max_replicas_set: bool = False  # False: the simulator sizes maxReplicas from the trace's peak
-    target_set: bool = False  # False: the simulator sizes targetQueuedTokensPerReplica from the engine and trace
+    target_set: bool = False  # targetQueuedTokensPerReplica given: spotrag sizes on it rather than the SLO
+    utilization_set: bool = False  # False: --utilization sets spotrag's scaling.slo.targetUtilization too
     kubeai: KubeAISettings = KubeAISettings()
     keda: KedaSettings = KedaSettings()
 
@@ -440,6 +452,7 @@ def build_profile(
         spec=spec,
         max_replicas_set="maxReplicas" in scaling,
         target_set="targetQueuedTokensPerReplica" in scaling,
+        utilization_set="targetUtilization" in (scaling.get("slo") or {}),
         kubeai=kubeai,
         keda=keda,
     )

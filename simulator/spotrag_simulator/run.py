@@ -77,12 +77,16 @@ def controller_for(name: str, profile: Profile, *, peak: int, start: int | None 
 
 
 def sized(profile: Profile, trace: list[TraceRequest], peak: int, utilization: float = TARGET_UTILIZATION) -> Profile:
-    """Fill in what the profile left to the simulator: KubeAI's target (for
-    engines `utilization` busy) and maxReplicas (1.5x the peak fleet).
-    spotrag sizes itself to the SLO unless the profile sets
-    targetQueuedTokensPerReplica."""
+    """Fill in what the profile left to the simulator: KubeAI's target and
+    spotrag's slo.targetUtilization (for engines `utilization` busy), and
+    maxReplicas (1.5x the peak fleet). spotrag sizes itself to the SLO unless
+    the profile sets targetQueuedTokensPerReplica."""
     scaling = profile.spec["scaling"]
     load = suggested_targets(profile.engine, trace, utilization)
+    if not profile.utilization_set and not profile.target_set:
+        # One knob for every autoscaler: how busy their targets keep the engines.
+        slo = {**(scaling.get("slo") or {}), "targetUtilization": utilization}
+        profile = profile.with_scaling(slo=slo)
     if not profile.max_replicas_set:
         profile = profile.with_scaling(
             maxReplicas=max(math.ceil(1.5 * peak), scaling["onDemandBaseline"], scaling["minReplicas"], 1)

@@ -43,10 +43,10 @@ def close(a: float, b: float, rel: float = 1e-6) -> bool:
 
 
 def test_the_h200_preset_reproduces_the_measurements_it_comes_from():
-    assert close(H200.decode_tokens_per_second(1), 203, 1e-3)
-    assert close(H200.decode_tokens_per_second(64), 9001, 1e-3)
+    assert close(H200.decode_tokens_per_second(1), 206, 1e-3)
+    assert close(H200.decode_tokens_per_second(64), 9545, 1e-3)
     assert H200.prefill_tokens_per_second == 40_000 and H200.kv_cache_tokens == 896_912
-    assert "vLLM 0.26.0 on H200, one run, shared/vllm/README.md" in H200.source
+    assert "vLLM 0.26.0 on H200, 3 repeats, bench/vllm/capacity.json" in H200.source
 
 
 @pytest.mark.parametrize(
@@ -67,8 +67,8 @@ def test_batch_one_engine_runs(itl, tokens_per_request, expected):
     ("spec", "prefill", "single", "kv"),
     [
         (None, L4.prefill_tokens_per_second, L4.decode_tokens_per_second(1), L4.kv_cache_tokens),
-        ({"preset": "H200/Llama-3.1-8B"}, 40_000, 203, 896_912),
-        ({"preset": "H200/Llama-3.1-8B", "prefillTokensPerSecond": 20_000}, 20_000, 203, 896_912),
+        ({"preset": "H200/Llama-3.1-8B"}, 40_000, 206, 896_912),
+        ({"preset": "H200/Llama-3.1-8B", "prefillTokensPerSecond": 20_000}, 20_000, 206, 896_912),
         ({"preset": "H200/Llama-3.1-8B", "decodeTokensPerSecond": 150, "kvCacheTokens": 5000}, 40_000, 150, 5000),
     ],
 )
@@ -474,3 +474,121 @@ def test_gateway_readings_are_parsed_and_summed_and_an_old_gateway_drops_the_par
     old = parse_gateway("spotrag_queued_tokens 10\n")
     assert sum_work([new, old]) == QueuedWork(160, None, None, None, None)
     assert parse_gateway("something_else 1\n") is None
+
+
+# -- one reconcile: calibrate → feedback → decide ----------------------------------------------
+
+
+def test_scale_runs_calibration_feedback_and_decide_and_reports_them():
+    from spotrag_operator.autoscale import scale
+
+    policy = ScalingPolicy(min_replicas=1, max_replicas=20, on_demand_baseline=1, engine_rates=H200)
+    observed = Observation(
+        now=10, queued_tokens=90_000, prompt_tokens=80_000, output_tokens=10_000, requests=40, ready=1, starting=0
+    )
+    samples = [sample("e", 0, 0, 0), sample("e", 10, 400_000, 20_000, running=40)]
+    state = None
+    _, autoscaler, state = scale(
+        policy,
+        Observation(now=0, queued_tokens=0, prompt_tokens=0, output_tokens=0, requests=0, ready=1, starting=0),
+        samples=samples[:1],
+        ttft_buckets=None,
+        autoscaler=None,
+        calibration_state=state,
+    )
+    step, autoscaler, state = scale(
+        policy, observed, samples=samples[1:], ttft_buckets=None, autoscaler=autoscaler, calibration_state=state
+    )
+    status = step.sizing_status()
+    assert status["basis"] == "slo" and status["promptTokensPerSecond"] == 40_000.0
+    assert step.decision.desired > 1 and step.slo_problem is None
+    assert json.loads(json.dumps(status)) == status and json.loads(json.dumps(state.to_dict())) == state.to_dict()
+
+
+def test_scale_reports_an_slo_no_engine_meets_and_still_scales():
+    from spotrag_operator.autoscale import scale
+
+    policy = ScalingPolicy(
+        min_replicas=1, max_replicas=20, on_demand_baseline=1, engine_rates=H200, slo=Slo(ttft_seconds=0.01)
+    )
+    _, autoscaler, state = scale(
+        policy,
+        Observation(now=0, queued_tokens=0, prompt_tokens=0, output_tokens=0, requests=0, ready=1, starting=0),
+        samples=[sample("e", 0, 0, 0, done=(0, 0))],
+        ttft_buckets=None,
+        autoscaler=None,
+        calibration_state=None,
+    )
+    step, _, _ = scale(
+        policy,
+        Observation(
+            now=10, queued_tokens=9000, prompt_tokens=8000, output_tokens=1000, requests=8, ready=1, starting=0
+        ),
+        samples=[sample("e", 10, 8000, 1000, done=(8000, 8))],
+        ttft_buckets=None,
+        autoscaler=autoscaler,
+        calibration_state=state,
+    )
+    assert step.slo_problem.startswith("the TTFT SLO of 0.01s is below one prefill of the mean prompt: 1000 tokens")
+    assert step.decision.desired > 1 and step.sizing_status()["sloProblem"] == step.slo_problem
+
+
+def test_with_online_calibration_off_the_preset_is_kept():
+    from spotrag_operator.autoscale import scale
+
+    policy = ScalingPolicy(
+        min_replicas=1, max_replicas=20, on_demand_baseline=1, engine_rates=H200, calibrate_online=False
+    )
+    truth = EngineRates(prefill_tokens_per_second=10_000, decode_step_seconds=0.02, seconds_per_sequence=0.001)
+    state, autoscaler = None, None
+    for s in synthetic_engine(truth):
+        observed = Observation(
+            now=s.time, queued_tokens=0, prompt_tokens=0, output_tokens=0, requests=0, ready=1, starting=0
+        )
+        step, autoscaler, state = scale(
+            policy, observed, samples=[s], ttft_buckets=None, autoscaler=autoscaler, calibration_state=state
+        )
+    assert step.calibration.rates.prefill_tokens_per_second == 40_000 and step.calibration.intervals == 0
+
+
+def test_engine_states_for_calibration_and_the_observation_from_readings():
+    import datetime
+
+    from spotrag_operator.autoscale import observation_from
+    from spotrag_operator.engine_load import calibration_state
+    from spotrag_operator.plan import Engine
+    from spotrag_operator.queued_tokens import QueuedWork
+
+    def engine(**facts):
+        base = {"serving": True, "ready": True, "failed": False, "terminating": False}
+        return Engine(
+            name="e", capacity="spot", spec_hash="", created=datetime.datetime.now(datetime.UTC), **(base | facts)
+        )
+
+    states = [
+        calibration_state(engine()),
+        calibration_state(engine(ready=False)),
+        calibration_state(engine(serving=False)),
+        calibration_state(engine(terminating=True)),
+        calibration_state(engine(failed=True)),
+    ]
+    assert states == [
+        calibration.SERVING,
+        calibration.STARTING,
+        calibration.DRAINING,
+        calibration.DRAINING,
+        calibration.ERRORING,
+    ]
+
+    samples = [sample("a", 0, 0, 0, running=5, waiting=2), sample("b", 0, 0, 0, running=3)]
+    observed = observation_from(QueuedWork(150, 100, 50, 4), samples, now=1, ready=2, starting=0)
+    assert (observed.queued_tokens, observed.prompt_tokens, observed.output_tokens, observed.requests) == (
+        150,
+        100,
+        50,
+        14,
+    )
+    old_gateway = observation_from(QueuedWork(150), samples, now=1, ready=2, starting=0)
+    assert (old_gateway.prompt_tokens, old_gateway.requests) == (None, None)
+    failed = observation_from(None, samples, now=1, ready=2, starting=0, metric_problem="no gateway")
+    assert failed.queued_tokens is None and failed.metric_problem == "no gateway"

@@ -109,3 +109,93 @@ def test_bad_ragdeployments_are_rejected_naming_the_field(case, patch, field):
     _, errors = validate_custom_resource(CRD, body)
     assert errors, f"{case} was accepted"
     assert any(e.field == field for e in errors), [str(e) for e in errors]
+
+
+NEURON = "aws.amazon.com/neuroncore"
+NEURON_IMAGE = "public.ecr.aws/neuron/pytorch-inference-vllm-neuronx:0.16.0-neuronx-py311-sdk2.29.0-ubuntu22.04"
+
+# (case, spec patch on examples/eks-inf2.yaml or basic.yaml, the field the rejection names)
+ACCELERATOR_BAD = [
+    ("GPU tensor parallel 24", "basic.yaml", {"model": {"tensorParallelSize": 24}}, "spec.model.tensorParallelSize"),
+    ("GPU count 24", "basic.yaml", {"gpu": {"count": 24}}, "spec.gpu.count"),
+    (
+        "Neuron tensor parallel 3",
+        "eks-inf2.yaml",
+        {"model": {"tensorParallelSize": 3}},
+        "spec.model.tensorParallelSize",
+    ),
+    (
+        "Neuron TP 32 on inf2.48xlarge (24 cores)",
+        "eks-inf2.yaml",
+        {"model": {"tensorParallelSize": 32}},
+        "spec.model.tensorParallelSize",
+    ),
+    (
+        "Neuron TP 24 on trn1.32xlarge (32 cores)",
+        "eks-inf2.yaml",
+        {"gpu": {"instanceTypes": ["trn1.32xlarge"]}},
+        "spec.model.tensorParallelSize",
+    ),
+    (
+        "Neuron on a GPU instance type",
+        "eks-inf2.yaml",
+        {"gpu": {"instanceTypes": ["g6.48xlarge"]}},
+        "spec.model.tensorParallelSize",
+    ),
+    ("Neuron with AWQ", "eks-inf2.yaml", {"model": {"quantization": "awq"}}, "spec.model.quantization"),
+    ("Neuron with gpu.products", "eks-inf2.yaml", {"gpu": {"products": ["NVIDIA-L4"]}}, "spec.gpu.products"),
+    (
+        "Neuron with the CUDA image",
+        "eks-inf2.yaml",
+        {"model": {"image": "vllm/vllm-openai:v0.33.0"}},
+        "spec.model.image",
+    ),
+    (
+        "Neuron with a GPU index Job",
+        "eks-inf2.yaml",
+        {"retrieval": {"corpus": {"configMap": "docs", "gpu": True}}},
+        "spec.retrieval.corpus.gpu",
+    ),
+    (
+        "neurondevice without a count",
+        "eks-inf2.yaml",
+        {"gpu": {"resourceName": "aws.amazon.com/neurondevice"}},
+        "spec.gpu.count",
+    ),
+    ("zero nodes per engine", "basic.yaml", {"gpu": {"nodesPerEngine": 0}}, "spec.gpu.nodesPerEngine"),
+]
+
+
+def _patched(example: str, patch: dict) -> dict:
+    body = load_example(example) if example == "basic.yaml" else _ragd(example)
+    for section, value in patch.items():
+        body["spec"][section] = {**copy.deepcopy(body["spec"].get(section) or {}), **value}
+    return body
+
+
+def _ragd(example: str) -> dict:
+    return next(
+        d for d in yaml.safe_load_all((ROOT / "examples" / example).read_text()) if d["kind"] == "RAGDeployment"
+    )
+
+
+@pytest.mark.parametrize("case, example, patch, field", ACCELERATOR_BAD, ids=[b[0] for b in ACCELERATOR_BAD])
+def test_accelerator_mismatches_are_rejected_naming_the_field(case, example, patch, field):
+    _, errors = validate_custom_resource(CRD, _patched(example, patch))
+    assert errors, f"{case} was accepted"
+    assert any(e.field == field for e in errors), [str(e) for e in errors]
+
+
+ACCELERATOR_GOOD = [
+    ("inf2.48xlarge TP 24", {}),
+    ("inf2.48xlarge TP 8 (three engines' worth of cores)", {"model": {"tensorParallelSize": 8}}),
+    ("trn1.32xlarge TP 32", {"model": {"tensorParallelSize": 32}, "gpu": {"instanceTypes": ["trn1.32xlarge"]}}),
+    ("neurondevice, 12 chips", {"gpu": {"resourceName": "aws.amazon.com/neurondevice", "count": 12}}),
+    ("two inf2 nodes per engine", {"gpu": {"nodesPerEngine": 2}}),
+]
+
+
+@pytest.mark.parametrize("case, patch", ACCELERATOR_GOOD, ids=[g[0] for g in ACCELERATOR_GOOD])
+def test_neuron_shapes_the_hardware_has_are_accepted(case, patch):
+    _, errors = validate_custom_resource(CRD, _patched("eks-inf2.yaml", patch))
+    assert errors == [], [str(e) for e in errors]

@@ -15,7 +15,7 @@ import pytest
 
 from spotrag_box.testing import eventually, scrape
 from spotrag_runtime.engine_emulator import EmulatorProcess, start_engine_emulator
-from spotrag_runtime.engine_emulator.text import cited_sentence, count_tokens
+from spotrag_runtime.engine_emulator.text import count_tokens, quotes
 
 MODEL = "emu-model"
 QUESTION = [{"role": "user", "content": "Where is the tower?"}]
@@ -137,26 +137,47 @@ def test_answer_stops_at_its_natural_end_unless_told_to_go_on(engine: EmulatorPr
     assert forced.choices[0].message.content.startswith(natural.choices[0].message.content + " ")
 
 
-def test_answer_cites_the_first_numbered_context(engine: EmulatorProcess) -> None:
+def test_answer_quotes_the_reference_sentence_that_matches_the_question(engine: EmulatorProcess) -> None:
     with client(engine) as api:
         reply = api.chat.completions.create(
             model=MODEL, max_tokens=20, messages=[{"role": "user", "content": RAG_PROMPT}]
         )
-    assert reply.choices[0].message.content.startswith("According to [1], the tower stands in Paris, by the river. ")
+    assert reply.choices[0].message.content.startswith(
+        "Emulated answer, quoting the references: The tower stands in Paris, by the river [1]."
+    )
 
 
 @pytest.mark.parametrize(
-    ("prompt", "sentence"),
+    ("prompt", "quoted"),
     [
-        ("Contexts:\n[1] The tower is tall. It is old.\n[2] Other.", "the tower is tall."),
-        ("[1]: Paris has a tower!  More text", "Paris has a tower!"),
-        ("  [1]\nNo final stop here", "No final stop here."),
-        ("A reference like [1] inside a sentence is not a context.", None),
-        ("[2] Only a second passage.", None),
+        # The sentence with the question's words comes first, whatever its reference.
+        (
+            "References:\n[1] Bridges cross the river. Boats are slow.\n\n[2] The tower is tall. It is old.\n\n"
+            "Question: How tall is the tower?",
+            ["The tower is tall [2].", "Bridges cross the river [1].", "Boats are slow [1].", "It is old [2]."],
+        ),
+        # Headings are not sentences; a sentence without a stop gets one; "[1]:" is a marker too.
+        (
+            "[1]: # Title\nParis has a tower!  More text\nQuestion: a tower?",
+            ["Paris has a tower [1]!", "More text [1]."],
+        ),
+        # Japanese has no spaces: matched by character pairs, cited after the full stop.
+        (
+            "[1] 台風の日は欠航します。運賃は戻ります。\nQuestion: 台風の日は?",
+            ["台風の日は欠航します。 [1]", "運賃は戻ります。 [1]"],
+        ),
+        ("A reference like [1] inside a sentence is not a reference.", []),
+        ("[2] Numbering that does not start at 1 is not references.", []),
     ],
 )
-def test_cited_sentence_is_the_first_sentence_of_passage_one(prompt: str, sentence: str | None) -> None:
-    assert cited_sentence(prompt) == sentence
+def test_quotes_rank_reference_sentences_by_the_question(prompt: str, quoted: list[str]) -> None:
+    assert [" ".join(quote.words) for quote in quotes(prompt)] == quoted
+
+
+def test_without_references_the_answer_says_it_is_filler(engine: EmulatorProcess) -> None:
+    with client(engine) as api:
+        reply = api.chat.completions.create(model=MODEL, max_tokens=8, messages=QUESTION)
+    assert reply.choices[0].message.content.startswith("Emulated answer, without references: ")
 
 
 def test_text_is_a_function_of_seed_and_conversation(
@@ -190,7 +211,7 @@ async def test_text_completions_stream_and_whole(engine: EmulatorProcess) -> Non
 
     assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
     assert "".join(pieces) == whole.choices[0].text
-    assert whole.choices[0].text.startswith("According to [1], the tower")
+    assert whole.choices[0].text.startswith("Emulated answer, quoting the references: The tower")
     assert finish_reason == whole.choices[0].finish_reason == "length"
     assert usage.completion_tokens == whole.usage.completion_tokens == 12
     assert usage.prompt_tokens == count_tokens(RAG_PROMPT)
@@ -620,3 +641,25 @@ def test_a_standby_that_cannot_wake_answers_500() -> None:
         failed = httpx.post(broken.url + "/wake_up")
         assert failed.status_code == 500 and "wake_up failed" in failed.json()["error"]["message"]
         assert httpx.get(broken.url + "/is_sleeping").json() == {"is_sleeping": True}
+
+
+def test_a_hardware_preset_sets_the_capacity_model_and_explicit_flags_still_win() -> None:
+    from spotrag_runtime.engine_emulator.config import HARDWARE_PRESETS, config_from_args, parse_arguments
+
+    preset = HARDWARE_PRESETS["h200-llama-3.1-8b"]
+    _, args = parse_arguments(["--hardware", "h200-llama-3.1-8b"])
+    config = config_from_args(args)
+    assert {name: getattr(config, name) for name in preset} == preset
+    assert config.kv_capacity_tokens == 896_912  # the measured KV cache
+
+    _, args = parse_arguments(["--hardware", "h200-llama-3.1-8b", "--itl-ms", "7"])
+    assert config_from_args(args).itl_ms == 7
+    assert config_from_args(args).prefill_tokens_per_s == preset["prefill_tokens_per_s"]
+
+
+def test_a_completion_prompt_of_token_ids_counts_one_token_per_id(engine: EmulatorProcess) -> None:
+    body = {"model": MODEL, "prompt": [1000, 2000, 3000, 4000], "max_tokens": 3, "ignore_eos": True}
+    response = httpx.post(engine.url + "/v1/completions", json=body, timeout=10)
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (4, 3, 7)

@@ -12,8 +12,6 @@ import httpx
 import openai
 import pytest
 
-from spotrag_runtime.engine_emulator.text import cited_sentence
-
 from .gateway_fixtures import (
     SERVED_MODEL,
     RunningGateway,
@@ -81,9 +79,11 @@ def test_the_answer_cites_the_top_passage_and_rag_query_returns_it(
     top = body["passages"][0]
     assert top["source"] == sample.source and sample.answer in top["text"]
     assert body["usage"]["completion_tokens"] == 40 and body["finish_reason"] == "length"
-    # The emulator cites the first sentence of whatever passage [1] it was given:
-    # seeing it in the answer shows the engine got this passage as reference [1].
-    assert cited_sentence(f"[1] {top['text']}") in body["answer"]
+    # The emulator quotes the reference sentence that best matches the question,
+    # with its marker: seeing the answer there shows the engine got this passage as [1].
+    first_quote, marker = body["answer"].split(" [", 1)
+    assert first_quote.startswith("Emulated answer, quoting the references: ") and sample.answer in first_quote
+    assert marker.startswith("1].") and first_quote.split(": ", 1)[1] in top["text"]
     # The chat API grounds the same question the same way.
     completion = client.chat.completions.create(model=SERVED_MODEL, messages=ask(sample.question), max_tokens=40)
     assert completion.choices[0].message.content == body["answer"]

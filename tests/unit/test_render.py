@@ -335,3 +335,46 @@ def test_a_node_model_cache_is_a_hostpath_the_engine_reaches_through_a_link_its_
     plain = render.engine_pod(plain_body, plain_spec, render.SPOT)
     assert "initContainers" not in plain["spec"]
     assert render.engine_spec_hash(plain_spec) != render.engine_spec_hash(spec)  # a cache rolls the engines
+
+
+NEURON_SPEC = {
+    "model": {
+        "name": "meta-llama/Llama-3.1-70B-Instruct",
+        "image": "public.ecr.aws/neuron/pytorch-inference-vllm-neuronx:0.16.0-neuronx-py311-sdk2.29.0-ubuntu22.04",
+        "tensorParallelSize": 24,
+        "speculative": {"model": "meta-llama/Llama-3.1-8B-Instruct"},
+    },
+    "gpu": {"resourceName": "aws.amazon.com/neuroncore", "instanceTypes": ["inf2.48xlarge"]},
+}
+
+
+def test_neuron_engine_asks_the_neuron_device_plugin_and_tolerates_its_taint():
+    body, spec = rendered(NEURON_SPEC)
+    pod = render.engine_pod(body, spec, render.SPOT)
+    vllm = container(pod)
+    assert vllm["command"] == ["vllm", "serve"] and vllm["image"].startswith("public.ecr.aws/neuron/")
+    assert vllm["resources"]["limits"]["aws.amazon.com/neuroncore"] == "24"
+    assert "nvidia.com/gpu" not in vllm["resources"]["limits"]
+    args = vllm["args"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "24"
+    assert "--gpu-memory-utilization" not in args  # vLLM on Neuron sizes its KV cache from the Neuron config
+    assert "--speculative-config" in args
+    keys = {t["key"] for t in pod["spec"]["tolerations"]}
+    assert {"aws.amazon.com/neuroncore", "aws.amazon.com/neuron"} <= keys
+    env = {e["name"]: e.get("value") for e in vllm["env"]}
+    assert env["NEURON_COMPILE_CACHE_URL"].startswith(render.MODEL_CACHE_MOUNT)
+    terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    assert all(
+        {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["inf2.48xlarge"]}
+        in t["matchExpressions"]
+        for t in terms
+    )
+
+
+def test_gpu_engines_keep_their_flags_and_no_neuron_toleration():
+    body, spec = rendered()
+    pod = render.engine_pod(body, spec, render.ON_DEMAND)
+    assert "--gpu-memory-utilization" in container(pod)["args"]
+    assert "aws.amazon.com/neuron" not in {t["key"] for t in pod["spec"]["tolerations"]}

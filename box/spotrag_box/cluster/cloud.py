@@ -33,7 +33,7 @@ from spotrag_runtime.kube import AsyncKube, Informer, KubeError, collection_path
 
 from .controller import Controller, EventRecorder, now_iso
 from .kubelet import HOST_IP, Kubelet
-from .node_pools import GPU_RESOURCE, ON_DEMAND, SPOT, ClusterProfile, NodePool, Timing
+from .node_pools import ON_DEMAND, SPOT, ClusterProfile, NodePool, Timing
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def node_manifest(pool: NodePool, name: str) -> dict:
         "ephemeral-storage": "100Gi",
     }
     if instance.gpus:
-        capacity[GPU_RESOURCE] = str(instance.gpus)
+        capacity[instance.accelerator] = str(instance.gpus)
     instance_id = "i-" + secrets.token_hex(8)
     return {
         "apiVersion": "v1",

@@ -23,6 +23,10 @@ SPOTRAG = "spotrag"  # spotrag.io/capacity=spot|on-demand (labelled by hand)
 LABEL_STYLES = (KARPENTER, EKS_MANAGED, SPOTRAG)
 
 GPU_RESOURCE = "nvidia.com/gpu"
+# AWS Inferentia/Trainium: the Neuron device plugin's resource, and the taint
+# Neuron NodePools carry (docs/install-eks.md).
+NEURON_RESOURCE = "aws.amazon.com/neuroncore"
+NEURON_TAINT = "aws.amazon.com/neuron"
 SIMULATED_LABEL = "box.spotrag.io/simulated"
 POOL_LABEL = "box.spotrag.io/pool"
 
@@ -35,6 +39,7 @@ class InstanceType:
     gpus: int = 0
     gpu_product: str | None = None
     max_pods: int = 58
+    accelerator: str = GPU_RESOURCE  # the extended resource `gpus` counts (NeuronCores for inf2/trn1)
 
 
 # Allocatable figures are what EKS reports for these types (capacity minus
@@ -47,6 +52,10 @@ INSTANCE_TYPES = {
         InstanceType(name="g6.2xlarge", cpu="7910m", memory="29440Mi", gpus=1, gpu_product="NVIDIA-L4"),
         InstanceType(name="g6.12xlarge", cpu="47810m", memory="182400Mi", gpus=4, gpu_product="NVIDIA-L4"),
         InstanceType(name="g5.2xlarge", cpu="7910m", memory="29440Mi", gpus=1, gpu_product="NVIDIA-A10G"),
+        InstanceType(name="inf2.xlarge", cpu="3920m", memory="14480Mi", gpus=2, accelerator=NEURON_RESOURCE),
+        InstanceType(
+            name="inf2.48xlarge", cpu="191450m", memory="737280Mi", gpus=24, max_pods=737, accelerator=NEURON_RESOURCE
+        ),
     )
 }
 
@@ -102,7 +111,10 @@ class NodePool:
             labels["eks.amazonaws.com/nodegroup"] = self.name
         else:
             labels["spotrag.io/capacity"] = self.capacity_type
-        if instance.gpus:
+        if instance.gpus and instance.accelerator == NEURON_RESOURCE:
+            labels["karpenter.k8s.aws/instance-accelerator-manufacturer"] = "aws"
+            labels["karpenter.k8s.aws/instance-accelerator-count"] = str(instance.gpus // 2)
+        elif instance.gpus:
             labels["nvidia.com/gpu.present"] = "true"
             labels["nvidia.com/gpu.count"] = str(instance.gpus)
             if instance.gpu_product:
@@ -111,7 +123,8 @@ class NodePool:
 
     def node_taints(self) -> list[dict]:
         if self.instance.gpus and self.gpu_taint:
-            return [{"key": GPU_RESOURCE, "value": "true", "effect": "NoSchedule"}]
+            key = NEURON_TAINT if self.instance.accelerator == NEURON_RESOURCE else GPU_RESOURCE
+            return [{"key": key, "value": "true", "effect": "NoSchedule"}]
         return []
 
 

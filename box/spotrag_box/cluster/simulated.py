@@ -25,6 +25,7 @@ from typing import Any
 
 from spotrag_runtime.kube import AsyncKube, Informer, collection_path
 
+from . import leaderworkersets
 from .cloud import Cloud, Interruption
 from .containers import LocalRuntime
 from .deployments import DeploymentController
@@ -148,7 +149,10 @@ class SimulatedCluster:
             "deployments": collection_path("apps/v1", "deployments"),
             "jobs": collection_path("batch/v1", "jobs"),
             "persistentvolumeclaims": collection_path("v1", "persistentvolumeclaims"),
+            "leaderworkersets": collection_path(leaderworkersets.API_VERSION, leaderworkersets.PLURAL),
         }
+        # The cluster runs the LeaderWorkerSet controller, so its API is there.
+        await leaderworkersets.install_crd(client)
         informers = {name: Informer(client, path, name=name) for name, path in kinds.items()}
         self.informers = informers
         timing = self.timing
@@ -170,6 +174,9 @@ class SimulatedCluster:
                 client, informers["jobs"], informers["pods"], resync=timing.resync, retry_delay=timing.restart_backoff
             ),
             VolumeProvisioner(client, informers["persistentvolumeclaims"], self.runtime, resync=timing.resync),
+            leaderworkersets.LeaderWorkerSetController(
+                client, informers["leaderworkersets"], informers["pods"], resync=timing.resync
+            ),
             cloud,
         ]
         self.kubelet, self.cloud = kubelet, cloud

@@ -95,3 +95,30 @@ app.kubernetes.io/component: {{ .component }}
 {{- fail "networkPolicy.enabled=true needs networkPolicy.namespaces (or operator.watchNamespaces): NetworkPolicies are namespaced, so list the namespaces where RAGDeployments live" -}}
 {{- end -}}
 {{- end -}}
+
+{{- define "spotrag.frontDoor.fullname" -}}
+{{- printf "%s-front-door" (include "spotrag.fullname" .) -}}
+{{- end -}}
+
+{{- define "spotrag.frontDoor.serviceAccountName" -}}
+{{- if .Values.frontDoor.serviceAccount.create -}}
+{{- default (include "spotrag.frontDoor.fullname" .) .Values.frontDoor.serviceAccount.name -}}
+{{- else -}}
+{{- .Values.frontDoor.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* What the front door may do (docs/front-door.md). */}}
+{{- define "spotrag.frontDoor.rules" -}}
+- apiGroups: ["spotrag.io"]
+  resources: ["ragdeployments", "modelroutes"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["spotrag.io"]
+  resources: ["modelroutes/status"]
+  verbs: ["get", "patch"]
+{{- if eq .Values.frontDoor.address "endpointslices" }}
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["get", "list", "watch"]
+{{- end }}
+{{- end -}}

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from .config import build_parser, config_from_args
+from .config import config_from_args, parse_arguments
 
 
 def cli(argv: list[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser, args = parse_arguments(argv)
     try:
         config = config_from_args(args)
     except ValueError as exc:

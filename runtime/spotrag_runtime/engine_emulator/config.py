@@ -15,6 +15,22 @@ import dataclasses
 from dataclasses import dataclass
 
 DEFAULT_MODEL_NAME = "emulated-model"
+# The capacity model set from a measured engine: bench/vllm/capacity.json (vLLM 0.26.0
+# on one H200, Llama-3.1-8B shapes, bf16, TP 1, 3 repeats; docs/benchmarks.md).
+HARDWARE_PRESETS: dict[str, dict[str, float | int]] = {
+    "h200-llama-3.1-8b": {
+        "ttft_ms": 12.0,  # one 128-token prompt: TTFT 14.5-17 ms, of which 3.2 ms is prefill
+        "itl_ms": 4.9,  # inter-token latency p50 of a lone stream
+        # 12.7 ms at 128 streams, 21.0 at 256 (model: 12.7, 20.5); over-estimates
+        # 32-64 streams (6.8 and 8.8 ms against 5.5 and 6.0 measured): the safe side.
+        "itl_growth_per_seq": 0.0125,
+        "prefill_tokens_per_s": 40_000.0,  # 37.7k-41.0k tokens/s for 256- to 8,192-token prompts
+        "max_num_seqs": 256,
+        "block_size": 16,
+        "num_gpu_blocks": 56_057,  # 896,912 KV-cache tokens at --gpu-memory-utilization 0.9
+        "max_model_len": 16_384,
+    },
+}
 # What GET /version reports: the vLLM release whose API this emulates.
 EMULATED_VLLM_VERSION = "0.26.0+spotrag.emulator"
 
@@ -116,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
+    add(
+        "--hardware",
+        choices=sorted(HARDWARE_PRESETS),
+        default=None,
+        help="set the capacity model from a measured engine; flags given explicitly still win",
+    )
     add("--host", default=defaults.host)
     add("--port", type=int, default=defaults.port, help="0 picks a free port (logged at start)")
     add("--fd", type=int, default=None, help="serve on this inherited, bound socket instead")
@@ -178,8 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The command line, with a --hardware preset's values as the defaults."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.hardware:
+        parser.set_defaults(**HARDWARE_PRESETS[known.hardware])
+    return parser, parser.parse_args(argv)
+
+
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
-    values = {name: value for name, value in vars(args).items() if name != "answer_words"}
+    values = {name: value for name, value in vars(args).items() if name not in ("answer_words", "hardware")}
     values["answer_words_min"], values["answer_words_max"] = args.answer_words
     return EmulatorConfig(**values)
 

@@ -161,12 +161,16 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str]
+    # Text, or token ids as vLLM takes them; the emulator's tokens are words, so
+    # ids become one word each and count as many tokens as were sent.
+    prompt: str | list[str] | list[int]
 
     @property
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):
             return self.prompt
+        if self.prompt and all(isinstance(token, int) for token in self.prompt):
+            return " ".join(f"t{token}" for token in self.prompt)
         if len(self.prompt) != 1:
             raise APIError(
                 HTTPStatus.BAD_REQUEST,

@@ -22,6 +22,16 @@ request stops there with finish_reason ``stop`` unless ``ignore_eos`` or
 is the words joined by single spaces, and a partial answer sent back with
 ``continue_final_message`` is recognised as a prefix of the same stream:
 the engine continues from exactly that character, even mid-word.
+
+What the words say: no model runs here, so the answer says so first
+(``Emulated answer, quoting the references:``) and then quotes the
+sentences of the numbered references in the prompt (``[1] text``,
+``[2] text``, as the gateway's template writes them) that best match the
+question, best first, each followed by its ``[n]`` marker. The length is
+drawn from ``answer_words`` as before (the pacing and load of a real
+engine), then extended to the end of the sentence it falls in. Past the
+references, and for a prompt without any, the words are plain filler that
+says it is one.
 """
 
 from __future__ import annotations
@@ -49,11 +59,23 @@ FILLER_WORDS = (
     "while generation uses accelerators in batches"
 ).split()
 
-# "[1] text", "[1]: text", "[1]\ntext": the passage templates put first.
-CITATION_PATTERN = re.compile(r"^[ \t]*\[1\][:.)]?\s*(\S[^\n]*)", re.MULTILINE)
-SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
-MAX_CITED_WORDS = 60
-LOWERCASE_AFTER_CITATION = frozenset("The A An This That These Those It Its In On At For Each Every Our".split())
+# "[1] text", "[1]: text", "[1]\ntext": a numbered reference, at the start of a line.
+REFERENCE_MARKER = re.compile(r"^[ \t]*\[(\d{1,3})\][:.)]?[ \t]*", re.MULTILINE)
+# The gateway's template ends with "Question: ..."; the last such line is the question.
+QUESTION_LINE = re.compile(r"^[ \t]*Question:[ \t]*(\S[^\n]*)", re.MULTILINE | re.IGNORECASE)
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])")
+MAX_SENTENCE_WORDS = 60
+WITH_REFERENCES = "Emulated answer, quoting the references:".split()
+WITHOUT_REFERENCES = "Emulated answer, without references:".split()
+PAST_REFERENCES = "(The references say no more; emulator filler follows.)".split()
+# Words that say nothing about what a question is after.
+STOPWORDS = frozenset(
+    """a an and are as at be by can could do does for from how i if in is it its may me my of on or
+    our should so than that the their them there these this those to was we were what when where which
+    who why will with would you your""".split()
+)
+_TERM = re.compile(r"\w+")
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff]")
 
 
 def count_tokens(text: str) -> int:
@@ -93,22 +115,78 @@ def conversation_key(messages: Sequence[Message]) -> str:
     return "\x1e".join(f"{m.role}\x1f{m.text}" for m in messages)
 
 
-def cited_sentence(prompt_text: str) -> str | None:
-    """The first sentence of the passage numbered [1], if the prompt has one."""
-    match = CITATION_PATTERN.search(prompt_text)
-    if match is None:
-        return None
-    passage = match.group(1).strip()
-    end = SENTENCE_END.search(passage)
-    sentence = passage[: end.end()] if end else passage
-    words = sentence.split()[:MAX_CITED_WORDS]
-    if not words:
-        return None
-    # "According to [1], the tower ..." reads better than "..., The tower ...".
-    if words[0] in LOWERCASE_AFTER_CITATION:
-        words[0] = words[0].lower()
-    sentence = " ".join(words)
-    return sentence if sentence[-1] in ".!?" else sentence + "."
+@dataclass(frozen=True)
+class Quote:
+    """A sentence of reference ``number``, as the answer quotes it."""
+
+    number: int
+    words: tuple[str, ...]
+    score: int
+
+
+def question_of(prompt_text: str) -> str:
+    """The question a prompt asks: its last ``Question:`` line, else all of it."""
+    lines = QUESTION_LINE.findall(prompt_text)
+    return lines[-1] if lines else prompt_text
+
+
+def references(prompt_text: str) -> dict[int, str]:
+    """The numbered references of a prompt: ``[n] text`` blocks, each running to
+    the next marker or the ``Question:`` line. Numbering must start at 1."""
+    markers = list(REFERENCE_MARKER.finditer(prompt_text))
+    found: dict[int, str] = {}
+    for index, marker in enumerate(markers):
+        end = markers[index + 1].start() if index + 1 < len(markers) else len(prompt_text)
+        question = QUESTION_LINE.search(prompt_text, marker.end(), end)
+        text = prompt_text[marker.end() : question.start() if question else end].strip()
+        found.setdefault(int(marker.group(1)), text)
+    return found if 1 in found else {}
+
+
+def terms(text: str) -> set[str]:
+    """Lower-case words (a plural's ``s`` dropped) less stopwords; runs of
+    Japanese or Chinese become character pairs, as they have no spaces."""
+    out: set[str] = set()
+    for word in _TERM.findall(text.lower()):
+        if _CJK.search(word):
+            out.update(word[i : i + 2] for i in range(max(len(word) - 1, 1)))
+        elif word not in STOPWORDS:
+            out.add(word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word)
+    return out
+
+
+def _sentences(text: str) -> Iterator[str]:
+    for line in text.splitlines():
+        line = line.strip().lstrip("-*>").strip()
+        if not line or line.startswith(("#", "|", "```")):
+            continue  # headings, tables and fences are not sentences
+        for sentence in SENTENCE_END.split(line):
+            if any(character.isalnum() for character in sentence):
+                yield sentence.strip()
+
+
+def _cited(sentence: str, number: int) -> tuple[str, ...]:
+    """The sentence's words with ``[n]`` before its final stop: "… two pets [1]."."""
+    words = sentence.split()[:MAX_SENTENCE_WORDS]
+    last = words[-1]
+    if last[-1] in ".!?":
+        words[-1:] = [last[:-1], f"[{number}]{last[-1]}"] if len(last) > 1 else [f"[{number}]{last}"]
+    else:
+        words.append(f"[{number}]" if last[-1] in "。！？" else f"[{number}].")
+    return tuple(words)
+
+
+def quotes(prompt_text: str) -> list[Quote]:
+    """Every sentence of the prompt's references, the best match for its
+    question first (most question words; then the better-ranked reference;
+    then the earlier sentence). Empty when the prompt has no references."""
+    wanted = terms(question_of(prompt_text))
+    found = []
+    for number, text in sorted(references(prompt_text).items()):
+        for position, sentence in enumerate(_sentences(text)):
+            score = len(terms(sentence) & wanted)
+            found.append((-score, number, position, Quote(number, _cited(sentence, number), score)))
+    return [quote for *_, quote in sorted(found, key=lambda item: item[:3])]
 
 
 def _rng(seed: int, *parts: str) -> random.Random:
@@ -156,7 +234,7 @@ def answer(
     """
     rng = _rng(seed, key)
     natural_length = rng.randint(*answer_words)
-    words = _answer_words(rng, prompt_text)
+    words, natural_length = _answer_words(rng, prompt_text, natural_length)
     if not prefix:
         return Continuation(_deltas(words, first=True), natural_length)
 
@@ -207,12 +285,19 @@ def chat_answer(
     )
 
 
-def _answer_words(rng: random.Random, prompt_text: str) -> Iterator[str]:
-    sentence = cited_sentence(prompt_text)
-    if sentence is not None:
-        yield from ("According", "to", "[1],")
-        yield from sentence.split()
-    yield from _filler_words(rng)
+def _answer_words(rng: random.Random, prompt_text: str, length: int) -> tuple[Iterator[str], int]:
+    """The answer's endless words and its natural length: ``length`` words,
+    extended to the end of the quoted sentence it falls in."""
+    found = quotes(prompt_text)
+    if not found:
+        return _chain(WITHOUT_REFERENCES, _filler_words(rng)), length
+    quoted = list(WITH_REFERENCES)
+    natural = None
+    for quote in found:
+        quoted += quote.words
+        if natural is None and len(quoted) >= length:
+            natural = len(quoted)
+    return _chain([*quoted, *PAST_REFERENCES], _filler_words(rng)), natural or length
 
 
 def _deltas(words: Iterator[str], *, first: bool) -> Iterator[str]:
@@ -222,6 +307,6 @@ def _deltas(words: Iterator[str], *, first: bool) -> Iterator[str]:
         yield " " + word
 
 
-def _chain(head: list[str], tail: Iterator[str]) -> Iterator[str]:
+def _chain(head: Sequence[str], tail: Iterator[str]) -> Iterator[str]:
     yield from head
     yield from tail

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from spotrag_runtime.gateway.config import GatewayConfig
 from spotrag_runtime.gateway.errors import APIError, AuthenticationFailed, RequestTooLarge, install_error_handlers
 from spotrag_runtime.gateway.routes import chat, rag, system
+from spotrag_runtime.gateway.routes.ui import ui_router
 from spotrag_runtime.gateway.service import Gateway, outcome_of
 
 if TYPE_CHECKING:
@@ -119,4 +120,6 @@ def create_app(
     app.include_router(chat.router)
     app.include_router(rag.router)
     app.include_router(system.router)
+    if config.ui.enabled:
+        app.include_router(ui_router(config))
     return app

@@ -33,6 +33,7 @@ __all__ = [
     "GatewayConfig",
     "PromptConfig",
     "RetrievalConfig",
+    "UIConfig",
     "load_config",
 ]
 
@@ -159,6 +160,26 @@ class AuthConfig:
     api_keys_dir: str | None = field(default=None, metadata=_key("apiKeysDir"))
 
 
+# Paths the chat page may not take: the API and the probes live there.
+RESERVED_PATHS = ("/v1", "/healthz", "/readyz", "/metrics")
+
+
+def _check_ui_path(path: str) -> str | None:
+    if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", path) or "//" in path:
+        return "must be a URL path starting with /"
+    if any(path.rstrip("/") == reserved or path.startswith(reserved + "/") for reserved in RESERVED_PATHS):
+        return "must not be under " + ", ".join(RESERVED_PATHS)
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class UIConfig:
+    """The chat page the gateway serves (routes/ui.py)."""
+
+    enabled: bool = field(default=True, metadata=_key("enabled"))
+    path: str = field(default="/", metadata=_key("path", check=_check_ui_path))
+
+
 @dataclass(frozen=True, kw_only=True)
 class GatewayConfig:
     served_model_name: str = field(metadata=_key("servedModelName"))
@@ -172,6 +193,7 @@ class GatewayConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig, metadata=_key("admission"))
     failover: FailoverConfig = field(default_factory=FailoverConfig, metadata=_key("failover"))
     auth: AuthConfig = field(default_factory=AuthConfig, metadata=_key("auth"))
+    ui: UIConfig = field(default_factory=UIConfig, metadata=_key("ui"))
 
     @property
     def max_tokens_limit(self) -> int:

@@ -52,11 +52,16 @@ class RagQueryRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     question: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(
+        default_factory=list, description="the conversation so far, before the question (a chat's earlier turns)"
+    )
     model: str | None = None
     top_k: int | None = Field(default=None, ge=1, le=100)
     score_threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1)
     generate: bool = Field(default=True, description="false: return the passages only, no answer")
+    stream: bool = Field(default=False, description="true: Server-Sent Events, the passages first, then the answer")
+    stream_options: StreamOptions | None = None
 
     @field_validator("question")
     @classmethod

@@ -40,6 +40,7 @@ RESOURCES: dict[tuple[str, str], Resource] = {
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): Resource("rbac.authorization.k8s.io/v1", "rolebindings"),
     ("discovery.k8s.io/v1", "EndpointSlice"): Resource("discovery.k8s.io/v1", "endpointslices"),
     ("spotrag.io/v1alpha1", "RAGDeployment"): Resource("spotrag.io/v1alpha1", "ragdeployments"),
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): Resource("leaderworkerset.x-k8s.io/v1", "leaderworkersets"),
 }
 
 

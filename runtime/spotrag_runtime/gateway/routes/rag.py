@@ -1,6 +1,13 @@
 """``POST /v1/rag/query``: a question in; the answer and the passages it was
 given out (number, id, score, text, source), so a UI can show citations.
-``"generate": false`` returns the passages alone."""
+``"generate": false`` returns the passages alone.
+
+``"messages"`` carries a chat's earlier turns (the question is retrieved for
+alone and asked after them). With ``"stream": true`` the answer comes as
+Server-Sent Events: first one ``rag.passages`` event with the passages, then
+the ``chat.completion.chunk`` events of ``/v1/chat/completions``, then
+``[DONE]`` (the chat page reads this; errors and resumes as in chat).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,8 @@ from pydantic import ValidationError
 
 from spotrag_runtime.gateway.prompt import Context
 from spotrag_runtime.gateway.relay import ChatOutcome
-from spotrag_runtime.gateway.routes.streaming import collect, until_disconnect
+from spotrag_runtime.gateway.routes.chat import _events as chat_events
+from spotrag_runtime.gateway.routes.streaming import EventStreamResponse, collect, until_disconnect
 from spotrag_runtime.gateway.schemas import ChatCompletionRequest, RagQueryRequest
 from spotrag_runtime.gateway.service import Gateway
 
@@ -39,8 +47,8 @@ def _passages(contexts: Sequence[Context]) -> list[dict[str, Any]]:
     return [passage_body(context) for context in contexts]
 
 
-@router.post("/v1/rag/query")
-async def rag_query(body: RagQueryRequest, request: Request) -> dict[str, Any]:
+@router.post("/v1/rag/query", response_model=None)
+async def rag_query(body: RagQueryRequest, request: Request) -> dict[str, Any] | EventStreamResponse:
     gateway: Gateway = request.app.state.gateway
     started = time.perf_counter()
     gateway.check_model(body.model)
@@ -60,25 +68,49 @@ async def rag_query(body: RagQueryRequest, request: Request) -> dict[str, Any]:
             "usage": None,
         }
     try:
+        history = [message.model_dump(exclude_none=True) for message in body.messages]
         chat = ChatCompletionRequest(
             model=model,
-            messages=[{"role": "user", "content": body.question}],
+            messages=[*history, {"role": "user", "content": body.question}],
             max_tokens=body.max_tokens,
             **(body.model_extra or {}),
         )
     except ValidationError as error:  # a sampling option of the wrong shape
         raise RequestValidationError(error.errors()) from None
     prepared = await until_disconnect(request, gateway.prepare_chat(chat, rag=True, passages=found, arrived_at=started))
-    outcome = ChatOutcome()
-    await until_disconnect(request, collect(gateway.relay.chunks(prepared.job, outcome)))
+    job, outcome = prepared.job, ChatOutcome()
+    chunks = gateway.relay.chunks(job, outcome)
+    if body.stream:
+        # As in chat: the first chunk before the status, so a request that could not start gets a real one.
+        first = await until_disconnect(request, anext(chunks))
+        head = {
+            "id": job.id,
+            "object": "rag.passages",
+            "created": job.created,
+            "model": model,
+            "passages": _passages(prepared.contexts),
+        }
+        options = body.stream_options
+        return EventStreamResponse(
+            chat_events(
+                gateway,
+                job,
+                outcome,
+                [head, *first],
+                chunks,
+                started=started,
+                include_usage=bool(options and options.include_usage),
+            )
+        )
+    await until_disconnect(request, collect(chunks))
     gateway.record(started, None)
     return {
-        "id": prepared.job.id,
+        "id": job.id,
         "object": "rag.answer",
-        "created": prepared.job.created,
+        "created": job.created,
         "model": model,
         "answer": "".join(outcome.text),
         "finish_reason": outcome.finish_reason,
         "passages": _passages(prepared.contexts),
-        "usage": outcome.usage(prepared.job),
+        "usage": outcome.usage(job),
     }

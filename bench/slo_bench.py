@@ -1,0 +1,136 @@
+"""The SLO-sizing benchmark of docs/benchmarks.md ("Sizing to the SLO", issue 12).
+
+    python bench/slo_bench.py            # all tables, ~5 minutes on one core
+    python bench/slo_bench.py --quick    # the two main tables only
+
+Each run is `spotrag simulate` on a generated day (bench/simulate-slo.yaml:
+spot interrupted at 5% per node-hour, 2-minute notices), every policy from
+the same start (the floor: one on-demand engine ready, nothing queued).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+
+from spotrag_simulator.presets import load_profile
+from spotrag_simulator.report import table
+from spotrag_simulator.run import PEAK, SPOTRAG, SPOTRAG_NO_SPOT, compare
+from spotrag_simulator.sizing import suggested_targets
+from spotrag_simulator.trace import generate_trace
+
+PROFILE = pathlib.Path(__file__).with_name("simulate-slo.yaml")
+DAY = 24.0
+START_HOUR = 14.0  # the day starts busy: the first minutes find the fleet at its floor
+
+RUNS = {
+    "conversation": {"gpu": "L4", "model": "7b", "peak_rps": 5.4},
+    "code": {"gpu": "A100-80GB", "model": "8b", "peak_rps": 12.0},
+}
+
+
+def run(kind, *, gpu, model, peak_rps, seed=1, policies=None, hours=DAY, edit=None):
+    profile = load_profile(PROFILE, gpu=gpu, model=model)
+    if edit:
+        profile = edit(profile)
+    trace = generate_trace(kind, hours=hours, seed=seed, peak_rps=peak_rps, start_hour=START_HOUR)
+    kwargs = {"policies": policies} if policies else {}
+    return profile, trace, compare(profile, trace, seed=seed, horizon=hours * 3600.0, **kwargs)
+
+
+def describe(kind, settings, result, seed=1):
+    meta = result.meta
+    peak = f"{meta['peak_engines']} engines (searched; rule of thumb {meta['peak_engines_rule_of_thumb']})"
+    if not meta["peak_fleet_meets_slo"]:
+        peak = f"no static fleet meets the SLO; rule of thumb {meta['peak_engines']} used"
+    return (
+        f"{kind}-like day from {START_HOUR:g}:00, peak {settings['peak_rps']:g} req/s at the busiest hour, seed {seed}: "
+        f"{meta['requests']} requests. {meta['gpu']} / {meta['model']} (spotrag starts from preset "
+        f"{(meta['spotrag_calibration'] or {}).get('preset', 'custom')}); on-demand for peak = {peak}; autoscalers "
+        f"up to {meta['max_replicas']}; KubeAI target {meta['kubeai_target_requests']:g} requests, KEDA threshold "
+        f"{meta['keda_waiting_threshold']:g} waiting; queue timeout {meta['queue_timeout_seconds']} s; "
+        f"${meta['prices_per_gpu_hour']['on-demand']:.4g} on-demand, ${meta['prices_per_gpu_hour']['spot']:.4g} "
+        f"spot per GPU-hour. {meta['start']}."
+    )
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+
+    for kind, settings in RUNS.items():
+        _, _, result = run(kind, **settings)
+        print(f"\n### {kind}\n\n{describe(kind, settings, result)}\n\n{table(result.summaries)}")
+        changes = {s.policy: (s.scale_changes, s.feedback_changes) for s in result.summaries}
+        print(f"\nscale changes / feedback moves over the day: {changes}")
+    if args.quick:
+        return 0
+
+    print(
+        "\n### Other seeds\n\n| trace | seed | policy | × peak | SLO min after warm-up | lost after warm-up | warm-up s / lost |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for kind, settings in RUNS.items():
+        _, _, result = run(kind, seed=2, policies=(PEAK, SPOTRAG_NO_SPOT, SPOTRAG), **settings)
+        for s in result.summaries[1:]:
+            print(
+                f"| {kind} | 2 | {s.policy} | {s.cost_vs_peak:.3f} | {s.steady_slo_minutes:.2%} | {s.steady_lost} | "
+                f"{s.warmup_seconds:.0f} / {s.warmup_lost} |"
+            )
+
+    # The issue's complaint: one queued-token target for prompt and output alike.
+    settings = RUNS["conversation"]
+    profile, trace, _ = run("conversation", policies=(PEAK,), hours=0.1, **settings)
+    target = max(
+        1,
+        round(
+            suggested_targets(
+                profile.engine,
+                generate_trace("conversation", hours=DAY, seed=1, peak_rps=settings["peak_rps"], start_hour=START_HOUR),
+            ).queued_tokens
+        ),
+    )
+
+    def with_target(p):
+        return dataclasses.replace(p.with_scaling(targetQueuedTokensPerReplica=target), target_set=True)
+
+    def with_timeout(seconds):
+        def edit(p):
+            return dataclasses.replace(
+                p, spec={**p.spec, "gateway": {**p.spec["gateway"], "queueTimeoutSeconds": seconds}}
+            )
+
+        return edit
+
+    print("\n### One target for every token vs sizing to the SLO (conversation, seed 1)\n")
+    print("| spotrag sized on | × peak (spot) | × peak (spot off) | SLO min after warm-up | lost |")
+    print("|---|---|---|---|---|")
+    for label, edit in (
+        (f"targetQueuedTokensPerReplica {target} (50% busy)", with_target),
+        ("the SLO (default)", None),
+    ):
+        _, _, result = run("conversation", policies=(PEAK, SPOTRAG_NO_SPOT, SPOTRAG), edit=edit, **settings)
+        off, on = result.summaries[1], result.summaries[2]
+        print(f"| {label} | {on.cost_vs_peak:.3f} | {off.cost_vs_peak:.3f} | {on.steady_slo_minutes:.2%} | {on.lost} |")
+
+    print("\n### The first burst at the floor: the gateway's queue timeout (conversation, first 2 hours)\n")
+    print("| queueTimeoutSeconds | warm-up s to SLO | lost in warm-up (503) | lost after |")
+    print("|---|---|---|---|")
+    for seconds in (30, 300):
+        _, _, result = run("conversation", policies=(PEAK, SPOTRAG), hours=2.0, edit=with_timeout(seconds), **settings)
+        s = result.summaries[1]
+        print(f"| {seconds} | {s.warmup_seconds:.0f} | {s.warmup_lost} | {s.steady_lost} |")
+
+    settings = {"gpu": "L4", "model": "7b", "peak_rps": 10.0}
+    _, _, result = run("code", **settings)
+    print(
+        f"\n### code on an L4 (an SLO out of reach)\n\n{describe('code', settings, result)}\n\n{table(result.summaries)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
