@@ -13,7 +13,7 @@ with each way's node start and pod-to-Ready time (its profile's
 nodes.startSeconds and nodes.modelLoadSeconds), at AWS's 120 s notice and
 GCE's/Azure's 30 s.
 
-A standby is modelled as every new engine ready 0.81 s after it is asked
+A standby is modelled as every new engine ready 0.8 s after it is asked
 for, on no new node: as if a standby were always there (an upper bound on
 what `standby.replicas` buys: a woken standby is replaced by a cold start
 behind it, so two losses closer together than a cold start find the pool
@@ -52,12 +52,21 @@ STAGES = {
     "weights_streamed": Stage(
         10.0, "assumption: 16 GB streamed from S3 by the Run:ai streamer at ~1.6 GB/s (not measured here)"
     ),
-    "weights_local": Stage(8.0, "assumption: 16 GB from local NVMe at ~2 GB/s (the node cache)"),
-    "vllm_first": Stage(
-        148.0, "measured: vLLM start to /health 200, first start (torch.compile 23 s, engine init 47 s)"
+    "weights_local": Stage(
+        9.8, "measured: 15 GiB of safetensors from local disk, page cache dropped (bench/vllm_coldstart.py)"
     ),
-    "vllm_compiled": Stage(110.0, "measured: the same with the torch.compile cache (VLLM_CACHE_ROOT) kept"),
-    "wake": Stage(0.81, "measured: POST /wake_up of a slept engine (--enable-sleep-mode), then serves"),
+    "vllm_first": Stage(
+        135.0,
+        "measured: 144.8 s to /health 200 from local disk, compile cache empty, less its 9.8 s weight read "
+        "(bench/vllm_coldstart.py; the README's first start with dummy weights: 148 s)",
+    ),
+    "vllm_compiled": Stage(
+        108.0, "measured: 110 s to /health with ~/.cache/vllm kept, less 2.3 s of dummy weights (shared/vllm/README.md)"
+    ),
+    "wake": Stage(
+        0.80,
+        "measured: POST /wake_up of a slept engine, then answers in 0.05 s (bench/vllm_coldstart.py; README: 0.81)",
+    ),
 }
 
 
