@@ -226,7 +226,10 @@ SLEEP_MODE_ENV = {"name": "VLLM_SERVER_DEV_MODE", "value": "1"}
 
 
 def standby_replicas(spec: dict) -> int:
-    """Standby engines kept asleep (spec.model.standby; 0 without it)."""
+    """Standby engines kept asleep (spec.model.standby; 0 without it, and on
+    Neuron, where vLLM has no sleep mode: checks.find_problems says so)."""
+    if is_neuron(spec):
+        return 0
     return (spec["model"].get("standby") or {}).get("replicas", 0)
 
 
@@ -255,6 +258,8 @@ def node_model_cache(spec: dict, gateway_image: str) -> tuple[list[dict], list[d
         {"name": "HF_HOME", "value": f"{CACHE_LINK}/huggingface"},
         {"name": "VLLM_CACHE_ROOT", "value": f"{CACHE_LINK}/vllm"},
     ]
+    if is_neuron(spec):  # the Neuron compiler's cache is kept on the node too
+        env.append({"name": "NEURON_COMPILE_CACHE_URL", "value": f"{CACHE_LINK}/neuron-compile-cache"})
     volumes = [
         {"name": "node-model-cache", "hostPath": {"path": cache["hostPath"], "type": "DirectoryOrCreate"}},
         {"name": "model-cache-link", "emptyDir": {"sizeLimit": "1Mi"}},
@@ -356,7 +361,7 @@ def engine_pod(body: dict, spec: dict, capacity: str) -> dict:
         mounts.append({"name": "model", "mountPath": PVC_MODEL_MOUNT, "readOnly": True})
     cache_env, cache_volumes, cache_mounts, init_containers = node_model_cache(spec, spec["gateway"]["image"])
     if cache_env:
-        env = [e for e in env if e["name"] != "HF_HOME"] + cache_env
+        env = [e for e in env if e["name"] not in {c["name"] for c in cache_env}] + cache_env
         volumes += cache_volumes
         mounts = [m for m in mounts if m["name"] != "model-cache"] + cache_mounts
     if standby_replicas(spec):

@@ -8,6 +8,7 @@ import kubernetes_validate
 import pytest
 
 from spotrag_operator import render
+from spotrag_operator.checks import find_problems
 from spotrag_operator.crd import defaulted_spec
 
 from .operator_fixtures import ragdeployment
@@ -378,3 +379,16 @@ def test_gpu_engines_keep_their_flags_and_no_neuron_toleration():
     pod = render.engine_pod(body, spec, render.ON_DEMAND)
     assert "--gpu-memory-utilization" in container(pod)["args"]
     assert "aws.amazon.com/neuron" not in {t["key"] for t in pod["spec"]["tolerations"]}
+
+
+def test_on_neuron_the_node_cache_keeps_the_compiler_cache_and_a_standby_is_refused():
+    overrides = {**NEURON_SPEC, "model": {**NEURON_SPEC["model"], "cache": {"hostPath": "/var/lib/spotrag/models"}}}
+    body, spec = rendered(overrides)
+    env = {e["name"]: e.get("value") for e in container(render.engine_pod(body, spec, render.SPOT))["env"]}
+    assert env["NEURON_COMPILE_CACHE_URL"] == f"{render.CACHE_LINK}/neuron-compile-cache"
+    assert list(env).count("NEURON_COMPILE_CACHE_URL") == 1
+    overrides["model"]["standby"] = {"replicas": 1}
+    body, spec = rendered(overrides)
+    assert render.standby_replicas(spec) == 0
+    assert "--enable-sleep-mode" not in container(render.engine_pod(body, spec, render.SPOT))["args"]
+    assert any("model.standby needs vLLM's sleep mode" in p for p in find_problems(spec, "default", {}))
