@@ -1,6 +1,6 @@
 """A warm standby replaces an interrupted engine in about a second: with
 `spec.model.standby.replicas: 1` the operator keeps one engine loaded and
-asleep (vLLM's sleep mode; the box's emulator wakes in the measured 0.81 s)
+asleep (vLLM's sleep mode; the box's emulator wakes in the measured 0.80 s)
 outside the serving set; on a spot notice it wakes that engine into the
 serving set instead of starting one cold, and starts a new standby behind
 it. A client streams answers the whole time; none may fail.

@@ -1,6 +1,6 @@
 """What the box makes of the engine pods issue 18 renders: a standby's
 --enable-sleep-mode reaches the engine emulator (waking in the measured
-0.81 s), and a node model cache (hostPath) is one folder per simulated node,
+0.80 s), and a node model cache (hostPath) is one folder per simulated node,
 shared by the engines there and kept for the next."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ async def test_a_standby_runs_the_emulator_in_sleep_mode_and_the_cache_is_the_no
     runtime = LocalRuntime(workdir=tmp_path, kubeconfig="unused", claim_paths={}, timing=Timing(model_load=1.0))
     standby = await prepare(runtime, scheduled(render.standby_pod(body, spec, render.SPOT), "s1", "gpu-1"))
     argv = standby.argv
-    assert "--enable-sleep-mode" in argv and argv[argv.index("--wake-seconds") + 1] == "0.81"
+    assert "--enable-sleep-mode" in argv and argv[argv.index("--wake-seconds") + 1] == "0.8"
     # HF_HOME goes through the link the init container sets (the box runs no init containers).
     assert standby.env["HF_HOME"].endswith("/current/huggingface")
 

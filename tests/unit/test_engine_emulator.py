@@ -618,7 +618,7 @@ def test_helper_refuses_unknown_options_before_starting_anything() -> None:
 
 
 def test_sleep_mode_sleeps_wakes_and_is_off_unless_enabled() -> None:
-    with started(**FAST_ENGINE, enable_sleep_mode=True, sleep_seconds=0, wake_seconds=0) as sleepy:
+    with started(**FAST_ENGINE, enable_sleep_mode=True, sleep_seconds=0, resleep_seconds=0, wake_seconds=0) as sleepy:
         assert httpx.get(sleepy.url + "/is_sleeping").json() == {"is_sleeping": False}
         assert httpx.post(sleepy.url + "/sleep", params={"level": 1}).status_code == 200
         assert httpx.get(sleepy.url + "/is_sleeping").json() == {"is_sleeping": True}

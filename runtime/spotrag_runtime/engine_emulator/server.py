@@ -85,6 +85,7 @@ class EmulatedEngineServer:
         self.metrics.bind(self.engine)
         self.phase = Phase.SERVING
         self.asleep = False  # sleep mode: weights offloaded, KV cache freed
+        self.slept_before = False
 
     def require_awake(self) -> None:
         if self.asleep:
@@ -390,8 +391,9 @@ async def sleep(request: Request) -> Response:
         raise APIError(HTTPStatus.BAD_REQUEST, f"sleep level must be 1 or 2, got {level!r}", param="level")
     if not server.asleep:
         server.engine.abort_all()
-        await asyncio.sleep(server.config.sleep_seconds)  # the time the real server takes, not a sync
-        server.asleep = True
+        # The time the real server takes (not a sync): the first sleep copies the weights out.
+        await asyncio.sleep(server.config.resleep_seconds if server.slept_before else server.config.sleep_seconds)
+        server.asleep = server.slept_before = True
     return Response(status_code=200)
 
 
