@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from spotrag_box.testing import Program, spotrag_command
+from spotrag_box.testing import Program, scrape, spotrag_command
 
 pytestmark = pytest.mark.box_only
 
@@ -192,6 +192,7 @@ def test_moderation_blocks_a_question_and_cuts_an_answer(e2e, door):
     )
     assert 0 < len(sent) < 200  # the windows before the cut went out; the one that crossed 200 did not
 
-    metrics = httpx.get(f"{url}/metrics", timeout=10).text
-    assert 'stage="input",outcome="blocked",reason="blocked_term"' in metrics
-    assert 'stage="output",outcome="blocked",reason="blocked_pattern"' in metrics
+    metrics = scrape(f"{url}/metrics")
+    name = "spotrag_frontdoor_moderation_total"
+    assert metrics.value(name, stage="input", outcome="blocked", reason="blocked_term") == 1
+    assert metrics.value(name, stage="output", outcome="blocked", reason="blocked_pattern") == 1

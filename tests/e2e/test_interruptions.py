@@ -532,6 +532,51 @@ def test_a_short_gke_notice_resumes_the_answers_still_running_on_another_engine(
     check_drain_events(e2e, namespace, {name: node}, "gke impending-termination", deleted_by_operator=False)
 
 
+def test_a_drain_that_runs_out_is_resumed_elsewhere_with_the_same_text(e2e, spotty):
+    """vLLM 0.26 as measured on the GPU machine (bench/vllm/contract.json): when
+    --shutdown-timeout runs out with a stream open, its bytes stop and the
+    connection stays open. Here a serving engine's pod is deleted under answers
+    longer than its preStop (2 s) plus shutdown timeout (10 s): the gateway,
+    which saw the engine leave serving, calls the silence a stall, drops the
+    connection (so the engine can exit) and resumes each answer on another
+    engine; the client gets the text one engine writes uninterrupted."""
+    namespace = spotty.namespace
+    wait_steady(e2e, namespace, spot=2, on_demand=1)
+    # ~2,400 tokens at the box's 8 ms per token: ~19 s, past preStop + shutdown timeout.
+    long = long_requests(e2e, max_tokens=2400)
+
+    def gateway_metric(name: str) -> float:
+        return scrape(f"{spotty.url}/metrics").value(name)
+
+    stalled_before = gateway_metric("spotrag_stalled_streams_total")
+    resumed_before = gateway_metric("spotrag_resumed_streams_total")
+    with Load(spotty.url, long, threads=3, timeout=120) as load:
+        victim = e2e.wait_for(
+            lambda: next((p for p in serving_engines(e2e, namespace) if _running(p) > 0), None),
+            namespace=namespace,
+            timeout=30,
+            what="a serving engine running one of the long answers",
+        )
+        name = victim.metadata.name
+        e2e.core.delete_namespaced_pod(name, namespace)
+        e2e.wait_for(
+            lambda: gateway_metric("spotrag_stalled_streams_total") > stalled_before,
+            namespace=namespace,
+            timeout=60,
+            what=f"the gateway to call {name}'s silent streams stalled once its shutdown timeout ran out",
+        )
+        e2e.wait_for(
+            lambda: gateway_metric("spotrag_resumed_streams_total") > resumed_before,
+            namespace=namespace,
+            timeout=30,
+            what="the stalled answers to be resumed on another engine",
+        )
+        wait_gone(e2e, namespace, {name})  # the engine exits once its stalled connections are dropped
+        wait_steady(e2e, namespace, spot=2, on_demand=1)
+        wait_served(e2e, load, namespace, 3, "after the drain ran out")
+    assert load.failures == []
+
+
 def _running(pod: Any) -> float:
     """vllm:num_requests_running of an engine, read from its pod IP (0 when unreadable)."""
     try:
