@@ -4,6 +4,11 @@
     python3 bench/vllm_coldstart.py weights --model /tmp/l8b        # random bf16 weights on disk (16 GB)
     python3 bench/vllm_coldstart.py start --model /tmp/l8b --out $OUT --label disk
     python3 bench/vllm_coldstart.py start --model /tmp/l8b --out $OUT --label sleep --sleep-mode --cycles 3
+    # what the node model cache keeps: the same compile cache twice (the second start reuses it)
+    python3 bench/vllm_coldstart.py start --model /tmp/l8b --out $OUT --label compile-1 --cache-root /tmp/vc
+    python3 bench/vllm_coldstart.py start --model /tmp/l8b --out $OUT --label compile-2 --cache-root /tmp/vc
+    # the Run:ai streamer from the same folder (needs runai-model-streamer in the pack)
+    python3 bench/vllm_coldstart.py start --model /tmp/l8b --out $OUT --label streamer --load-format runai_streamer
 
 `start` serves the model as an engine would (weights read from the folder,
 bf16, TP 1), reports seconds to /health 200 and vLLM's own phase timings from
@@ -116,6 +121,10 @@ def start(args: argparse.Namespace) -> None:
     if args.sleep_mode:
         command.append("--enable-sleep-mode")
         env["VLLM_SERVER_DEV_MODE"] = "1"  # exposes /sleep, /wake_up and /is_sleeping
+    if args.load_format:
+        command += ["--load-format", args.load_format]
+    if args.cache_root:
+        env["VLLM_CACHE_ROOT"] = args.cache_root  # what spotrag's node model cache keeps
     result: dict = {"label": args.label, "command": command[3:]}
     started = time.monotonic()
     process = subprocess.Popen(
@@ -172,6 +181,12 @@ def main() -> int:
     serve.add_argument("--label", required=True)
     serve.add_argument("--sleep-mode", action="store_true")
     serve.add_argument("--cycles", type=int, default=3)
+    serve.add_argument(
+        "--load-format", help="vLLM's --load-format, e.g. runai_streamer (the streamer must be installed)"
+    )
+    serve.add_argument(
+        "--cache-root", help="VLLM_CACHE_ROOT (torch.compile's cache): the same folder twice measures a kept cache"
+    )
     args = parser.parse_args()
     if args.command == "weights":
         write_weights(pathlib.Path(args.model))

@@ -474,6 +474,11 @@ def decide(
     _push(lows, now, raw, keep_max=False)
     scale_ups = [(t, n) for t, n in state.scale_ups if now - policy.scale_up_period_seconds < t <= now]
     highest, lowest = highs[0][1], lows[0][1]
+    from_zero = current == 0 and raw > 0
+    if from_zero:
+        # Scaled to zero and work arrived: the gateways hold it until an engine
+        # starts, so the first engine is asked for now, whatever the window says.
+        lowest = max(lowest, 1)
 
     sized = need
     if need.target is not None:
@@ -489,6 +494,8 @@ def decide(
             if lowest == raw
             else f"{need}; lowest over the last {policy.scale_up_stabilization_seconds:g}s is {lowest}"
         )
+        if from_zero:
+            detail = f"scaling from zero at once (requests are held until an engine is ready): {detail}"
     elif highest < current:
         wanted, reason = highest, SCALE_DOWN
         detail = (

@@ -150,4 +150,9 @@ def find_problems(spec: dict, namespace: str, found: Mapping[tuple[str, str], di
         )
     if problem := gpu_fit_problem(spec):
         problems.append(problem)
+    if (spec["model"].get("standby") or {}).get("replicas") and render.is_neuron(spec):
+        problems.append(
+            "model.standby needs vLLM's sleep mode, which runs on NVIDIA and AMD GPUs only: "
+            "Neuron engines cannot be kept asleep; remove model.standby"
+        )
     return problems

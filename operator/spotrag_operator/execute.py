@@ -11,13 +11,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import time
 from collections.abc import Callable
 
+import httpx
 import kopf
 
 from spotrag_runtime.kube import Kube, KubeError
 
-from . import metrics
+from . import metrics, standby
 from .crd import API_VERSION, KIND
 from .reconcile import Event, ReconcilePlan, ScalingMemory, created_event
 from .status import set_condition
@@ -38,6 +40,7 @@ def execute(
     now: datetime.datetime,
     remember: Callable[[ScalingMemory], None],
     logger: logging.Logger | kopf.Logger,
+    http: httpx.Client | None = None,  # for the engines' /wake_up (standbys)
 ) -> None:
     meta = body["metadata"]
     namespace = meta["namespace"]
@@ -64,7 +67,8 @@ def execute(
             metrics.count(sample)
         for event in drain.events:
             post(body, event)
-    created = [(kube.create(pod)["metadata"]["name"], capacity) for capacity, pod in plan.creates]
+    created = _wake_standbys(kube, body, plan, http)
+    created += [(kube.create(pod)["metadata"]["name"], capacity) for capacity, pod in plan.creates]
     if created:
         post(body, created_event(created))
     for delete in plan.deletes:
@@ -76,11 +80,58 @@ def execute(
         kube.delete("batch/v1", "Job", job, namespace)
     for event in plan.report:
         post(body, event)
+    for sleep in plan.sleeps:
+        try:
+            kube.patch("v1", "Pod", sleep.name, sleep.patch, namespace)
+        except KubeError as error:
+            if not error.not_found:
+                raise
+            continue
+        standby.sleep_in_background(sleep.url)
     metrics.record(namespace, meta["name"], plan.gauges)
     if plan.status is not None:
         kube.patch(API_VERSION, KIND, meta["name"], {"status": plan.status}, namespace, subresource="status")
         if plan.persist:
             remember(dataclasses.replace(plan.memory, persisted_at=now.timestamp()))
+
+
+def _wake_standbys(kube: Kube, body: dict, plan: ReconcilePlan, http: httpx.Client | None) -> list[tuple[str, str]]:
+    """Wake each planned standby into the serving set; one that does not wake
+    within its timeout is deleted and a cold engine created instead. Returns
+    the cold engines created (name, capacity)."""
+    namespace = body["metadata"]["namespace"]
+    created = []
+    for wake in plan.wakes:
+        started = time.monotonic()
+        problem = standby.wake(http, wake.url, timeout=wake.timeout) if http else "the operator has no HTTP client"
+        if problem is None:
+            try:
+                kube.patch("v1", "Pod", wake.name, wake.patch, namespace)
+            except KubeError as error:
+                if not error.not_found:
+                    raise
+                problem = "the pod is gone"
+            else:
+                took = time.monotonic() - started
+                post(
+                    body,
+                    Event(
+                        "StandbyWoken",
+                        f"woke {wake.name} in {took:.2f}s instead of starting a {wake.capacity} engine cold",
+                    ),
+                )
+                continue
+        post(
+            body,
+            Event(
+                "StandbyWakeFailed",
+                f"standby {wake.name} did not wake ({problem}); deleted, a cold {wake.capacity} engine replaces it",
+                warning=True,
+            ),
+        )
+        kube.delete("v1", "Pod", wake.name, namespace)
+        created.append((kube.create(wake.fallback)["metadata"]["name"], wake.capacity))
+    return created
 
 
 def forbidden_message(error: KubeError) -> str:

@@ -4,7 +4,8 @@
   rendered (render.static_children), then reconcile its engines;
 - a timer, every change of one of its engine pods, and a node announcing
   it is going: reconcile its engines, as observe (observe.py) → decide
-  (reconcile.py, pure) → execute (execute.py).
+  (reconcile.py, pure) → execute (execute.py); a second, quicker timer for a
+  RAGDeployment scaled to zero, whose gateways may be holding a request.
 
 Handlers are sync: kopf runs them in worker threads, and the `kubernetes`
 client they use is synchronous. A lock per RAGDeployment keeps the timer and
@@ -41,6 +42,9 @@ FIELD_MANAGER = "spotrag-operator"
 class OperatorConfig:
     kubeconfig: str | None = None  # None: in-cluster, else $KUBECONFIG or ~/.kube/config
     reconcile_interval: float = 10.0  # seconds between periodic reconciles of each RAGDeployment
+    # A RAGDeployment scaled to zero is looked at this often: a request held by its
+    # gateway waits on the operator to see it before any engine starts.
+    zero_interval: float = 2.0
 
 
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
@@ -57,6 +61,10 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     kopf.on.update(*RAGD, field="spec", registry=registry)(reconcile_children)
     interval = config.reconcile_interval
     kopf.timer(*RAGD, interval=interval, initial_delay=interval, registry=registry)(reconcile_timer)
+    if config.zero_interval < interval:
+        kopf.timer(*RAGD, id="at_zero", interval=config.zero_interval, when=scaled_to_zero, registry=registry)(
+            reconcile_timer
+        )
     engine_pods = {render.LABEL_COMPONENT: "engine", render.LABEL_DEPLOYMENT: kopf.PRESENT}
     kopf.on.event("pods", labels=engine_pods, registry=registry)(engine_pod_changed)
     # A worker of an engine group (LeaderWorkerSet) changed: its group's readiness did.
@@ -143,6 +151,11 @@ def _gateway_autoscaling_turned_off(old_spec: Any, spec: dict) -> bool:
 
 def reconcile_timer(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     reconcile_engines(memo, _plain(body), logger)
+
+
+def scaled_to_zero(status: kopf.Status, **_: Any) -> bool:
+    """No engine wanted (minReplicas 0, idle): a held request's queued tokens must be seen soon."""
+    return status.get("desiredReplicas") == 0
 
 
 def engine_pod_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
@@ -242,7 +255,7 @@ def reconcile_engines(memo: kopf.Memo, body: dict, logger: logging.Logger | kopf
             def remember(memory: ScalingMemory) -> None:
                 memo["scaling"][key] = memory
 
-            execute(kube, body, plan, now=now, remember=remember, logger=logger)
+            execute(kube, body, plan, now=now, remember=remember, logger=logger, http=memo["http"])
         except KubeError as error:
             report_failure(kube, body, error)
             raise retry_later(error, "reconciling engines") from error

@@ -6,7 +6,7 @@ index Jobs), so deciding needs no cluster."""
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -19,6 +19,7 @@ from .crd import defaulted_spec
 from .engine_load import engine_samples, running_requests
 from .plan import Engine
 from .queued_tokens import QueuedWork, read_queued_work
+from .standby import Standby, is_sleeping, is_standby
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Observed:
     index_jobs: list[dict]
     index_result: dict  # the current index Job's result, once it succeeded
     samples: tuple[EngineSample, ...] = ()  # one scrape of each serving, ready engine, for calibration
+    standbys: list[Standby] = field(default_factory=list)  # warm standby engines (spec.model.standby)
 
     @property
     def queued_tokens(self) -> float | None:
@@ -91,14 +93,15 @@ def observe(kube: Kube, http: httpx.Client, body: dict, *, now: datetime.datetim
         singles = [
             p
             for p in kube.list("v1", "Pod", namespace, label_selector=selector)
-            if render.LWS_NAME_LABEL not in (p["metadata"].get("labels") or {})
+            if render.LWS_NAME_LABEL not in (p["metadata"].get("labels") or {}) and not is_standby(p)
         ]
         engines = observe_groups(http, groups, pods) + observe_engines(http, singles)
         pods = pods + singles
     else:
         pods = kube.list("v1", "Pod", namespace, label_selector=selector)
         engines = observe_engines(
-            http, [p for p in pods if render.LWS_NAME_LABEL not in p["metadata"].get("labels", {})]
+            http,
+            [p for p in pods if render.LWS_NAME_LABEL not in p["metadata"].get("labels", {}) and not is_standby(p)],
         )
         # Groups of an earlier spec (nodesPerEngine was above 1) roll out too; none
         # are listed when the LeaderWorkerSet API is not installed.
@@ -115,6 +118,7 @@ def observe(kube: Kube, http: httpx.Client, body: dict, *, now: datetime.datetim
     if any(e.group and e.unschedulable for e in engines):
         # A group that finds no nodes: every node, to say which would fit it.
         nodes = {n["metadata"]["name"]: n for n in kube.list("v1", "Node")} | nodes
+    standbys = [Standby.from_pod(p, is_sleeping(http, p) if _ready(p) else None) for p in pods if is_standby(p)]
     # Calibration scrapes each engine where it serves: a group's leader, a single engine's pod.
     by_name = {p["metadata"]["name"]: p for p in pods}
     scraped = [(by_name[key], e) for e in engines if (key := e.leader if e.group else e.name) in by_name]
@@ -143,6 +147,14 @@ def observe(kube: Kube, http: httpx.Client, body: dict, *, now: datetime.datetim
         index_jobs=jobs,
         index_result=result,
         samples=tuple(samples),
+        standbys=standbys,
+    )
+
+
+def _ready(pod: dict) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return not pod["metadata"].get("deletionTimestamp") and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in conditions
     )
 
 

@@ -31,12 +31,16 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass, field
 
+from spotrag_runtime.model_cache import UNUSABLE as UNUSABLE_CACHE
+
 from . import render
 from .signals import Action, NodeSignal
 
 ANNOTATION_DRAIN_SINCE = "spotrag.io/drain-since"
 ANNOTATION_DRAIN_REASON = "spotrag.io/drain-reason"
 ANNOTATION_DRAIN_DEADLINE = "spotrag.io/drain-deadline"
+# Set once the operator has said (an Event) that this engine's node model cache was unusable.
+ANNOTATION_CACHE_REPORTED = "spotrag.io/model-cache-reported"
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class Engine:
     drain_deadline: datetime.datetime | None = None
     node: str | None = None
     running_requests: int | None = None  # from the engine's /metrics, for draining engines; None: unknown
+    cache_problem: str | None = None  # its node model cache was unusable and that is not yet reported
     # An engine group over several nodes (a LeaderWorkerSet named `name`): its
     # leader pod (None until created), every node the group's pods are on, and
     # why a pod of it cannot be scheduled.
@@ -84,6 +89,7 @@ class Engine:
             drain_deadline=parse_time(annotations.get(ANNOTATION_DRAIN_DEADLINE)),
             node=(pod.get("spec") or {}).get("nodeName"),
             running_requests=running_requests,
+            cache_problem=None if ANNOTATION_CACHE_REPORTED in annotations else unusable_cache(status),
         )
 
     @classmethod
@@ -142,6 +148,18 @@ class Engine:
 def _pod_ready(pod: dict) -> bool:
     conditions = (pod.get("status") or {}).get("conditions") or []
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def unusable_cache(pod_status: dict) -> str | None:
+    """Why the engine's init container passed over the node model cache (its
+    termination message, runtime/spotrag_runtime/model_cache), or None."""
+    for init in pod_status.get("initContainerStatuses") or []:
+        if init.get("name") != render.CACHE_INIT_CONTAINER:
+            continue
+        message = ((init.get("state") or {}).get("terminated") or {}).get("message") or ""
+        if message.startswith(UNUSABLE_CACHE):
+            return message.strip()
+    return None
 
 
 @dataclass(frozen=True)

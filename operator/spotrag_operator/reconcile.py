@@ -23,6 +23,7 @@ from .metrics import Count, EngineGauges
 from .observe import Observed
 from .placement import DRAINING, PENDING, READY, STARTING, EngineView, Placement, PlacementState, SpotSettings, place
 from .plan import (
+    ANNOTATION_CACHE_REPORTED,
     ANNOTATION_DRAIN_DEADLINE,
     ANNOTATION_DRAIN_REASON,
     ANNOTATION_DRAIN_SINCE,
@@ -32,7 +33,8 @@ from .plan import (
     EnginePlan,
     plan_engines,
 )
-from .signals import node_signal
+from .signals import Action, node_signal
+from .standby import ANNOTATION_SLEEP_ASKED, StandbyPlan, plan_standbys, standby_capacity
 from .status import cost_per_hour, engines_status, now_iso, set_condition, status_changed
 
 # Scaling memory reaches status when a decision changes, else at most this often.
@@ -81,7 +83,7 @@ class ScalingMemory:
 
 @dataclass(frozen=True)
 class DrainAction:
-    """Take an engine out of serving; its Events and counts only if it still exists."""
+    """A patch of an engine pod (out of serving, or a note on it); its Events and counts only if it still exists."""
 
     name: str
     patch: dict
@@ -100,6 +102,25 @@ class DeleteAction:
     kind: str = "Pod"  # an engine group goes as its LeaderWorkerSet, all its pods with it
 
 
+@dataclass(frozen=True)
+class WakeAction:
+    """Wake a standby instead of starting an engine cold; on failure delete it and create `fallback`."""
+
+    name: str
+    url: str
+    capacity: str
+    timeout: float
+    patch: dict  # into the serving set, no longer a standby
+    fallback: dict  # the cold engine pod that replaces a standby that did not wake
+
+
+@dataclass(frozen=True)
+class SleepAction:
+    name: str
+    url: str
+    patch: dict  # when the sleep was asked for
+
+
 @dataclass
 class ReconcilePlan:
     memory: ScalingMemory  # kept before any write, as the decision stands even if a write fails
@@ -115,6 +136,8 @@ class ReconcilePlan:
     status: dict | None  # the status to write; None: unchanged
     persist: bool  # the status carries the scaling memory (its time is then remembered)
     notes: list[str] = field(default_factory=list)
+    wakes: list[WakeAction] = field(default_factory=list)  # standbys woken instead of cold starts
+    sleeps: list[SleepAction] = field(default_factory=list)  # standbys to put to sleep
 
 
 def drain_timing(spec: dict) -> DrainTiming:
@@ -166,11 +189,33 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         node_signals=signals,
         give_up=set(placement.give_up),
     )
+    standbys = plan_standbys(
+        observed.standbys,
+        creates=engine_plan.create,
+        # Standbys are single-node engines: none for engine groups over several nodes.
+        want=render.standby_replicas(spec) if render.nodes_per_engine(spec) == 1 else 0,
+        capacity=standby_capacity(spec),
+        spec_hash=spec_hash,
+        now=now,
+        leaving_nodes=frozenset(name for name, signal in signals.items() if signal.action is Action.DRAIN),
+    )
+    engine_plan.create = standbys.cold  # a woken standby stands in for a cold start
+    engine_plan.notes += standbys.notes
     drains = [_drain_action(drain, now, labels, observed.engines) for drain in engine_plan.drain]
     drains += _leaders_back_out(observed.engines, {d.name for d in engine_plan.drain})
+    drains += _cache_reports(observed.engines)
     creates = [(capacity, render.engine_unit(body, spec, capacity)) for capacity in engine_plan.create]
+    creates += [(f"{capacity} standby", render.standby_pod(body, spec, capacity)) for capacity in standbys.create]
     deletes = [_delete_action(name, observed.engines, now) for name in engine_plan.delete]
+    deletes += [
+        DeleteAction(name, Event("StandbyDeleted", f"deleted standby {name}: {why}")) for name, why in standbys.delete
+    ]
+    wakes, sleeps = _standby_actions(body, spec, standbys, now)
     engines = engines_after(observed.engines, engine_plan, spec_hash=spec_hash, now=now)
+    engines += [
+        Engine(w.name, w.capacity, spec_hash, serving=True, ready=True, failed=False, terminating=False, created=now)
+        for w in standbys.wake
+    ]
 
     problems = find_problems(spec, meta["namespace"], observed.found)
     corpus_map = (spec["retrieval"].get("corpus") or {}).get("configMap") or ""
@@ -203,6 +248,18 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
             now=now,
             generation=meta.get("generation"),
         )
+    # Standbys cost their GPUs while asleep: they count in the cost, not as engines.
+    woken = {w.name for w in standbys.wake}
+    asleep = [
+        Engine(s.name, s.capacity, s.spec_hash, False, s.ready, s.failed, s.terminating, s.created, node=s.node)
+        for s in observed.standbys
+        if s.name not in woken
+    ]
+    cost = cost_per_hour(engines + asleep, spec)
+    if render.standby_replicas(spec) or observed.standbys:
+        status["standbyReplicas"] = sum(1 for s in asleep if s.ready and not s.terminating)
+        if cost is not None:
+            status["costPerHour"] = f"${cost:.2f}"
     return ReconcilePlan(
         memory=memory,
         announce=announce,
@@ -213,11 +270,31 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         deletes=deletes,
         index=index,
         report=_report_events(index, problems, old_status),
-        gauges=EngineGauges(tuple(engines), decision.desired, observed.queued_tokens, cost_per_hour(engines, spec)),
+        gauges=EngineGauges(tuple(engines), decision.desired, observed.queued_tokens, cost),
         status=status if status_changed(old_status, status) else None,
         persist=persist,
         notes=list(engine_plan.notes),
+        wakes=wakes,
+        sleeps=sleeps,
     )
+
+
+def _standby_actions(
+    body: dict, spec: dict, standbys: StandbyPlan, now: datetime.datetime
+) -> tuple[list[WakeAction], list[SleepAction]]:
+    timeout = float((spec["model"].get("standby") or {}).get("wakeTimeoutSeconds", 30))
+    into_serving = {
+        "metadata": {
+            "labels": {render.LABEL_SERVING: "true", render.LABEL_STANDBY: None},
+            "annotations": {ANNOTATION_SLEEP_ASKED: None},
+        }
+    }
+    wakes = [
+        WakeAction(w.name, w.url, w.capacity, timeout, into_serving, render.engine_pod(body, spec, w.capacity))
+        for w in standbys.wake
+    ]
+    asked = {"metadata": {"annotations": {ANNOTATION_SLEEP_ASKED: now_iso(now)}}}
+    return wakes, [SleepAction(name, url, asked) for name, url in standbys.sleep]
 
 
 def _with_scaling(
@@ -416,6 +493,27 @@ def _drain_action(
     else:
         targets = (("v1", "Pod", drain.name),)
     return DrainAction(drain.name, patch, tuple(events), tuple(counts), targets)
+
+
+def _cache_reports(engines: list[Engine]) -> list[DrainAction]:
+    """An engine whose node model cache was unusable: said once (the pod is
+    annotated with the Event), as why that engine loaded slowly."""
+    return [
+        DrainAction(
+            engine.name,
+            {"metadata": {"annotations": {ANNOTATION_CACHE_REPORTED: "true"}}},
+            (
+                Event(
+                    "ModelCacheUnusable",
+                    f"{engine.name} started without the node's model cache: {engine.cache_problem}",
+                    warning=True,
+                ),
+            ),
+            (),
+        )
+        for engine in engines
+        if engine.cache_problem and not engine.terminating
+    ]
 
 
 def _delete_action(name: str, engines: list[Engine], now: datetime.datetime) -> DeleteAction:

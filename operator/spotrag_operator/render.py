@@ -28,6 +28,7 @@ LABEL_COMPONENT = "spotrag.io/component"
 LABEL_CAPACITY = "spotrag.io/capacity"
 LABEL_SERVING = "spotrag.io/serving"
 LABEL_SPEC_HASH = "spotrag.io/spec-hash"
+LABEL_STANDBY = "spotrag.io/standby"  # a warm standby engine, asleep out of serving
 
 SPOT = "spot"
 ON_DEMAND = "on-demand"
@@ -179,9 +180,7 @@ def engine_args(body: dict, spec: dict) -> list[str]:
         args.append(f"{PVC_MODEL_MOUNT}/{path}".rstrip("/"))
     else:
         args.append(name)
-        if name.startswith(("s3://", "gs://")):
-            # vLLM streams weights from object storage with the Run:ai streamer.
-            args += ["--load-format", "runai_streamer"]
+    args += weight_loading_args(spec)
     args += [
         "--host",
         "0.0.0.0",
@@ -213,6 +212,84 @@ def engine_args(body: dict, spec: dict) -> list[str]:
         args += ["--enable-lora", "--lora-modules", *(f"{a['name']}={a['source']}" for a in adapters)]
     args += model.get("extraArgs") or []
     return args
+
+
+# Engines that start in seconds ------------------------------------------------
+
+# With spec.model.cache: the node's folder, the pod's own, and the link between.
+NODE_CACHE_MOUNT = "/var/cache/spotrag/node"
+POD_CACHE_MOUNT = "/var/cache/spotrag/pod"
+CACHE_LINK_MOUNT = "/var/cache/spotrag/link"
+CACHE_LINK = f"{CACHE_LINK_MOUNT}/current"
+CACHE_INIT_CONTAINER = "model-cache"
+# vLLM's dev-mode endpoints (/sleep, /wake_up, /is_sleeping) need this with --enable-sleep-mode.
+SLEEP_MODE_ENV = {"name": "VLLM_SERVER_DEV_MODE", "value": "1"}
+
+
+def standby_replicas(spec: dict) -> int:
+    """Standby engines kept asleep (spec.model.standby; 0 without it, and on
+    Neuron, where vLLM has no sleep mode: checks.find_problems says so)."""
+    if is_neuron(spec):
+        return 0
+    return (spec["model"].get("standby") or {}).get("replicas", 0)
+
+
+def weight_loading_args(spec: dict) -> list[str]:
+    """Upstream flags for loading fast: the weights' load format (the Run:ai
+    streamer for object storage unless told otherwise) and sleep mode for standbys."""
+    model = spec["model"]
+    load_format = model.get("loadFormat")
+    if load_format is None and model["name"].startswith(("s3://", "gs://")):
+        load_format = "runai_streamer"  # vLLM reads object storage only through the streamer
+    args = ["--load-format", load_format] if load_format and load_format != "auto" else []
+    if standby_replicas(spec):
+        args.append("--enable-sleep-mode")
+    return args
+
+
+def node_model_cache(spec: dict, gateway_image: str) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """(env, volumes, mounts, init containers) of spec.model.cache: HF_HOME and
+    VLLM_CACHE_ROOT go through a link an init container points at the node's
+    folder, or at the pod's own if the node's cannot be written or is too full
+    (runtime/spotrag_runtime/model_cache). Nothing without spec.model.cache."""
+    cache = spec["model"].get("cache")
+    if not cache:
+        return [], [], [], []
+    env = [
+        {"name": "HF_HOME", "value": f"{CACHE_LINK}/huggingface"},
+        {"name": "VLLM_CACHE_ROOT", "value": f"{CACHE_LINK}/vllm"},
+    ]
+    if is_neuron(spec):  # the Neuron compiler's cache is kept on the node too
+        env.append({"name": "NEURON_COMPILE_CACHE_URL", "value": f"{CACHE_LINK}/neuron-compile-cache"})
+    volumes = [
+        {"name": "node-model-cache", "hostPath": {"path": cache["hostPath"], "type": "DirectoryOrCreate"}},
+        {"name": "model-cache-link", "emptyDir": {"sizeLimit": "1Mi"}},
+    ]
+    mounts = [
+        {"name": "node-model-cache", "mountPath": NODE_CACHE_MOUNT},
+        {"name": "model-cache", "mountPath": POD_CACHE_MOUNT},
+        {"name": "model-cache-link", "mountPath": CACHE_LINK_MOUNT},
+    ]
+    command = ["spotrag", "model-cache", "prepare", "--node", NODE_CACHE_MOUNT, "--pod", POD_CACHE_MOUNT]
+    command += ["--link", CACHE_LINK, "--min-free-gi", str(cache.get("minFreeGi", 0))]
+    init = {
+        "name": CACHE_INIT_CONTAINER,
+        "image": gateway_image,
+        "command": command,
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+        "volumeMounts": mounts,
+        "terminationMessagePath": "/dev/termination-log",
+    }
+    return env, volumes, mounts, [init]
+
+
+def standby_pod(body: dict, spec: dict, capacity: str) -> dict:
+    """A warm standby (spec.model.standby): an engine pod out of the serving set
+    until the operator wakes it (operator/spotrag_operator/standby.py)."""
+    pod = engine_pod(body, spec, capacity)
+    pod["metadata"]["labels"] |= {LABEL_SERVING: "false", LABEL_STANDBY: "true"}
+    pod["metadata"]["generateName"] = resource_name(body, "standby-")
+    return pod
 
 
 def _engine_affinity(spec: dict, capacity: str) -> dict:
@@ -283,6 +360,13 @@ def engine_pod(body: dict, spec: dict, capacity: str) -> dict:
         claim = model["name"].removeprefix("pvc://").split("/", 1)[0]
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": PVC_MODEL_MOUNT, "readOnly": True})
+    cache_env, cache_volumes, cache_mounts, init_containers = node_model_cache(spec, spec["gateway"]["image"])
+    if cache_env:
+        env = [e for e in env if e["name"] not in {c["name"] for c in cache_env}] + cache_env
+        volumes += cache_volumes
+        mounts = [m for m in mounts if m["name"] != "model-cache"] + cache_mounts
+    if standby_replicas(spec):
+        env.append(SLEEP_MODE_ENV)
     # Fits the smallest GPU instances (g6.xlarge: 3920m / 14.5Gi allocatable); raise it in model.resources.
     resources = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {}}
     user_resources = model.get("resources") or {}
@@ -335,6 +419,8 @@ def engine_pod(body: dict, spec: dict, capacity: str) -> dict:
         ],
         "volumes": volumes,
     }
+    if init_containers:
+        pod_spec["initContainers"] = init_containers
     if gpu.get("nodeSelector"):
         pod_spec["nodeSelector"] = dict(gpu["nodeSelector"])
     return {
@@ -409,10 +495,26 @@ def gateway_config(body: dict, spec: dict) -> dict:
             "maxQueuedRequests": gateway["maxQueuedRequests"],
             "queueTimeoutSeconds": gateway["queueTimeoutSeconds"],
             "prefixAffinity": spec["model"]["enablePrefixCaching"],
-        },
+        }
+        | scale_to_zero_admission(spec),
         "auth": {"apiKeysDir": API_KEYS_DIR if gateway.get("apiKeySecret") else None},
         "ui": {"enabled": gateway["ui"]["enabled"], "path": gateway["ui"]["path"]},
     }
+
+
+def scales_to_zero(spec: dict) -> bool:
+    """minReplicas 0 and no on-demand baseline: an idle deployment runs no engine."""
+    scaling = spec["scaling"]
+    return scaling["minReplicas"] == 0 and scaling["onDemandBaseline"] == 0
+
+
+def scale_to_zero_admission(spec: dict) -> dict:
+    """The gateway's part in scaling to zero: stay ready and hold requests while
+    no engine exists (its queued tokens make the operator start one), for up
+    to scaling.coldStartTimeoutSeconds."""
+    if not scales_to_zero(spec):
+        return {}
+    return {"queueWithoutEngines": True, "coldStartTimeoutSeconds": spec["scaling"]["coldStartTimeoutSeconds"]}
 
 
 def gateway_configmap(body: dict, spec: dict) -> dict:

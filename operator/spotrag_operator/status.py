@@ -8,6 +8,7 @@ from . import render
 from .index_job import IndexState
 from .plan import Engine
 
+SCALED_TO_ZERO = "ScaledToZero"
 CONDITION_TYPES = (
     "Ready",
     "Progressing",
@@ -103,7 +104,18 @@ def engines_status(
         )
     else:
         conditions = set_condition(conditions, "Degraded", False, "AsExpected", "", now=now, generation=generation)
-    if is_ready:
+    if desired == 0 and not serving and not problems:
+        # Scaled to zero (minReplicas 0, idle): ready to answer; the next request starts an engine.
+        conditions = set_condition(
+            conditions,
+            "Ready",
+            True,
+            SCALED_TO_ZERO,
+            "no engine runs while idle; the gateways hold the next request while one starts",
+            now=now,
+            generation=generation,
+        )
+    elif is_ready:
         conditions = set_condition(
             conditions,
             "Ready",

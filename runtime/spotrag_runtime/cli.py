@@ -18,6 +18,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "index": ("spotrag_runtime.index.cli:cli", "build, query and inspect a retrieval index"),
     "node-agent": ("spotrag_runtime.node_agent.main:cli", "mark this node when the cloud gives a spot notice"),
+    "model-cache": (
+        "spotrag_runtime.model_cache:cli",
+        "point an engine at its node's model cache, or its own volume if that cache is unusable",
+    ),
     "engine-emulator": ("spotrag_runtime.engine_emulator.cli:cli", "run a vLLM API emulator (no GPU needed)"),
     "api-server": ("spotrag_box.apiserver.server:cli", "run the Kubernetes API stand-in"),
     "demo": ("spotrag_box.demo:cli", "the tour: operator, gateway and engines in a simulated cluster"),

@@ -232,3 +232,39 @@ def test_bad_observations_are_refused():
         Observation(now=0, queued_tokens=-5, ready=1, starting=0)
     with pytest.raises(ValueError, match="engine counts must not be negative"):
         Observation(now=0, queued_tokens=5, ready=-1, starting=0)
+
+
+ZERO = ScalingPolicy(
+    min_replicas=0,
+    max_replicas=4,
+    on_demand_baseline=0,
+    target_queued_tokens_per_replica=1000,
+    scale_up_stabilization_seconds=60,
+    scale_down_stabilization_seconds=30,
+)
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        # Idle: the last engine goes once the scale-down window has seen no work.
+        ([(0, 500, 1, 0), (20, 0, 1, 0), (31, 0, 1, 0)], [1, 1, 0]),
+        # At zero, one held request's tokens ask for an engine at once, though the
+        # scale-up window (60 s) would otherwise hold the size for a minute.
+        ([(0, 0, 0, 0), (10, 12, 0, 0)], [0, 1]),
+        # Its only engine draining (not counted as capacity): the next one is asked for at once.
+        ([(0, 0, 0, 0), (5, 300, 0, 0)], [0, 1]),
+        # Above zero the window holds as before.
+        ([(0, 500, 1, 0), (10, 3000, 1, 0)], [1, 1]),
+    ],
+    ids=["idle-to-zero", "from-zero-at-once", "only-engine-draining", "window-above-zero"],
+)
+def test_scale_to_zero_and_from_zero(steps, expected):
+    state = AutoscalerState(desired=steps[0][2])
+    decisions, _ = run(steps, policy=ZERO, state=state)
+    assert [desired for desired, _ in decisions] == expected
+
+
+def test_scaling_from_zero_says_so():
+    decision, _ = decide(ZERO, Observation(now=10, queued_tokens=12, ready=0, starting=0), AutoscalerState(desired=0))
+    assert decision.reason == autoscale.SCALE_UP and "from zero" in decision.message

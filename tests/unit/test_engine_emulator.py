@@ -617,6 +617,32 @@ def test_helper_refuses_unknown_options_before_starting_anything() -> None:
         start_engine_emulator(itl_ms=-1)
 
 
+def test_sleep_mode_sleeps_wakes_and_is_off_unless_enabled() -> None:
+    with started(**FAST_ENGINE, enable_sleep_mode=True, sleep_seconds=0, resleep_seconds=0, wake_seconds=0) as sleepy:
+        assert httpx.get(sleepy.url + "/is_sleeping").json() == {"is_sleeping": False}
+        assert httpx.post(sleepy.url + "/sleep", params={"level": 1}).status_code == 200
+        assert httpx.get(sleepy.url + "/is_sleeping").json() == {"is_sleeping": True}
+        assert sleepy.health_status() == 200  # asleep is alive: the pod stays Ready
+        asleep = httpx.post(sleepy.url + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 3})
+        assert asleep.status_code == 503
+        assert httpx.post(sleepy.url + "/wake_up").status_code == 200
+        assert httpx.get(sleepy.url + "/is_sleeping").json() == {"is_sleeping": False}
+        awake = httpx.post(sleepy.url + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 3})
+        assert awake.status_code == 200 and awake.json()["choices"][0]["message"]["content"]
+    with started(**FAST_ENGINE) as plain:
+        # As the real server without --enable-sleep-mode: /is_sleeping is 404.
+        assert httpx.get(plain.url + "/is_sleeping").status_code == 404
+        assert httpx.post(plain.url + "/sleep").status_code == 404
+
+
+def test_a_standby_that_cannot_wake_answers_500() -> None:
+    with started(**FAST_ENGINE, enable_sleep_mode=True, sleep_seconds=0, wake_fails=True) as broken:
+        httpx.post(broken.url + "/sleep", params={"level": 1}).raise_for_status()
+        failed = httpx.post(broken.url + "/wake_up")
+        assert failed.status_code == 500 and "wake_up failed" in failed.json()["error"]["message"]
+        assert httpx.get(broken.url + "/is_sleeping").json() == {"is_sleeping": True}
+
+
 def test_a_hardware_preset_sets_the_capacity_model_and_explicit_flags_still_win() -> None:
     from spotrag_runtime.engine_emulator.config import HARDWARE_PRESETS, config_from_args, parse_arguments
 

@@ -10,6 +10,7 @@ nothing finishes while they look.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -179,3 +180,24 @@ async def test_by_default_a_prompt_is_estimated_and_the_engines_count_corrects_i
 
 async def _positive(gateway: RunningGateway, name: str) -> bool:
     return await gateway.metric_async(name) > 0
+
+
+async def test_while_scaled_to_zero_a_stream_is_kept_alive_with_comments_until_the_hold_runs_out() -> None:
+    config = plain_config([], queueWithoutEngines=True, coldStartTimeoutSeconds=1, keepAliveSeconds=0.1)
+    with RunningGateway(config) as gateway:
+        request = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "hello?"}], "stream": True}
+        async with (
+            httpx.AsyncClient(timeout=30) as http,
+            http.stream("POST", f"{gateway.url}/v1/chat/completions", json=request) as response,
+        ):
+            assert response.status_code == 200  # answered before any engine exists: proxies see bytes
+            lines = [line async for line in response.aiter_lines() if line]
+        comments = [line for line in lines if line.startswith(":")]
+        data = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+        assert comments and set(comments) == {": waiting for an engine"}
+        assert lines.index(comments[0]) == 0  # the comments come before anything else
+        error = json.loads(data[0])["error"]
+        assert error["code"] == "no_engine" and "scaled to zero" in error["message"]
+        assert data[-1] == "[DONE]"
+        assert await gateway.metric_async("spotrag_requests_total", outcome="unavailable") == 1
+        assert await gateway.metric_async("spotrag_queued_tokens") == 0

@@ -266,3 +266,39 @@ def test_the_gateway_exports_both_parts_of_queued_tokens() -> None:
     assert "spotrag_queued_tokens 150.0" in text
     assert "spotrag_queued_prompt_tokens 100.0" in text
     assert "spotrag_queued_output_tokens 50.0" in text
+
+
+async def test_while_scaled_to_zero_a_request_is_held_for_the_cold_start_timeout_not_the_queue_timeout() -> None:
+    control = controller(
+        engines=(), queue_without_engines=True, queue_timeout_seconds=0.01, cold_start_timeout_seconds=60
+    )
+    assert control.cold and control.hold_timeout()[0] == 60
+    ticket = Ticket(prompt_tokens=3, max_tokens=4)
+    task = await waiting(control, ticket)
+    assert control.queued_tokens == 7  # the operator's signal to start an engine
+    control.set_engines([A])  # the engine started and joined the serving set
+    assert (await task).url == A
+    assert not control.cold and control.hold_timeout()[0] == 0.01
+
+
+async def test_a_cold_hold_that_runs_out_says_no_engine_was_running() -> None:
+    control = controller(engines=(), queue_without_engines=True, cold_start_timeout_seconds=0.01)
+    late = Ticket(prompt_tokens=1, max_tokens=1)
+    with pytest.raises(Unavailable, match="scaled to zero"):
+        await control.admit(late)
+    control.release(late)
+    assert control.queued_tokens == 0 and control.waiting_requests == 0
+
+
+async def test_a_request_arriving_while_the_only_engine_drains_is_held_and_answered_by_the_next() -> None:
+    control = controller(engines=(A,), queue_without_engines=True, cold_start_timeout_seconds=60)
+    running = Ticket(prompt_tokens=5, max_tokens=5)
+    assert (await control.admit(running)).url == A
+    control.set_engines([])  # A drains (scale to zero); its answer goes on there
+    newcomer = Ticket(prompt_tokens=2, max_tokens=2)
+    task = await waiting(control, newcomer)
+    control.set_engines([B])  # the next engine
+    assert (await task).url == B
+    control.release(running)
+    control.release(newcomer)
+    assert control.queued_tokens == 0

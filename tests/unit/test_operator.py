@@ -416,6 +416,11 @@ def test_examples_apply_with_kubectl_and_show_printer_columns(operator, kube, ku
         ),
         what="READY column filled",
     )
+    # examples/scale-to-zero.yaml: no engine while idle, and the STATUS column says so.
+    wait_for(
+        lambda: "ScaledToZero" in kubectl(kubeconfig, "get", "ragd", "after-hours").stdout,
+        what="after-hours ScaledToZero",
+    )
 
 
 def test_missing_rbac_permission_degrades_naming_verb_and_resource(operator, kube, api):

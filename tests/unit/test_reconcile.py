@@ -310,3 +310,73 @@ def test_slo_reachable_is_true_otherwise(overrides, status, reason):
     reach = conditions(plan.status)["SLOReachable"]
     assert (reach["status"], reach["reason"]) == ("True", reason)
     assert not any(e.reason == "SLOBelowPrefill" for e in plan.announce)
+
+
+SCALE_TO_ZERO = {"scaling": {"minReplicas": 0, "onDemandBaseline": 0, "scaleDownStabilizationSeconds": 0}}
+
+
+def test_an_idle_scale_to_zero_deployment_drains_its_last_engine_and_says_scaled_to_zero():
+    plan = plan_reconcile(observed(SCALE_TO_ZERO, engines=[engine("e1", render.SPOT)], queued=0.0), None)
+    assert [d.name for d in plan.drains] == ["e1"] and plan.creates == []
+    assert plan.status["desiredReplicas"] == 0 and plan.status["engines"] == "0/0"
+    ready = conditions(plan.status)["Ready"]
+    assert (ready["status"], ready["reason"]) == ("True", "ScaledToZero")
+
+
+def test_a_request_held_at_zero_starts_an_engine_in_the_same_reconcile():
+    idle = plan_reconcile(observed(SCALE_TO_ZERO, queued=0.0), None)
+    assert idle.creates == [] and conditions(idle.status)["Ready"]["reason"] == "ScaledToZero"
+    held = plan_reconcile(observed(SCALE_TO_ZERO, queued=40.0, status=idle.status), idle.memory)
+    assert [capacity for capacity, _ in held.creates] == ["spot"]
+    assert conditions(held.status)["Ready"]["reason"] == "EnginesStarting"
+
+
+def test_scale_to_zero_renders_a_gateway_that_holds_requests_while_no_engine_runs():
+    body = ragdeployment(SCALE_TO_ZERO)
+    admission = render.gateway_config(body, defaulted_spec(body))["admission"]
+    assert admission["queueWithoutEngines"] is True and admission["coldStartTimeoutSeconds"] == 600
+    kept_warm = ragdeployment()
+    assert "queueWithoutEngines" not in render.gateway_config(kept_warm, defaulted_spec(kept_warm))["admission"]
+
+
+def _pod_with_cache_message(message: str, annotations: dict | None = None) -> dict:
+    return {
+        "metadata": {"name": "e1", "annotations": annotations or {}, "creationTimestamp": "2026-11-21T11:50:00Z"},
+        "spec": {"nodeName": "gpu-1"},
+        "status": {
+            "initContainerStatuses": [
+                {"name": render.CACHE_INIT_CONTAINER, "state": {"terminated": {"exitCode": 0, "message": message}}}
+            ]
+        },
+    }
+
+
+def test_an_engine_that_started_without_the_node_cache_is_said_once_as_why_it_was_slow():
+    why = "node model cache unusable: /var/cache/spotrag/node has 3.0 GiB free, less than the 40 GiB asked (minFreeGi)"
+    slow = Engine.from_pod(_pod_with_cache_message(why))
+    assert slow.cache_problem == why
+    assert Engine.from_pod(_pod_with_cache_message("using the node's model cache (/x)")).cache_problem is None
+    reported = Engine.from_pod(_pod_with_cache_message(why, {"spotrag.io/model-cache-reported": "true"}))
+    assert reported.cache_problem is None
+    plan = plan_reconcile(observed(engines=[engine("e1", cache_problem=why)]), None)
+    [note] = [d for d in plan.drains if d.name == "e1"]
+    assert note.patch == {"metadata": {"annotations": {"spotrag.io/model-cache-reported": "true"}}}
+    [event] = note.events
+    assert event.reason == "ModelCacheUnusable" and event.warning and "3.0 GiB free" in event.message
+    assert plan.engines.drain == []  # a note, not a drain: the engine keeps serving
+
+
+def test_a_request_held_while_the_only_engine_drains_to_zero_starts_the_next_engine():
+    draining = engine(
+        "e1",
+        render.SPOT,
+        serving=False,
+        drain_since=NOW - datetime.timedelta(seconds=2),
+        drain_deadline=NOW + datetime.timedelta(seconds=60),
+        running_requests=1,
+    )
+    idle = plan_reconcile(observed(SCALE_TO_ZERO, engines=[draining], queued=0.0), None)
+    assert idle.creates == [] and idle.status["desiredReplicas"] == 0
+    held = plan_reconcile(observed(SCALE_TO_ZERO, engines=[draining], queued=25.0, status=idle.status), idle.memory)
+    assert [capacity for capacity, _ in held.creates] == ["spot"]  # the next engine, while e1 finishes
+    assert held.deletes == [] and held.status["desiredReplicas"] == 1

@@ -267,6 +267,9 @@ class LocalRuntime:
             "--answer-words",
             timing.engine_answer_words,
         ]
+        if options.get("--enable-sleep-mode") == "true":
+            # vLLM's sleep mode: wake as measured (0.80 s), the first sleep shortened like the model load.
+            argv += ["--enable-sleep-mode", "--sleep-seconds", str(timing.model_load), "--wake-seconds", "0.8"]
         return PreparedContainer(
             name=container["name"],
             argv=argv,
@@ -329,6 +332,11 @@ class LocalRuntime:
                 data |= dict(secret.get("stringData") or {})
                 projected.append((host, _selected(data, volume["secret"])))
             elif "emptyDir" in volume:
+                host.mkdir(parents=True, exist_ok=True)
+            elif "hostPath" in volume:
+                # One folder per simulated node: what a pod leaves there, the next pod on that node finds.
+                node = (pod.get("spec") or {}).get("nodeName") or "unscheduled"
+                host = self.workdir / "nodes" / node / volume["hostPath"]["path"].strip("/")
                 host.mkdir(parents=True, exist_ok=True)
             else:
                 kinds = sorted(set(volume) - {"name"})

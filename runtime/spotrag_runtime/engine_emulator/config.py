@@ -64,6 +64,16 @@ class EmulatorConfig:
     shutdown_timeout: float = 0.0
     # Seconds before the engine is "loaded" (connections are refused until then).
     startup_delay: float = 0.0
+    # vLLM's sleep mode (--enable-sleep-mode, with VLLM_SERVER_DEV_MODE=1): POST /sleep?level=1,
+    # POST /wake_up, GET /is_sleeping. Times as measured on an H200 with an 8B model (vLLM 0.26.0,
+    # bench/vllm/coldstart-*.json): the first sleep 17.2 s (15.6 GiB of weights copied to CPU), later
+    # ones 0.43 s; wake 0.80 s (../shared/vllm/README.md: 0.81 s).
+    enable_sleep_mode: bool = False
+    sleep_seconds: float = 17.2
+    resleep_seconds: float = 0.43
+    wake_seconds: float = 0.80
+    # A wake that fails (a standby that cannot come back: the operator replaces it).
+    wake_fails: bool = False
     log_level: str = "warning"
 
     def __post_init__(self) -> None:
@@ -71,7 +81,16 @@ class EmulatorConfig:
         for name in ("max_model_len", "max_num_seqs", "block_size", "num_gpu_blocks"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
-        for name in ("ttft_ms", "itl_ms", "itl_growth_per_seq", "shutdown_timeout", "startup_delay"):
+        for name in (
+            "ttft_ms",
+            "itl_ms",
+            "itl_growth_per_seq",
+            "shutdown_timeout",
+            "startup_delay",
+            "sleep_seconds",
+            "resleep_seconds",
+            "wake_seconds",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         if self.prefill_tokens_per_s <= 0:
@@ -166,6 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.startup_delay,
         help="seconds connections are refused (model load)",
     )
+    add(
+        "--enable-sleep-mode",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.enable_sleep_mode,
+        help="serve /sleep, /wake_up and /is_sleeping (vLLM needs VLLM_SERVER_DEV_MODE=1 too)",
+    )
+    add("--sleep-seconds", type=float, default=defaults.sleep_seconds, help="time the first POST /sleep takes")
+    add("--resleep-seconds", type=float, default=defaults.resleep_seconds, help="time a later POST /sleep takes")
+    add("--wake-seconds", type=float, default=defaults.wake_seconds, help="time POST /wake_up takes")
+    add(
+        "--wake-fails",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.wake_fails,
+        help="POST /wake_up answers 500 (a standby that cannot come back)",
+    )
     add("--log-level", default=defaults.log_level, choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -192,6 +226,10 @@ def config_arguments(config: EmulatorConfig) -> list[str]:
         if field.name in ("host", "port", "fd", "answer_words_min", "answer_words_max"):
             continue
         flag = "--num-gpu-blocks" if field.name == "num_gpu_blocks" else "--" + field.name.replace("_", "-")
-        argv += [flag, str(getattr(config, field.name))]
+        value = getattr(config, field.name)
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag.removeprefix("--"))
+            continue
+        argv += [flag, str(value)]
     argv += ["--answer-words", f"{config.answer_words_min}:{config.answer_words_max}"]
     return argv

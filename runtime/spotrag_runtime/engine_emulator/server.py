@@ -84,6 +84,13 @@ class EmulatedEngineServer:
         self.engine = Engine(config, self.metrics)
         self.metrics.bind(self.engine)
         self.phase = Phase.SERVING
+        self.asleep = False  # sleep mode: weights offloaded, KV cache freed
+        self.slept_before = False
+
+    def require_awake(self) -> None:
+        if self.asleep:
+            # Not observed on the real server (spotrag never routes to a sleeping engine).
+            raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, "The engine is sleeping; POST /wake_up first.")
 
     def require_model(self, model: str | None) -> None:
         if model is not None and model != self.config.served_model_name:
@@ -217,6 +224,7 @@ def _server(request: Request) -> EmulatedEngineServer:
 
 async def chat_completions(request: Request) -> GenerationResponse:
     server = _server(request)
+    server.require_awake()
     body: ChatCompletionRequest = parse_request(ChatCompletionRequest, parse_json_body(await request.body()))
     server.require_model(body.model)
     messages = [message.to_message() for message in body.messages]
@@ -245,6 +253,7 @@ async def chat_completions(request: Request) -> GenerationResponse:
 
 async def completions(request: Request) -> GenerationResponse:
     server = _server(request)
+    server.require_awake()
     body: CompletionRequest = parse_request(CompletionRequest, parse_json_body(await request.body()))
     server.require_model(body.model)
     prompt = body.prompt_text
@@ -373,6 +382,35 @@ async def metrics(request: Request) -> Response:
     return Response(_server(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+async def sleep(request: Request) -> Response:
+    """vLLM's dev-mode POST /sleep?level=1: offload the weights, free the KV cache
+    (level 2 drops the weights too). Running requests are aborted first."""
+    server = _server(request)
+    level = request.query_params.get("level", "1")
+    if level not in ("1", "2"):
+        raise APIError(HTTPStatus.BAD_REQUEST, f"sleep level must be 1 or 2, got {level!r}", param="level")
+    if not server.asleep:
+        server.engine.abort_all()
+        # The time the real server takes (not a sync): the first sleep copies the weights out.
+        await asyncio.sleep(server.config.resleep_seconds if server.slept_before else server.config.sleep_seconds)
+        server.asleep = server.slept_before = True
+    return Response(status_code=200)
+
+
+async def wake_up(request: Request) -> Response:
+    server = _server(request)
+    if server.config.wake_fails:
+        raise APIError(HTTPStatus.INTERNAL_SERVER_ERROR, "wake_up failed: CUDA error: out of memory")
+    if server.asleep:
+        await asyncio.sleep(server.config.wake_seconds)
+        server.asleep = False
+    return Response(status_code=200)
+
+
+async def is_sleeping(request: Request) -> JSONResponse:
+    return JSONResponse({"is_sleeping": _server(request).asleep})
+
+
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
     return JSONResponse(exc.body(), status_code=exc.status)
@@ -405,6 +443,12 @@ def create_app(config: EmulatorConfig) -> Starlette:
         Route("/version", version, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
+    if config.enable_sleep_mode:
+        routes += [
+            Route("/sleep", sleep, methods=["POST"]),
+            Route("/wake_up", wake_up, methods=["POST"]),
+            Route("/is_sleeping", is_sleeping, methods=["GET"]),
+        ]
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={APIError: _api_error, HTTPException: _http_error}
     )

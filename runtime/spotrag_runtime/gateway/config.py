@@ -125,6 +125,15 @@ class AdmissionConfig:
     token_counting: Literal["auto", "engine", "estimate"] = field(default="auto", metadata=_key("tokenCounting"))
     # Ready (and queuing) while no engine is known, e.g. while engines scale from zero.
     queue_without_engines: bool = field(default=False, metadata=_key("queueWithoutEngines"))
+    # How long a request is held while no engine exists at all (scaled to zero: one is starting);
+    # null: queueTimeoutSeconds. Its own knob, as a cold start (node, image, weights) takes minutes.
+    cold_start_timeout_seconds: float | None = field(
+        default=None, metadata=_key("coldStartTimeoutSeconds", check=_positive)
+    )
+    # A streamed request still waiting for its first token after this long gets its 200 and an
+    # SSE comment (": waiting for an engine") every this many seconds, so proxies keep the
+    # connection; a later error then comes inside the stream. 0: wait silently for the first token.
+    keep_alive_seconds: float = field(default=5.0, metadata=_key("keepAliveSeconds", check=_non_negative))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -168,7 +168,7 @@ class AdmissionController:
             self._queue.appendleft(ticket)
         else:
             self._queue.append(ticket)
-        timeout = self.config.queue_timeout_seconds
+        timeout, waiting_for = self.hold_timeout()
         try:
             async with asyncio.timeout(timeout):
                 return await ticket._waiter
@@ -176,10 +176,24 @@ class AdmissionController:
             if ticket.engine is not None:  # assigned in the same instant the clock ran out
                 return ticket.engine
             raise Unavailable(
-                f"No engine could take this request within {timeout:g} s; retry later.", code="no_engine"
+                f"No engine could take this request within {timeout:g} s{waiting_for}; retry later.",
+                code="no_engine",
             ) from None
         finally:
             self._leave_queue(ticket)
+
+    @property
+    def cold(self) -> bool:
+        """No engine serves at all (scaled to zero, or its only engine draining): one must start."""
+        return not self.engines
+
+    def hold_timeout(self) -> tuple[float, str]:
+        """How long a request entering the queue now may wait, and what for (for the message).
+        While cold the wait is for an engine to start: ``coldStartTimeoutSeconds``."""
+        cold = self.config.cold_start_timeout_seconds
+        if self.cold and cold is not None:
+            return cold, " (no engine was running: scaled to zero, one is starting)"
+        return self.config.queue_timeout_seconds, ""
 
     def progress(self, ticket: Ticket, generated: int) -> None:
         """The answer now holds ``generated`` tokens in all (the first one marks prefill done)."""

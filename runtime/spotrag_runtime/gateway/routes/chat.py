@@ -3,9 +3,11 @@ unless the client says ``"rag": false`` (or sends ``X-Spotrag-Rag: off``)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
@@ -26,6 +28,10 @@ from spotrag_runtime.gateway.service import Gateway
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+T = TypeVar("T")
+
+# An SSE comment: clients ignore it, proxies see bytes and keep the connection.
+WAITING = b": waiting for an engine\n\n"
 
 RAG_HEADER_OFF = {"off", "false", "0", "no"}
 
@@ -59,8 +65,15 @@ async def chat_completions(
         gateway.record(started, None)
         return JSONResponse(completion_body(job, outcome))
     # Wait for the first chunk before answering, so that a request no engine
-    # could start gets a real status code (429, 503, 502) rather than a 200.
-    first = await until_disconnect(request, anext(chunks))
+    # could start gets a real status code (429, 503, 502) rather than a 200;
+    # but past keepAliveSeconds (an engine starting from zero takes minutes)
+    # answer, and keep the connection alive with SSE comments meanwhile.
+    first_chunk = asyncio.ensure_future(anext(chunks))
+    try:
+        first = await until_disconnect(request, _within(first_chunk, gateway.config.admission.keep_alive_seconds))
+    except BaseException:
+        first_chunk.cancel()
+        raise
     return EventStreamResponse(
         _events(
             gateway,
@@ -70,22 +83,43 @@ async def chat_completions(
             chunks,
             started=started,
             include_usage=bool(options and options.include_usage),
+            pending=None if first is not None else first_chunk,
         )
     )
+
+
+async def _within(task: asyncio.Future[T], seconds: float) -> T | None:
+    """The task's result if it comes within ``seconds`` (0: however long it takes);
+    None when it has not yet (the task goes on)."""
+    if seconds <= 0:
+        return await task
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), seconds)
+    except TimeoutError:
+        return None
 
 
 async def _events(
     gateway: Gateway,
     job: ChatJob,
     outcome: ChatOutcome,
-    first: list[bytes],
+    first: list[bytes] | None,
     chunks: AsyncIterator[list[bytes]],
     *,
     started: float,
     include_usage: bool,
+    pending: asyncio.Future[list[bytes]] | None = None,
 ) -> AsyncIterator[bytes]:
+    """The answer's SSE bytes; with ``pending`` (the first chunk not there yet) a
+    keep-alive comment every keepAliveSeconds until it is."""
     error: BaseException | None = None
     try:
+        if pending is not None:
+            keep_alive = gateway.config.admission.keep_alive_seconds
+            while not pending.done():
+                yield WAITING
+                await asyncio.wait({pending}, timeout=keep_alive)
+            first = pending.result()
         batch: list[bytes] | None = first
         while batch is not None:
             yield b"".join(batch)  # what arrived together leaves together
@@ -104,5 +138,8 @@ async def _events(
         error = ClientClosedRequest("The client closed the connection.")
         raise
     finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
         await chunks.aclose()  # type: ignore[attr-defined]
         gateway.record(started, error)
