@@ -35,10 +35,10 @@ from .test_interruptions import (
     expected_answer,
     long_requests,
     ragd_events,
+    remove_deployment,
     serving_engines,
     spot_nodes,
     steady,
-    wait_cluster_whole,
     wait_event,
     wait_served,
     wait_steady,
@@ -125,14 +125,7 @@ def test_load_rises_spot_runs_out_load_falls(e2e, namespace):
             )
         )
     finally:
-        wait_cluster_whole(e2e, namespace)
-        e2e.kubectl("delete", "ragdeployment", DEPLOYMENT, "-n", namespace, "--wait=false", check=False)
-        e2e.wait_for(
-            lambda: not e2e.pods(namespace, engine_selector(DEPLOYMENT)),
-            namespace=namespace,
-            timeout=60,
-            what="the engines to be deleted",
-        )
+        remove_deployment(e2e, namespace, DEPLOYMENT)
 
 
 def _status(e2e, namespace: str) -> dict:
@@ -288,13 +281,7 @@ def test_sized_on_the_slo_alone_a_burst_of_long_prompts_scales_up_meets_it_and_s
         print(f"desired replicas: {seen.values}; TTFT p95 at three engines {p95:.2f}s; sizing {status['sizing']}")
         print("\n".join(f"{e.reason}: {e.message}" for e in ragd_events(e2e, namespace, SLO_DEPLOYMENT)))
     finally:
-        e2e.kubectl("delete", "ragdeployment", SLO_DEPLOYMENT, "-n", namespace, "--wait=false", check=False)
-        e2e.wait_for(
-            lambda: not e2e.pods(namespace, engine_selector(SLO_DEPLOYMENT)),
-            namespace=namespace,
-            timeout=60,
-            what="the engines to be deleted",
-        )
+        remove_deployment(e2e, namespace, SLO_DEPLOYMENT)
 
 
 def _slo_status(e2e: Any, namespace: str) -> dict:

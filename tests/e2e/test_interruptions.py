@@ -364,6 +364,18 @@ def wait_cluster_whole(e2e: Any, namespace: str) -> None:
     )
 
 
+def remove_deployment(e2e: Any, namespace: str, deployment: str) -> None:
+    """After a scenario: the cluster whole again, the RAGDeployment deleted and its engines gone."""
+    wait_cluster_whole(e2e, namespace)
+    e2e.kubectl("delete", "ragdeployment", deployment, "-n", namespace, "--wait=false", check=False)
+    e2e.wait_for(
+        lambda: not e2e.pods(namespace, engine_selector(deployment)),
+        namespace=namespace,
+        timeout=60,
+        what="the engines to be deleted",
+    )
+
+
 # The deployment ---------------------------------------------------------------------
 
 
@@ -402,15 +414,7 @@ def spotty(e2e, module_namespace):
                 rag.append(dataclasses.replace(request, expected=text))
             yield Deployed(namespace, url, rag)
     finally:
-        e2e.kubectl("delete", "ragdeployment", DEPLOYMENT, "-n", namespace, "--wait=false", check=False)
-        wait_cluster_whole(e2e, namespace)
-        # GPUs free for the next module: wait for the engines to be gone.
-        e2e.wait_for(
-            lambda: not e2e.pods(namespace, engine_selector()),
-            namespace=namespace,
-            timeout=60,
-            what="the engines to be deleted",
-        )
+        remove_deployment(e2e, namespace, DEPLOYMENT)  # GPUs free for the next module
 
 
 def _gateway_ready(url: str) -> bool:

@@ -23,7 +23,7 @@ from .test_interruptions import (
     chat,
     engine_selector,
     plain_requests,
-    wait_cluster_whole,
+    remove_deployment,
     wait_event,
 )
 
@@ -111,11 +111,4 @@ def test_idle_to_zero_engines_and_the_next_question_is_held_then_answered(e2e, n
             assert metrics.value("spotrag_requests_total", outcome="success") == 2
             assert metrics.value("spotrag_requests_total", outcome="unavailable") == 0
     finally:
-        wait_cluster_whole(e2e, namespace)
-        e2e.kubectl("delete", "ragdeployment", DEPLOYMENT, "-n", namespace, "--wait=false", check=False)
-        e2e.wait_for(
-            lambda: not e2e.pods(namespace, engine_selector(DEPLOYMENT)),
-            namespace=namespace,
-            timeout=60,
-            what="the engines to be deleted",
-        )
+        remove_deployment(e2e, namespace, DEPLOYMENT)

@@ -15,7 +15,7 @@ from .test_interruptions import (
     Load,
     engine_selector,
     plain_requests,
-    wait_cluster_whole,
+    remove_deployment,
     wait_event,
     wait_out_of_serving,
     wait_served,
@@ -112,11 +112,4 @@ def test_a_spot_notice_wakes_the_standby_instead_of_starting_cold(e2e, namespace
         # Nothing started cold since: the spot engine serving now is the woken standby.
         assert [p.metadata.name for p in serving(e2e, namespace, "spot")] == [standby.metadata.name]
     finally:
-        wait_cluster_whole(e2e, namespace)
-        e2e.kubectl("delete", "ragdeployment", DEPLOYMENT, "-n", namespace, "--wait=false", check=False)
-        e2e.wait_for(
-            lambda: not e2e.pods(namespace, engine_selector(DEPLOYMENT)),
-            namespace=namespace,
-            timeout=60,
-            what="the engines to be deleted",
-        )
+        remove_deployment(e2e, namespace, DEPLOYMENT)
