@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from spotrag_runtime.gateway.prompt import Context
 from spotrag_runtime.gateway.relay import ChatOutcome
 from spotrag_runtime.gateway.routes.chat import _events as chat_events
-from spotrag_runtime.gateway.routes.streaming import EventStreamResponse, collect, until_disconnect
+from spotrag_runtime.gateway.routes.streaming import EventStreamResponse, collect, sse, until_disconnect
 from spotrag_runtime.gateway.schemas import ChatCompletionRequest, RagQueryRequest
 from spotrag_runtime.gateway.service import Gateway
 
@@ -96,7 +96,7 @@ async def rag_query(body: RagQueryRequest, request: Request) -> dict[str, Any] |
                 gateway,
                 job,
                 outcome,
-                [head, *first],
+                [sse(head), *first],  # the engine's chunks are relayed as SSE bytes
                 chunks,
                 started=started,
                 include_usage=bool(options and options.include_usage),
