@@ -32,6 +32,7 @@ def test_the_tour_answers_every_request_through_a_spot_interruption():
     assert served > 0
     assert "0 failed" in output
     assert "What is real and what is simulated" in output
+    assert re.search(r"Chat page: http://\S+/", output), output  # the page a newcomer opens
 
 
 def test_a_busy_api_port_is_named_before_anything_starts():
