@@ -7,7 +7,7 @@ import logging
 import sys
 
 from spotrag_runtime.frontdoor.config import ConfigError, FrontDoorConfig, StaticBackend, load_config
-from spotrag_runtime.gateway.cli import SHUTDOWN_GRACE_SECONDS, _default_host, raise_open_file_limit
+from spotrag_runtime.gateway.cli import raise_open_file_limit, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,23 +60,10 @@ def cli(argv: list[str]) -> int:
     except ConfigError as error:
         print(f"spotrag front-door: {error}", file=sys.stderr)
         return 2
-    import uvicorn
-
     from spotrag_runtime.frontdoor.app import create_app
 
     raise_open_file_limit()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(config, kubeconfig=args.kubeconfig),
-            host=args.host or _default_host(),
-            port=args.port,
-            log_level=args.log_level,
-            access_log=False,
-            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
-        )
-    )
-    server.run()
-    return 0 if server.started else 1
+    return serve(create_app(config, kubeconfig=args.kubeconfig), args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import resource
 import shutil
 import sys
 import tempfile
+from typing import Any
 
 from spotrag_runtime.gateway.config import ConfigError, GatewayConfig, load_config
 
@@ -157,11 +158,16 @@ def cli(argv: list[str]) -> int:
     raise_open_file_limit()
     if args.workers > 1:
         return run_workers(config, args)
-    import uvicorn
-
     from spotrag_runtime.gateway.app import create_app
 
-    app = create_app(config, kubeconfig=args.kubeconfig)
+    return serve(create_app(config, kubeconfig=args.kubeconfig), args)
+
+
+def serve(app: Any, args: argparse.Namespace) -> int:
+    """Serve ``app`` in the foreground (the gateway, the front door) until SIGTERM,
+    letting answers in flight finish; 1 when it never started."""
+    import uvicorn
+
     server = uvicorn.Server(
         uvicorn.Config(
             app,
