@@ -28,6 +28,13 @@ question, micro-batching, faiss) over synthetic indexes of 10k and 100k
 passages (random unit vectors; the index type the index builder picks for
 that size, tuned to its recall target), 1/8/32 concurrent questions.
 
+Cores: ``--proxy-cpus``, ``--engine-cpus`` and ``--load-cpus`` pin the
+proxy under test (whichever it is, with all its threads and worker
+processes), the engines (one core each, in turn) and the load generator to
+their own cores, so proxies are compared on the same cores and nothing else
+takes CPU from them; ``--load-processes N`` spreads the clients over N
+processes (one Python event loop cannot read 400 answers/s of 64 chunks).
+
 vllm-router and litellm are not project dependencies: install them in
 throwaway venvs and pass their commands (see docs/benchmarks.md).
 """
@@ -38,6 +45,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import resource
 import shutil
@@ -174,26 +182,24 @@ async def one_request(session: aiohttp.ClientSession, url: str, number: int, hea
     return first_token or float("nan"), None
 
 
-async def run_cell(
-    target: str, url: str, concurrency: int, *, warmup: float, duration: float, proxy_pid: int | None, headers: dict
+async def run_clients(
+    target: str, url: str, concurrency: int, *, window_start: float, window_end: float, headers: dict
 ) -> Cell:
+    """``concurrency`` clients in closed loops until ``window_end`` (time.monotonic(),
+    the same clock in every process); what ends inside the window counts."""
     cell = Cell(target, concurrency)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=120)
     counter = iter(range(10**9))
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        window_start, window_end = start + warmup, start + warmup + duration
-        cpu_at_start: float | None = None
 
         async def client() -> None:
-            while loop.time() < window_end:
+            while time.monotonic() < window_end:
                 try:
                     ttft, problem = await one_request(session, url, next(counter), headers)
                 except (TimeoutError, aiohttp.ClientError) as error:
                     ttft, problem = float("nan"), type(error).__name__
-                ended = loop.time()
+                ended = time.monotonic()
                 # Steady state: what finished inside the window, whenever it started.
                 if window_start <= ended <= window_end:
                     if problem is None:
@@ -203,16 +209,64 @@ async def run_cell(
                         cell.errors += 1
                         cell.error_kinds[problem] = cell.error_kinds.get(problem, 0) + 1
 
-        async def mark_window() -> None:
-            nonlocal cpu_at_start
-            await asyncio.sleep(warmup)
-            cpu_at_start = process_tree_cpu_seconds(proxy_pid) if proxy_pid else None
-            await asyncio.sleep(duration)
-            if proxy_pid and cpu_at_start is not None:
-                cell.cpu_seconds = process_tree_cpu_seconds(proxy_pid) - cpu_at_start
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return cell
 
-        await asyncio.gather(mark_window(), *(client() for _ in range(concurrency)))
-    cell.seconds = duration
+
+def _load_process(
+    target: str, url: str, concurrency: int, window: tuple[float, float], headers: dict, cpus: set[int] | None, results
+) -> None:
+    """One load-generator process (multiprocessing's target): its share of the clients."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    cell = asyncio.run(
+        run_clients(target, url, concurrency, window_start=window[0], window_end=window[1], headers=headers)
+    )
+    results.put((cell.requests, cell.errors, cell.ttft, cell.error_kinds))
+
+
+def run_cell(
+    target: str,
+    url: str,
+    concurrency: int,
+    *,
+    warmup: float,
+    duration: float,
+    proxy_pid: int | None,
+    headers: dict,
+    load_processes: int = 1,
+    load_cpus: set[int] | None = None,
+) -> Cell:
+    """One cell: the clients (in ``load_processes`` processes), and the proxy's
+    CPU over the window."""
+    start = time.monotonic()
+    window = (start + warmup, start + warmup + duration)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    shares = [concurrency // load_processes + (i < concurrency % load_processes) for i in range(load_processes)]
+    processes = [
+        context.Process(target=_load_process, args=(target, url, share, window, headers, load_cpus, results))
+        for share in shares
+        if share
+    ]
+    for process in processes:
+        process.start()
+    time.sleep(max(0.0, window[0] - time.monotonic()))  # a benchmark's clock, not synchronisation
+    cpu_at_start = process_tree_cpu_seconds(proxy_pid) if proxy_pid else None
+    time.sleep(max(0.0, window[1] - time.monotonic()))
+    cpu_at_end = process_tree_cpu_seconds(proxy_pid) if proxy_pid else None
+    cell = Cell(target, concurrency, seconds=duration)
+    for _ in processes:
+        requests, errors, ttft, error_kinds = results.get()
+        cell.requests += requests
+        cell.errors += errors
+        cell.ttft += ttft
+        for kind, count in error_kinds.items():
+            cell.error_kinds[kind] = cell.error_kinds.get(kind, 0) + count
+    for process in processes:
+        process.join()
+    if cpu_at_start is not None and cpu_at_end is not None:
+        cell.cpu_seconds = cpu_at_end - cpu_at_start
     return cell
 
 
@@ -245,9 +299,18 @@ def proxy_process(
     env: dict | None = None,
     timeout: float = 180,
     headers: dict | None = None,
+    cpus: set[int] | None = None,
 ) -> Iterator[subprocess.Popen]:
+    """``argv`` running until the block ends; on ``cpus`` only (it, its threads
+    and every process it starts) when given."""
     with log.open("w") as output:
-        process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        process = subprocess.Popen(
+            argv,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
     try:
         wait_http(ready_url, process, timeout, headers)
         yield process
@@ -297,7 +360,7 @@ def start_target(
             *(["--workers", workers] if workers else []),
         ]
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [args.gateway_pythonpath, os.environ.get("PYTHONPATH")]))}
-        with proxy_process(argv, f"{base}/readyz", log=work / f"{name}.log", env=env) as process:
+        with proxy_process(argv, f"{base}/readyz", log=work / f"{name}.log", env=env, cpus=args.proxy_cpus) as process:
             yield base, process.pid, {}
     elif name.startswith("vllm-router"):
         policy = {"vllm-router-rr": "round_robin", "vllm-router-cache": "cache_aware"}[name]
@@ -318,7 +381,7 @@ def start_target(
             "--prometheus-port",
             str(free_port()),
         ]
-        with proxy_process(argv, f"{base}/v1/models", log=work / f"{name}.log") as process:
+        with proxy_process(argv, f"{base}/v1/models", log=work / f"{name}.log", cpus=args.proxy_cpus) as process:
             yield base, process.pid, {}
     elif name == "litellm":
         config = work / "litellm.yaml"
@@ -332,7 +395,7 @@ def start_target(
         env = {"LITELLM_MASTER_KEY": "sk-bench", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"}
         argv = [args.litellm, "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
         with proxy_process(
-            argv, f"{base}/health/liveliness", log=work / "litellm.log", env=env, timeout=300
+            argv, f"{base}/health/liveliness", log=work / "litellm.log", env=env, timeout=300, cpus=args.proxy_cpus
         ) as process:
             yield base, process.pid, headers
     else:
@@ -351,9 +414,12 @@ def proxy_benchmark(args: argparse.Namespace, work: Path) -> list[dict]:
         answer_words_min=4 * ANSWER_TOKENS,
         answer_words_max=4 * ANSWER_TOKENS,
     )
-    engines = [start_engine_emulator(**engine_options) for _ in range(2)]
+    engines = [start_engine_emulator(**engine_options) for _ in range(args.engines)]
     try:
-        for engine in engines:
+        for number, engine in enumerate(engines):
+            if args.engine_cpus:
+                cores = sorted(args.engine_cpus)
+                os.sched_setaffinity(engine.pid, {cores[number % len(cores)]})
             engine.wait_ready()
         for target in targets:
             if target in missing and not missing[target]:
@@ -361,16 +427,16 @@ def proxy_benchmark(args: argparse.Namespace, work: Path) -> list[dict]:
                 continue
             with start_target(target, engines, work, args) as (url, pid, headers):
                 for concurrency in (int(c) for c in args.concurrency.split(",")):
-                    cell = asyncio.run(
-                        run_cell(
-                            target,
-                            url,
-                            concurrency,
-                            warmup=args.warmup,
-                            duration=args.duration,
-                            proxy_pid=pid,
-                            headers=headers,
-                        )
+                    cell = run_cell(
+                        target,
+                        url,
+                        concurrency,
+                        warmup=args.warmup,
+                        duration=args.duration,
+                        proxy_pid=pid,
+                        headers=headers,
+                        load_processes=args.load_processes,
+                        load_cpus=args.load_cpus,
                     )
                     results.append(cell.summary())
                     print(json.dumps(results[-1]), flush=True)
@@ -577,17 +643,40 @@ def discovery_benchmark(args: argparse.Namespace, work: Path) -> dict:
 # --- the command ------------------------------------------------------------------
 
 
+def layout(args: argparse.Namespace) -> str:
+    def cores(cpus: set[int] | None) -> str:
+        return ",".join(map(str, sorted(cpus))) if cpus else "any"
+
+    return (
+        f"{args.engines} engines (cores {cores(args.engine_cpus)}), proxy on cores {cores(args.proxy_cpus)}, "
+        f"load in {args.load_processes} process(es) on cores {cores(args.load_cpus)}, {os.cpu_count()} cores here"
+    )
+
+
+def cpu_list(text: str) -> set[int]:
+    """``0-3,8`` as taskset writes it → {0, 1, 2, 3, 8}."""
+    cores: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cores.update(range(int(first), int(last or first) + 1))
+    return cores
+
+
 def markdown(proxy: list[dict], retrieval: list[dict], discovery: dict | None) -> str:
     lines = []
     if proxy:
+        # Throughput relative to vllm-router round_robin at the same concurrency, where it ran.
+        router = {row["concurrency"]: row["requests_per_second"] for row in proxy if row["target"] == "vllm-router-rr"}
         lines += [
-            "| target | C | req/s | TTFT p50 ms | TTFT p99 ms | proxy CPU ms/req | errors |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| target | C | req/s | × router rr | TTFT p50 ms | TTFT p99 ms | proxy CPU ms/req | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in proxy:
             cpu = "–" if row["proxy_cpu_ms_per_request"] is None else row["proxy_cpu_ms_per_request"]
+            base = router.get(row["concurrency"])
+            ratio = f"{row['requests_per_second'] / base:.2f}" if base else "–"
             lines.append(
-                f"| {row['target']} | {row['concurrency']} | {row['requests_per_second']} | "
+                f"| {row['target']} | {row['concurrency']} | {row['requests_per_second']} | {ratio} | "
                 f"{row['ttft_p50_ms']} | {row['ttft_p99_ms']} | {cpu} | {row['errors']} |"
             )
     if retrieval:
@@ -628,6 +717,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--discovery-flips", type=int, default=50, help="EndpointSlice readiness flips to time (0 to skip)"
     )
+    parser.add_argument("--engines", type=int, default=2, help="engine emulators behind every proxy")
+    parser.add_argument("--proxy-cpus", type=cpu_list, help="cores for the proxy under test, e.g. 0 or 0-1")
+    parser.add_argument("--engine-cpus", type=cpu_list, help="cores for the engines, one engine per core in turn")
+    parser.add_argument("--load-cpus", type=cpu_list, help="cores for the load generator")
+    parser.add_argument("--load-processes", type=int, default=1, help="load-generator processes sharing the clients")
     parser.add_argument("--out", type=Path, help="write the results as JSON here too")
     args = parser.parse_args(argv)
     # 512 clients and their proxied connections need more than the usual 1024
@@ -641,9 +735,14 @@ def main(argv: list[str] | None = None) -> int:
         discovery = discovery_benchmark(args, work) if args.discovery_flips else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print(layout(args))
     print(markdown(proxy, retrieval, discovery))
     if args.out:
-        args.out.write_text(json.dumps({"proxy": proxy, "retrieval": retrieval, "discovery": discovery}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {"layout": layout(args), "proxy": proxy, "retrieval": retrieval, "discovery": discovery}, indent=2
+            )
+        )
     return 0
 
 
