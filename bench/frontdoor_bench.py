@@ -22,7 +22,6 @@ alone otherwise), errors.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import resource
@@ -34,9 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gateway_bench import ANSWER_TOKENS, MODEL, free_port, proxy_process, run_cell
-
-from spotrag_runtime.engine_emulator import start_engine_emulator
+from gateway_bench import MODEL, free_port, proxy_process, run_cell, running_engines
 
 TARGETS = ("gateway", "front-door", "front-door-moderated")
 MODERATION = {"blockList": ["contraband", "forbidden phrase"], "redactPII": True, "windowChars": 200}
@@ -89,20 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     work = Path(tempfile.mkdtemp(prefix="spotrag-frontdoor-bench-"))
-    engine_options = dict(
-        served_model_name=MODEL,
-        ttft_ms=20,
-        itl_ms=5,
-        max_num_seqs=256,
-        answer_words_min=4 * ANSWER_TOKENS,
-        answer_words_max=4 * ANSWER_TOKENS,
-    )
-    engines = [start_engine_emulator(**engine_options) for _ in range(2)]
     results = []
     try:
-        for engine in engines:
-            engine.wait_ready()
-        with gateway([e.url for e in engines], work) as (gateway_url, gateway_pid):
+        with running_engines(2) as engines, gateway([e.url for e in engines], work) as (gateway_url, gateway_pid):
             for target in args.targets.split(","):
                 with contextlib.ExitStack() as stack:
                     if target == "gateway":
@@ -111,22 +97,18 @@ def main(argv: list[str] | None = None) -> int:
                         moderated = target == "front-door-moderated"
                         url, pid = stack.enter_context(front_door(gateway_url, work, moderated=moderated))
                     for concurrency in (int(c) for c in args.concurrency.split(",")):
-                        cell = asyncio.run(
-                            run_cell(
-                                target,
-                                url,
-                                concurrency,
-                                warmup=args.warmup,
-                                duration=args.duration,
-                                proxy_pid=pid,
-                                headers={},
-                            )
+                        cell = run_cell(
+                            target,
+                            url,
+                            concurrency,
+                            warmup=args.warmup,
+                            duration=args.duration,
+                            proxy_pid=pid,
+                            headers={},
                         )
                         results.append(cell.summary())
                         print(json.dumps(results[-1]), flush=True)
     finally:
-        for engine in engines:
-            engine.stop()
         shutil.rmtree(work, ignore_errors=True)
     print("| target | concurrency | req/s | TTFT p50 ms | TTFT p99 ms | proxy CPU ms/req | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|")

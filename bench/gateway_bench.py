@@ -402,25 +402,38 @@ def start_target(
         raise ValueError(f"unknown target {name!r}")
 
 
+@contextlib.contextmanager
+def running_engines(count: int, cpus: set[int] | None = None) -> Iterator[list[EmulatorProcess]]:
+    """The neutral backends every proxy is measured in front of (TTFT 20 ms,
+    5 ms per token, 64 tokens, 256 batch slots), ready; one core each in turn of ``cpus``."""
+    engines = [
+        start_engine_emulator(
+            served_model_name=MODEL,
+            ttft_ms=20,
+            itl_ms=5,
+            max_num_seqs=256,
+            answer_words_min=4 * ANSWER_TOKENS,
+            answer_words_max=4 * ANSWER_TOKENS,
+        )
+        for _ in range(count)
+    ]
+    try:
+        cores = sorted(cpus or ())
+        for number, engine in enumerate(engines):
+            if cores:
+                os.sched_setaffinity(engine.pid, {cores[number % len(cores)]})
+            engine.wait_ready()
+        yield engines
+    finally:
+        for engine in engines:
+            engine.stop()
+
+
 def proxy_benchmark(args: argparse.Namespace, work: Path) -> list[dict]:
     targets = [t for t in args.targets.split(",") if t]
     missing = {"vllm-router-rr": args.vllm_router, "vllm-router-cache": args.vllm_router, "litellm": args.litellm}
     results = []
-    engine_options = dict(
-        served_model_name=MODEL,
-        ttft_ms=20,
-        itl_ms=5,
-        max_num_seqs=256,
-        answer_words_min=4 * ANSWER_TOKENS,
-        answer_words_max=4 * ANSWER_TOKENS,
-    )
-    engines = [start_engine_emulator(**engine_options) for _ in range(args.engines)]
-    try:
-        for number, engine in enumerate(engines):
-            if args.engine_cpus:
-                cores = sorted(args.engine_cpus)
-                os.sched_setaffinity(engine.pid, {cores[number % len(cores)]})
-            engine.wait_ready()
+    with running_engines(args.engines, args.engine_cpus) as engines:
         for target in targets:
             if target in missing and not missing[target]:
                 print(f"skipping {target}: not installed (see --help)", file=sys.stderr)
@@ -440,9 +453,6 @@ def proxy_benchmark(args: argparse.Namespace, work: Path) -> list[dict]:
                     )
                     results.append(cell.summary())
                     print(json.dumps(results[-1]), flush=True)
-    finally:
-        for engine in engines:
-            engine.stop()
     return results
 
 
