@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass, field
+from typing import Any
 
 from spotrag_runtime.model_cache import UNUSABLE as UNUSABLE_CACHE
 
@@ -41,6 +42,25 @@ ANNOTATION_DRAIN_REASON = "spotrag.io/drain-reason"
 ANNOTATION_DRAIN_DEADLINE = "spotrag.io/drain-deadline"
 # Set once the operator has said (an Event) that this engine's node model cache was unusable.
 ANNOTATION_CACHE_REPORTED = "spotrag.io/model-cache-reported"
+
+
+def pod_facts(pod: dict) -> dict[str, Any]:
+    """What every engine-like pod (an engine, a standby) says of itself: name,
+    capacity, spec hash, ready, failed, terminating, created, node."""
+    meta = pod["metadata"]
+    labels = meta.get("labels") or {}
+    status = pod.get("status") or {}
+    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    return {
+        "name": meta["name"],
+        "capacity": labels.get(render.LABEL_CAPACITY, render.SPOT),
+        "spec_hash": labels.get(render.LABEL_SPEC_HASH, ""),
+        "ready": conditions.get("Ready") == "True",
+        "failed": status.get("phase") in ("Failed", "Succeeded"),
+        "terminating": bool(meta.get("deletionTimestamp")),
+        "created": parse_time(meta.get("creationTimestamp")) or datetime.datetime.min.replace(tzinfo=datetime.UTC),
+        "node": (pod.get("spec") or {}).get("nodeName"),
+    }
 
 
 @dataclass(frozen=True)
@@ -72,24 +92,14 @@ class Engine:
     @classmethod
     def from_pod(cls, pod: dict, running_requests: int | None = None) -> Engine:
         meta = pod["metadata"]
-        labels = meta.get("labels") or {}
         annotations = meta.get("annotations") or {}
-        status = pod.get("status") or {}
-        conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
         return cls(
-            name=meta["name"],
-            capacity=labels.get(render.LABEL_CAPACITY, render.SPOT),
-            spec_hash=labels.get(render.LABEL_SPEC_HASH, ""),
-            serving=labels.get(render.LABEL_SERVING) == "true",
-            ready=conditions.get("Ready") == "True",
-            failed=status.get("phase") in ("Failed", "Succeeded"),
-            terminating=bool(meta.get("deletionTimestamp")),
-            created=parse_time(meta.get("creationTimestamp")) or datetime.datetime.min.replace(tzinfo=datetime.UTC),
+            **pod_facts(pod),
+            serving=(meta.get("labels") or {}).get(render.LABEL_SERVING) == "true",
             drain_since=parse_time(annotations.get(ANNOTATION_DRAIN_SINCE)),
             drain_deadline=parse_time(annotations.get(ANNOTATION_DRAIN_DEADLINE)),
-            node=(pod.get("spec") or {}).get("nodeName"),
             running_requests=running_requests,
-            cache_problem=None if ANNOTATION_CACHE_REPORTED in annotations else unusable_cache(status),
+            cache_problem=None if ANNOTATION_CACHE_REPORTED in annotations else unusable_cache(pod.get("status") or {}),
         )
 
     @classmethod

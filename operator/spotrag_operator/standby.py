@@ -29,7 +29,7 @@ import httpx
 
 from . import render
 from .engine_load import engine_url
-from .plan import parse_time
+from .plan import parse_time, pod_facts
 
 LABEL_STANDBY = render.LABEL_STANDBY
 ANNOTATION_SLEEP_ASKED = "spotrag.io/sleep-asked"
@@ -58,22 +58,11 @@ class Standby:
 
     @classmethod
     def from_pod(cls, pod: dict, asleep: bool | None = None) -> Standby:
-        meta = pod["metadata"]
-        labels = meta.get("labels") or {}
-        status = pod.get("status") or {}
-        conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
         return cls(
-            name=meta["name"],
-            capacity=labels.get(render.LABEL_CAPACITY, render.SPOT),
-            spec_hash=labels.get(render.LABEL_SPEC_HASH, ""),
-            ready=conditions.get("Ready") == "True",
-            failed=status.get("phase") in ("Failed", "Succeeded"),
-            terminating=bool(meta.get("deletionTimestamp")),
-            created=parse_time(meta.get("creationTimestamp")) or datetime.datetime.min.replace(tzinfo=datetime.UTC),
+            **pod_facts(pod),
             url=engine_url(pod),
             asleep=asleep,
-            sleep_asked=parse_time((meta.get("annotations") or {}).get(ANNOTATION_SLEEP_ASKED)),
-            node=(pod.get("spec") or {}).get("nodeName"),
+            sleep_asked=parse_time((pod["metadata"].get("annotations") or {}).get(ANNOTATION_SLEEP_ASKED)),
         )
 
 
