@@ -16,18 +16,8 @@ import openai
 import uvicorn
 from aiohttp import web
 
-from spotrag_box.testing import Metrics, eventually
 from spotrag_runtime.frontdoor.app import create_app
 from spotrag_runtime.frontdoor.config import FrontDoorConfig
-
-
-def sample_value(text: str, name: str, **labels: str) -> float:
-    """A value from a Prometheus page's text (0 when absent)."""
-    return Metrics.parse(text).value(name, **labels)
-
-
-def wait_until(check: Any, what: str, timeout: float = 15.0) -> Any:
-    return eventually(check, what=what, timeout=timeout)
 
 
 @contextlib.asynccontextmanager

@@ -17,9 +17,10 @@ import httpx
 import pytest
 from aiohttp import web
 
+from spotrag_box.testing import Metrics, eventually
 from spotrag_runtime.frontdoor.config import FrontDoorConfig, StaticBackend
 
-from .frontdoor_fixtures import RunningFrontDoor, moderation_checker, sample_value, wait_until
+from .frontdoor_fixtures import RunningFrontDoor, moderation_checker
 from .gateway_fixtures import RunningGateway, gateway_config, running_engines
 
 QUESTION = [{"role": "user", "content": "When does the first ferry leave on Sundays?"}]
@@ -202,11 +203,11 @@ def test_metrics_per_model_and_variant(gateways) -> None:
         ask(running.url, "nope")
         text = httpx.get(f"{running.url}/metrics").text
     variant = {"model": "chat-v2", "variant": "static/chat-v2"}
-    assert sample_value(text, "spotrag_frontdoor_requests_total", **variant, code="200") == 3
-    assert sample_value(text, "spotrag_frontdoor_requests_total", model="", variant="", code="404") == 1
-    assert sample_value(text, "spotrag_frontdoor_time_to_first_byte_seconds_count", **variant) == 3
-    assert sample_value(text, "spotrag_frontdoor_inflight_requests", **variant) == 0
-    assert sample_value(text, "spotrag_frontdoor_variant_share", model="chat", variant="static/chat-v1") == 0.75
+    assert Metrics.parse(text).value("spotrag_frontdoor_requests_total", **variant, code="200") == 3
+    assert Metrics.parse(text).value("spotrag_frontdoor_requests_total", model="", variant="", code="404") == 1
+    assert Metrics.parse(text).value("spotrag_frontdoor_time_to_first_byte_seconds_count", **variant) == 3
+    assert Metrics.parse(text).value("spotrag_frontdoor_inflight_requests", **variant) == 0
+    assert Metrics.parse(text).value("spotrag_frontdoor_variant_share", model="chat", variant="static/chat-v1") == 0.75
 
 
 # Moderation ------------------------------------------------------------------
@@ -242,10 +243,12 @@ def test_moderation_blocks_a_question_and_redacts_pii(gateways) -> None:
         text = httpx.get(f"{running.url}/metrics").text
     labels = {"model": "guarded", "variant": "static/guarded", "stage": "input"}
     assert (
-        sample_value(text, "spotrag_frontdoor_moderation_total", **labels, outcome="blocked", reason="blocked_term")
+        Metrics.parse(text).value(
+            "spotrag_frontdoor_moderation_total", **labels, outcome="blocked", reason="blocked_term"
+        )
         == 1
     )
-    assert sample_value(text, "spotrag_frontdoor_moderation_total", **labels, outcome="redacted", reason="") == 1
+    assert Metrics.parse(text).value("spotrag_frontdoor_moderation_total", **labels, outcome="redacted", reason="") == 1
 
 
 def test_a_blocked_answer_is_cut_in_its_stream_before_the_blocked_window(gateways) -> None:
@@ -278,12 +281,14 @@ def test_a_blocked_answer_is_cut_in_its_stream_before_the_blocked_window(gateway
     assert whole.status_code == 400 and whole.json()["error"]["reason"] == "blocked_term"
     labels = {"model": "guarded", "variant": "static/guarded", "stage": "output"}
     assert (
-        sample_value(text, "spotrag_frontdoor_moderation_total", **labels, outcome="blocked", reason="blocked_term")
+        Metrics.parse(text).value(
+            "spotrag_frontdoor_moderation_total", **labels, outcome="blocked", reason="blocked_term"
+        )
         == 2
     )
     assert (
-        sample_value(
-            text, "spotrag_frontdoor_requests_total", model="guarded", variant="static/guarded", code="content_filter"
+        Metrics.parse(text).value(
+            "spotrag_frontdoor_requests_total", model="guarded", variant="static/guarded", code="content_filter"
         )
         == 1
     )
@@ -306,7 +311,10 @@ async def test_a_hanging_checker_times_out_and_the_request_follows_the_choice(ga
     labels = {"model": "guarded", "variant": "static/guarded", "stage": "input"}
     if on_error == "allow":
         assert (
-            sample_value(text, "spotrag_frontdoor_moderation_total", **labels, outcome="checker_error", reason="") == 1
+            Metrics.parse(text).value(
+                "spotrag_frontdoor_moderation_total", **labels, outcome="checker_error", reason=""
+            )
+            == 1
         )
     else:
         assert response.json()["error"]["code"] == "moderation_unavailable"
@@ -333,7 +341,7 @@ def test_the_rag_endpoint_through_the_door_with_its_question_redacted_and_its_an
                 text = httpx.get(f"{running.url}/metrics").text
     assert blocked.status_code == 400 and blocked.json()["error"]["reason"] == "blocked_term"
     labels = {"model": "handbook", "variant": "static/handbook", "stage": "input"}
-    assert sample_value(text, "spotrag_frontdoor_moderation_total", **labels, outcome="redacted", reason="") == 1
+    assert Metrics.parse(text).value("spotrag_frontdoor_moderation_total", **labels, outcome="redacted", reason="") == 1
 
 
 async def test_what_reaches_the_gateway_is_the_redacted_question_under_its_served_name() -> None:
@@ -379,8 +387,8 @@ async def test_what_reaches_the_gateway_is_the_redacted_question_under_its_serve
 
 def test_a_client_that_leaves_mid_stream_closes_the_gateway_request(gateways) -> None:
     with RunningFrontDoor(FrontDoorConfig(static=gateways.backends(1, 0))) as running:
-        before = sample_value(
-            httpx.get(f"{gateways.v1.url}/metrics").text, "spotrag_requests_total", outcome="cancelled"
+        before = Metrics.parse(httpx.get(f"{gateways.v1.url}/metrics").text).value(
+            "spotrag_requests_total", outcome="cancelled"
         )
         body = {"model": "chat", "messages": QUESTION, "max_tokens": 400, "stream": True}
         with httpx.stream("POST", f"{running.url}/v1/chat/completions", json=body, timeout=30) as response:
@@ -391,17 +399,17 @@ def test_a_client_that_leaves_mid_stream_closes_the_gateway_request(gateways) ->
         def settled() -> bool:
             text = httpx.get(f"{running.url}/metrics").text
             return (
-                sample_value(text, "spotrag_frontdoor_requests_total", **labels, code="499") == 1
-                and sample_value(text, "spotrag_frontdoor_inflight_requests", **labels) == 0
+                Metrics.parse(text).value("spotrag_frontdoor_requests_total", **labels, code="499") == 1
+                and Metrics.parse(text).value("spotrag_frontdoor_inflight_requests", **labels) == 0
             )
 
-        wait_until(settled, "the front door to count the client gone")
-        wait_until(
+        eventually(settled, what="the front door to count the client gone")
+        eventually(
             lambda: (
-                sample_value(
-                    httpx.get(f"{gateways.v1.url}/metrics").text, "spotrag_requests_total", outcome="cancelled"
+                Metrics.parse(httpx.get(f"{gateways.v1.url}/metrics").text).value(
+                    "spotrag_requests_total", outcome="cancelled"
                 )
                 == before + 1
             ),
-            "the gateway to see its client (the front door) leave",
+            what="the gateway to see its client (the front door) leave",
         )

@@ -19,10 +19,10 @@ import pytest
 import yaml
 
 from spotrag_box.apiserver.server import KubeAPIServer
-from spotrag_box.testing import Program, kubectl, running_kube_api, spotrag_command
+from spotrag_box.testing import Program, eventually, kubectl, running_kube_api, spotrag_command
 from spotrag_runtime.frontdoor.config import FrontDoorConfig
 
-from .frontdoor_fixtures import RunningFrontDoor, wait_until
+from .frontdoor_fixtures import RunningFrontDoor
 from .gateway_fixtures import RunningGateway, gateway_config, running_engines
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,11 +107,13 @@ def test_routes_follow_the_api_and_a_weight_change_under_load_fails_nothing(kube
     )
     config = FrontDoorConfig(namespaces=(NAMESPACE,), address="endpointslices")
     with RunningFrontDoor(config, kubeconfig=str(kubeconfig)) as door:
-        wait_until(lambda: httpx.get(f"{door.url}/readyz").status_code == 200, "the front door to list everything")
+        eventually(lambda: httpx.get(f"{door.url}/readyz").status_code == 200, what="the front door to list everything")
         assert httpx.get(f"{door.url}/readyz").json()["models"] == ["chat", "chat-v1", "chat-v2"]
         assert {_ask(door.url).headers["x-spotrag-variant"] for _ in range(6)} == {"default/chat-v1"}
 
-        status = wait_until(lambda: _route_status(custom).get("backends") and _route_status(custom), "route status")
+        status = eventually(
+            lambda: _route_status(custom).get("backends") and _route_status(custom), what="route status"
+        )
         assert status["backends"] == "chat-v1=100%, chat-v2=0%"
         assert [(c["type"], c["status"]) for c in status["conditions"]] == [
             ("Accepted", "True"),
@@ -139,12 +141,12 @@ def test_routes_follow_the_api_and_a_weight_change_under_load_fails_nothing(kube
                     }
                 },
             )
-            wait_until(lambda: _ask(door.url).headers["x-spotrag-variant"] == "default/chat-v2", "traffic to move")
+            eventually(lambda: _ask(door.url).headers["x-spotrag-variant"] == "default/chat-v2", what="traffic to move")
             after = list(pool.map(one, range(12)))
         assert {status for status, _ in [f.result() for f in during] + after} == {200}
         assert {variant for _, variant in after} == {"default/chat-v2"}
-        wait_until(
-            lambda: _route_status(custom).get("backends") == "chat-v1=0%, chat-v2=100%", "the new shares in status"
+        eventually(
+            lambda: _route_status(custom).get("backends") == "chat-v1=0%, chat-v2=100%", what="the new shares in status"
         )
 
         # A backend that does not exist: reported in status and /v1/models, the other keeps serving.
@@ -160,7 +162,7 @@ def test_routes_follow_the_api_and_a_weight_change_under_load_fails_nothing(kube
                 }
             },
         )
-        resolved = wait_until(
+        resolved = eventually(
             lambda: next(
                 (
                     c
@@ -169,7 +171,7 @@ def test_routes_follow_the_api_and_a_weight_change_under_load_fails_nothing(kube
                 ),
                 None,
             ),
-            "ResolvedRefs=False",
+            what="ResolvedRefs=False",
         )
         assert resolved["reason"] == "BackendNotFound"
         listing = httpx.get(f"{door.url}/v1/models").json()
@@ -180,12 +182,12 @@ def test_routes_follow_the_api_and_a_weight_change_under_load_fails_nothing(kube
 
         # The gateway's endpoints leave (a deleted slice): 503 no_backend, not a hang.
         discovery.delete_namespaced_endpoint_slice("chat-v2-abcde", NAMESPACE)
-        wait_until(lambda: _ask(door.url).status_code == 503, "chat to have no reachable backend")
+        eventually(lambda: _ask(door.url).status_code == 503, what="chat to have no reachable backend")
         assert _ask(door.url).json()["error"]["code"] == "no_backend"
 
         # A RAGDeployment deleted: its model is gone from the list.
         custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "ragdeployments", "chat-v1")
-        wait_until(lambda: "chat-v1" not in httpx.get(f"{door.url}/readyz").json()["models"], "chat-v1 to go")
+        eventually(lambda: "chat-v1" not in httpx.get(f"{door.url}/readyz").json()["models"], what="chat-v1 to go")
 
 
 def test_moderation_comes_from_the_ragdeployment_spec(kube, gateways) -> None:
@@ -197,7 +199,7 @@ def test_moderation_comes_from_the_ragdeployment_spec(kube, gateways) -> None:
     discovery.create_namespaced_endpoint_slice(NAMESPACE, gateway_slice("chat-v1", int(gateway.url.rsplit(":", 1)[1])))
     config = FrontDoorConfig(namespaces=(NAMESPACE,), address="endpointslices")
     with RunningFrontDoor(config, kubeconfig=str(kubeconfig)) as door:
-        wait_until(lambda: httpx.get(f"{door.url}/readyz").status_code == 200, "the front door to list everything")
+        eventually(lambda: httpx.get(f"{door.url}/readyz").status_code == 200, what="the front door to list everything")
         body = {"model": "chat-v1", "messages": [{"role": "user", "content": "any contraband?"}], "max_tokens": 4}
         response = httpx.post(f"{door.url}/v1/chat/completions", json=body, timeout=30)
         assert response.status_code == 400
@@ -220,7 +222,7 @@ def test_without_the_modelroute_crd_the_front_door_still_serves(tmp_path: Path, 
                 GROUP, VERSION, NAMESPACE, "ragdeployments", ragdeployment("chat-v2")
             )
         with RunningFrontDoor(FrontDoorConfig(), kubeconfig=str(kubeconfig)) as door:
-            wait_until(lambda: httpx.get(f"{door.url}/readyz").status_code == 200, "the front door to be ready")
+            eventually(lambda: httpx.get(f"{door.url}/readyz").status_code == 200, what="the front door to be ready")
             assert httpx.get(f"{door.url}/readyz").json()["models"] == ["chat-v2"]
 
 
@@ -253,11 +255,11 @@ def test_the_command_as_the_e2e_scenario_runs_it_with_kubectl_applied_objects(tm
                 except httpx.HTTPError:
                     return False
 
-            wait_until(ready, "the front door process to be ready", timeout=60)
+            eventually(ready, what="the front door process to be ready", timeout=60)
             assert _ask(url).headers["x-spotrag-variant"] == "default/chat-v1"
-            printed = wait_until(
+            printed = eventually(
                 lambda: "chat-v1=100%" in (out := kubectl(kubeconfig, "get", "mroute", "-n", NAMESPACE).stdout) and out,
-                "the status in kubectl get",
+                what="the status in kubectl get",
             )
         finally:
             program.stop()
