@@ -13,6 +13,9 @@ Proxies (one run, side by side, the same engines and load):
 - ``vllm-router-rr`` / ``vllm-router-cache``: PyPI ``vllm-router`` (Rust) with
   ``--policy round_robin`` / ``cache_aware``
 - ``litellm``: the litellm proxy, when it is installed
+- ``python-floor``: bench/python_floor_relay.py, uvicorn and aiohttp relaying
+  bytes and doing nothing else: what the gateway's Python stack costs before
+  any of the gateway's own work
 
 Each cell is a closed loop of C clients streaming chat completions of 64
 tokens (engines: TTFT 20 ms, ITL 5 ms, 256 batch slots each); the requests
@@ -359,6 +362,11 @@ def start_target(
             "warning",
             *(["--workers", workers] if workers else []),
         ]
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [args.gateway_pythonpath, os.environ.get("PYTHONPATH")]))}
+        with proxy_process(argv, f"{base}/readyz", log=work / f"{name}.log", env=env, cpus=args.proxy_cpus) as process:
+            yield base, process.pid, {}
+    elif name == "python-floor":
+        argv = [sys.executable, str(Path(__file__).with_name("python_floor_relay.py")), str(port), ",".join(urls)]
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [args.gateway_pythonpath, os.environ.get("PYTHONPATH")]))}
         with proxy_process(argv, f"{base}/readyz", log=work / f"{name}.log", env=env, cpus=args.proxy_cpus) as process:
             yield base, process.pid, {}
