@@ -168,16 +168,68 @@ def _condition(status: dict, type_: str) -> dict:
 
 
 def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> ReconcilePlan:
-    """`memory`: what the previous reconcile kept (None: read it from status)."""
-    body, spec, now = observed.body, observed.spec, observed.now
+    """`memory`: what the previous reconcile kept (None: read it from status).
+
+    Three steps: how many engines (the autoscaler and placement), which pods
+    change to get there (`_plan_fleet`), and what the status says after
+    (`_plan_status`)."""
+    body = observed.body
     meta = body["metadata"]
-    labels = (meta["namespace"], meta["name"])
     old_status = body.get("status") or {}
     memory = memory or ScalingMemory.from_status(old_status)
 
     step, placement, memory = _scale(observed, memory)
-    decision = step.decision
-    announce, counts = _scaling_events(step, placement, old_status, labels)
+    announce, counts = _scaling_events(step, placement, old_status, (meta["namespace"], meta["name"]))
+    fleet = _plan_fleet(observed, placement)
+    problems = find_problems(observed.spec, meta["namespace"], observed.found)
+    corpus_map = (observed.spec["retrieval"].get("corpus") or {}).get("configMap") or ""
+    index = plan_index(
+        body,
+        observed.spec,
+        config_map=observed.found.get(("ConfigMap", corpus_map)),
+        jobs=observed.index_jobs,
+        result=observed.index_result,
+    )
+    status, persist, cost = _plan_status(observed, fleet, step, placement, memory, problems, index)
+    return ReconcilePlan(
+        memory=memory,
+        announce=announce,
+        counts=counts,
+        engines=fleet.plan,
+        drains=fleet.drains,
+        creates=fleet.creates,
+        deletes=fleet.deletes,
+        index=index,
+        report=_report_events(index, problems, old_status),
+        gauges=EngineGauges(tuple(fleet.engines), step.decision.desired, observed.queued_tokens, cost),
+        status=status if status_changed(old_status, status) else None,
+        persist=persist,
+        notes=list(fleet.plan.notes),
+        wakes=fleet.wakes,
+        sleeps=fleet.sleeps,
+    )
+
+
+@dataclass
+class FleetPlan:
+    """The pod changes that bring the engines to placement's target, and the
+    engines as they will be after them."""
+
+    spec_hash: str
+    plan: EnginePlan
+    standbys: StandbyPlan
+    drains: list[DrainAction]
+    creates: list[tuple[str, dict]]  # (what, pod or LeaderWorkerSet manifest)
+    deletes: list[DeleteAction]
+    wakes: list[WakeAction]
+    sleeps: list[SleepAction]
+    engines: list[Engine]
+
+
+def _plan_fleet(observed: Observed, placement: Placement) -> FleetPlan:
+    body, spec, now = observed.body, observed.spec, observed.now
+    meta = body["metadata"]
+    labels = (meta["namespace"], meta["name"])
     spec_hash = render.engine_spec_hash(spec)
     signals = {name: s for name, node in observed.nodes.items() if (s := node_signal(node, now)) is not None}
     engine_plan = plan_engines(
@@ -216,25 +268,31 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         Engine(w.name, w.capacity, spec_hash, serving=True, ready=True, failed=False, terminating=False, created=now)
         for w in standbys.wake
     ]
+    return FleetPlan(spec_hash, engine_plan, standbys, drains, creates, deletes, wakes, sleeps, engines)
 
-    problems = find_problems(spec, meta["namespace"], observed.found)
-    corpus_map = (spec["retrieval"].get("corpus") or {}).get("configMap") or ""
-    index = plan_index(
-        body,
-        spec,
-        config_map=observed.found.get(("ConfigMap", corpus_map)),
-        jobs=observed.index_jobs,
-        result=observed.index_result,
-    )
+
+def _plan_status(
+    observed: Observed,
+    fleet: FleetPlan,
+    step: ScalingStep,
+    placement: Placement,
+    memory: ScalingMemory,
+    problems: list[str],
+    index: IndexPlan,
+) -> tuple[dict, bool, float | None]:
+    """The status after this reconcile, whether it carries the scaling memory,
+    and the fleet's cost per hour (None: no prices known)."""
+    body, spec, now = observed.body, observed.spec, observed.now
+    meta = body["metadata"]
     status = engines_status(
-        engines,
+        fleet.engines,
         spec=spec,
-        desired=decision.desired,
-        spec_hash=spec_hash,
+        desired=step.decision.desired,
+        spec_hash=fleet.spec_hash,
         problems=problems,
         index=index.state,
-        rollout_note=next((n for n in engine_plan.notes if n.startswith("rollout")), None),
-        old_status=old_status,
+        rollout_note=next((n for n in fleet.plan.notes if n.startswith("rollout")), None),
+        old_status=body.get("status") or {},
         generation=meta.get("generation"),
         endpoint=render.endpoint_url(body),
         now=now,
@@ -244,39 +302,23 @@ def plan_reconcile(observed: Observed, memory: ScalingMemory | None) -> Reconcil
         status["conditions"] = set_condition(
             status["conditions"],
             "GroupsSchedulable",
-            *_groups_schedulable(engines, spec, observed.nodes),
+            *_groups_schedulable(fleet.engines, spec, observed.nodes),
             now=now,
             generation=meta.get("generation"),
         )
     # Standbys cost their GPUs while asleep: they count in the cost, not as engines.
-    woken = {w.name for w in standbys.wake}
+    woken = {w.name for w in fleet.standbys.wake}
     asleep = [
         Engine(s.name, s.capacity, s.spec_hash, False, s.ready, s.failed, s.terminating, s.created, node=s.node)
         for s in observed.standbys
         if s.name not in woken
     ]
-    cost = cost_per_hour(engines + asleep, spec)
+    cost = cost_per_hour(fleet.engines + asleep, spec)
     if render.standby_replicas(spec) or observed.standbys:
         status["standbyReplicas"] = sum(1 for s in asleep if s.ready and not s.terminating)
         if cost is not None:
             status["costPerHour"] = f"${cost:.2f}"
-    return ReconcilePlan(
-        memory=memory,
-        announce=announce,
-        counts=counts,
-        engines=engine_plan,
-        drains=drains,
-        creates=creates,
-        deletes=deletes,
-        index=index,
-        report=_report_events(index, problems, old_status),
-        gauges=EngineGauges(tuple(engines), decision.desired, observed.queued_tokens, cost),
-        status=status if status_changed(old_status, status) else None,
-        persist=persist,
-        notes=list(engine_plan.notes),
-        wakes=wakes,
-        sleeps=sleeps,
-    )
+    return status, persist, cost
 
 
 def _standby_actions(
