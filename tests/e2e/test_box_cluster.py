@@ -25,7 +25,7 @@ def engine_container(
     """A vLLM container as the operator renders one (the box runs the engine emulator for it)."""
     return {
         "name": "vllm",
-        "image": "vllm/vllm-openai:v0.33.0",
+        "image": "vllm/vllm-openai:v0.26.0",
         "command": ["vllm", "serve"],
         "args": [
             "Qwen/Qwen2.5-7B-Instruct",

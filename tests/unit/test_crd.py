@@ -154,7 +154,7 @@ ACCELERATOR_BAD = [
     (
         "Neuron with the CUDA image",
         "eks-inf2.yaml",
-        {"model": {"image": "vllm/vllm-openai:v0.33.0"}},
+        {"model": {"image": "vllm/vllm-openai:v0.26.0"}},
         "spec.model.image",
     ),
     (
