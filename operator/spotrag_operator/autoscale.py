@@ -44,6 +44,7 @@ from .calibration import (
     calibrate,
     feedback,
     rates_from_spec,
+    smooth_requests,
 )
 
 DEFAULT_TOLERANCE = 0.10
@@ -596,6 +597,8 @@ def scale(
         state, ttft_buckets, slo_seconds=policy.slo.ttft_seconds, percentile=policy.slo.percentile, now=observed.now
     )
     result = Calibration(**{**result.__dict__, "feedback": factor})
+    requests, state = smooth_requests(state, observed.requests, now=observed.now)
+    observed = Observation(**{**observed.__dict__, "requests": requests})
     decision, autoscaler_state = decide(policy, _with_calibration(observed, result), autoscaler)
     problem = None
     if policy.target_queued_tokens_per_replica is None:

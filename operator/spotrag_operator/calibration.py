@@ -272,6 +272,9 @@ class CalibrationState:
     feedback: float = 1.0
     feedback_at: float | None = None
     ttft_buckets: dict[str, float] = field(default_factory=dict)  # last cumulative TTFT histogram seen
+    calm_periods: int = 0  # feedback periods in a row with the TTFT percentile well under the SLO
+    requests: float | None = None  # requests in flight, smoothed (smooth_requests)
+    requests_at: float | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -286,6 +289,9 @@ class CalibrationState:
             "feedback": self.feedback,
             "feedbackAt": self.feedback_at,
             "ttftBuckets": dict(self.ttft_buckets),
+            "calmPeriods": self.calm_periods,
+            "requests": self.requests,
+            "requestsAt": self.requests_at,
         }
 
     @classmethod
@@ -306,6 +312,9 @@ class CalibrationState:
                 feedback=float(data.get("feedback", 1.0)),
                 feedback_at=_optional(data.get("feedbackAt")),
                 ttft_buckets={str(k): float(v) for k, v in (data.get("ttftBuckets") or {}).items()},
+                calm_periods=int(data.get("calmPeriods") or 0),
+                requests=_optional(data.get("requests")),
+                requests_at=_optional(data.get("requestsAt")),
             )
         except (TypeError, ValueError, AttributeError) as error:
             raise ValueError(f"calibration state is malformed: {error}") from None
@@ -497,6 +506,11 @@ FEEDBACK_PERIOD_SECONDS = 60.0
 FEEDBACK_MIN_REQUESTS = 20  # fewer first tokens in a period say nothing about a percentile
 FEEDBACK_UP, FEEDBACK_DOWN = 1.05, 0.85  # slow to give engines back, quick to add them
 WELL_UNDER = 0.5  # the percentile under half the SLO counts as "well under"
+# Fewer engines only after this many periods in a row well under the SLO: the
+# TTFT percentile barely moves with spare capacity until the engines saturate,
+# so one calm minute says nothing about room for the next burst; half an hour
+# of calm minutes, bursts included, does.
+CALM_PERIODS = 30
 
 
 def histogram_quantile(
@@ -536,20 +550,25 @@ def feedback(
     """Once per FEEDBACK_PERIOD_SECONDS, compare the TTFT percentile observed
     since the last period (from the gateways' cumulative histogram, summed)
     with the SLO and nudge the feedback factor: ×0.85 when over (more
-    engines), ×1.05 when under half of it (fewer), unchanged in between, so
-    it cannot chase noise. Bounded to [0.5, 1.5]. Returns (factor, note, state)."""
+    engines); ×1.05 (fewer) when under half of it, up to 1 at once, above 1
+    only after CALM_PERIODS such periods in a row; unchanged otherwise, so it cannot chase noise nor spend the
+    headroom kept for bursts. Bounded to [0.5, 1.5]. Returns (factor, note, state)."""
     if ttft_buckets is None:
         return state.feedback, "no TTFT histogram", state
     if state.feedback_at is not None and now - state.feedback_at < FEEDBACK_PERIOD_SECONDS:
         return state.feedback, "", state
     value, count = histogram_quantile(state.ttft_buckets, ttft_buckets, percentile / 100.0)
-    factor, note = state.feedback, ""
+    factor, note, calm = state.feedback, "", state.calm_periods
     if value is not None and count >= FEEDBACK_MIN_REQUESTS:
         ratio = value / slo_seconds
+        calm = calm + 1 if ratio < WELL_UNDER else 0
         if ratio > 1.0:
             factor = max(FEEDBACK_MIN, factor * FEEDBACK_DOWN)
-        elif ratio < WELL_UNDER:
-            factor = min(FEEDBACK_MAX, factor * FEEDBACK_UP)
+        elif ratio < WELL_UNDER and (factor < 1.0 or calm >= CALM_PERIODS):
+            # Back up to the model's size after any calm period; past it (fewer
+            # engines than the model asks) only after sustained calm.
+            ceiling = FEEDBACK_MAX if calm >= CALM_PERIODS else 1.0
+            factor = min(ceiling, factor * FEEDBACK_UP)
         note = f"TTFT p{percentile:g} {value:.2f}s over {count:.0f} requests vs SLO {slo_seconds:g}s"
     elif (
         value is None
@@ -558,4 +577,30 @@ def feedback(
         and any(ttft_buckets.get(le, 0.0) < v for le, v in state.ttft_buckets.items())
     ):
         note = "TTFT histogram reset"
-    return factor, note, replace(state, feedback=factor, feedback_at=now, ttft_buckets=dict(ttft_buckets))
+    return (
+        factor,
+        note,
+        replace(state, feedback=factor, feedback_at=now, ttft_buckets=dict(ttft_buckets), calm_periods=calm),
+    )
+
+
+# The requests in flight, averaged over this time constant before they size the
+# decode part: the count is noisy (Poisson arrivals, queues that come and go),
+# and the scale-down window keeps the highest recommendation for minutes, so
+# an unsmoothed count pays for the top of the noise rather than for the load.
+REQUESTS_SMOOTHING_SECONDS = 180.0
+
+
+def smooth_requests(
+    state: CalibrationState, requests: float | None, *, now: float
+) -> tuple[float | None, CalibrationState]:
+    """The requests in flight averaged exponentially over REQUESTS_SMOOTHING_SECONDS
+    (None when not observed: nothing to average, the state unchanged)."""
+    if requests is None:
+        return None, state
+    if state.requests is None or state.requests_at is None or now < state.requests_at:
+        value = float(requests)  # first reading, or a clock that went back: start from what is seen
+    else:
+        weight = 1.0 - math.exp(-(now - state.requests_at) / REQUESTS_SMOOTHING_SECONDS)
+        value = state.requests + weight * (requests - state.requests)
+    return value, replace(state, requests=value, requests_at=now)

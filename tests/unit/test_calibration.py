@@ -422,21 +422,53 @@ def test_histogram_quantile(previous, current, q, expected):
     assert (value is None) if expected[0] is None else close(value, expected[0], 1e-9)
 
 
+CALM = calibration.CALM_PERIODS
+
+
 @pytest.mark.parametrize(
-    ("ttft_p95_bucket", "factor"),
+    ("ttft_p95_bucket", "start", "calm_before", "factor", "calm_after"),
     [
-        ("4.0", calibration.FEEDBACK_DOWN),  # over the SLO: more engines
-        ("2.0", 1.0),  # between half the SLO and the SLO: leave it
-        ("0.5", calibration.FEEDBACK_UP),  # well under: fewer
+        ("4.0", 1.0, 0, calibration.FEEDBACK_DOWN, 0),  # over the SLO: more engines
+        ("4.0", 1.0, CALM + 5, calibration.FEEDBACK_DOWN, 0),  # a miss ends the calm
+        ("2.0", 1.0, 3, 1.0, 0),  # between half the SLO and the SLO: leave it, and the calm ends
+        ("0.5", 1.0, 0, 1.0, 1),  # one calm minute: no fewer engines than the model asks
+        ("0.5", 1.0, CALM - 2, 1.0, CALM - 1),
+        ("0.5", 1.0, CALM - 1, calibration.FEEDBACK_UP, CALM),  # half an hour of calm: fewer
+        ("0.5", 0.85, 0, 0.85 * calibration.FEEDBACK_UP, 1),  # under 1: back towards the model at once
+        ("0.5", 0.99, 0, 1.0, 1),  # ... but not past it
+        ("0.5", 1.45, CALM, calibration.FEEDBACK_MAX, CALM + 1),  # bounded
     ],
 )
-def test_feedback_moves_only_outside_its_dead_band(ttft_p95_bucket, factor):
+def test_feedback_moves_only_outside_its_dead_band(ttft_p95_bucket, start, calm_before, factor, calm_after):
     counts = {"0.5": 0, "1.0": 0, "2.0": 0, "4.0": 0, "+Inf": 100}
     for le in ("0.5", "1.0", "2.0", "4.0"):
         if float(le) >= float(ttft_p95_bucket):
             counts[le] = 100
-    value, _, state = feedback(CalibrationState(), counts, slo_seconds=2.0, percentile=95, now=0)
+    before = CalibrationState(feedback=start, calm_periods=calm_before)
+    value, _, state = feedback(before, counts, slo_seconds=2.0, percentile=95, now=0)
     assert close(value, factor)
+    assert state.calm_periods == calm_after
+
+
+@pytest.mark.parametrize(
+    ("previous", "at", "requests", "now", "expected"),
+    [
+        (None, None, 40, 0.0, 40.0),  # first reading: taken as it is
+        (40.0, 0.0, 40, 10.0, 40.0),  # steady
+        (40.0, 0.0, 100, 180.0, 40.0 + 60.0 * (1 - 0.36787944)),  # one time constant: 63% of the step
+        (40.0, 0.0, 100, 0.0, 40.0),  # no time passed: no weight
+        (40.0, 50.0, 100, 10.0, 100.0),  # the clock went back: start afresh
+        (40.0, 0.0, None, 10.0, None),  # not observed: nothing to average
+    ],
+)
+def test_requests_in_flight_are_averaged_over_minutes(previous, at, requests, now, expected):
+    state = CalibrationState(requests=previous, requests_at=at)
+    value, after = calibration.smooth_requests(state, requests, now=now)
+    assert (value is None) if expected is None else close(value, expected, 1e-6)
+    if requests is None:
+        assert after == state
+    else:
+        assert after.requests == value and after.requests_at == now
 
 
 def test_feedback_waits_a_period_needs_enough_requests_and_stays_bounded():
