@@ -133,6 +133,15 @@ class ChatStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send = send
+        # The answer is written from a task of its own: every chunk resumes the
+        # task that awaits it through its whole stack of awaits, and the
+        # request's own task is some thirty frames deep in the middleware.
+        # (Cancelling the request's task cancels this one with it.)
+        answer = asyncio.get_running_loop().create_task(self._respond(send, scope.get(RAW_SEND, send)))
+        self.watch.serve(answer)
+        await answer
+
+    async def _respond(self, send: Send, body_send: Send) -> None:
         try:
             first, failure = await self._first_chunk()
         except BaseException as cancelled:  # while stopping the keep-alive comments
@@ -143,7 +152,7 @@ class ChatStream(Response):
             if isinstance(failure, asyncio.CancelledError) and self.watch.cancelled_by_client():
                 raise ClientClosedRequest("The client closed the connection.") from None
             raise failure
-        await self._stream(send, scope.get(RAW_SEND, send), first, failure)
+        await self._stream(send, body_send, first, failure)
 
     async def _first_chunk(self) -> tuple[list[bytes] | None, BaseException | None]:
         """(the first chunk or None at the end, None) or (None, what it raised);

@@ -39,10 +39,11 @@ def event_stream_start() -> Message:
 class ClientWatch:
     """Notices the client going away while its request is served, with one
     task per request: the task waits for ``http.disconnect`` and cancels the
-    task serving the request, which turns the cancellation back into
-    ``ClientClosedRequest`` where it awaits (``guard``, or the streamed
-    answer's own loop). The serving task awaits its work itself: no task per
-    step and no task group per response.
+    task serving the request (the request's own, then the streamed answer's:
+    ``serve``), which turns the cancellation back into ``ClientClosedRequest``
+    where it awaits (``guard``, or the streamed answer's own loop). The
+    serving task awaits its work itself: no task per step and no task group
+    per response.
 
     Armed from construction to ``stop()``; the watching task ends by itself
     once the response is complete (uvicorn then answers ``receive`` with
@@ -67,6 +68,10 @@ class ClientWatch:
             self._armed = False
             self.gone = True
             self._task.cancel()
+
+    def serve(self, task: asyncio.Task[Any]) -> None:
+        """``task`` serves the request from now on (and is cancelled instead)."""
+        self._task = task
 
     def stop(self) -> None:
         """No more cancelling: the answer is over (or on its way out)."""
