@@ -12,6 +12,11 @@ the base commit's ``runtime/`` against this checkout's:
 
     git archive HEAD~3 runtime | tar -x -C /tmp/before
     python bench/gateway_ab.py --a /tmp/uvl:/tmp/before/runtime --b /tmp/uvl --concurrency 32,128
+
+With ``--py-spy PATH`` each side then gets one more turn at each concurrency
+with py-spy recording it (collapsed stacks, ``--nonblocking``), and
+``bench/pyspy_table.py`` turns the two recordings into the table of where the
+CPU went.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import contextlib
 import resource
 import shutil
 import statistics
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -37,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="turns each gateway gets per concurrency")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds measured per turn")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before each turn's window")
+    parser.add_argument("--py-spy", help="py-spy command: record one more turn of each side with it")
+    parser.add_argument("--profile-out", type=Path, default=Path("."), help="where the recordings go")
     args = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -86,11 +94,38 @@ def main(argv: list[str] | None = None) -> int:
                         f"{statistics.median(c['requests_per_second'] for c in cells):.1f} |",
                         flush=True,
                     )
+                if args.py_spy:
+                    for side, (url, pid, headers) in sides.items():
+                        profile(args, side, concurrency, url, pid, headers)
     finally:
         for engine in engines:
             engine.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def profile(args: argparse.Namespace, side: str, concurrency: int, url: str, pid: int, headers: dict) -> None:
+    out = args.profile_out / f"pyspy-{side}-c{concurrency}.txt"
+    seconds = int(args.warmup + args.duration) + 1
+    spy = subprocess.Popen(
+        [args.py_spy, "record", "--pid", str(pid), "--rate", "250", "--duration", str(seconds)]
+        + ["--format", "raw", "--nonblocking", "--output", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    cell = asyncio.run(
+        run_cell(
+            f"spotrag-{side}",
+            url,
+            concurrency,
+            warmup=args.warmup,
+            duration=args.duration,
+            proxy_pid=pid,
+            headers=headers,
+        )
+    )
+    spy.wait()
+    print(f"py-spy: {out} ({cell.summary()['proxy_cpu_ms_per_request']} ms CPU per answer under it)", flush=True)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,15 @@ class ChatStream(Response):
         # (Cancelling the request's task cancels this one with it.)
         answer = asyncio.get_running_loop().create_task(self._respond(send, scope.get(RAW_SEND, send)))
         self.watch.serve(answer)
-        await answer
+        try:
+            await answer
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if (current is not None and current.cancelling()) or not self.watch.gone:
+                raise
+            # The client left before the answer's task took its first step.
+            await self._close()
+            raise ClientClosedRequest("The client closed the connection.") from None
 
     async def _respond(self, send: Send, body_send: Send) -> None:
         try:
