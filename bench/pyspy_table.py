@@ -47,7 +47,7 @@ ROWS = [
     ("`_StallWatch.next` (incl. the engine read below it)", "incl", r"^_StallWatch\.next "),
     ("`EngineClient.stream_chat` (incl. aiohttp's reads)", "incl", r"^EngineClient\.stream_chat "),
     ("aiohttp protocol callbacks (`data_received`)", "incl", r"^ResponseHandler\.data_received "),
-    ("sending the request to the engine (aiohttp)", "incl", r"^ClientSession\._request "),
+    ("sending the request to the engine (aiohttp)", "incl", r"^(ClientSession\._request|ClientRequest\.write_bytes) "),
     ("histogram observations (`Histogram.observe`)", "incl", r"^Histogram\.observe "),
     (
         "per request: FastAPI's handler (dependencies, validation, the route up to the response)",
