@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from spotrag_runtime.gateway.config import GatewayConfig
 from spotrag_runtime.gateway.errors import APIError, AuthenticationFailed, RequestTooLarge, install_error_handlers
 from spotrag_runtime.gateway.routes import chat, rag, system
+from spotrag_runtime.gateway.routes.streaming import RAW_SEND
 from spotrag_runtime.gateway.routes.ui import ui_router
 from spotrag_runtime.gateway.service import Gateway, outcome_of
 
@@ -86,6 +87,17 @@ class RequestGuard:
         return limited_receive
 
 
+class GatewayApp(FastAPI):
+    """FastAPI, with the server's own ``send`` in each HTTP request's scope
+    (``RAW_SEND``): a streamed answer starts through the middleware's send
+    wrappers, which only watch for the start, then writes its body there."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[RAW_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     config: GatewayConfig,
     *,
@@ -108,7 +120,7 @@ def create_app(
         finally:
             await gateway.close()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="spotrag gateway",
         summary="OpenAI-compatible, retrieval-augmented chat in front of vLLM engines.",
         lifespan=lifespan,

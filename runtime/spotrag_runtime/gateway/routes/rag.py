@@ -21,8 +21,8 @@ from pydantic import ValidationError
 
 from spotrag_runtime.gateway.prompt import Context
 from spotrag_runtime.gateway.relay import ChatOutcome
-from spotrag_runtime.gateway.routes.chat import _events as chat_events
-from spotrag_runtime.gateway.routes.streaming import EventStreamResponse, collect, sse, until_disconnect
+from spotrag_runtime.gateway.routes.chat import ChatStream
+from spotrag_runtime.gateway.routes.streaming import ClientWatch, collect, sse
 from spotrag_runtime.gateway.schemas import ChatCompletionRequest, RagQueryRequest
 from spotrag_runtime.gateway.service import Gateway
 
@@ -48,16 +48,26 @@ def _passages(contexts: Sequence[Context]) -> list[dict[str, Any]]:
 
 
 @router.post("/v1/rag/query", response_model=None)
-async def rag_query(body: RagQueryRequest, request: Request) -> dict[str, Any] | EventStreamResponse:
+async def rag_query(body: RagQueryRequest, request: Request) -> dict[str, Any] | ChatStream:
     gateway: Gateway = request.app.state.gateway
     started = time.perf_counter()
     gateway.check_model(body.model)
     gateway.check_max_tokens(body.max_tokens)
-    found = await until_disconnect(
-        request, gateway.retrieve(body.question, top_k=body.top_k, score_threshold=body.score_threshold)
-    )
+    watch = ClientWatch(request)
+    try:
+        return await _answer(gateway, body, watch, started)
+    except BaseException:
+        watch.stop()
+        raise
+
+
+async def _answer(
+    gateway: Gateway, body: RagQueryRequest, watch: ClientWatch, started: float
+) -> dict[str, Any] | ChatStream:
+    found = await watch.guard(gateway.retrieve(body.question, top_k=body.top_k, score_threshold=body.score_threshold))
     model = gateway.config.served_model_name
     if not body.generate:
+        watch.stop()
         gateway.record(started, None)
         return {
             "object": "rag.answer",
@@ -77,12 +87,10 @@ async def rag_query(body: RagQueryRequest, request: Request) -> dict[str, Any] |
         )
     except ValidationError as error:  # a sampling option of the wrong shape
         raise RequestValidationError(error.errors()) from None
-    prepared = await until_disconnect(request, gateway.prepare_chat(chat, rag=True, passages=found, arrived_at=started))
+    prepared = await watch.guard(gateway.prepare_chat(chat, rag=True, passages=found, arrived_at=started))
     job, outcome = prepared.job, ChatOutcome()
     chunks = gateway.relay.chunks(job, outcome)
     if body.stream:
-        # As in chat: the first chunk before the status, so a request that could not start gets a real one.
-        first = await until_disconnect(request, anext(chunks))
         head = {
             "id": job.id,
             "object": "rag.passages",
@@ -91,18 +99,21 @@ async def rag_query(body: RagQueryRequest, request: Request) -> dict[str, Any] |
             "passages": _passages(prepared.contexts),
         }
         options = body.stream_options
-        return EventStreamResponse(
-            chat_events(
-                gateway,
-                job,
-                outcome,
-                [sse(head), *first],  # the engine's chunks are relayed as SSE bytes
-                chunks,
-                started=started,
-                include_usage=bool(options and options.include_usage),
-            )
+        # As in chat: the first chunk before the status, so a request that could not start gets a real one
+        # (however long it takes: no keep-alive comments before the passages).
+        return ChatStream(
+            gateway,
+            job,
+            outcome,
+            chunks,
+            watch,
+            started=started,
+            include_usage=bool(options and options.include_usage),
+            keep_alive=0,
+            head=sse(head),
         )
-    await until_disconnect(request, collect(chunks))
+    await watch.guard(collect(chunks))
+    watch.stop()
     gateway.record(started, None)
     return {
         "id": job.id,
