@@ -22,7 +22,6 @@ CPU went.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import resource
 import shutil
@@ -31,8 +30,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bench.gateway_bench import ANSWER_TOKENS, MODEL, run_cell, start_target
-from spotrag_runtime.engine_emulator import start_engine_emulator
+from bench.gateway_bench import run_cell, running_engines, start_target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,23 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     work = Path(tempfile.mkdtemp(prefix="spotrag-gateway-ab-"))
-    engine_options = dict(
-        served_model_name=MODEL,
-        ttft_ms=20,
-        itl_ms=5,
-        max_num_seqs=256,
-        answer_words_min=4 * ANSWER_TOKENS,
-        answer_words_max=4 * ANSWER_TOKENS,
-    )
-    engines = [start_engine_emulator(**engine_options) for _ in range(2)]
     try:
-        for engine in engines:
-            engine.wait_ready()
-        with contextlib.ExitStack() as stack:
+        with running_engines(2) as engines, contextlib.ExitStack() as stack:
             sides = {}
             for side, path in (("A", args.a), ("B", args.b)):
                 (work / side).mkdir()
-                options = argparse.Namespace(gateway_pythonpath=path)
+                options = argparse.Namespace(gateway_pythonpath=path, proxy_cpus=None)
                 sides[side] = stack.enter_context(start_target("spotrag", engines, work / side, options))
             print("| C | gateway | CPU ms per answer, each turn | median | req/s median |")
             print("|---:|---|---|---:|---:|")
@@ -73,16 +60,14 @@ def main(argv: list[str] | None = None) -> int:
                 turns: dict[str, list] = {"A": [], "B": []}
                 for _ in range(args.rounds):
                     for side, (url, pid, headers) in sides.items():
-                        cell = asyncio.run(
-                            run_cell(
-                                f"spotrag-{side}",
-                                url,
-                                concurrency,
-                                warmup=args.warmup,
-                                duration=args.duration,
-                                proxy_pid=pid,
-                                headers=headers,
-                            )
+                        cell = run_cell(
+                            f"spotrag-{side}",
+                            url,
+                            concurrency,
+                            warmup=args.warmup,
+                            duration=args.duration,
+                            proxy_pid=pid,
+                            headers=headers,
                         )
                         turns[side].append(cell.summary())
                 for side, cells in turns.items():
@@ -98,8 +83,6 @@ def main(argv: list[str] | None = None) -> int:
                     for side, (url, pid, headers) in sides.items():
                         profile(args, side, concurrency, url, pid, headers)
     finally:
-        for engine in engines:
-            engine.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
@@ -113,16 +96,14 @@ def profile(args: argparse.Namespace, side: str, concurrency: int, url: str, pid
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    cell = asyncio.run(
-        run_cell(
-            f"spotrag-{side}",
-            url,
-            concurrency,
-            warmup=args.warmup,
-            duration=args.duration,
-            proxy_pid=pid,
-            headers=headers,
-        )
+    cell = run_cell(
+        f"spotrag-{side}",
+        url,
+        concurrency,
+        warmup=args.warmup,
+        duration=args.duration,
+        proxy_pid=pid,
+        headers=headers,
     )
     spy.wait()
     print(f"py-spy: {out} ({cell.summary()['proxy_cpu_ms_per_request']} ms CPU per answer under it)", flush=True)
