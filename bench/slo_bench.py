@@ -177,6 +177,11 @@ def main(argv: list[str]) -> int:
     print(
         f"\n### code on an L4 (an SLO out of reach)\n\n{describe('code', settings, result)}\n\n{table(result.summaries)}"
     )
+    changes = {s.policy: (s.scale_changes, s.feedback_changes) for s in result.summaries}
+    print(f"\nscale changes / feedback moves over the day: {changes}")
+    for s in result.summaries:
+        if s.slo_problem:
+            print(f"\n{s.policy}: SLO out of reach in {s.out_of_reach:.0%} of decisions; the last: {s.slo_problem}")
     equal_cost(args.processes)
     return 0
 

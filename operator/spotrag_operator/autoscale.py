@@ -34,7 +34,7 @@ sentence saying why.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .calibration import (
     Calibration,
@@ -117,6 +117,7 @@ class ScalingPolicy:
     engine_rates: EngineRates | None = None  # the preset before calibration; None: calibration.DEFAULT_PRESET
     max_inflight_tokens_per_engine: int | None = None  # the gateway's cap on one engine's work
     calibrate_online: bool = True  # False: the preset's rates only (scaling.calibration.online)
+    max_model_len: int | None = None  # the engines' context: the longest prompt they take
 
     def __post_init__(self) -> None:
         problems = []
@@ -174,6 +175,7 @@ class ScalingPolicy:
             engine_rates=rates,
             max_inflight_tokens_per_engine=(spec.get("gateway") or {}).get("maxInflightTokensPerEngine"),
             calibrate_online=(scaling.get("calibration") or {}).get("online", True),
+            max_model_len=(spec.get("model") or {}).get("maxModelLen"),
             **overrides,
         )
 
@@ -392,18 +394,61 @@ def need_for(policy: ScalingPolicy, observed: Observation) -> Need:
     return Need(engines=queued / target, how=note, target=target)
 
 
-def unmeetable_slo(slo: Slo, rates: EngineRates, mean_prompt_tokens: float | None) -> str | None:
-    """An SLO no engine can meet: the TTFT is below one prefill of the typical
-    prompt. Accepted (the fleet still scales), but to be shown in a condition."""
-    if not mean_prompt_tokens:
-        return None
-    prefill = mean_prompt_tokens * rates.seconds_per_prompt_token
+# An SLO out of reach: the fleet is sized and steered to one prefill of the
+# percentile prompt plus this headroom (queueing, the decode steps a prefill
+# shares its steps with), the lowest TTFT percentile it can hold.
+FLOOR_HEADROOM = 0.25
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reach:
+    """Whether any fleet can meet the TTFT SLO, and what the fleet is steered to."""
+
+    reachable: bool
+    target_seconds: float  # the SLO, or (out of reach) the reachable floor with FLOOR_HEADROOM
+    prompt_tokens: float | None = None  # at the SLO's percentile (or the mean, before the histogram says)
+    prefill_seconds: float | None = None  # one prefill of them at the calibrated rate
+    message: str | None = None  # out of reach: why, with the numbers
+
+
+def slo_reach(
+    slo: Slo, rates: EngineRates, *, percentile_prompt_tokens: float | None, mean_prompt_tokens: float | None = None
+) -> Reach:
+    """An SLO no fleet can meet (pure; a table in tests/unit/test_calibration.py).
+
+    A request's TTFT is at least one prefill of its prompt, and a longer
+    prompt takes longer, so the TTFT at the SLO's percentile is at least one
+    prefill of the prompt at that percentile (vllm:request_prompt_tokens). When
+    that alone exceeds the TTFT target, more engines cannot meet the SLO:
+    accepted (the fleet still scales) but shown in a condition, and the fleet
+    is sized to the floor instead (`target_seconds`). Before the histogram
+    holds enough requests, the mean prompt (a weaker check) is used."""
+    tokens, basis = percentile_prompt_tokens, f"the p{slo.percentile:g} prompt"
+    if tokens is None:
+        tokens, basis = mean_prompt_tokens, "the mean prompt"
+    if not tokens:
+        return Reach(reachable=True, target_seconds=slo.ttft_seconds)
+    prefill = tokens * rates.seconds_per_prompt_token
     if prefill < slo.ttft_seconds:
-        return None
-    return (
-        f"the TTFT SLO of {slo.ttft_seconds:g}s is below one prefill of the mean prompt: {mean_prompt_tokens:.0f} tokens "
-        f"at {rates.prefill_tokens_per_second:.0f} tok/s take {prefill:.2f}s on any engine; more engines cannot meet it"
+        return Reach(reachable=True, target_seconds=slo.ttft_seconds, prompt_tokens=tokens, prefill_seconds=prefill)
+    floor = prefill * (1.0 + FLOOR_HEADROOM)
+    # Rounded so the condition's message does not change every reconcile.
+    message = (
+        f"the TTFT SLO of {slo.ttft_seconds:g}s is below one prefill of {basis}: {_round_to(tokens, 100):.0f} tokens "
+        f"at {_round_to(rates.prefill_tokens_per_second, 100):.0f} tok/s take {prefill:.1f}s on any engine; more "
+        f"engines cannot meet it, so the fleet is sized for a TTFT p{slo.percentile:g} of {floor:.1f}s "
+        f"(that prefill + {FLOOR_HEADROOM:.0%})"
     )
+    return Reach(reachable=False, target_seconds=floor, prompt_tokens=tokens, prefill_seconds=prefill, message=message)
+
+
+def _round_to(value: float, step: float) -> float:
+    return round(value / step) * step if value >= step else value
+
+
+def unmeetable_slo(slo: Slo, rates: EngineRates, mean_prompt_tokens: float | None) -> str | None:
+    """slo_reach's message on the mean prompt alone (None: reachable or unknown)."""
+    return slo_reach(slo, rates, percentile_prompt_tokens=None, mean_prompt_tokens=mean_prompt_tokens).message
 
 
 def recommend(queued_tokens: float, current: int, policy: ScalingPolicy) -> tuple[int, bool]:
@@ -569,11 +614,18 @@ class ScalingStep:
     calibration: Calibration
     slo_problem: str | None  # an SLO no engine can meet (for a condition), else None
     feedback_note: str  # what the TTFT feedback saw this period ("" when it did not look)
+    reach: Reach | None = None
 
     def sizing_status(self) -> dict:
         """For status.sizing: the basis and parts of the last recommendation, the rates and why."""
         need = self.decision.need.to_dict() if self.decision.need else {"basis": "unavailable"}
-        return need | self.calibration.to_dict() | ({"sloProblem": self.slo_problem} if self.slo_problem else {})
+        extra = {}
+        if self.reach and self.reach.prompt_tokens is not None:
+            extra["promptTokensAtPercentile"] = round(self.reach.prompt_tokens)
+            extra["ttftTargetSeconds"] = round(self.reach.target_seconds, 2)
+        if self.slo_problem:
+            extra["sloProblem"] = self.slo_problem
+        return need | self.calibration.to_dict() | extra
 
 
 def scale(
@@ -593,18 +645,33 @@ def scale(
         result, state = calibrate(state, policy.rates, samples, now=observed.now)
     else:
         result, _ = calibrate(CalibrationState(), policy.rates, [], now=observed.now)
+    reach = Reach(reachable=True, target_seconds=policy.slo.ttft_seconds)
+    if policy.target_queued_tokens_per_replica is None:
+        reach = slo_reach(
+            policy.slo,
+            result.rates,
+            percentile_prompt_tokens=result.prompt_tokens_at(policy.slo.percentile, max_model_len=policy.max_model_len),
+            mean_prompt_tokens=result.mean_prompt_tokens,
+        )
     factor, note, state = feedback(
-        state, ttft_buckets, slo_seconds=policy.slo.ttft_seconds, percentile=policy.slo.percentile, now=observed.now
+        state,
+        ttft_buckets,
+        slo_seconds=reach.target_seconds,
+        percentile=policy.slo.percentile,
+        now=observed.now,
+        engines=None if observed.starting else observed.ready,
+        reachable=reach.reachable,
     )
     result = Calibration(**{**result.__dict__, "feedback": factor})
     requests, state = smooth_requests(state, observed.requests, now=observed.now)
     observed = Observation(**{**observed.__dict__, "requests": requests})
-    decision, autoscaler_state = decide(policy, _with_calibration(observed, result), autoscaler)
-    problem = None
-    if policy.target_queued_tokens_per_replica is None:
-        problem = unmeetable_slo(policy.slo, result.rates, result.mean_prompt_tokens)
+    sized_policy = policy
+    if not reach.reachable:
+        # Sized as if the SLO were the floor: the backlog drains within it.
+        sized_policy = replace(policy, slo=replace(policy.slo, ttft_seconds=reach.target_seconds))
+    decision, autoscaler_state = decide(sized_policy, _with_calibration(observed, result), autoscaler)
     return (
-        ScalingStep(decision=decision, calibration=result, slo_problem=problem, feedback_note=note),
+        ScalingStep(decision=decision, calibration=result, slo_problem=reach.message, feedback_note=note, reach=reach),
         (autoscaler_state),
         state,
     )

@@ -6,7 +6,11 @@ runs. Both start from a preset (`PRESETS`, or the spec's own numbers) and are
 then estimated online from what every serving engine reports on /metrics:
 
 - `vllm:prompt_tokens_total`, `vllm:generation_tokens_total` (counters),
-- `vllm:num_requests_running` / `_waiting` (gauges).
+- `vllm:num_requests_running` / `_waiting` (gauges),
+- `vllm:request_prompt_tokens` (a histogram of finished requests' prompt
+  lengths): its bucket deltas, summed over the engines and remembered for
+  about half an hour, give the prompt length at the SLO's percentile
+  (`prompt_tokens_at`), against which autoscale.slo_reach weighs the SLO.
 
 Over an interval of Δt in which an engine had work at both ends (so it was
 stepping all along), its time went to prefill and to decode steps:
@@ -197,6 +201,7 @@ RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 REQUEST_PROMPT_SUM = "vllm:request_prompt_tokens_sum"  # prompt lengths of finished requests
 REQUEST_PROMPT_COUNT = "vllm:request_prompt_tokens_count"
+REQUEST_PROMPT_BUCKET = "vllm:request_prompt_tokens_bucket"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,6 +217,8 @@ class EngineSample:
     state: str = SERVING  # only serving engines calibrate
     finished_prompt_tokens: float = 0.0  # counter: prompt tokens of finished requests
     finished_requests: float = 0.0  # counter
+    # vllm:request_prompt_tokens as read: cumulative {le: count}; None when not exported.
+    prompt_buckets: Mapping[str, float] | None = None
 
 
 def parse_engine_metrics(text: str, *, name: str, time: float, state: str = SERVING) -> EngineSample:
@@ -220,11 +227,15 @@ def parse_engine_metrics(text: str, *, name: str, time: float, state: str = SERV
         (PROMPT_TOKENS, GENERATION_TOKENS, RUNNING, WAITING, REQUEST_PROMPT_SUM, REQUEST_PROMPT_COUNT), 0.0
     )
     seen = set()
+    buckets: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in totals:
                 totals[sample.name] += sample.value
                 seen.add(sample.name)
+            elif sample.name == REQUEST_PROMPT_BUCKET:
+                le = _bound(sample.labels.get("le", "+Inf"))
+                buckets[le] = buckets.get(le, 0.0) + sample.value
     missing = {PROMPT_TOKENS, GENERATION_TOKENS} - seen
     if missing:
         raise ValueError(f"engine {name} exports no {', '.join(sorted(missing))}")
@@ -238,7 +249,13 @@ def parse_engine_metrics(text: str, *, name: str, time: float, state: str = SERV
         state=state,
         finished_prompt_tokens=totals[REQUEST_PROMPT_SUM],
         finished_requests=totals[REQUEST_PROMPT_COUNT],
+        prompt_buckets=buckets or None,
     )
+
+
+def _bound(le: str) -> str:
+    """One spelling per bucket bound ("2000", "2000.0" and "2e3" are one bucket)."""
+    return "+Inf" if le in ("+Inf", "inf", "Inf") else str(float(le))
 
 
 # -- the online fit ---------------------------------------------------------------------
@@ -254,6 +271,11 @@ MIN_INTERVAL_SECONDS = 1.0
 # estimate would size the fleet absurdly; the feedback term covers the rest.
 MAX_FACTOR = 4.0
 RATE_SMOOTHING_SECONDS = 60.0  # time constant of the smoothed token rates
+# The prompt-length histogram remembers finished requests over this time
+# constant: long enough for a tail percentile to rest on hundreds of requests,
+# short enough to follow a day whose prompts change.
+PROMPT_LENGTH_MEMORY_SECONDS = 1800.0
+PROMPT_LENGTH_MIN_REQUESTS = 50  # fewer say little about a tail percentile
 
 
 @dataclass
@@ -275,6 +297,14 @@ class CalibrationState:
     calm_periods: int = 0  # feedback periods in a row with the TTFT percentile well under the SLO
     requests: float | None = None  # requests in flight, smoothed (smooth_requests)
     requests_at: float | None = None
+    prompt_buckets: dict[str, dict[str, float]] = field(default_factory=dict)  # engine → last cumulative histogram
+    prompt_lengths: dict[str, float] = field(default_factory=dict)  # fleet histogram, fading (cumulative)
+    prompt_lengths_at: float | None = None
+    # The TTFT feedback's memory of scale-ups that did not help (feedback).
+    stall_ttft: float | None = None  # the percentile when the current streak over the SLO began
+    stall_engines: int | None = None  # ready engines then
+    stall_periods: int = 0  # periods over the SLO since
+    stalled_since: float | None = None  # scale-ups did not help: the feedback adds no engine until under the SLO
 
     def to_dict(self) -> dict:
         return {
@@ -292,6 +322,13 @@ class CalibrationState:
             "calmPeriods": self.calm_periods,
             "requests": self.requests,
             "requestsAt": self.requests_at,
+            "promptBuckets": {name: dict(b) for name, b in sorted(self.prompt_buckets.items())},
+            "promptLengths": dict(self.prompt_lengths),
+            "promptLengthsAt": self.prompt_lengths_at,
+            "stallTTFT": self.stall_ttft,
+            "stallEngines": self.stall_engines,
+            "stallPeriods": self.stall_periods,
+            "stalledSince": self.stalled_since,
         }
 
     @classmethod
@@ -315,6 +352,16 @@ class CalibrationState:
                 calm_periods=int(data.get("calmPeriods") or 0),
                 requests=_optional(data.get("requests")),
                 requests_at=_optional(data.get("requestsAt")),
+                prompt_buckets={
+                    str(name): {str(le): float(n) for le, n in b.items()}
+                    for name, b in (data.get("promptBuckets") or {}).items()
+                },
+                prompt_lengths={str(le): float(n) for le, n in (data.get("promptLengths") or {}).items()},
+                prompt_lengths_at=_optional(data.get("promptLengthsAt")),
+                stall_ttft=_optional(data.get("stallTTFT")),
+                stall_engines=None if data.get("stallEngines") is None else int(data["stallEngines"]),
+                stall_periods=int(data.get("stallPeriods") or 0),
+                stalled_since=_optional(data.get("stalledSince")),
             )
         except (TypeError, ValueError, AttributeError) as error:
             raise ValueError(f"calibration state is malformed: {error}") from None
@@ -342,6 +389,17 @@ class Calibration:
     intervals: float  # evidence behind the fit (0: the preset alone)
     factors: tuple[float, float, float]  # fitted / preset: prefill time, step fixed cost, per-sequence cost
     feedback: float  # > 1: fewer engines (TTFT well under the SLO); < 1: more
+    # Finished requests' prompt lengths over the fleet, fading ({le: count},
+    # cumulative): prompt_tokens_at reads a percentile from it.
+    prompt_lengths: Mapping[str, float] = field(default_factory=dict)
+
+    def prompt_tokens_at(self, percentile: float, *, max_model_len: int | None = None) -> float | None:
+        """The prompt length at this percentile (0..100) of the remembered
+        finished requests; None with fewer than PROMPT_LENGTH_MIN_REQUESTS.
+        Past the last bucket (vLLM's stop below max_model_len) it is
+        interpolated up to max_model_len when known."""
+        value, count = histogram_quantile({}, self.prompt_lengths, percentile / 100.0, top=max_model_len)
+        return value if count >= PROMPT_LENGTH_MIN_REQUESTS else None
 
     def to_dict(self) -> dict:
         return {
@@ -382,6 +440,30 @@ def interval_row(previous: list[float], sample: EngineSample) -> tuple[list[floa
     return row, d_prompt, d_generated
 
 
+def histogram_delta(previous: Mapping[str, float] | None, current: Mapping[str, float]) -> dict[str, float] | None:
+    """What one engine's cumulative histogram ({le: count}) gained since its
+    last reading; None when the readings cannot be compared: no earlier one,
+    a count that fell or a bucket that went away (the engine restarted: its
+    new counts are a fresh start, not a negative rate)."""
+    if previous is None or set(previous) - set(current):
+        return None
+    delta = {le: current[le] - previous.get(le, 0.0) for le in current}
+    return None if any(d < 0 for d in delta.values()) else delta
+
+
+def fade_histogram(
+    kept: Mapping[str, float],
+    delta: Mapping[str, float],
+    *,
+    elapsed: float,
+    memory: float = PROMPT_LENGTH_MEMORY_SECONDS,
+) -> dict[str, float]:
+    """The remembered histogram after `elapsed` seconds, old counts fading
+    as exp(-elapsed / memory), plus what was just observed."""
+    keep = math.exp(-max(0.0, elapsed) / memory)
+    return {le: kept.get(le, 0.0) * keep + delta.get(le, 0.0) for le in set(kept) | set(delta)}
+
+
 def _solve3(a: list[list[float]], b: list[float]) -> list[float]:
     """Gaussian elimination with partial pivoting (3×3, well conditioned by the prior)."""
     m = [row[:] + [v] for row, v in zip(a, b, strict=True)]
@@ -408,11 +490,19 @@ def calibrate(
     prompt_sum = generated_sum = finished_tokens = finished = 0.0
     fresh = False
     seen = set()
+    prompt_buckets = dict(state.prompt_buckets)
+    lengths_delta: dict[str, float] = {}
     for sample in samples:
         seen.add(sample.name)
         if sample.state != SERVING:
             last.pop(sample.name, None)  # its numbers are not the serving rate; start afresh when it serves
+            prompt_buckets.pop(sample.name, None)
             continue
+        if sample.prompt_buckets is not None:
+            delta = histogram_delta(prompt_buckets.get(sample.name), sample.prompt_buckets)
+            prompt_buckets[sample.name] = dict(sample.prompt_buckets)
+            for le, count in (delta or {}).items():
+                lengths_delta[le] = lengths_delta.get(le, 0.0) + count
         previous = last.get(sample.name)
         last[sample.name] = [
             sample.time,
@@ -444,6 +534,11 @@ def calibrate(
         intervals = FORGET * intervals + 1.0
     # Engines gone from the scrape are forgotten (the state stays as small as the fleet).
     last = {name: v for name, v in last.items() if name in seen}
+    prompt_buckets = {name: b for name, b in prompt_buckets.items() if name in seen}
+    prompt_lengths, prompt_lengths_at = state.prompt_lengths, state.prompt_lengths_at
+    if lengths_delta or prompt_lengths:
+        elapsed = 0.0 if prompt_lengths_at is None else now - prompt_lengths_at
+        prompt_lengths, prompt_lengths_at = fade_histogram(prompt_lengths, lengths_delta, elapsed=elapsed), now
 
     prompt_rate, generation_rate, rates_at = state.prompt_rate, state.generation_rate, state.rates_at
     if fresh:
@@ -487,6 +582,9 @@ def calibrate(
         generation_rate=generation_rate,
         rates_at=rates_at,
         mean_prompt_tokens=mean_prompt,
+        prompt_buckets=prompt_buckets,
+        prompt_lengths=prompt_lengths,
+        prompt_lengths_at=prompt_lengths_at,
     )
     return Calibration(
         rates=rates,
@@ -496,6 +594,7 @@ def calibrate(
         intervals=intervals,
         factors=tuple(factors),
         feedback=state.feedback,
+        prompt_lengths=prompt_lengths,
     ), new_state
 
 
@@ -511,15 +610,27 @@ WELL_UNDER = 0.5  # the percentile under half the SLO counts as "well under"
 # so one calm minute says nothing about room for the next burst; half an hour
 # of calm minutes, bursts included, does.
 CALM_PERIODS = 30
+# Scale-ups that did not help: after this many periods in a row over the
+# target, with this many more engines ready than when the streak began, a
+# TTFT percentile still above this share of its value then did not respond
+# to engines (prompts too long for the SLO, a slow dependency). The feedback
+# then goes back to 1 and adds no engine until a period meets the target.
+STALL_PERIODS = 5
+STALL_GROWTH = 0.3
+STALL_IMPROVEMENT = 0.9
+STALL_HOLD_SECONDS = 3600.0  # a stall is remembered at least this long: no probing every few minutes
 
 
 def histogram_quantile(
-    previous: Mapping[str, float], current: Mapping[str, float], q: float
+    previous: Mapping[str, float], current: Mapping[str, float], q: float, *, top: float | None = None
 ) -> tuple[float | None, float]:
     """The q-quantile (0..1) of what a cumulative histogram gained between two
     readings ({le: count}), as Prometheus' histogram_quantile interpolates it,
     and how many observations that was. A reset (a count that fell) gives
-    (None, 0): the readings cannot be compared."""
+    (None, 0): the readings cannot be compared. With `top`, the +Inf bucket
+    ends there (a prompt length: vLLM refuses prompts past max_model_len) and
+    is interpolated like the others; without, a quantile in it is the last
+    finite bound, a lower bound."""
     bounds = sorted(current, key=lambda le: math.inf if le == "+Inf" else float(le))
     deltas = [current[le] - previous.get(le, 0.0) for le in bounds]
     if any(d < 0 for d in deltas) or not deltas:
@@ -532,7 +643,9 @@ def histogram_quantile(
         upper = math.inf if le == "+Inf" else float(le)
         if count >= rank:
             if upper == math.inf:
-                return lower, total  # beyond the last finite bucket: its bound, as Prometheus does
+                if top is None or top <= lower:
+                    return lower, total  # beyond the last finite bucket: its bound, as Prometheus does
+                upper = top
             inside = count - below
             return lower + (upper - lower) * ((rank - below) / inside if inside else 1.0), total
         lower, below = upper, count
@@ -546,30 +659,49 @@ def feedback(
     slo_seconds: float,
     percentile: float,
     now: float,
+    engines: int | None = None,
+    reachable: bool = True,
 ) -> tuple[float, str, CalibrationState]:
     """Once per FEEDBACK_PERIOD_SECONDS, compare the TTFT percentile observed
     since the last period (from the gateways' cumulative histogram, summed)
-    with the SLO and nudge the feedback factor: ×0.85 when over (more
+    with the target (`slo_seconds`: the SLO, or the reachable floor when the
+    SLO is out of reach) and nudge the feedback factor: ×0.85 when over (more
     engines); ×1.05 (fewer) when under half of it, up to 1 at once, above 1
-    only after CALM_PERIODS such periods in a row; unchanged otherwise, so it cannot chase noise nor spend the
-    headroom kept for bursts. Bounded to [0.5, 1.5]. Returns (factor, note, state)."""
+    only after CALM_PERIODS such periods in a row; unchanged otherwise, so it
+    cannot chase noise nor spend the headroom kept for bursts. Bounded to
+    [0.5, 1.5]. Engines that do not help are not added: while the SLO is out
+    of reach (`reachable` False) the factor is at least 1, and when
+    STALL_PERIODS over the target with STALL_GROWTH more `engines` ready did
+    not improve the percentile, it goes back to 1 and stays there until a
+    period meets the target. Returns (factor, note, state)."""
+    if not reachable and state.feedback < 1.0:
+        # The engines it added were for an SLO no fleet meets.
+        state = replace(state, feedback=1.0, stall_ttft=None, stall_engines=None, stall_periods=0)
     if ttft_buckets is None:
         return state.feedback, "no TTFT histogram", state
     if state.feedback_at is not None and now - state.feedback_at < FEEDBACK_PERIOD_SECONDS:
         return state.feedback, "", state
     value, count = histogram_quantile(state.ttft_buckets, ttft_buckets, percentile / 100.0)
     factor, note, calm = state.feedback, "", state.calm_periods
+    stall = (state.stall_ttft, state.stall_engines, state.stall_periods, state.stalled_since)
     if value is not None and count >= FEEDBACK_MIN_REQUESTS:
         ratio = value / slo_seconds
         calm = calm + 1 if ratio < WELL_UNDER else 0
+        note = f"TTFT p{percentile:g} {value:.2f}s over {count:.0f} requests vs {slo_seconds:g}s"
         if ratio > 1.0:
-            factor = max(FEEDBACK_MIN, factor * FEEDBACK_DOWN)
-        elif ratio < WELL_UNDER and (factor < 1.0 or calm >= CALM_PERIODS):
+            stall = over_target(stall, value, engines, now=now)
+            if stall[3] is not None:
+                factor = max(factor, 1.0)
+                note += f"; more engines did not help (TTFT over the target since {stall[3]:.0f})"
+            elif reachable or factor > 1.0:
+                factor = max(FEEDBACK_MIN if reachable else 1.0, factor * FEEDBACK_DOWN)
+        elif stall[3] is None or now - stall[3] >= STALL_HOLD_SECONDS:
+            stall = (None, None, 0, None)
+        if ratio < WELL_UNDER and (factor < 1.0 or calm >= CALM_PERIODS):
             # Back up to the model's size after any calm period; past it (fewer
             # engines than the model asks) only after sustained calm.
             ceiling = FEEDBACK_MAX if calm >= CALM_PERIODS else 1.0
             factor = min(ceiling, factor * FEEDBACK_UP)
-        note = f"TTFT p{percentile:g} {value:.2f}s over {count:.0f} requests vs SLO {slo_seconds:g}s"
     elif (
         value is None
         and count == 0
@@ -580,8 +712,38 @@ def feedback(
     return (
         factor,
         note,
-        replace(state, feedback=factor, feedback_at=now, ttft_buckets=dict(ttft_buckets), calm_periods=calm),
+        replace(
+            state,
+            feedback=factor,
+            feedback_at=now,
+            ttft_buckets=dict(ttft_buckets),
+            calm_periods=calm,
+            stall_ttft=stall[0],
+            stall_engines=stall[1],
+            stall_periods=stall[2],
+            stalled_since=stall[3],
+        ),
     )
+
+
+Stall = tuple[float | None, int | None, int, float | None]  # (TTFT, engines) at the streak's start, periods, since
+
+
+def over_target(stall: Stall, ttft: float, engines: int | None, *, now: float) -> Stall:
+    """One more feedback period over the target: did the scale-ups since the
+    streak began help? (pure; a table in tests/unit/test_calibration.py)"""
+    start_ttft, start_engines, periods, since = stall
+    if since is not None:
+        return stall
+    if start_ttft is None or start_engines is None or engines is None:
+        # The streak begins here (engines None: some are still starting, the
+        # scale-ups have not landed; judge from when they have).
+        return (ttft, engines, 0, None)
+    periods += 1
+    grew = engines >= start_engines * (1.0 + STALL_GROWTH) and engines > start_engines
+    if periods >= STALL_PERIODS and grew and ttft >= start_ttft * STALL_IMPROVEMENT:
+        return (start_ttft, start_engines, periods, now)
+    return (start_ttft, start_engines, periods, None)
 
 
 # The requests in flight, averaged over this time constant before they size the

@@ -399,7 +399,13 @@ def _slo_reach(step: ScalingStep, spec: dict) -> tuple[bool, str, str]:
     ttft = f"{ScalingPolicy.from_spec(spec).slo.ttft_seconds:g}s"
     if step.calibration.mean_prompt_tokens is None:
         return True, "NoPromptSeen", f"no finished request yet to weigh one prefill against the TTFT SLO of {ttft}"
-    return True, "PrefillWithinSLO", f"one prefill of the mean prompt takes less than the TTFT SLO of {ttft}"
+    percentile = f"{ScalingPolicy.from_spec(spec).slo.percentile:g}"
+    return (
+        True,
+        "PrefillWithinSLO",
+        f"one prefill of the p{percentile} prompt (or the mean, until enough requests finished) takes less than "
+        f"the TTFT SLO of {ttft}",
+    )
 
 
 def _scale(observed: Observed, memory: ScalingMemory) -> tuple[ScalingStep, Placement, ScalingMemory]:

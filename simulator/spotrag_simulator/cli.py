@@ -155,6 +155,11 @@ def cli(argv: list[str]) -> int:
             f"({meta['peak_engines']} engines at 80% busy)"
         )
     print(meta["start"])
+    for summary in comparison.summaries:
+        if summary.slo_problem:
+            print(
+                f"{summary.policy}: SLO out of reach in {summary.out_of_reach:.0%} of decisions; {summary.slo_problem}"
+            )
     if dropped:
         print(f"dropped {dropped} requests longer than the context ({profile.engine.max_model_len} tokens)")
     print(f"wrote {args.out}/ in {time.monotonic() - started:.0f}s")

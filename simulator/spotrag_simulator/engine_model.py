@@ -20,6 +20,7 @@ slot is free and the KV cache can hold prompt + output.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import deque
 
@@ -27,6 +28,19 @@ from .presets import EngineSpec
 
 PENDING, STARTING, READY, DRAINING, GONE = "Pending", "Starting", "Ready", "Draining", "Gone"
 TOKEN_EPSILON = 1e-3
+
+
+def one_two_five_buckets(max_value: int) -> tuple[float, ...]:
+    """vLLM's build_1_2_5_buckets (as the engine emulator's metrics.py): the
+    bounds of vllm:request_prompt_tokens, 1, 2, 5, 10, ... up to max_model_len."""
+    buckets, exponent = [], 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > max_value:
+                return tuple(buckets)
+            buckets.append(float(value))
+        exponent += 1
 
 
 class Request:
@@ -99,6 +113,9 @@ class Engine:
         self.generation_counter = 0.0
         self.finished_prompt_counter = 0.0
         self.finished_counter = 0
+        # vllm:request_prompt_tokens: finished requests per bucket (not cumulative), +Inf last.
+        self.prompt_length_bounds = one_two_five_buckets(spec.max_model_len)
+        self.prompt_length_counts = [0] * (len(self.prompt_length_bounds) + 1)
 
     # -- accounting -------------------------------------------------------------
 
@@ -223,6 +240,15 @@ class Engine:
         request.reserved = 0
         self.finished_prompt_counter += request.prompt
         self.finished_counter += 1
+        self.prompt_length_counts[bisect.bisect_left(self.prompt_length_bounds, request.prompt)] += 1
+
+    def prompt_buckets(self) -> dict[str, float]:
+        """vllm:request_prompt_tokens_bucket as scraped: cumulative {le: count}."""
+        cumulative, total = {}, 0
+        for bound, count in zip((*self.prompt_length_bounds, "+Inf"), self.prompt_length_counts, strict=True):
+            total += count
+            cumulative[bound if bound == "+Inf" else str(bound)] = float(total)
+        return cumulative
 
     def take_all(self) -> tuple[list[Request], list[Request]]:
         """Empty the engine (its node is going): (never started, started), each as it stands."""

@@ -79,6 +79,9 @@ class DecisionLog:
     feedback_changes: int = 0  # how often the TTFT feedback factor moved (flapping shows here)
     last_feedback: float = 1.0
     last_calibration: object = None  # the calibration in use at the end of the run
+    out_of_reach: int = 0  # control intervals with the SLO out of reach (autoscale.slo_reach)
+    decisions: int = 0
+    slo_problem: str | None = None  # the last out-of-reach message
 
 
 class SpotragController:
@@ -144,6 +147,10 @@ class SpotragController:
             self.log.feedback_changes += 1
             self.log.last_feedback = step.calibration.feedback
         self.log.last_calibration = step.calibration
+        self.log.decisions += 1
+        if step.slo_problem:
+            self.log.out_of_reach += 1
+            self.log.slo_problem = step.slo_problem
         if decision.changed:
             self.log.changes += 1
             self.log.timeline.append((view.now, decision.desired))

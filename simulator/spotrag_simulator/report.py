@@ -44,6 +44,8 @@ class Summary:
     steady_slo_minutes: float = 1.0  # after warm-up
     steady_lost: int = 0
     feedback_changes: int = 0
+    out_of_reach: float = 0.0  # share of the autoscaler's decisions that found the SLO out of reach
+    slo_problem: str | None = None  # why (autoscale.slo_reach's message), the last one seen
 
     @property
     def lost(self) -> int:
@@ -132,6 +134,8 @@ def summarize(result: RunResult, profile: Profile) -> Summary:
         steady_slo_minutes=float(met[warm:].mean()) if warm < len(met) else 0.0,
         steady_lost=int(np.sum(lost & after)),
         feedback_changes=getattr(log, "feedback_changes", 0),
+        out_of_reach=getattr(log, "out_of_reach", 0) / max(1, getattr(log, "decisions", 0)),
+        slo_problem=getattr(log, "slo_problem", None),
     )
 
 

@@ -288,6 +288,7 @@ class Simulation:
                         state=calibration.SERVING if engine.phase == READY else calibration.DRAINING,
                         finished_prompt_tokens=engine.finished_prompt_counter,
                         finished_requests=engine.finished_counter,
+                        prompt_buckets=engine.prompt_buckets(),
                     )
                 )
         queued = self.queued_tokens()

@@ -215,6 +215,7 @@ def test_policy_from_the_crd_defaults():
         slo=Slo(ttft_seconds=2.0, percentile=95.0),
         engine_rates=rates_from_spec({"preset": "L4/Mistral-7B"}),
         max_inflight_tokens_per_engine=65536,
+        max_model_len=8192,  # the default context: the longest prompt the SLO check allows for
     )
 
 

@@ -631,3 +631,177 @@ def test_engine_states_for_calibration_and_the_observation_from_readings():
     assert (old_gateway.prompt_tokens, old_gateway.requests) == (None, None)
     failed = observation_from(None, samples, now=1, ready=2, starting=0, metric_problem="no gateway")
     assert failed.queued_tokens is None and failed.metric_problem == "no gateway"
+
+
+# -- an SLO out of reach: prompt lengths, the reach check, engines that do not help ---------------
+
+
+@pytest.mark.parametrize(
+    ("previous", "current", "expected"),
+    [
+        (None, {"10.0": 1, "+Inf": 2}, None),  # the first reading: nothing to compare with
+        ({"10.0": 1, "+Inf": 2}, {"10.0": 4, "+Inf": 7}, {"10.0": 3, "+Inf": 5}),
+        ({"10.0": 1, "+Inf": 2}, {"10.0": 1, "+Inf": 2}, {"10.0": 0, "+Inf": 0}),  # nothing finished
+        ({"10.0": 5, "+Inf": 9}, {"10.0": 1, "+Inf": 2}, None),  # the engine restarted: not a negative count
+        ({"10.0": 5, "+Inf": 9}, {"10.0": 6, "+Inf": 8}, None),  # one bucket fell: a restart too
+        ({"10.0": 1, "20.0": 1, "+Inf": 2}, {"10.0": 2, "+Inf": 3}, None),  # buckets changed (new max_model_len)
+    ],
+)
+def test_prompt_histogram_deltas_per_engine(previous, current, expected):
+    assert calibration.histogram_delta(previous, current) == expected
+
+
+@pytest.mark.parametrize(
+    ("kept", "delta", "elapsed", "expected"),
+    [
+        ({}, {"10.0": 3, "+Inf": 5}, 0.0, {"10.0": 3, "+Inf": 5}),
+        ({"10.0": 4, "+Inf": 8}, {}, 1800.0, {"10.0": 4 * 0.36787944, "+Inf": 8 * 0.36787944}),  # one time constant
+        ({"10.0": 4, "+Inf": 8}, {"10.0": 1, "+Inf": 1}, 0.0, {"10.0": 5, "+Inf": 9}),
+    ],
+)
+def test_prompt_lengths_fade_over_half_an_hour(kept, delta, elapsed, expected):
+    faded = calibration.fade_histogram(kept, delta, elapsed=elapsed)
+    assert faded.keys() == expected.keys() and all(close(faded[le], expected[le], 1e-6) for le in expected)
+
+
+# 100 prompts: 50 up to 1000 tokens, 40 in 1000-2000, 10 in 2000-5000 and none longer; or 10 past 5000.
+LENGTHS = {"1000.0": 50, "2000.0": 90, "5000.0": 100, "+Inf": 100}
+LONG_TAIL = {"1000.0": 50, "2000.0": 80, "5000.0": 90, "+Inf": 100}
+
+
+@pytest.mark.parametrize(
+    ("lengths", "percentile", "max_model_len", "tokens"),
+    [
+        (LENGTHS, 50, None, 1000.0),
+        (LENGTHS, 95, None, 2000 + 3000 * 0.5),  # halfway through the 2000-5000 bucket
+        (LONG_TAIL, 95, None, 5000.0),  # in the +Inf bucket: its lower bound, as Prometheus gives it
+        (LONG_TAIL, 95, 8192, 5000 + 3192 * 0.5),  # ... interpolated up to the context vLLM refuses past
+        ({k: v / 10 for k, v in LENGTHS.items()}, 95, None, None),  # 10 requests say nothing about a p95
+    ],
+)
+def test_prompt_length_at_the_slo_percentile(lengths, percentile, max_model_len, tokens):
+    result = calibration.Calibration(
+        rates=L4,
+        prompt_tokens_per_second=None,
+        generation_tokens_per_second=None,
+        mean_prompt_tokens=None,
+        intervals=0,
+        factors=(1, 1, 1),
+        feedback=1.0,
+        prompt_lengths=lengths,
+    )
+    value = result.prompt_tokens_at(percentile, max_model_len=max_model_len)
+    assert value == tokens if tokens is None else close(value, tokens)
+
+
+def test_calibration_reads_prompt_lengths_per_engine_and_skips_a_restart():
+    def with_lengths(name, time, buckets):
+        return EngineSample(
+            name=name, time=time, prompt_tokens=0, generation_tokens=0, running=0, waiting=0, prompt_buckets=buckets
+        )
+
+    _, state = calibrate(None, L4, [with_lengths("a", 0, {"1000.0": 10, "+Inf": 10})], now=0)
+    assert state.prompt_lengths == {}  # a first reading is no delta
+    _, state = calibrate(
+        state,
+        L4,
+        [with_lengths("a", 10, {"1000.0": 70, "+Inf": 80}), with_lengths("b", 10, {"1000.0": 5, "+Inf": 5})],
+        now=10,
+    )
+    assert state.prompt_lengths == {"1000.0": 60, "+Inf": 70}  # b's first reading counts from its next
+    result, state = calibrate(
+        state,
+        L4,
+        [with_lengths("a", 20, {"1000.0": 1, "+Inf": 1}), with_lengths("b", 20, {"1000.0": 25, "+Inf": 25})],
+        now=20,
+    )
+    fade = 2.718281828 ** (-10 / calibration.PROMPT_LENGTH_MEMORY_SECONDS)
+    assert close(state.prompt_lengths["1000.0"], 60 * fade + 20) and close(state.prompt_lengths["+Inf"], 70 * fade + 20)
+    assert state.prompt_buckets["a"] == {"1000.0": 1, "+Inf": 1}  # a restarted: its new counts are the next baseline
+    assert CalibrationState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+    assert result.prompt_tokens_at(95) is not None
+
+
+@pytest.mark.parametrize(
+    ("ttft", "p95_prompt", "mean_prompt", "reachable", "target", "says"),
+    [
+        (2.0, 4_000, 1_000, True, 2.0, None),  # 1.0 s at 4,000 tok/s
+        (2.0, 7_000, 2_000, True, 2.0, None),  # 1.75 s: within it
+        (2.0, 10_000, 2_000, False, 2.5 * 1.25, "below one prefill of the p95 prompt: 10000 tokens"),
+        (2.0, 8_000, None, False, 2.0 * 1.25, "take 2.0s on any engine"),  # exactly at the SLO: out of reach
+        (2.0, None, 2_000, True, 2.0, None),  # before the histogram holds enough: the mean, within it
+        (0.2, None, 2_000, False, 0.5 * 1.25, "below one prefill of the mean prompt: 2000 tokens"),
+        (2.0, None, None, True, 2.0, None),  # nothing seen yet
+    ],
+)
+def test_an_slo_is_out_of_reach_when_one_prefill_of_the_percentile_prompt_exceeds_it(
+    ttft, p95_prompt, mean_prompt, reachable, target, says
+):
+    rates = EngineRates(prefill_tokens_per_second=4_000, decode_step_seconds=0.06, seconds_per_sequence=0.001)
+    reach = autoscale.slo_reach(
+        Slo(ttft_seconds=ttft), rates, percentile_prompt_tokens=p95_prompt, mean_prompt_tokens=mean_prompt
+    )
+    assert reach.reachable == reachable and close(reach.target_seconds, target)
+    assert (reach.message is None) == (says is None)
+    if says:
+        assert says in reach.message and f"SLO of {ttft:g}s" in reach.message and "4000 tok/s" in reach.message
+
+
+@pytest.mark.parametrize(
+    ("stall", "ttft", "engines", "expected"),
+    [
+        ((None, None, 0, None), 3.0, 10, (3.0, 10, 0, None)),  # a streak over the target begins
+        ((3.0, 10, 0, None), 3.0, None, (3.0, None, 0, None)),  # engines still starting: begin again when landed
+        ((3.0, 10, 3, None), 2.9, 14, (3.0, 10, 4, None)),  # 40% more engines, but only 4 periods
+        ((3.0, 10, 4, None), 2.9, 14, (3.0, 10, 5, 600.0)),  # 5 periods, 40% more, TTFT 3% better: stalled
+        ((3.0, 10, 4, None), 2.5, 14, (3.0, 10, 5, None)),  # 17% better: the engines helped
+        ((3.0, 10, 4, None), 3.0, 12, (3.0, 10, 5, None)),  # only 20% more engines: not judged yet
+        ((3.0, 2, 4, None), 3.0, 2, (3.0, 2, 5, None)),  # no engine added
+        ((3.0, 10, 9, 100.0), 3.5, 14, (3.0, 10, 9, 100.0)),  # stalled stays stalled
+    ],
+)
+def test_scale_ups_that_did_not_improve_the_ttft_are_found(stall, ttft, engines, expected):
+    assert calibration.over_target(stall, ttft, engines, now=600.0) == expected
+
+
+def _over(factor=1.0, **state):
+    counts = {"2.0": 0, "4.0": 100, "+Inf": 100}  # p95 between 2 and 4 s: over a 2 s target
+    return feedback(
+        CalibrationState(feedback=factor, **state), counts, slo_seconds=2.0, percentile=95, now=3600.0, engines=20
+    )
+
+
+@pytest.mark.parametrize(
+    ("factor", "state", "reachable", "expected"),
+    [
+        (1.0, {}, True, calibration.FEEDBACK_DOWN),  # reachable, over: more engines
+        (1.0, {}, False, 1.0),  # out of reach: no engine added for the SLO
+        (0.6, {}, False, 1.0),  # ... and those the feedback added are given back
+        (1.3, {}, False, 1.3 * calibration.FEEDBACK_DOWN),  # over the floor target: back towards the model
+        (0.7, {"stall_ttft": 3.0, "stall_engines": 10, "stall_periods": 4}, True, 1.0),  # stalled now: back to 1
+        (1.0, {"stall_ttft": 3.0, "stall_engines": 10, "stall_periods": 9, "stalled_since": 0.0}, True, 1.0),
+    ],
+)
+def test_feedback_adds_no_engines_that_do_not_help(factor, state, reachable, expected):
+    counts = {"2.0": 0, "4.0": 100, "+Inf": 100}
+    value, _, after = feedback(
+        CalibrationState(feedback=factor, **state),
+        counts,
+        slo_seconds=2.0,
+        percentile=95,
+        now=3600.0,
+        engines=20,
+        reachable=reachable,
+    )
+    assert close(value, expected) and after.feedback == value
+
+
+@pytest.mark.parametrize(
+    ("since", "now", "stalled_after"),
+    [(0.0, 1800.0, True), (0.0, 3600.0, False)],  # a period under the target clears a stall only after an hour
+)
+def test_a_stall_is_held_an_hour(since, now, stalled_after):
+    counts = {"0.5": 100, "2.0": 100, "+Inf": 100}  # well under
+    state = CalibrationState(stall_ttft=3.0, stall_engines=10, stall_periods=5, stalled_since=since)
+    _, _, after = feedback(state, counts, slo_seconds=2.0, percentile=95, now=now, engines=10)
+    assert (after.stalled_since is not None) == stalled_after

@@ -15,6 +15,7 @@ import pytest
 
 from spotrag_box.testing import eventually, scrape
 from spotrag_runtime.engine_emulator import EmulatorProcess, start_engine_emulator
+from spotrag_runtime.engine_emulator.metrics import one_two_five_buckets
 from spotrag_runtime.engine_emulator.text import count_tokens, quotes
 
 MODEL = "emu-model"
@@ -372,6 +373,7 @@ def test_metrics_have_vllm_names_and_move(engine: EmulatorProcess) -> None:
     before_prompt = metric(engine, "vllm:prompt_tokens_total", **labels)
     before_length = metric(engine, "vllm:request_success_total", finished_reason="length", **labels)
     before_ttft = metric(engine, "vllm:time_to_first_token_seconds_count", **labels)
+    before_lengths = metric(engine, "vllm:request_prompt_tokens_sum", **labels)
     with client(engine) as api:
         reply = api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5)
 
@@ -379,10 +381,23 @@ def test_metrics_have_vllm_names_and_move(engine: EmulatorProcess) -> None:
     assert metric(engine, "vllm:prompt_tokens_total", **labels) == before_prompt + reply.usage.prompt_tokens
     assert metric(engine, "vllm:request_success_total", finished_reason="length", **labels) == before_length + 1
     assert metric(engine, "vllm:time_to_first_token_seconds_count", **labels) == before_ttft + 1
+    # The finished request's prompt length, in vLLM's 1-2-5 buckets up to max_model_len.
+    assert metric(engine, "vllm:request_prompt_tokens_sum", **labels) == before_lengths + reply.usage.prompt_tokens
+    bounds = {s.labels["le"] for s in scrape(engine.url + "/metrics").find("vllm:request_prompt_tokens_bucket")}
+    assert {"1.0", "200.0", "+Inf"} <= bounds and "500.0" not in bounds  # max_model_len 256
     assert metric(engine, "vllm:num_requests_running", **labels) == 0
     assert metric(engine, "vllm:num_requests_waiting", **labels) == 0
     assert metric(engine, "vllm:kv_cache_usage_perc", **labels) == 0
     assert metric(engine, "vllm:cache_config_info", block_size="16", num_gpu_blocks="64") == 1
+
+
+@pytest.mark.parametrize(
+    ("max_model_len", "last"),
+    [(1, 1.0), (2048, 2000.0), (8192, 5000.0), (10_000, 10_000.0), (32_768, 20_000.0)],
+)
+def test_prompt_length_buckets_are_vllms_1_2_5_up_to_the_context(max_model_len: int, last: float) -> None:
+    buckets = one_two_five_buckets(max_model_len)
+    assert buckets[:3] == (1.0, 2.0, 5.0)[: len(buckets)] and buckets[-1] == last
 
 
 async def test_requests_beyond_max_num_seqs_wait_and_a_disconnect_frees_the_slot(

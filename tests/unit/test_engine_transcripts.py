@@ -25,7 +25,12 @@ REAL = DATA / "runA"
 MODEL = "tiny"  # as served in the transcripts
 MAX_MODEL_LEN = 2048
 # What the project reads from engines' /metrics (operator and gateway).
-METRICS_READ = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+METRICS_READ = (
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:request_prompt_tokens",
+)
 
 
 @dataclass

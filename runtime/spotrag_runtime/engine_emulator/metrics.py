@@ -59,6 +59,19 @@ REQUEST_LATENCY_BUCKETS = (
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 
 
+def one_two_five_buckets(max_value: int) -> tuple[float, ...]:
+    """vLLM's build_1_2_5_buckets: 1, 2, 5, 10, 20, 50, ... up to max_value (for
+    the request length histograms, bounded by max_model_len)."""
+    buckets, exponent = [], 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > max_value:
+                return tuple(buckets)
+            buckets.append(float(value))
+        exponent += 1
+
+
 class EngineMetrics:
     """Implements the engine's observer interface and renders /metrics."""
 
@@ -98,6 +111,12 @@ class EngineMetrics:
         )
         self.e2e_latency = histogram(
             "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS
+        )
+        # Observed once per finished request, as vLLM does (the operator reads its percentile).
+        self.request_prompt_tokens = histogram(
+            "vllm:request_prompt_tokens",
+            "Number of prefill tokens processed.",
+            one_two_five_buckets(config.max_model_len),
         )
         success = Counter(
             "vllm:request_success",
@@ -142,9 +161,10 @@ class EngineMetrics:
     def tokens_generated(self, count: int) -> None:
         self.generation_tokens.inc(count)
 
-    def request_finished(self, finish_reason: str, e2e_s: float) -> None:
+    def request_finished(self, finish_reason: str, e2e_s: float, prompt_tokens: int) -> None:
         self.request_success[finish_reason].inc()
         self.e2e_latency.observe(e2e_s)
+        self.request_prompt_tokens.observe(prompt_tokens)
 
     def preempted(self) -> None:
         self.num_preemptions.inc()
