@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bench.gateway_bench import run_cell, running_engines, start_target
+from bench.gateway_bench import Cell, run_cell, running_engines, start_target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,17 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             for concurrency in (int(c) for c in args.concurrency.split(",")):
                 turns: dict[str, list] = {"A": [], "B": []}
                 for _ in range(args.rounds):
-                    for side, (url, pid, headers) in sides.items():
-                        cell = run_cell(
-                            f"spotrag-{side}",
-                            url,
-                            concurrency,
-                            warmup=args.warmup,
-                            duration=args.duration,
-                            proxy_pid=pid,
-                            headers=headers,
-                        )
-                        turns[side].append(cell.summary())
+                    for side, target in sides.items():
+                        turns[side].append(turn(args, side, concurrency, *target).summary())
                 for side, cells in turns.items():
                     cpu = [c["proxy_cpu_ms_per_request"] for c in cells]
                     errors = sum(c["errors"] for c in cells)
@@ -80,11 +71,24 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                 if args.py_spy:
-                    for side, (url, pid, headers) in sides.items():
-                        profile(args, side, concurrency, url, pid, headers)
+                    for side, target in sides.items():
+                        profile(args, side, concurrency, *target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def turn(args: argparse.Namespace, side: str, concurrency: int, url: str, pid: int, headers: dict) -> Cell:
+    """One side's turn: the load on it alone, its CPU over the window."""
+    return run_cell(
+        f"spotrag-{side}",
+        url,
+        concurrency,
+        warmup=args.warmup,
+        duration=args.duration,
+        proxy_pid=pid,
+        headers=headers,
+    )
 
 
 def profile(args: argparse.Namespace, side: str, concurrency: int, url: str, pid: int, headers: dict) -> None:
@@ -96,15 +100,7 @@ def profile(args: argparse.Namespace, side: str, concurrency: int, url: str, pid
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    cell = run_cell(
-        f"spotrag-{side}",
-        url,
-        concurrency,
-        warmup=args.warmup,
-        duration=args.duration,
-        proxy_pid=pid,
-        headers=headers,
-    )
+    cell = turn(args, side, concurrency, url, pid, headers)
     spy.wait()
     print(f"py-spy: {out} ({cell.summary()['proxy_cpu_ms_per_request']} ms CPU per answer under it)", flush=True)
 

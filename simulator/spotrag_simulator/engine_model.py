@@ -24,23 +24,12 @@ import bisect
 import heapq
 from collections import deque
 
+from spotrag_runtime.engine_emulator.metrics import one_two_five_buckets  # vLLM's bounds, as the emulator has them
+
 from .presets import EngineSpec
 
 PENDING, STARTING, READY, DRAINING, GONE = "Pending", "Starting", "Ready", "Draining", "Gone"
 TOKEN_EPSILON = 1e-3
-
-
-def one_two_five_buckets(max_value: int) -> tuple[float, ...]:
-    """vLLM's build_1_2_5_buckets (as the engine emulator's metrics.py): the
-    bounds of vllm:request_prompt_tokens, 1, 2, 5, 10, ... up to max_model_len."""
-    buckets, exponent = [], 0
-    while True:
-        for mantissa in (1, 2, 5):
-            value = mantissa * 10**exponent
-            if value > max_value:
-                return tuple(buckets)
-            buckets.append(float(value))
-        exponent += 1
 
 
 class Request:
