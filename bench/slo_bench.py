@@ -2,7 +2,7 @@
 
     python bench/slo_bench.py            # all tables, ~12 minutes on 2 shared cores
     python bench/slo_bench.py --quick    # the two main tables only
-    python bench/slo_bench.py --sweep-only   # the equal-cost sweeps only (~5 minutes)
+    python bench/slo_bench.py --sweep-only   # the equal-cost sweeps only (~6 minutes)
 
 Each run is `spotrag simulate` on a generated day (bench/simulate-slo.yaml:
 spot interrupted at 5% per node-hour, 2-minute notices), every policy from
