@@ -16,7 +16,8 @@ after the projects they stand for:
 The baselines run without spotrag's gateway (requests wait in each vLLM's
 own queue, and die with its pod) and on a node pool that takes spot when it
 can and falls back to on-demand at once when it cannot (Karpenter with both
-capacity types), above the same on-demand baseline.
+capacity types), above the same on-demand baseline. With spot off (the
+spec's spot.enabled, as for spotrag) their node pool is on-demand only.
 """
 
 from __future__ import annotations
@@ -39,6 +40,15 @@ class Target:
     desired: int
     by_capacity: dict[str, int] | None = None  # None: the node pool picks (spot if it can)
     give_up: tuple[str, ...] = ()
+
+
+def node_pool(desired: int, spot: SpotSettings) -> Target:
+    """A baseline's target: with spot on, its node pool picks each node's
+    capacity (spot when there is any, the simulation decides); with spot off,
+    every engine on on-demand, as spotrag's placement splits it then."""
+    if spot.enabled:
+        return Target(desired=desired)
+    return Target(desired=desired, by_capacity={placement.ON_DEMAND: desired, placement.SPOT: 0})
 
 
 @dataclass(frozen=True)
@@ -181,10 +191,18 @@ class KubeAIController:
     uses_gateway = False
 
     def __init__(
-        self, *, name: str, settings: KubeAISettings, min_replicas: int, max_replicas: int, start: int | None = None
+        self,
+        *,
+        name: str,
+        settings: KubeAISettings,
+        spot: SpotSettings,
+        min_replicas: int,
+        max_replicas: int,
+        start: int | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
+        self.spot = spot
         self.interval = settings.interval_seconds
         self.min_replicas, self.max_replicas = min_replicas, max_replicas
         # Like movingaverage.NewSimple(make([]float64, n)): starts from zeros.
@@ -196,7 +214,7 @@ class KubeAIController:
         self.log = DecisionLog(timeline=[(0.0, self.desired)])
 
     def initial(self) -> Target:
-        return Target(desired=self.desired)
+        return node_pool(self.desired, self.spot)
 
     def control(self, view: ClusterView) -> Target:
         self.window.append(float(view.in_flight_requests))
@@ -213,7 +231,7 @@ class KubeAIController:
             self.log.changes += 1
             self.log.timeline.append((view.now, wanted))
             self.desired = wanted
-        return Target(desired=self.desired)
+        return node_pool(self.desired, self.spot)
 
 
 class KedaController:
@@ -224,10 +242,18 @@ class KedaController:
     SCALE_UP_PODS, SCALE_UP_PERIOD = 4, 15.0  # HPA default scale-up policy: max(4 pods, 100%) per 15 s
 
     def __init__(
-        self, *, name: str, settings: KedaSettings, min_replicas: int, max_replicas: int, start: int | None = None
+        self,
+        *,
+        name: str,
+        settings: KedaSettings,
+        spot: SpotSettings,
+        min_replicas: int,
+        max_replicas: int,
+        start: int | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
+        self.spot = spot
         self.interval = settings.polling_interval_seconds
         self.min_replicas, self.max_replicas = min_replicas, max_replicas
         self.desired = min_replicas if start is None else start
@@ -235,7 +261,7 @@ class KedaController:
         self.log = DecisionLog(timeline=[(0.0, self.desired)])
 
     def initial(self) -> Target:
-        return Target(desired=self.desired)
+        return node_pool(self.desired, self.spot)
 
     def control(self, view: ClusterView) -> Target:
         current = self.desired
@@ -260,4 +286,4 @@ class KedaController:
             self.log.changes += 1
             self.log.timeline.append((view.now, wanted))
             self.desired = wanted
-        return Target(desired=self.desired)
+        return node_pool(self.desired, self.spot)

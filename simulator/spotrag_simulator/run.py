@@ -20,7 +20,13 @@ KUBEAI = "kubeai-requests"
 KEDA = "keda-waiting"
 SPOTRAG_NO_SPOT = "spotrag-no-spot"
 SPOTRAG = "spotrag"
-POLICIES = (PEAK, KUBEAI, KEDA, SPOTRAG_NO_SPOT, SPOTRAG)
+POLICIES = (PEAK, KUBEAI, KEDA, SPOTRAG_NO_SPOT, SPOTRAG)  # the default comparison
+# Each autoscaler with spot turned off (spec spot.enabled false): on-demand
+# capacity only, for comparisons at on-demand prices. spotrag's is in the default.
+KUBEAI_NO_SPOT = "kubeai-requests-no-spot"
+KEDA_NO_SPOT = "keda-waiting-no-spot"
+NO_SPOT = {SPOTRAG_NO_SPOT: SPOTRAG, KUBEAI_NO_SPOT: KUBEAI, KEDA_NO_SPOT: KEDA}
+KNOWN = (*POLICIES, KUBEAI_NO_SPOT, KEDA_NO_SPOT)
 
 
 @dataclass
@@ -48,32 +54,33 @@ def controller_for(name: str, profile: Profile, *, peak: int, start: int | None 
     policy = profile.scaling_policy()
     if name == PEAK:
         return FixedController(name=name, engines=peak)
-    if name == KUBEAI:
+    base = NO_SPOT.get(name, name)
+    spot = profile.spot_settings()
+    if name in NO_SPOT:
+        spot = dataclasses.replace(spot, enabled=False)
+    if base == KUBEAI:
         return KubeAIController(
             name=name,
             settings=profile.kubeai,
+            spot=spot,
             min_replicas=policy.floor,
             max_replicas=policy.max_replicas,
             start=start,
         )
-    if name == KEDA:
+    if base == KEDA:
         return KedaController(
-            name=name, settings=profile.keda, min_replicas=policy.floor, max_replicas=policy.max_replicas, start=start
+            name=name,
+            settings=profile.keda,
+            spot=spot,
+            min_replicas=policy.floor,
+            max_replicas=policy.max_replicas,
+            start=start,
         )
-    if name == SPOTRAG_NO_SPOT:
-        spot = dataclasses.replace(profile.spot_settings(), enabled=False)
+    if base == SPOTRAG:
         return SpotragController(
             name=name, policy=policy, spot=spot, interval=profile.control_interval_seconds, start=start
         )
-    if name == SPOTRAG:
-        return SpotragController(
-            name=name,
-            policy=policy,
-            spot=profile.spot_settings(),
-            interval=profile.control_interval_seconds,
-            start=start,
-        )
-    raise ValueError(f"unknown policy {name!r} (known: {', '.join(POLICIES)})")
+    raise ValueError(f"unknown policy {name!r} (known: {', '.join(KNOWN)})")
 
 
 def sized(profile: Profile, trace: list[TraceRequest], peak: int, utilization: float = TARGET_UTILIZATION) -> Profile:
@@ -182,9 +189,9 @@ def compare(
     dropped_oversized: int = 0,
 ) -> Comparison:
     """Simulate each policy on the same trace, spot outages and seed."""
-    unknown = [p for p in policies if p not in POLICIES]
+    unknown = [p for p in policies if p not in KNOWN]
     if unknown:
-        raise ValueError(f"unknown policy {', '.join(unknown)} (known: {', '.join(POLICIES)})")
+        raise ValueError(f"unknown policy {', '.join(unknown)} (known: {', '.join(KNOWN)})")
     if not trace:
         raise ValueError("the trace has no requests")
     check_fits(trace, profile.engine.max_model_len)

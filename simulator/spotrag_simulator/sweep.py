@@ -7,7 +7,8 @@ the knob its users would turn (spotrag: `slo.targetUtilization`; KubeAI:
 spot interruptions and start, giving a cost → minutes-in-SLO curve per
 policy. `at_cost` then reads a curve at another policy's cost by linear
 interpolation between the two sweep points that bracket it (None outside the
-sweep: not reachable with the settings tried).
+sweep: not reachable with the settings tried). Each policy also runs with spot
+off (run.NO_SPOT): on-demand prices are read against on-demand prices.
 """
 
 from __future__ import annotations
@@ -18,7 +19,20 @@ from dataclasses import dataclass
 
 from .presets import Profile
 from .report import Summary, summarize
-from .run import KEDA, KUBEAI, PEAK, SPOTRAG, SPOTRAG_NO_SPOT, controller_for, draw_outages, peak_fleet, sized
+from .run import (
+    KEDA,
+    KEDA_NO_SPOT,
+    KUBEAI,
+    KUBEAI_NO_SPOT,
+    NO_SPOT,
+    PEAK,
+    SPOTRAG,
+    SPOTRAG_NO_SPOT,
+    controller_for,
+    draw_outages,
+    peak_fleet,
+    sized,
+)
 from .sim import Simulation
 from .trace import TraceRequest
 
@@ -28,18 +42,21 @@ KNOBS = {
     SPOTRAG: "slo.targetUtilization",
     SPOTRAG_NO_SPOT: "slo.targetUtilization",
     KUBEAI: "targetRequests",
+    KUBEAI_NO_SPOT: "targetRequests",
     KEDA: "waitingThreshold",
+    KEDA_NO_SPOT: "waitingThreshold",
 }
 
 
 def with_knob(profile: Profile, policy: str, value: float) -> Profile:
     """The profile with `policy`'s knob set to `value` (the other policies' settings untouched)."""
-    if policy in (SPOTRAG, SPOTRAG_NO_SPOT):
+    base = NO_SPOT.get(policy, policy)  # spot on or off, the same knob
+    if base == SPOTRAG:
         slo = {**(profile.spec["scaling"].get("slo") or {}), "targetUtilization": value}
         return dataclasses.replace(profile.with_scaling(slo=slo), utilization_set=True)
-    if policy == KUBEAI:
+    if base == KUBEAI:
         return dataclasses.replace(profile, kubeai=dataclasses.replace(profile.kubeai, target_requests=value))
-    if policy == KEDA:
+    if base == KEDA:
         return dataclasses.replace(profile, keda=dataclasses.replace(profile.keda, waiting_threshold=value))
     raise ValueError(f"no knob to sweep for {policy!r} (known: {', '.join(KNOBS)})")
 

@@ -10,9 +10,10 @@ import pytest
 
 from spotrag_simulator import cli, compare
 from spotrag_simulator.engine_model import Engine, Request
-from spotrag_simulator.policies import SpotragController, Target
+from spotrag_simulator.policies import SpotragController, Target, node_pool
 from spotrag_simulator.presets import EngineSpec, ProfileError, build_profile, load_profile
 from spotrag_simulator.report import minute_percentiles
+from spotrag_simulator.run import KNOWN, NO_SPOT, PEAK, controller_for
 from spotrag_simulator.sim import Simulation
 from spotrag_simulator.sizing import engine_load
 from spotrag_simulator.trace import TraceError, TraceRequest, generate_trace, load_trace
@@ -353,6 +354,44 @@ def test_warm_up_lasts_until_five_minutes_in_a_row_meet_the_slo(met, warm):
     from spotrag_simulator.report import warmup_minutes
 
     assert warmup_minutes(np.array(met)) == warm
+
+
+@pytest.mark.parametrize(
+    ("desired", "enabled", "by_capacity"),
+    [
+        (5, True, None),  # the node pool picks: spot when there is any
+        (5, False, {"on-demand": 5, "spot": 0}),
+        (0, False, {"on-demand": 0, "spot": 0}),
+    ],
+)
+def test_a_baselines_node_pool_is_on_demand_only_with_spot_off(desired, enabled, by_capacity):
+    from spotrag_operator.placement import SpotSettings
+
+    target = node_pool(desired, SpotSettings(enabled=enabled))
+    assert target.desired == desired and target.by_capacity == by_capacity
+
+
+@pytest.mark.parametrize("name", [n for n in KNOWN if n != PEAK])
+def test_each_no_spot_variant_is_its_policy_with_spot_off(name):
+    profile = build_profile({})
+    controller = controller_for(name, profile, peak=4)
+    twin = controller_for(NO_SPOT.get(name, name), profile, peak=4)
+    assert controller.name == name and type(controller) is type(twin)
+    assert controller.spot.enabled is (name not in NO_SPOT)
+
+
+def test_baselines_with_spot_off_bill_no_spot_and_scale_alike():
+    profile = build_profile({"spot": {"interruptionsPerHour": 0}})
+    trace = steady_trace(0.2, 0, 600) + steady_trace(3.0, 600, 1800, first_row=121)
+    names = ("kubeai-requests", "kubeai-requests-no-spot", "keda-waiting", "keda-waiting-no-spot")
+    comparison = compare(profile, trace, seed=1, horizon=1800, policies=names)
+    runs = {s.policy: s for s in comparison.summaries}
+    for name in ("kubeai-requests", "keda-waiting"):
+        on, off = runs[name], runs[f"{name}-no-spot"]
+        assert on.gpu_hours_spot > 0 and off.gpu_hours_spot == 0
+        # No interruptions: the same decisions, on dearer capacity.
+        assert comparison.results[name].log.timeline == comparison.results[f"{name}-no-spot"].log.timeline
+        assert off.cost > on.cost
 
 
 def test_every_autoscaler_starts_from_the_same_stated_fleet():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from spotrag_simulator.presets import build_profile
-from spotrag_simulator.run import KEDA, KUBEAI, SPOTRAG
+from spotrag_simulator.run import KEDA, KEDA_NO_SPOT, KUBEAI, KUBEAI_NO_SPOT, SPOTRAG, SPOTRAG_NO_SPOT
 from spotrag_simulator.sweep import Point, at_cost, equal_cost_table, with_knob
 
 
@@ -52,6 +52,10 @@ def test_a_single_point_is_read_only_at_its_own_cost():
         (SPOTRAG, 0.6, lambda p: p.spec["scaling"]["slo"]["targetUtilization"]),
         (KUBEAI, 9, lambda p: p.kubeai.target_requests),
         (KEDA, 0.5, lambda p: p.keda.waiting_threshold),
+        # Spot off: the same knob.
+        (SPOTRAG_NO_SPOT, 0.6, lambda p: p.spec["scaling"]["slo"]["targetUtilization"]),
+        (KUBEAI_NO_SPOT, 8, lambda p: p.kubeai.target_requests),
+        (KEDA_NO_SPOT, 32, lambda p: p.keda.waiting_threshold),
     ],
 )
 def test_each_policy_sweeps_its_own_knob(policy, value, read):
@@ -65,3 +69,14 @@ def test_the_table_says_where_a_baseline_cannot_reach():
     table = equal_cost_table(points, (SPOTRAG,), (KUBEAI,))
     assert "not reachable in the sweep" in table  # 0.25 is cheaper than KubeAI's cheapest setting
     assert "99.40% / 3 (9–7)" in table  # 0.30: interpolated
+
+
+def test_spot_off_is_read_against_the_baselines_on_demand_only():
+    points = [
+        point(0.5, 0.68, 1.0, policy=SPOTRAG_NO_SPOT),
+        point(7, 0.60, 0.99, 3, policy=KUBEAI_NO_SPOT),
+        point(5, 0.76, 1.0, 1, policy=KUBEAI_NO_SPOT),
+        point(7, 0.33, 1.0, 0, policy=KUBEAI),  # on spot: not at the same prices
+    ]
+    table = equal_cost_table(points, (SPOTRAG_NO_SPOT,), (KUBEAI_NO_SPOT,))
+    assert "| spotrag-no-spot targetUtilization 0.5 | 0.680 | 100.00% / 0 | 99.50% / 2 (7–5) |" in table
