@@ -44,6 +44,7 @@ from .calibration import (
     calibrate,
     feedback,
     rates_from_spec,
+    requests_time_constant,
     smooth_requests,
 )
 
@@ -663,7 +664,12 @@ def scale(
         reachable=reach.reachable,
     )
     result = Calibration(**{**result.__dict__, "feedback": factor})
-    requests, state = smooth_requests(state, observed.requests, now=observed.now)
+    requests, state = smooth_requests(
+        state,
+        observed.requests,
+        now=observed.now,
+        time_constant=requests_time_constant(policy.scale_down_stabilization_seconds),
+    )
     observed = Observation(**{**observed.__dict__, "requests": requests})
     sized_policy = policy
     if not reach.reachable:

@@ -750,19 +750,25 @@ def over_target(stall: Stall, ttft: float, engines: int | None, *, now: float) -
 # decode part: the count is noisy (Poisson arrivals, queues that come and go),
 # and the scale-down window keeps the highest recommendation for minutes, so
 # an unsmoothed count pays for the top of the noise rather than for the load.
+# A shorter scale-down window holds less noise and asks for a faster descent:
+# the time constant is never longer than that window.
 REQUESTS_SMOOTHING_SECONDS = 180.0
 
 
+def requests_time_constant(scale_down_stabilization_seconds: float) -> float:
+    return min(REQUESTS_SMOOTHING_SECONDS, scale_down_stabilization_seconds)
+
+
 def smooth_requests(
-    state: CalibrationState, requests: float | None, *, now: float
+    state: CalibrationState, requests: float | None, *, now: float, time_constant: float = REQUESTS_SMOOTHING_SECONDS
 ) -> tuple[float | None, CalibrationState]:
-    """The requests in flight averaged exponentially over REQUESTS_SMOOTHING_SECONDS
-    (None when not observed: nothing to average, the state unchanged)."""
+    """The requests in flight averaged exponentially over ``time_constant`` seconds
+    (None when not observed: nothing to average, the state unchanged; 0: not averaged)."""
     if requests is None:
         return None, state
-    if state.requests is None or state.requests_at is None or now < state.requests_at:
+    if state.requests is None or state.requests_at is None or now < state.requests_at or time_constant <= 0:
         value = float(requests)  # first reading, or a clock that went back: start from what is seen
     else:
-        weight = 1.0 - math.exp(-(now - state.requests_at) / REQUESTS_SMOOTHING_SECONDS)
+        weight = 1.0 - math.exp(-(now - state.requests_at) / time_constant)
         value = state.requests + weight * (requests - state.requests)
     return value, replace(state, requests=value, requests_at=now)

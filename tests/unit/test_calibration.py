@@ -471,6 +471,25 @@ def test_requests_in_flight_are_averaged_over_minutes(previous, at, requests, no
         assert after.requests == value and after.requests_at == now
 
 
+@pytest.mark.parametrize(
+    ("scale_down_window", "time_constant"),
+    [
+        (300.0, 180.0),  # the default window: averaged over three minutes
+        (180.0, 180.0),
+        (10.0, 10.0),  # a window asked short: the average no longer than it
+        (0.0, 0.0),  # no window: the count as it is
+    ],
+)
+def test_the_requests_average_is_never_longer_than_the_scale_down_window(scale_down_window, time_constant):
+    assert calibration.requests_time_constant(scale_down_window) == time_constant
+
+
+def test_a_zero_time_constant_takes_the_count_as_it_is():
+    state = CalibrationState(requests=40.0, requests_at=0.0)
+    value, _ = calibration.smooth_requests(state, 3, now=1.0, time_constant=0.0)
+    assert value == 3.0
+
+
 def test_feedback_waits_a_period_needs_enough_requests_and_stays_bounded():
     over = {"0.5": 0, "1.0": 0, "2.0": 0, "4.0": 0, "+Inf": 0}
     state, values = CalibrationState(), []
