@@ -237,6 +237,7 @@ def test_sized_on_the_slo_alone_a_burst_of_long_prompts_scales_up_meets_it_and_s
                 # Warmed up: once what waited at the floor has its answer and nothing waits
                 # in the gateway, every client has an engine, and the TTFT p95 meets the SLO.
                 wait_served(e2e, load, namespace, CLIENTS, "once three engines serve")
+                assert load.failures == [], load.failures[:3]  # wait_served stops at the first failure
                 e2e.wait_for(
                     lambda: scrape(f"{url}/metrics").value("spotrag_waiting_requests") == 0,
                     namespace=namespace,
@@ -245,6 +246,7 @@ def test_sized_on_the_slo_alone_a_burst_of_long_prompts_scales_up_meets_it_and_s
                 )
                 before = ttft_buckets(url)
                 wait_served(e2e, load, namespace, 12, "at three engines")
+                assert load.failures == [], load.failures[:3]
                 p95, answered = histogram_quantile(before, ttft_buckets(url), 0.95)
                 assert answered >= 12 and p95 is not None
                 assert p95 <= SLO_TTFT, f"TTFT p95 {p95:.2f}s over {answered:.0f} answers at three engines"
