@@ -58,19 +58,12 @@ def controller_for(name: str, profile: Profile, *, peak: int, start: int | None 
     spot = profile.spot_settings()
     if name in NO_SPOT:
         spot = dataclasses.replace(spot, enabled=False)
-    if base == KUBEAI:
-        return KubeAIController(
+    baselines = {KUBEAI: (KubeAIController, profile.kubeai), KEDA: (KedaController, profile.keda)}
+    if base in baselines:
+        controller, settings = baselines[base]
+        return controller(
             name=name,
-            settings=profile.kubeai,
-            spot=spot,
-            min_replicas=policy.floor,
-            max_replicas=policy.max_replicas,
-            start=start,
-        )
-    if base == KEDA:
-        return KedaController(
-            name=name,
-            settings=profile.keda,
+            settings=settings,
             spot=spot,
             min_replicas=policy.floor,
             max_replicas=policy.max_replicas,
