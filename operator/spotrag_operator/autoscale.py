@@ -447,11 +447,6 @@ def _round_to(value: float, step: float) -> float:
     return round(value / step) * step if value >= step else value
 
 
-def unmeetable_slo(slo: Slo, rates: EngineRates, mean_prompt_tokens: float | None) -> str | None:
-    """slo_reach's message on the mean prompt alone (None: reachable or unknown)."""
-    return slo_reach(slo, rates, percentile_prompt_tokens=None, mean_prompt_tokens=mean_prompt_tokens).message
-
-
 def recommend(queued_tokens: float, current: int, policy: ScalingPolicy) -> tuple[int, bool]:
     """Engines the queue needs at an explicit target, and whether it fell inside the tolerance band."""
     target = policy.target_queued_tokens_per_replica or FALLBACK_TARGET_QUEUED_TOKENS

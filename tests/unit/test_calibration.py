@@ -15,7 +15,7 @@ from spotrag_operator.autoscale import (
     decide,
     engines_needed,
     scale_up_step,
-    unmeetable_slo,
+    slo_reach,
 )
 from spotrag_operator.calibration import (
     PRESETS,
@@ -192,7 +192,9 @@ def test_feedback_divides_the_need(factor, engines):
     [(2.0, 1_000, False), (0.02, 1_000, True), (0.02, None, False), (0.1, 4_000, True)],
 )
 def test_an_slo_below_one_prefill_is_reported_with_the_numbers(ttft, mean_prompt, unmeetable):
-    message = unmeetable_slo(Slo(ttft_seconds=ttft), H200, mean_prompt)
+    message = slo_reach(
+        Slo(ttft_seconds=ttft), H200, percentile_prompt_tokens=None, mean_prompt_tokens=mean_prompt
+    ).message
     assert (message is not None) == unmeetable
     if unmeetable:
         assert f"{mean_prompt} tokens at 40000 tok/s" in message
