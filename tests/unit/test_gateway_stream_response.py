@@ -16,14 +16,14 @@ import asyncio
 import json
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from spotrag_box.testing import eventually, scrape
 from spotrag_runtime.gateway.errors import EnginesFailed, QueueFull, Unavailable
-from spotrag_runtime.gateway.relay import ChatJob, ChatOutcome
+from spotrag_runtime.gateway.relay import ChatJob, ChatOutcome, ClientSink
 from spotrag_runtime.gateway.routes.streaming import sse
 
 from .gateway_fixtures import API_KEY, SERVED_MODEL, RunningGateway, gateway_config, running_engines
@@ -35,9 +35,9 @@ WAIT = 15.0  # a bound, not a measurement: every wait here ends as soon as its e
 
 
 class ScriptedRelay:
-    """Stands in for ``gateway.relay.chunks``: yields the chunks the test
-    feeds it (``feed``), raises what it is fed, and notes when the gateway
-    starts reading it and when it is closed."""
+    """Stands in for ``gateway.relay.answer``: writes the chunks the test
+    feeds it (``feed``) to the client, raises what it is fed, and notes when
+    the gateway starts it and when it ends (or is cancelled)."""
 
     def __init__(self) -> None:
         self.reading = threading.Event()
@@ -47,10 +47,7 @@ class ScriptedRelay:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue | None = None
 
-    def chunks(self, job: ChatJob, outcome: ChatOutcome) -> AsyncIterator[list[bytes]]:
-        return self._chunks(job, outcome)
-
-    async def _chunks(self, job: ChatJob, outcome: ChatOutcome) -> AsyncIterator[list[bytes]]:
+    async def answer(self, job: ChatJob, outcome: ChatOutcome, sink: ClientSink | None = None) -> None:
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._loop, self._queue = asyncio.get_running_loop(), queue
@@ -67,7 +64,8 @@ class ScriptedRelay:
                     return
                 outcome.pieces.append(item)
                 outcome.generated += 1
-                yield [sse(_chunk(job, item))]
+                if sink is not None:
+                    sink.write([sse(_chunk(job, item))])
         finally:
             self.closed.set()
 
@@ -108,7 +106,7 @@ def _scripted(keep_alive: float) -> Iterator[tuple[RunningGateway, ScriptedRelay
     )
     with RunningGateway(config) as gateway:
         relay = ScriptedRelay()
-        gateway.gateway.relay.chunks = relay.chunks
+        gateway.gateway.relay.answer = relay.answer
         yield gateway, relay
 
 

@@ -38,14 +38,12 @@ Failover:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from spotrag_runtime.gateway import fastjson
 from spotrag_runtime.gateway.config import FailoverConfig
@@ -53,7 +51,7 @@ from spotrag_runtime.gateway.errors import EnginesFailed
 from spotrag_runtime.gateway.metrics import GatewayMetrics
 from spotrag_runtime.gateway.prompt import message_text
 from spotrag_runtime.gateway.token_queue import AdmissionController, Engine, Ticket
-from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure, EngineRefused, PromptEstimator
+from spotrag_runtime.gateway.upstream import EngineClient, EngineFailure, EngineRefused, EngineStream, PromptEstimator
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +106,17 @@ def _content_of(choices: bytes) -> str:
     return fastjson.loads(b"{" + choices + b"}")["choices"][0]["delta"].get("content") or ""
 
 
+class ClientSink(Protocol):
+    """Where a streamed answer's bytes go, written from the engine connection's
+    callbacks (``routes.streaming.ClientWriter``)."""
+
+    # A write the client is not taking yet (its socket's buffer is full): the
+    # engine's reads pause until it is done.
+    blocked: asyncio.Future[Any] | None
+
+    def write(self, chunks: list[bytes]) -> None: ...
+
+
 class ChatRelay:
     def __init__(
         self,
@@ -124,10 +133,14 @@ class ChatRelay:
         self.metrics = metrics
         self.estimator = estimator or PromptEstimator()
 
-    async def chunks(self, job: ChatJob, outcome: ChatOutcome) -> AsyncIterator[list[bytes]]:
-        """The answer as the client's Server-Sent Events (chat.completion.chunk),
-        a list per upstream read (the engine's usage replaced by the request's
-        own, in every chunk only if asked; ``outcome`` holds the totals at the end)."""
+    async def answer(self, job: ChatJob, outcome: ChatOutcome, sink: ClientSink | None = None) -> None:
+        """Get the answer from the engines; ``sink`` gets it as the client's
+        Server-Sent Events (chat.completion.chunk) as it comes, the engine's
+        usage replaced by the request's own (in every chunk only if asked);
+        ``outcome`` holds the text and the totals. Returns once the answer is
+        complete; raises what ended it otherwise (EnginesFailed, the engine's
+        4xx as EngineRejected, QueueFull...). Cancelling it drops the engine's
+        connection (vLLM aborts the request) and gives the queued tokens back."""
         ticket = Ticket(prompt_tokens=job.prompt_tokens, max_tokens=job.max_tokens, affinity=job.affinity)
         failures_in_a_row = 0
         refused_by: set[str] = set()
@@ -137,20 +150,9 @@ class ChatRelay:
             while True:
                 engine = await self.admission.admit(ticket, retry=retry)
                 stream.attempt_started()
-                stall = _StallWatch(self.failover, job.max_tokens - outcome.generated, engine)
+                attempt = _Attempt(self, job, ticket, stream, sink, engine)
                 try:
-                    body = self._attempt_body(job, outcome)
-                    async with contextlib.aclosing(self.client.stream_chat(engine.url, body)) as upstream:
-                        while True:
-                            events = await stall.next(upstream, armed=stream.attempt_progressed)
-                            if events is None:
-                                break
-                            chunks = [chunk for data in events if (chunk := stream.take(data)) is not None]
-                            if job.prompt_estimate is not None and outcome.prompt_tokens is not None:
-                                self._correct_prompt(job, ticket, outcome.prompt_tokens)
-                            self.admission.progress(ticket, outcome.generated)
-                            if chunks:
-                                yield chunks
+                    await attempt.run(self._attempt_body(job, outcome))
                     if stream.aborted:
                         raise EngineFailure(f"{engine.url} aborted the answer (shutting down)")
                     if outcome.finish_reason is None:
@@ -171,7 +173,8 @@ class ChatRelay:
                     if outcome.generated >= job.max_tokens:
                         # Every allowed token was sent; only the finish chunk was lost.
                         outcome.finish_reason = "length"
-                        yield [self._finish_chunk(job, "length")]
+                        if sink is not None:
+                            sink.write([self._finish_chunk(job, "length")])
                         return
                     if failures_in_a_row >= self.failover.max_attempts:
                         raise EnginesFailed(
@@ -188,7 +191,7 @@ class ChatRelay:
                     self.admission.requeue(ticket, failed=engine, prompt_tokens=job.prompt_tokens + outcome.generated)
                     retry = True
                 finally:
-                    stall.close()
+                    attempt.close()
         finally:
             self.admission.release(ticket)
 
@@ -402,18 +405,134 @@ class _Stalled(EngineFailure):
     """The engine stopped sending mid-answer with the connection left open."""
 
 
+class _Attempt:
+    """One engine's try at the answer, driven by its connection's callbacks:
+    the events of each network read are taken into the client's stream and
+    written to the client in the same callback (no task step per token);
+    ``run`` waits for the end.
+
+    It also times the engine's silence, with one timer that moves only when it
+    fires: ``failover.readTimeoutSeconds`` until the attempt's first token,
+    then the stall bound (``_StallWatch``) as well. Reads paused while the
+    client is not keeping up do not count as silence."""
+
+    def __init__(
+        self,
+        relay: ChatRelay,
+        job: ChatJob,
+        ticket: Ticket,
+        stream: _ClientStream,
+        sink: ClientSink | None,
+        engine: Engine,
+    ) -> None:
+        self.relay = relay
+        self.job = job
+        self.ticket = ticket
+        self.stream = stream
+        self.sink = sink
+        self.engine = engine
+        self.loop = asyncio.get_running_loop()
+        self.stall = _StallWatch(relay.failover, job.max_tokens - stream.outcome.generated, engine)
+        self.read_timeout = relay.client.read_timeout
+        self.upstream: EngineStream | None = None
+        self.over: asyncio.Future[None] = self.loop.create_future()
+        self.error: Exception | None = None
+        self.last_read = 0.0
+        self.paused = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def run(self, body: dict[str, Any]) -> None:
+        """Send the request and wait for the answer's end; raises what ended it otherwise."""
+        self.upstream = await self.relay.client.stream_chat(self.engine.url, body, self)
+        self.last_read = self.loop.time()
+        if not self.over.done():
+            self._timer = self.loop.call_at(self.last_read + self.read_timeout, self._check_silence)
+        await self.over
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.upstream is not None:
+            self.upstream.close()
+        self._end(None)
+
+    # StreamReceiver: the connection's callbacks
+    def events(self, batch: list[bytes]) -> None:
+        if self.over.done():
+            return  # ended (a stall, a failed chunk) while these bytes were on their way
+        now = self.loop.time()
+        stream = self.stream
+        if stream.attempt_progressed:
+            self.stall.observe(now - self.last_read)
+        self.last_read = now
+        try:
+            chunks = [chunk for data in batch if (chunk := stream.take(data)) is not None]
+            job, outcome = self.job, stream.outcome
+            if job.prompt_estimate is not None and outcome.prompt_tokens is not None:
+                self.relay._correct_prompt(job, self.ticket, outcome.prompt_tokens)
+            self.relay.admission.progress(self.ticket, outcome.generated)
+            sink = self.sink
+            if chunks and sink is not None:
+                sink.write(chunks)
+                if sink.blocked is not None and not self.paused:
+                    self._pause(sink.blocked)
+        except Exception as error:  # a chunk that is not JSON (EngineFailure), a failed write, a bug
+            self._end(error)
+
+    def ended(self, error: Exception | None) -> None:
+        self._end(error)
+
+    def _end(self, error: Exception | None) -> None:
+        if self.over.done():
+            return
+        self.error = error
+        self.over.set_result(None)
+        if error is not None and self.upstream is not None:
+            self.upstream.close()  # nothing more from this engine
+
+    def _pause(self, blocked: asyncio.Future[Any]) -> None:
+        """The client is not taking the answer as fast as it comes: the engine waits."""
+        assert self.upstream is not None
+        self.paused = True
+        self.upstream.pause_reading()
+        blocked.add_done_callback(self._resume)
+
+    def _resume(self, _: asyncio.Future[Any]) -> None:
+        self.paused = False
+        self.last_read = self.loop.time()  # the silence starts now
+        if self.upstream is not None and not self.over.done():
+            self.upstream.resume_reading()
+
+    def _check_silence(self) -> None:
+        now = self.loop.time()
+        read_timeout = self.read_timeout
+        stalling = self.stream.attempt_progressed and self.stall.floor > 0
+        bound = min(read_timeout, self.stall.bound) if stalling else read_timeout
+        if not self.paused and now >= self.last_read + bound:
+            self._timer = None
+            if stalling and bound < read_timeout:
+                self._end(_Stalled(f"no token for {bound:.2f}s (stall bound) with the stream still open"))
+            else:
+                self._end(EngineFailure(f"{self.engine.url}: no bytes for {read_timeout:g}s (read timeout)"))
+            return
+        # Not overdue: look again when it could be; no later than the draining floor
+        # from now, so that an engine leaving the serving set shortens the wait.
+        start = now if self.paused else self.last_read
+        deadline = start + bound
+        if stalling:
+            deadline = min(deadline, now + self.stall.draining_floor)
+        self._timer = self.loop.call_at(deadline, self._check_silence)
+
+
 # The stall bound scales with this quantile of the stream's gaps between reads.
 _ITL_QUANTILE = 0.99
 
 
 class _StallWatch:
-    """Bounds each read of an attempt's stream once it is armed (after the
-    attempt's first token): a read waiting longer than max(floor, k x the p99 of
-    this stream's gaps between reads so far) is a stall.
-
-    Cheap per token: a read only notes when it started; one timer per stream,
-    moved only when it fires (at most once per bound), cancels the read that
-    overstays. (asyncio.timeout() around every read cost ~8 us per token, this ~2.)"""
+    """The stall bound of an attempt's stream once it has produced a token:
+    max(floor, k x the p99 of this stream's gaps between reads so far)."""
 
     def __init__(self, failover: FailoverConfig, max_tokens: int, engine: Engine | None = None) -> None:
         self.floor = failover.stall_timeout_seconds
@@ -424,11 +543,6 @@ class _StallWatch:
         self.capacity = self._rank(max_tokens)
         self.largest: list[float] = []  # min-heap of the `capacity` largest gaps
         self._p99 = 0.0
-        self._reader: asyncio.Task[Any] | None = None  # the task waiting for a read, if any
-        self._read_started = 0.0
-        self._read_bound = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._fired = False
 
     @staticmethod
     def _rank(count: int) -> int:
@@ -459,50 +573,3 @@ class _StallWatch:
         elif self.gaps % 100:
             return  # neither the top gaps nor the p99's rank changed (it moves every 100 gaps)
         self._update_p99()
-
-    async def next(self, upstream: AsyncIterator[list[bytes]], *, armed: bool) -> list[bytes] | None:
-        """The next list of events, or None at the end of the stream."""
-        if not armed or self.floor <= 0:
-            return await anext(upstream, None)
-        loop = asyncio.get_running_loop()
-        self._read_started = started = loop.time()
-        self._read_bound = self.bound
-        self._reader = asyncio.current_task()
-        deadline = started + self._read_bound
-        if self._timer is None or self._timer.when() > deadline:
-            # The bound shrank (the engine left the serving set): the timer moves up.
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = loop.call_at(deadline, self._check)
-        try:
-            events = await anext(upstream, None)
-        except asyncio.CancelledError:
-            reader = self._reader
-            assert reader is not None
-            if not self._fired or reader.uncancel() > 0:
-                raise  # not ours, or the request is being cancelled as well
-            raise _Stalled(f"no token for {self._read_bound:.2f}s (stall bound) with the stream still open") from None
-        finally:
-            self._reader = None
-        self.observe(loop.time() - started)
-        return events
-
-    def _check(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        reader = self._reader
-        if reader is not None and now >= self._read_started + self._read_bound:
-            # Callbacks run only while the reader is suspended, and it is
-            # suspended with _reader set only in the read: this cancels the read.
-            self._timer = None
-            self._fired = True
-            reader.cancel()
-            return
-        # Not overdue: look again when the current read (or the next, at the earliest) could be.
-        start = self._read_started if reader is not None else now
-        self._timer = loop.call_at(start + self._read_bound, self._check)
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None

@@ -1,15 +1,20 @@
-"""Talking to engines: one shared HTTP client session, vLLM's ``/tokenize``,
-and chat streams split into their Server-Sent Events as the bytes arrive.
+"""Talking to engines: keep-alive HTTP/1.1 connections pooled per engine,
+vLLM's ``/tokenize``, and chat streams whose Server-Sent Events are handed
+on from the connection's own callbacks as the bytes arrive.
 
-The client is aiohttp rather than httpx: on this hot path (one network read
-and one write per token, hundreds of streams at once) httpx's pure-Python
-HTTP/1.1 parsing and its connection pool, which rescans every connection
-for every request, cost up to 3x the CPU per request and a quarter of the
-throughput at 128 concurrent streams (measured with bench/gateway_bench.py;
-see docs/benchmarks.md). aiohttp parses HTTP in C and pools connections per
-host. For the same reason the events of a stream are handed on as bytes (the
-relay reads only what it needs of them), and what is parsed is parsed with
-orjson (``fastjson``).
+Why no HTTP client library on this path: an answer is one network read and
+one client write per token, for hundreds of streams at once, and every
+client library (httpx, aiohttp) hands a streamed body to a task: each read
+resolves a future, the event loop schedules the task, and the task resumes
+through its stack of awaits before the bytes can move on. That machinery
+was most of the gateway's CPU per answer (docs/benchmarks.md, issue 13).
+Here an engine connection is an asyncio Protocol: ``data_received`` parses
+the HTTP with httptools (the C parser uvicorn itself uses, llhttp), splits
+the Server-Sent Events, and hands each read's events to a ``StreamReceiver``
+(the relay), which writes them to the client in the same callback. A task
+runs only per attempt (connecting, waiting for the end), not per token.
+(httpx before that cost up to 3x the CPU of aiohttp, and aiohttp ~1 ms per
+answer more than this; both measured with bench/gateway_bench.py.)
 
 Failures are sorted by whether another engine could do better:
 
@@ -26,14 +31,16 @@ Failures are sorted by whether another engine could do better:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+import ssl
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
-import aiohttp
+import httptools
 
 from spotrag_runtime.gateway import fastjson
 from spotrag_runtime.gateway.errors import EngineRejected
@@ -41,10 +48,12 @@ from spotrag_runtime.gateway.prompt import message_text
 
 log = logging.getLogger(__name__)
 
-
-_JSON = {"Content-Type": "application/json"}
 # How long to wait for the end of a body after [DONE] before giving up the connection.
 _DRAIN_SECONDS = 1.0
+# An idle pooled connection is not reused after this long: vLLM's uvicorn closes
+# its own idle connections after 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), and a request
+# sent as it closes one would be lost with it.
+_IDLE_REUSE_SECONDS = 4.0
 
 
 class EngineFailure(Exception):
@@ -56,22 +65,43 @@ class EngineRefused(EngineFailure):
     the engine, which is starting or shutting down rather than broken."""
 
 
-class EngineClient:
-    def __init__(self, *, connect_timeout: float, read_timeout: float) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
-        self._session: aiohttp.ClientSession | None = None
+class StreamReceiver(Protocol):
+    """Where a chat stream's events go, from the connection's callbacks."""
 
-    @property
-    def http(self) -> aiohttp.ClientSession:
-        if self._session is None:  # made in the running loop, on first use
-            # Requests per engine are bounded by admission, so the pool itself is not.
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
-        return self._session
+    def events(self, batch: list[bytes]) -> None:
+        """The events (the JSON after each ``data:``, unparsed) of one network read."""
+
+    def ended(self, error: Exception | None) -> None:
+        """The stream is over: ``[DONE]`` came (None), or how it failed."""
+
+
+class EngineClient:
+    """Connections to engines, pooled per engine (requests per engine are bounded by admission)."""
+
+    def __init__(self, *, connect_timeout: float, read_timeout: float) -> None:
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._idle: dict[str, list[_Connection]] = {}
+        self._origins: dict[str, _Origin] = {}
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for connections in self._idle.values():
+            for connection in connections:
+                connection.close()
+        self._idle.clear()
+
+    async def stream_chat(self, engine_url: str, body: dict[str, Any], receiver: StreamReceiver) -> EngineStream:
+        """Send a streamed chat request; its events go to ``receiver`` as they
+        arrive (several in one read come as one list, so a gateway that falls
+        behind catches up in one write to its client), and its end to
+        ``receiver.ended``. Raises only if no connection could be had; closing
+        the stream early (``EngineStream.close``) drops the connection, which
+        makes vLLM abort the request and free its slot. Silence is the
+        receiver's to time (it knows what the stream has done so far)."""
+        connection = await self._connection(engine_url)
+        stream = EngineStream(engine_url, receiver)
+        connection.send(self._origin(engine_url).request(b"/v1/chat/completions", fastjson.dumps(body)), stream)
+        return stream
 
     async def count_prompt_tokens(
         self, engine_url: str, *, model: str, messages: Sequence[dict[str, Any]], continue_final_message: bool
@@ -83,84 +113,287 @@ class EngineClient:
             "add_generation_prompt": not continue_final_message,
             "continue_final_message": continue_final_message,
         }
-        try:
-            async with self.http.post(f"{engine_url}/tokenize", data=fastjson.dumps(body), headers=_JSON) as response:
-                content = await response.read()
-        except aiohttp.ClientConnectorError as error:
-            raise EngineRefused(f"{engine_url}/tokenize: {error!r}") from error
-        except (TimeoutError, aiohttp.ClientError) as error:
-            raise EngineFailure(f"{engine_url}/tokenize: {error!r}") from error
-        if response.status >= 500:
-            raise EngineFailure(f"{engine_url}/tokenize answered {response.status}")
-        if response.status >= 400:
-            raise _rejected(response.status, content, engine_url)
+        status, content = await self._exchange(engine_url, b"/tokenize", fastjson.dumps(body))
+        if status >= 500:
+            raise EngineFailure(f"{engine_url}/tokenize answered {status}")
+        if status >= 400:
+            raise _rejected(status, content, engine_url)
         return int(fastjson.loads(content)["count"])
 
-    async def stream_chat(self, engine_url: str, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
-        """The engine's events (the JSON after each ``data:``, unparsed), until ``[DONE]``.
-
-        An error event raises (it is parsed: the only events that are, here,
-        are those that do not begin as a chunk does). Events that arrive in
-        one network read come as one list, so a gateway
-        that falls behind catches up in one write to its client instead of one
-        per token. Closing the iterator early (the client went away) closes the
-        connection, which makes vLLM abort the request and free its slot.
-        """
-        responded = False
+    async def _exchange(self, engine_url: str, path: bytes, body: bytes) -> tuple[int, bytes]:
+        """(status, body) of one plain request."""
+        connection = await self._connection(engine_url)
+        response = _WholeResponse(f"{engine_url}{path.decode()}")
+        connection.send(self._origin(engine_url).request(path, body), response)
         try:
-            async with self.http.post(
-                f"{engine_url}/v1/chat/completions", data=fastjson.dumps(body), headers=_JSON
-            ) as response:
-                responded = True
-                if response.status >= 400:
-                    content = await response.read()
-                    if response.status >= 500 or response.status == 429:
-                        raise EngineFailure(f"{engine_url} answered {response.status}: {content[:200]!r}")
-                    raise _rejected(response.status, content, engine_url)
-                pending = b""
-                done = False
-                content = response.content
-                # readany() itself rather than iter_any(): one frame less to resume per read.
-                while received := await content.readany():
-                    *lines, pending = (pending + received).split(b"\n")
-                    events = []
-                    for line in lines:
-                        if not line.startswith(b"data:"):
-                            continue  # blank separators, comments, event names
-                        data = line[5:].strip()
-                        if data == b"[DONE]":
-                            done = True
-                            break
-                        if not data.startswith(b'{"id":'):
-                            event = fastjson.loads(data)
-                            if isinstance(event, dict) and "error" in event:
-                                raise _stream_error(event["error"], engine_url)
-                        events.append(data)
-                    if events:
-                        yield events
-                    if done:
-                        break
-                if done:
-                    # Read the body's end so the connection goes back to the pool:
-                    # one left unread is closed, and a new connection per answer
-                    # costs both sides a handshake.
-                    with contextlib.suppress(TimeoutError, aiohttp.ClientError):
-                        async with asyncio.timeout(_DRAIN_SECONDS):
-                            await response.read()
-                    return
-        except aiohttp.ClientConnectorError as error:
+            async with asyncio.timeout(self.read_timeout):
+                return await response.done
+        except TimeoutError:
+            connection.close()
+            raise EngineFailure(f"{engine_url}{path.decode()}: no answer in {self.read_timeout:g}s") from None
+
+    def _origin(self, engine_url: str) -> _Origin:
+        origin = self._origins.get(engine_url)
+        if origin is None:
+            origin = self._origins[engine_url] = _Origin(engine_url)
+        return origin
+
+    async def _connection(self, engine_url: str) -> _Connection:
+        """An idle pooled connection to the engine, or a new one."""
+        idle = self._idle.setdefault(engine_url, [])
+        oldest_reusable = time.monotonic() - _IDLE_REUSE_SECONDS
+        while idle:
+            connection = idle.pop()  # the most recently used: the least likely to be timing out
+            if connection.idle_since >= oldest_reusable and not connection.lost:
+                return connection
+            connection.close()
+        origin = self._origin(engine_url)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(engine_url, idle), origin.host, origin.port, ssl=origin.ssl
+                )
+        except TimeoutError:
+            raise EngineFailure(f"{engine_url}: no connection in {self.connect_timeout:g}s") from None
+        except OSError as error:  # refused, unreachable, no such host
             raise EngineRefused(f"{engine_url}: {error!r}") from error
-        except aiohttp.ServerDisconnectedError as error:
-            if not responded:
-                # A pooled connection the engine closed as it began to shut down (vLLM
-                # closes idle ones ~0.1 s after SIGTERM): nothing was served there.
-                raise EngineRefused(f"{engine_url}: {error!r}") from error
-            raise EngineFailure(f"{engine_url}: {error!r}") from error
-        except (TimeoutError, aiohttp.ClientError) as error:
-            raise EngineFailure(f"{engine_url}: {error!r}") from error
-        except fastjson.JSONDecodeError as error:
-            raise EngineFailure(f"{engine_url} sent an event that is not JSON: {error}") from error
-        raise EngineFailure(f"{engine_url} ended the stream without [DONE]")
+        return connection
+
+
+class _Origin:
+    """An engine's address, and the head of a request to it."""
+
+    def __init__(self, engine_url: str) -> None:
+        parts = urlsplit(engine_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise EngineFailure(f"{engine_url}: not an http(s) URL")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self.base_path = parts.path.rstrip("/").encode()
+        self.host_header = parts.netloc.encode()
+
+    def request(self, path: bytes, body: bytes) -> bytes:
+        return (
+            b"POST " + self.base_path + path + b" HTTP/1.1\r\nHost: " + self.host_header
+            + b"\r\nContent-Type: application/json\r\nAccept: */*\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body
+        )  # fmt: skip
+
+
+class _Response:
+    """What a connection tells the request it is serving (httptools' callbacks, and the connection's end)."""
+
+    status = 0  # 0 until the status line has come
+    connection: _Connection
+
+    def head(self, status: int) -> None:
+        self.status = status
+
+    def body(self, data: bytes) -> None: ...
+
+    def read_done(self) -> None:
+        """The network read that brought the last body bytes has been parsed."""
+
+    def complete(self) -> None:
+        """The whole response has come."""
+
+    def lost(self, error: EngineFailure) -> None:
+        """The connection ended (or broke) before the response was complete."""
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to an engine, one request at a time;
+    back in the engine's idle list once a response is complete."""
+
+    def __init__(self, engine_url: str, idle: list[_Connection]) -> None:
+        self.engine_url = engine_url
+        self.idle_list = idle
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.response: _Response | None = None
+        self.lost = False
+        self.idle_since = 0.0
+
+    def send(self, request: bytes, response: _Response) -> None:
+        assert self.transport is not None and self.response is None
+        self.response = response
+        response.connection = self
+        self.transport.write(request)
+
+    def close(self) -> None:
+        """Drop the connection (an engine drops the request it was serving)."""
+        self.response = None
+        if self.transport is not None:
+            self.transport.close()
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        response = self.response
+        if response is None:
+            self.close()  # bytes nobody asked for: this is no connection to reuse
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            self.close()
+            response.lost(EngineFailure(f"{self.engine_url} sent a response that is not HTTP/1.1: {error}"))
+            return
+        if response is self.response:
+            response.read_done()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        response, self.response = self.response, None
+        if response is None:
+            return
+        if response.status:
+            response.lost(EngineFailure(f"{self.engine_url}: the connection ended mid-response ({exc!r})"))
+        else:
+            # Nothing came back, so nothing was served: a connection the engine closed
+            # as it began to shut down (vLLM closes idle ones ~0.1 s after SIGTERM).
+            response.lost(EngineRefused(f"{self.engine_url}: the connection closed before an answer ({exc!r})"))
+
+    # httptools' callbacks
+    def on_headers_complete(self) -> None:
+        if self.response is not None:
+            self.response.head(self.parser.get_status_code())
+
+    def on_body(self, body: bytes) -> None:
+        if self.response is not None:
+            self.response.body(body)
+
+    def on_message_complete(self) -> None:
+        response, self.response = self.response, None
+        if self.parser.should_keep_alive() and not self.lost:
+            self.idle_since = time.monotonic()
+            self.idle_list.append(self)
+        elif self.transport is not None:
+            self.transport.close()
+        if response is not None:
+            response.read_done()
+            response.complete()
+
+
+class _WholeResponse(_Response):
+    """A plain request's response, all of it: ``done`` holds (status, body)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.content = bytearray()
+        self.done: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+
+    def body(self, data: bytes) -> None:
+        self.content += data
+
+    def complete(self) -> None:
+        if not self.done.done():
+            self.done.set_result((self.status, bytes(self.content)))
+
+    def lost(self, error: EngineFailure) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
+
+
+class EngineStream(_Response):
+    """One streamed chat response: its events to the receiver, one list per network read.
+
+    An error event raises (it is parsed: the only events that are, here, are
+    those that do not begin as a chunk does). After ``[DONE]`` the end of the
+    body is still read, so that the connection goes back to the pool (one left
+    unread is closed, and a new connection per answer costs both sides a
+    handshake) — for up to _DRAIN_SECONDS."""
+
+    def __init__(self, engine_url: str, receiver: StreamReceiver) -> None:
+        self.engine_url = engine_url
+        self.receiver: StreamReceiver | None = receiver
+        self.pending = b""  # the start of a line whose end has not come yet
+        self.batch: list[bytes] = []
+        self.error_body = bytearray()
+        self.done = False  # [DONE] has come
+
+    def pause_reading(self) -> None:
+        if self.connection.transport is not None:
+            self.connection.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.connection.transport is not None:
+            self.connection.transport.resume_reading()
+
+    def close(self) -> None:
+        """No more events wanted: the connection is dropped, unless the answer
+        is complete and only the body's end is on its way."""
+        self.receiver = None
+        connection = self.connection
+        if connection.response is not self:
+            return
+        if self.done:
+            asyncio.get_running_loop().call_later(_DRAIN_SECONDS, self._drain_overdue)
+        else:
+            connection.close()
+
+    def _drain_overdue(self) -> None:
+        if self.connection.response is self:
+            self.connection.close()
+
+    def body(self, data: bytes) -> None:
+        if self.status != 200:
+            self.error_body += data
+            return
+        if self.done or self.receiver is None:
+            return
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue  # blank separators, comments, event names
+            event = line[5:].strip()
+            if event == b"[DONE]":
+                self.done = True
+                return
+            if not event.startswith(b'{"id":'):
+                try:
+                    parsed = fastjson.loads(event)
+                except fastjson.JSONDecodeError as error:
+                    self._end(EngineFailure(f"{self.engine_url} sent an event that is not JSON: {error}"))
+                    return
+                if isinstance(parsed, dict) and "error" in parsed:
+                    self._end(_stream_error(parsed["error"], self.engine_url))
+                    return
+            self.batch.append(event)
+
+    def read_done(self) -> None:
+        receiver = self.receiver
+        if receiver is None:
+            return
+        if self.batch:
+            batch, self.batch = self.batch, []
+            receiver.events(batch)
+        if self.done:
+            self._end(None)
+
+    def complete(self) -> None:
+        status = self.status
+        if status == 200:
+            self._end(None if self.done else EngineFailure(f"{self.engine_url} ended the stream without [DONE]"))
+            return
+        content = bytes(self.error_body)
+        if status >= 500 or status == 429 or status < 400:
+            self._end(EngineFailure(f"{self.engine_url} answered {status}: {content[:200]!r}"))
+        else:
+            self._end(_rejected(status, content, self.engine_url))
+
+    def lost(self, error: EngineFailure) -> None:
+        self._end(error)
+
+    def _end(self, error: Exception | None) -> None:
+        receiver, self.receiver = self.receiver, None
+        self.batch = []
+        if receiver is not None:
+            receiver.ended(error)
 
 
 def _rejected(status: int, content: bytes, engine_url: str) -> EngineRejected:

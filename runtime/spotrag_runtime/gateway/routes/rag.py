@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from spotrag_runtime.gateway.prompt import Context
 from spotrag_runtime.gateway.relay import ChatOutcome
 from spotrag_runtime.gateway.routes.chat import ChatStream
-from spotrag_runtime.gateway.routes.streaming import ClientWatch, collect, sse
+from spotrag_runtime.gateway.routes.streaming import ClientWatch, sse
 from spotrag_runtime.gateway.schemas import ChatCompletionRequest, RagQueryRequest
 from spotrag_runtime.gateway.service import Gateway
 
@@ -89,7 +89,6 @@ async def _answer(
         raise RequestValidationError(error.errors()) from None
     prepared = await watch.guard(gateway.prepare_chat(chat, rag=True, passages=found, arrived_at=started))
     job, outcome = prepared.job, ChatOutcome()
-    chunks = gateway.relay.chunks(job, outcome)
     if body.stream:
         head = {
             "id": job.id,
@@ -105,14 +104,13 @@ async def _answer(
             gateway,
             job,
             outcome,
-            chunks,
             watch,
             started=started,
             include_usage=bool(options and options.include_usage),
             keep_alive=0,
             head=sse(head),
         )
-    await watch.guard(collect(chunks))
+    await watch.guard(gateway.relay.answer(job, outcome))
     watch.stop()
     gateway.record(started, None)
     return {

@@ -4,11 +4,12 @@ Server-Sent Events out, and a streamed answer collected into one response."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+import functools
+from collections.abc import Awaitable, Coroutine, Generator
 from typing import Any, TypeVar
 
 from fastapi import Request
-from starlette.types import Message, Receive
+from starlette.types import Message, Receive, Send
 
 from spotrag_runtime.gateway import fastjson
 from spotrag_runtime.gateway.errors import ClientClosedRequest
@@ -96,14 +97,116 @@ class ClientWatch:
             raise
 
 
+class ClientWriter:
+    """Writes a streamed answer to the client from the engine connection's
+    callbacks (the relay's ``ClientSink``), with no task step per write.
+
+    An ASGI ``send`` is a coroutine, but a server's returns without waiting
+    while the client keeps up (uvicorn's waits only when the socket's buffer
+    is full), so the writer runs it at once, in the caller's callback
+    (``_send_now``); only a send that does wait is finished in a task, held in
+    ``blocked`` until it is done: the relay pauses the engine's reads
+    meanwhile, and writes in between are queued, in order.
+
+    The response starts (``send``, through the middleware) with the first
+    write, ``head`` (bytes that go before the answer) first; the body goes to
+    ``body_send`` (the server's own send: ``RAW_SEND``)."""
+
+    __slots__ = ("answering", "blocked", "body_send", "head", "queued", "send", "started")
+
+    def __init__(self, send: Send, body_send: Send, *, head: bytes = b"") -> None:
+        self.send = send
+        self.body_send = body_send
+        self.head = head
+        self.started = False  # the response has started
+        self.answering = False  # the answer's chunks have started
+        self.blocked: asyncio.Task[None] | None = None
+        self.queued: list[bytes] = []
+
+    def write(self, chunks: list[bytes]) -> None:
+        """Chunks of the answer."""
+        self.answering = True
+        self._write(chunks)
+
+    def comment(self, comment: bytes) -> None:
+        """An SSE comment (the keep-alive while no chunk has come)."""
+        self._write([comment])
+
+    def _write(self, chunks: list[bytes]) -> None:
+        if self.blocked is not None:
+            self.queued.extend(chunks)
+            return
+        if not self.started:
+            self.started = True
+            chunks = [self.head, *chunks]
+            self._send_now(self.send, event_stream_start())
+            if self.blocked is not None:
+                self.queued.extend(chunks)
+                return
+        # What arrived together leaves together.
+        self._send_now(self.body_send, {"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
+
+    async def finish(self, end: bytes) -> None:
+        """The last bytes, once every write before them is out; the response ends."""
+        if not self.started:
+            self._write([])
+        while self.blocked is not None:
+            await self.blocked
+        await self.body_send({"type": "http.response.body", "body": end, "more_body": False})
+
+    def _send_now(self, send: Send, message: Message) -> None:
+        sending = send(message)
+        try:
+            waiting_on = sending.send(None)
+        except StopIteration:
+            return
+        # It waits for the client: the rest of it in a task, and nothing else meanwhile.
+        self.blocked = asyncio.get_running_loop().create_task(_finish_sending(sending, waiting_on))
+        self.blocked.add_done_callback(self._unblocked)
+
+    def _unblocked(self, task: asyncio.Task[None]) -> None:
+        self.blocked = None
+        if task.cancelled() or task.exception() is not None:
+            self.queued = []  # the client is gone, or the server failed it: the answer's end will tell
+            return
+        if self.queued:
+            queued, self.queued = self.queued, []
+            self._write(queued)
+
+
+async def _finish_sending(sending: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+    """Run a coroutine that has already taken its first step, from where it waits."""
+    await _Resumed(sending, waiting_on)
+
+
+class _Resumed:
+    """An awaitable over a coroutine already started (``coroutine.send(None)``
+    returned ``waiting_on``): the awaiting task waits on what the coroutine
+    waits on, then steps it on, as it would have stepped it itself."""
+
+    __slots__ = ("coroutine", "waiting_on")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, Any], waiting_on: Any) -> None:
+        self.coroutine = coroutine
+        self.waiting_on = waiting_on
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        waiting_on = self.waiting_on
+        while True:
+            try:
+                yield waiting_on
+            except BaseException as error:  # the task was cancelled: so is the coroutine
+                step = functools.partial(self.coroutine.throw, error)
+            else:
+                step = functools.partial(self.coroutine.send, None)
+            try:
+                waiting_on = step()
+            except StopIteration as stop:
+                return stop.value
+
+
 def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + fastjson.dumps(payload) + b"\n\n"
-
-
-async def collect(chunks: AsyncIterator[list[bytes]]) -> None:
-    """Run a stream to its end (the outcome holds the answer)."""
-    async for _ in chunks:
-        pass
 
 
 def completion_body(job: ChatJob, outcome: ChatOutcome) -> dict[str, Any]:
