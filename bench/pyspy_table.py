@@ -21,6 +21,9 @@ def load(path: str) -> list[tuple[list[str], int]]:
     return stacks
 
 
+# Rows name a part of the hot path under both relays: the one on aiohttp's
+# reads and async generators (up to e49f2e5's parent) and the one driven by the
+# engine connection's callbacks (from e49f2e5 on).
 ROWS = [
     ("event loop, native (uvloop: polling, socket reads, task steps)", "self", r"^Runner\.run "),
     (
@@ -35,19 +38,28 @@ ROWS = [
     ),
     ("send wrappers of the middleware (own time)", "self", r"(_send|sender|send_response) \((starlette|fastapi)/"),
     (
-        "the response's loop (`_events` before, `ChatStream._stream` after; own time)",
+        "the response's own code (`_events`, `ChatStream`, `ClientWriter`; own time)",
         "self",
-        r"^(_events|ChatStream\._stream|ChatStream\._respond|ChatStream\.__call__) ",
+        r"^(_events|ChatStream\.\w+|ClientWriter\.\w+) ",
     ),
     (
-        "`ChatRelay.chunks` (incl. parsing usage, counting, admission)",
+        "taking the engine's chunks: usage, counting, admission (`ChatRelay.chunks` / `_Attempt.events`, "
+        "less the stall watch's read and the client write)",
         "incl-minus",
-        (r"^ChatRelay\.chunks ", r"^_StallWatch\.next "),
+        (r"^(ChatRelay\.chunks|_Attempt\.events) ", r"^(_StallWatch\.next|RequestResponseCycle\.send|ClientWriter\.)"),
     ),
     ("`_StallWatch.next` (incl. the engine read below it)", "incl", r"^_StallWatch\.next "),
     ("`EngineClient.stream_chat` (incl. aiohttp's reads)", "incl", r"^EngineClient\.stream_chat "),
-    ("aiohttp protocol callbacks (`data_received`)", "incl", r"^ResponseHandler\.data_received "),
-    ("sending the request to the engine (aiohttp)", "incl", r"^(ClientSession\._request|ClientRequest\.write_bytes) "),
+    (
+        "reading the engine's stream, less what the relay does with it (aiohttp's or our `data_received`)",
+        "incl-minus",
+        (r"^(ResponseHandler|_Connection)\.data_received ", r"^_Attempt\.events "),
+    ),
+    (
+        "sending the request to the engine",
+        "incl",
+        r"^(ClientSession\._request|ClientRequest\.write_bytes|_Connection\.send|EngineClient\._connection) ",
+    ),
     ("histogram observations (`Histogram.observe`)", "incl", r"^Histogram\.observe "),
     (
         "per request: FastAPI's handler (dependencies, validation, the route up to the response)",

@@ -84,11 +84,23 @@ def gateway_config(engine_urls: list[str] = (), **sections: dict[str, Any]) -> G
 class RunningGateway:
     """The gateway app served by uvicorn on a free 127.0.0.1 port in a thread."""
 
-    def __init__(self, config: GatewayConfig, *, kubeconfig: str | None = None, with_embedder: bool = True) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        kubeconfig: str | None = None,
+        with_embedder: bool = True,
+        send_buffer: int | None = None,
+    ) -> None:
+        """``send_buffer``: the kernel's send buffer of every client connection, in bytes (a small one
+        lets a test fill it)."""
         embedder = shared_embedder() if config.retrieval.enabled and with_embedder else None
         self.config = config
         self.app = create_app(config, embedder=embedder, kubeconfig=kubeconfig)
         self._socket = socket.socket()
+        if send_buffer is not None:
+            # Set on the listening socket, the accepted connections inherit it (Linux).
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         self._socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
         self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))

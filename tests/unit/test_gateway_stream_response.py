@@ -16,6 +16,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -24,9 +25,9 @@ import pytest
 from spotrag_box.testing import eventually, scrape
 from spotrag_runtime.gateway.errors import EnginesFailed, QueueFull, Unavailable
 from spotrag_runtime.gateway.relay import ChatJob, ChatOutcome, ClientSink
-from spotrag_runtime.gateway.routes.streaming import sse
+from spotrag_runtime.gateway.routes.streaming import ClientWriter, sse
 
-from .gateway_fixtures import API_KEY, SERVED_MODEL, RunningGateway, gateway_config, running_engines
+from .gateway_fixtures import API_KEY, SERVED_MODEL, RunningGateway, direct_answer, gateway_config, running_engines
 
 QUESTION = [{"role": "user", "content": "When does the night ferry leave?"}]
 BODY = {"model": SERVED_MODEL, "messages": QUESTION, "max_tokens": 50, "stream": True}
@@ -286,3 +287,90 @@ def test_a_client_that_leaves_a_stalled_engine_frees_its_slot_and_queued_tokens_
             )
             assert scrape(f"{engine.url}/metrics").value("vllm:request_success_total", finished_reason="abort") == 1
             eventually(lambda: counted(gateway, "cancelled") == 1, what="the cancellation to be counted")
+
+
+def test_a_client_that_reads_slowly_pauses_its_engine_and_still_gets_the_whole_answer() -> None:
+    # Small socket buffers at both ends, so the gateway's writes back up after a
+    # few tens of kilobytes: the engine's stream is paused until the client reads
+    # again, and that silence is not taken for a stall (the stall bound is 0.2 s,
+    # the client stops reading for a second).
+    body = {**BODY, "max_tokens": 1500, "ignore_eos": True}
+    with running_engines(1, ttft_ms=1, itl_ms=1) as (engine,):
+        config = gateway_config([engine.url], retrieval={"enabled": False}, failover={"stallTimeoutSeconds": 0.2})
+        expected = direct_answer(engine, QUESTION, max_tokens=1500, extra_body={"ignore_eos": True})
+        small_receive_buffer = httpx.HTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)])
+        with RunningGateway(config, send_buffer=4096) as gateway:
+            with httpx.Client(
+                base_url=gateway.url, headers=HEADERS, timeout=WAIT, transport=small_receive_buffer
+            ) as http:
+                with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                    assert response.status_code == 200
+                    eventually(
+                        lambda: gateway.metric("spotrag_slow_client_pauses_total") >= 1,
+                        what="the gateway to pause the engine for the client",
+                    )
+                    time.sleep(1.0)  # the client is slow: it reads nothing for a while (not a synchronisation)
+                    chunks = [data(line) for line in events(response)]
+            assert chunks[-1] == "[DONE]"
+            text = "".join((chunk["choices"] or [{}])[0].get("delta", {}).get("content") or "" for chunk in chunks[:-1])
+            assert text == expected
+            assert gateway.metric("spotrag_stalled_streams_total") == 0
+            assert gateway.metric("spotrag_resumed_streams_total") == 0
+
+
+class FlowControlledSend:
+    """An ASGI server's ``send`` as uvicorn's behaves: it returns at once while
+    the client keeps up, and waits while ``paused`` (the socket buffer full)."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    async def __call__(self, message: dict) -> None:
+        await self.writable.wait()
+        self.messages.append(message)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.messages if m["type"] == "http.response.body")
+
+
+def test_the_client_writer_queues_in_order_while_the_client_is_not_reading() -> None:
+    async def scenario() -> None:
+        send = FlowControlledSend()
+        writer = ClientWriter(send, send, head=b"head;")
+        writer.write([b"a;", b"b;"])  # starts the response: nothing waits, nothing blocks
+        assert writer.blocked is None and send.body == b"head;a;b;"
+        send.writable.clear()
+        writer.write([b"c;"])  # waits for the client: held in a task
+        blocked = writer.blocked
+        assert blocked is not None
+        writer.write([b"d;"])
+        writer.write([b"e;"])
+        assert send.body == b"head;a;b;"
+        send.writable.set()
+        await blocked
+        assert writer.blocked is None
+        await writer.finish(b"end")
+        assert send.body == b"head;a;b;c;d;e;end"
+        assert [m["type"] for m in send.messages] == ["http.response.start"] + ["http.response.body"] * 4
+        assert send.messages[-1]["more_body"] is False
+
+    asyncio.run(scenario())
+
+
+def test_a_write_the_client_never_takes_is_cancelled_with_the_answer() -> None:
+    async def scenario() -> None:
+        send = FlowControlledSend()
+        writer = ClientWriter(send, send)
+        send.writable.clear()
+        writer.write([b"a;"])  # the start itself waits
+        blocked = writer.blocked
+        assert blocked is not None
+        writer.write([b"b;"])
+        blocked.cancel()  # the client went away
+        await asyncio.wait({blocked})
+        assert writer.blocked is None and writer.queued == [] and send.messages == []
+
+    asyncio.run(scenario())

@@ -214,6 +214,12 @@ class GatewayMetrics:
             "Engine streams given up because no token came within the stall bound (then resumed elsewhere).",
             registry=own,
         )
+        self.slow_client_pauses = Counter(
+            "spotrag_slow_client_pauses",
+            "Times an engine's stream was paused because its client was not reading the answer as fast as it came "
+            "(the engine slot stays held meanwhile).",
+            registry=own,
+        )
         self.time_to_first_token = Histogram(
             "spotrag_time_to_first_token_seconds",
             "From request arrival to the first answer token.",

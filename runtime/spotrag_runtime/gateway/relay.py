@@ -496,6 +496,7 @@ class _Attempt:
         """The client is not taking the answer as fast as it comes: the engine waits."""
         assert self.upstream is not None
         self.paused = True
+        self.relay.metrics.slow_client_pauses.inc()
         self.upstream.pause_reading()
         blocked.add_done_callback(self._resume)
 
