@@ -419,3 +419,34 @@ async def test_count_prompt_tokens_answered_404_is_rejected_with_status_404(
 
 async def test_an_answer_that_is_not_http_is_a_failure(client: EngineClient, engine: ScriptedEngine) -> None:
     assert_failure(await end_of_answer(client, engine, b"garbage\r\n\r\n"), "not HTTP/1.1")
+
+
+async def test_count_prompt_tokens_answered_200_without_a_count_is_a_failure(
+    client: EngineClient, engine: ScriptedEngine
+) -> None:
+    # A failure, not a crash: the gateway then counts another way (another engine, or an estimate).
+    counting, _ = await start_tokenize(client, engine, json_response(200, {"tokens": [1, 2]}))
+    with pytest.raises(EngineFailure, match="no count"):
+        await bounded(counting)
+
+
+async def test_a_body_that_ends_with_the_connection_is_whole(client: EngineClient, engine: ScriptedEngine) -> None:
+    # HTTP/1.1 allows a body with neither a length nor chunks, ended by closing the connection.
+    content = json.dumps({"count": 3}).encode()
+    counting = asyncio.create_task(
+        client.count_prompt_tokens(engine.url, model="tiny", messages=MESSAGES, continue_final_message=False)
+    )
+    peer = await engine.accept()
+    await peer.read_request()
+    await peer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-type: application/json\r\n\r\n" + content)
+    await peer.close()
+    assert await bounded(counting) == 3
+
+
+async def test_events_in_the_same_read_as_an_error_event_are_handed_on_first(
+    client: EngineClient, engine: ScriptedEngine
+) -> None:
+    chat = await start_chat(client, engine)
+    await chat.peer.write(STREAM_HEAD + chunked(sse(E1, E2, error_event(500))))
+    assert_failure(await chat.receiver.end(), "boom")
+    assert chat.receiver.batches == [[E1, E2]]

@@ -118,7 +118,10 @@ class EngineClient:
             raise EngineFailure(f"{engine_url}/tokenize answered {status}")
         if status >= 400:
             raise _rejected(status, content, engine_url)
-        return int(fastjson.loads(content)["count"])
+        try:
+            return int(fastjson.loads(content)["count"])
+        except (ValueError, KeyError, TypeError) as error:  # orjson's JSONDecodeError is a ValueError
+            raise EngineFailure(f"{engine_url}/tokenize answered {status} with no count: {content[:200]!r}") from error
 
     async def _exchange(self, engine_url: str, path: bytes, body: bytes) -> tuple[int, bytes]:
         """(status, body) of one plain request."""
@@ -213,12 +216,14 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.response: _Response | None = None
+        self.delimited = False  # the response's body has a length, or chunks: it does not end with the connection
         self.lost = False
         self.idle_since = 0.0
 
     def send(self, request: bytes, response: _Response) -> None:
         assert self.transport is not None and self.response is None
         self.response = response
+        self.delimited = False
         response.connection = self
         self.transport.write(request)
 
@@ -251,7 +256,11 @@ class _Connection(asyncio.Protocol):
         response, self.response = self.response, None
         if response is None:
             return
-        if response.status:
+        if response.status and not self.delimited:
+            # HTTP/1.1 lets a body without a length or chunks end with the connection.
+            response.read_done()
+            response.complete()
+        elif response.status:
             response.lost(EngineFailure(f"{self.engine_url}: the connection ended mid-response ({exc!r})"))
         else:
             # Nothing came back, so nothing was served: a connection the engine closed
@@ -259,6 +268,10 @@ class _Connection(asyncio.Protocol):
             response.lost(EngineRefused(f"{self.engine_url}: the connection closed before an answer ({exc!r})"))
 
     # httptools' callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self.delimited = True
+
     def on_headers_complete(self) -> None:
         if self.response is not None:
             self.response.head(self.parser.get_status_code())
@@ -391,9 +404,12 @@ class EngineStream(_Response):
 
     def _end(self, error: Exception | None) -> None:
         receiver, self.receiver = self.receiver, None
-        self.batch = []
-        if receiver is not None:
-            receiver.ended(error)
+        batch, self.batch = self.batch, []
+        if receiver is None:
+            return
+        if batch:  # the events before an error event in the same read are the answer's too
+            receiver.events(batch)
+        receiver.ended(error)
 
 
 def _rejected(status: int, content: bytes, engine_url: str) -> EngineRejected:
