@@ -100,12 +100,14 @@ async def test_a_stream_broken_mid_answer_is_resumed_as_one_uninterrupted_answer
 
 async def test_a_stream_whose_engine_drain_runs_out_is_resumed_not_left_frozen() -> None:
     # vLLM 0.26 whose --shutdown-timeout runs out mid-answer stops sending but keeps
-    # the connection open; the gateway's read timeout (10 s here) would freeze the answer.
+    # the connection open; the gateway's read timeout (15 minutes here) would freeze
+    # the answer, and the client gives up after 30 s of silence: only the stall watch
+    # (a 2 s floor) gets the answer through.
     with (
         running_engines(2, itl_ms=15, shutdown_timeout=0.3, **LONG_ANSWERS) as engines,
-        RunningGateway(config([e.url for e in engines])) as gateway,
+        RunningGateway(config([e.url for e in engines], readTimeoutSeconds=900)) as gateway,
     ):
-        async with gateway.async_client() as client:
+        async with gateway.async_client(timeout=30) as client:
             stream = await client.chat.completions.create(
                 model=SERVED_MODEL, messages=QUESTION, max_tokens=200, stream=True
             )

@@ -438,6 +438,7 @@ class _Attempt:
         self.over: asyncio.Future[None] = self.loop.create_future()
         self.error: Exception | None = None
         self.last_read = 0.0
+        self.armed = False  # the attempt has produced a token: the stall bound applies
         self.paused = False
         self._timer: asyncio.TimerHandle | None = None
 
@@ -464,11 +465,13 @@ class _Attempt:
             return  # ended (a stall, a failed chunk) while these bytes were on their way
         now = self.loop.time()
         stream = self.stream
-        if stream.attempt_progressed:
+        if self.armed:
             self.stall.observe(now - self.last_read)
         self.last_read = now
         try:
             chunks = [chunk for data in batch if (chunk := stream.take(data)) is not None]
+            if not self.armed and stream.attempt_progressed:
+                self._arm()
             job, outcome = self.job, stream.outcome
             if job.prompt_estimate is not None and outcome.prompt_tokens is not None:
                 self.relay._correct_prompt(job, self.ticket, outcome.prompt_tokens)
@@ -506,10 +509,17 @@ class _Attempt:
         if self.upstream is not None and not self.over.done():
             self.upstream.resume_reading()
 
+    def _arm(self) -> None:
+        """The attempt's first token: the stall bound applies from now on (the timer moves up to it)."""
+        self.armed = True
+        if self.stall.floor > 0 and self._timer is not None:
+            self._timer.cancel()
+            self._timer = self.loop.call_at(self.last_read + self.stall.bound, self._check_silence)
+
     def _check_silence(self) -> None:
         now = self.loop.time()
         read_timeout = self.read_timeout
-        stalling = self.stream.attempt_progressed and self.stall.floor > 0
+        stalling = self.armed and self.stall.floor > 0
         bound = min(read_timeout, self.stall.bound) if stalling else read_timeout
         if not self.paused and now >= self.last_read + bound:
             self._timer = None
