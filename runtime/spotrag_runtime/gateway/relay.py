@@ -411,10 +411,12 @@ class _Attempt:
     written to the client in the same callback (no task step per token);
     ``run`` waits for the end.
 
-    It also times the engine's silence, with one timer that moves only when it
-    fires: ``failover.readTimeoutSeconds`` until the attempt's first token,
-    then the stall bound (``_StallWatch``) as well. Reads paused while the
-    client is not keeping up do not count as silence."""
+    It also times the engine's silence, with one timer per attempt (not reset
+    per read: it looks at the last read's time when it fires, and is set
+    again for when the silence could be overdue): ``failover.readTimeoutSeconds``
+    until the attempt's first token, from then on the stall bound
+    (``_StallWatch``) as well. Reads paused while the client is not keeping up
+    do not count as silence."""
 
     def __init__(
         self,
