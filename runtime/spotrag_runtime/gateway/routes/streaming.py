@@ -1,5 +1,6 @@
 """What the chat and RAG routes share: noticing a client that went away,
-Server-Sent Events out, and a streamed answer collected into one response."""
+writing a streamed answer (Server-Sent Events) from the relay's callbacks,
+and the body of an answer for a client that did not stream."""
 
 from __future__ import annotations
 
