@@ -255,6 +255,8 @@ class _Connection(asyncio.Protocol):
         self.lost = True
         response, self.response = self.response, None
         if response is None:
+            if self in self.idle_list:  # the engine closed an idle connection (or went away)
+                self.idle_list.remove(self)
             return
         if response.status and not self.delimited:
             # HTTP/1.1 lets a body without a length or chunks end with the connection.
